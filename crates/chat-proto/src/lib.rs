@@ -1,0 +1,210 @@
+//! The chat protocol's wire format, defined once.
+//!
+//! Every frame on the `/ws` channel is a JSON text frame of the form
+//! `{"type": "...", "data": {...}}`. Clients send [`ClientFrame`]s, the server
+//! sends [`ServerFrame`]s. Unknown properties are accepted and ignored, as the
+//! protocol allows, so that older servers keep working with newer clients.
+//!
+//! The JSON schemas of these types are generated with `schemars`
+//! ([`client_frame_schema`], [`server_frame_schema`]); a test checks them
+//! against the payload schemas in the workspace's `asyncapi.yaml`, so the two
+//! cannot drift apart.
+//!
+//! This crate holds no rules beyond the shape of a frame: what text is
+//! allowed, who may react and how often are decided by `chat-core`.
+#![forbid(unsafe_code)]
+
+mod decode;
+
+use indexmap::{IndexMap, IndexSet};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub use decode::DecodeError;
+pub use uuid::Uuid;
+
+/// The longest message text the protocol allows, counted in Unicode scalar
+/// values (as JSON Schema's `maxLength` counts), not bytes.
+pub const MAX_TEXT_CHARS: usize = 500;
+
+/// The author name used when a client sends none, `null`, or only white space.
+pub const DEFAULT_AUTHOR_NAME: &str = "Anonymous";
+
+/// A frame sent by a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Post a new message, broadcast to every connected client.
+    SendMessage(SendMessage),
+    /// Toggle the sender's reaction with an emoji on a message.
+    AddReaction(AddReaction),
+}
+
+/// The payload of a `send_message` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SendMessage {
+    /// Message content.
+    #[schemars(length(max = 500))]
+    pub text: String,
+    /// Display name for the author; missing, `null` or blank means
+    /// [`DEFAULT_AUTHOR_NAME`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = "Anonymous"))]
+    pub author_name: Option<String>,
+}
+
+/// The payload of an `add_reaction` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AddReaction {
+    /// Id of the message to react to.
+    pub message_id: Uuid,
+    /// A single emoji.
+    pub emoji: String,
+}
+
+/// A frame sent by the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// A new message, or one replayed from history on connect.
+    Message(Message),
+    /// A reaction was added or removed; carries the full updated message.
+    ReactionUpdated(ReactionUpdated),
+    /// The client's last frame was refused. Sent to that client only.
+    Error(ErrorBody),
+}
+
+/// The identity of a user as it appears on the wire (`author_id`, `user_id`).
+///
+/// The server derives it from the client's address; `chat-core` treats it as
+/// an opaque string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct UserId(pub String);
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for UserId {
+    fn from(s: &str) -> Self {
+        UserId(s.to_owned())
+    }
+}
+
+impl From<String> for UserId {
+    fn from(s: String) -> Self {
+        UserId(s)
+    }
+}
+
+/// Emoji mapped to the users who reacted with it.
+///
+/// Emojis are kept in the order they were first used on the message, and
+/// users in the order they reacted, so the JSON is deterministic.
+pub type Reactions = IndexMap<String, IndexSet<UserId>>;
+
+/// A chat message as stored in history and sent to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Message {
+    /// Unique message identifier.
+    pub id: Uuid,
+    /// Message content.
+    pub text: String,
+    /// The author's user id, derived from the client's address.
+    pub author_id: UserId,
+    /// Display name chosen by the author.
+    pub author_name: String,
+    /// When the server accepted the message, in Unix seconds.
+    #[schemars(extend("format" = "int64"))]
+    pub created_at: i64,
+    /// Map of emoji to the ids of the users who reacted with it.
+    pub reactions: Reactions,
+}
+
+/// Whether a toggle added or removed the user's reaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReactionAction {
+    /// The user had not reacted with this emoji; now they have.
+    Added,
+    /// The user had reacted with this emoji; the reaction is gone.
+    Removed,
+}
+
+/// The payload of a `reaction_updated` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReactionUpdated {
+    /// The message whose reactions changed.
+    pub message_id: Uuid,
+    /// The emoji that was toggled.
+    pub emoji: String,
+    /// The user who toggled it.
+    pub user_id: UserId,
+    /// What the toggle did.
+    pub action: ReactionAction,
+    /// The full message after the change.
+    pub message: Message,
+}
+
+/// The payload of an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    /// Human-readable reason, e.g. `"message text cannot be empty"`.
+    pub error: String,
+}
+
+impl ClientFrame {
+    /// Decodes a client's text frame.
+    ///
+    /// Anything that is not a well-formed frame (bad JSON, an unknown
+    /// `type`, a missing or mistyped field, a malformed uuid) is a
+    /// [`DecodeError`] whose text starts with `"Invalid message format"`.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        serde_json::from_str(text).map_err(DecodeError::from_json)
+    }
+
+    /// Encodes the frame as JSON text, as a client would send it.
+    pub fn encode(&self) -> String {
+        encode(self)
+    }
+}
+
+impl ServerFrame {
+    /// Builds an `error` frame from any refusal whose `Display` is the wire
+    /// text.
+    pub fn error(reason: &impl fmt::Display) -> Self {
+        ServerFrame::Error(ErrorBody {
+            error: reason.to_string(),
+        })
+    }
+
+    /// Encodes the frame as JSON text.
+    pub fn encode(&self) -> String {
+        encode(self)
+    }
+
+    /// Decodes a server frame (for clients and tests).
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        serde_json::from_str(text).map_err(DecodeError::from_json)
+    }
+}
+
+fn encode<T: Serialize>(frame: &T) -> String {
+    // Every frame is a tree of structs, strings, integers and string-keyed
+    // maps, which serde_json always serializes.
+    serde_json::to_string(frame).expect("frames always serialize to JSON")
+}
+
+/// The generated JSON schema of every client frame (a `oneOf` by `type`).
+pub fn client_frame_schema() -> schemars::Schema {
+    schemars::schema_for!(ClientFrame)
+}
+
+/// The generated JSON schema of every server frame (a `oneOf` by `type`).
+pub fn server_frame_schema() -> schemars::Schema {
+    schemars::schema_for!(ServerFrame)
+}

@@ -1,0 +1,2 @@
+//! Workspace root.
+#![forbid(unsafe_code)]
