@@ -4,5 +4,8 @@ fn main() {
         "client": chat_proto::client_frame_schema(),
         "server": chat_proto::server_frame_schema(),
     });
-    println!("{}", serde_json::to_string_pretty(&schemas).expect("schema is JSON"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&schemas).expect("schema is JSON")
+    );
 }

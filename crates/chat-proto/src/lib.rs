@@ -79,7 +79,9 @@ pub enum ServerFrame {
 ///
 /// The server derives it from the client's address; `chat-core` treats it as
 /// an opaque string.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(transparent)]
 pub struct UserId(pub String);
 
