@@ -1,1 +1,318 @@
+//! The chat's rules as a pure, deterministic state machine.
+//!
+//! `chat-core` does no I/O, reads no clock, draws no random numbers, and
+//! holds no locks, channels or async types. Everything it needs from the
+//! outside world comes in with each command as a [`Context`]: who is acting,
+//! what time it is, and the id a new message would get. Given the same
+//! commands in the same order, every [`Chat`] reaches the same state and
+//! emits the same events, on any machine. That is what lets a server replay a
+//! log to rebuild its state, lets several nodes apply one ordered log, and
+//! lets tests run thousands of random sessions in milliseconds.
+//!
+//! The loop an embedder writes:
+//!
+//! ```
+//! use chat_core::{Chat, Config, Context, Event, Timestamp};
+//! use chat_proto::{ClientFrame, SendMessage, Uuid};
+//!
+//! let mut chat = Chat::new(Config::default());
+//! let ctx = Context {
+//!     user: "alice".into(),
+//!     now: Timestamp::from_unix_millis(1_700_000_000_000),
+//!     message_id: Uuid::from_u128(1),
+//! };
+//! let command = ClientFrame::SendMessage(SendMessage { text: "hi".into(), author_name: None });
+//! match chat.handle(ctx, command) {
+//!     Ok(()) => {
+//!         while let Some(event) = chat.poll_event() {
+//!             if let Some(frame) = event.into_frame() {
+//!                 println!("broadcast {}", frame.encode());
+//!             }
+//!         }
+//!     }
+//!     Err(refusal) => println!("to the sender only: {refusal}"),
+//! }
+//! assert_eq!(chat.history().len(), 1);
+//! ```
 #![forbid(unsafe_code)]
+
+mod error;
+mod history;
+mod rate_limit;
+mod validate;
+
+use chat_proto::{
+    AddReaction, ClientFrame, Message, ReactionAction, ReactionUpdated, Reactions, SendMessage,
+    ServerFrame, UserId, Uuid,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+pub use error::{ChatError, RateKind, Window};
+pub use history::History;
+pub use rate_limit::{RateLimit, RateLimiter};
+
+/// The chat's bounds and limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The most messages kept in history; the oldest is dropped first.
+    pub history_limit: usize,
+    /// The longest message text, in Unicode scalar values.
+    pub max_text_chars: usize,
+    /// The longest author name after trimming, in Unicode scalar values.
+    pub max_author_name_chars: usize,
+    /// The most distinct emojis on one message.
+    pub max_emojis_per_message: usize,
+    /// The most users reacting with one emoji on one message.
+    pub max_reactors_per_emoji: usize,
+    /// How many messages one user may send per window.
+    pub message_rate: RateLimit,
+    /// How many reaction toggles one user may make per window.
+    pub reaction_rate: RateLimit,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            history_limit: 10_000,
+            max_text_chars: chat_proto::MAX_TEXT_CHARS,
+            max_author_name_chars: 50,
+            max_emojis_per_message: 20,
+            max_reactors_per_emoji: 1_000,
+            message_rate: RateLimit::per_minute(60),
+            reaction_rate: RateLimit::per_minute(60),
+        }
+    }
+}
+
+/// A point in time, in milliseconds since the Unix epoch. The core never
+/// reads a clock; the embedder passes the time in with each command.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    /// The time `ms` milliseconds after the Unix epoch.
+    pub const fn from_unix_millis(ms: u64) -> Self {
+        Timestamp(ms)
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub const fn as_millis(self) -> u64 {
+        self.0
+    }
+
+    /// Whole seconds since the Unix epoch, as `created_at` carries them.
+    pub const fn unix_seconds(self) -> i64 {
+        // u64::MAX / 1000 fits in an i64.
+        (self.0 / 1000) as i64
+    }
+}
+
+/// Everything a command needs from outside the state machine.
+///
+/// A command with its context is a complete, replayable record: a log of
+/// `(Context, ClientFrame)` pairs rebuilds the chat exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Context {
+    /// Who is acting (the server derives it from the client's address).
+    pub user: UserId,
+    /// The current time. If it is earlier than a time already seen, the
+    /// later time is used, so time never runs backwards inside the chat.
+    pub now: Timestamp,
+    /// The id the message gets if the command posts one.
+    pub message_id: Uuid,
+}
+
+/// Something that happened, for the embedder to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message was accepted and appended to history. Broadcast it.
+    MessagePosted(Message),
+    /// A reaction was toggled. Broadcast it; it carries the whole message.
+    ReactionUpdated(ReactionUpdated),
+    /// The oldest message left the bounded history. Nothing is broadcast;
+    /// a store should delete it.
+    MessageEvicted(Message),
+}
+
+impl Event {
+    /// The frame to broadcast for this event, if any.
+    pub fn into_frame(self) -> Option<ServerFrame> {
+        match self {
+            Event::MessagePosted(m) => Some(ServerFrame::Message(m)),
+            Event::ReactionUpdated(r) => Some(ServerFrame::ReactionUpdated(r)),
+            Event::MessageEvicted(_) => None,
+        }
+    }
+}
+
+/// The chat room's state: history, reactions and rate limits.
+#[derive(Debug, Clone)]
+pub struct Chat {
+    config: Config,
+    history: History,
+    message_limiter: RateLimiter,
+    reaction_limiter: RateLimiter,
+    /// The latest time seen; time never runs backwards.
+    clock: Timestamp,
+    /// Events not yet taken by [`Chat::poll_event`]. A command adds at most
+    /// two, so this stays tiny as long as the embedder drains it.
+    events: VecDeque<Event>,
+}
+
+impl Chat {
+    /// An empty chat.
+    pub fn new(config: Config) -> Self {
+        Chat {
+            history: History::new(config.history_limit),
+            message_limiter: RateLimiter::new(config.message_rate),
+            reaction_limiter: RateLimiter::new(config.reaction_rate),
+            clock: Timestamp::default(),
+            events: VecDeque::with_capacity(4),
+            config,
+        }
+    }
+
+    /// The chat's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The message history, oldest first.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Applies one command. On success its events are queued for
+    /// [`poll_event`](Self::poll_event); a refusal changes nothing and is
+    /// meant for the acting client only.
+    pub fn handle(&mut self, ctx: Context, command: ClientFrame) -> Result<(), ChatError> {
+        match command {
+            ClientFrame::SendMessage(m) => self.send_message(ctx, m),
+            ClientFrame::AddReaction(r) => self.add_reaction(ctx, r),
+        }
+    }
+
+    /// Takes the next event, oldest first.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Posts a message (the `send_message` command).
+    pub fn send_message(&mut self, ctx: Context, m: SendMessage) -> Result<(), ChatError> {
+        let now = self.advance_clock(ctx.now);
+        validate::text(&self.config, &m.text)?;
+        let author_name = validate::author_name(&self.config, m.author_name.as_deref())?;
+        if !self.message_limiter.check(&ctx.user, now) {
+            return Err(rate_limited(RateKind::Messages, self.config.message_rate));
+        }
+        if self.history.contains(&ctx.message_id) {
+            return Err(ChatError::DuplicateMessageId);
+        }
+        self.message_limiter.record(&ctx.user, now);
+        let message = Message {
+            id: ctx.message_id,
+            text: m.text,
+            author_id: ctx.user,
+            author_name,
+            created_at: now.unix_seconds(),
+            reactions: Reactions::default(),
+        };
+        let evicted = self.history.push(message.clone());
+        self.events.push_back(Event::MessagePosted(message));
+        if let Some(old) = evicted {
+            self.events.push_back(Event::MessageEvicted(old));
+        }
+        Ok(())
+    }
+
+    /// Toggles the acting user's reaction (the `add_reaction` command).
+    pub fn add_reaction(&mut self, ctx: Context, r: AddReaction) -> Result<(), ChatError> {
+        let now = self.advance_clock(ctx.now);
+        let emoji = validate::emoji(&r.emoji)?;
+        let config = &self.config;
+        let Some(message) = self.history.get_mut(&r.message_id) else {
+            return Err(ChatError::MessageNotFound);
+        };
+        if !self.reaction_limiter.check(&ctx.user, now) {
+            return Err(rate_limited(RateKind::Reactions, config.reaction_rate));
+        }
+        let action = toggle(config, &mut message.reactions, emoji, &ctx.user)?;
+        self.reaction_limiter.record(&ctx.user, now);
+        let update = ReactionUpdated {
+            message_id: r.message_id,
+            emoji: emoji.to_owned(),
+            user_id: ctx.user,
+            action,
+            message: message.clone(),
+        };
+        self.events.push_back(Event::ReactionUpdated(update));
+        Ok(())
+    }
+
+    /// How many users each rate limiter remembers (messages, reactions).
+    /// Bounded by the users active within the last two windows.
+    pub fn rate_limited_users(&self) -> (usize, usize) {
+        (
+            self.message_limiter.tracked_users(),
+            self.reaction_limiter.tracked_users(),
+        )
+    }
+
+    fn advance_clock(&mut self, now: Timestamp) -> Timestamp {
+        self.clock = self.clock.max(now);
+        self.clock
+    }
+}
+
+fn rate_limited(kind: RateKind, limit: RateLimit) -> ChatError {
+    ChatError::RateLimited {
+        kind,
+        max: limit.max,
+        window: Window(limit.window_ms()),
+    }
+}
+
+/// Adds `user` to `emoji`'s reactors, or removes them if already there. An
+/// emoji whose last reactor leaves is removed; the others keep their order.
+fn toggle(
+    config: &Config,
+    reactions: &mut Reactions,
+    emoji: &str,
+    user: &UserId,
+) -> Result<ReactionAction, ChatError> {
+    match reactions.get_mut(emoji) {
+        Some(users) => {
+            if users.shift_remove(user) {
+                if users.is_empty() {
+                    reactions.shift_remove(emoji);
+                }
+                return Ok(ReactionAction::Removed);
+            }
+            if users.len() >= config.max_reactors_per_emoji {
+                return Err(ChatError::TooManyReactors {
+                    max: config.max_reactors_per_emoji,
+                });
+            }
+            users.insert(user.clone());
+            Ok(ReactionAction::Added)
+        }
+        None => {
+            if reactions.len() >= config.max_emojis_per_message {
+                return Err(ChatError::TooManyEmojis {
+                    max: config.max_emojis_per_message,
+                });
+            }
+            if config.max_reactors_per_emoji == 0 {
+                return Err(ChatError::TooManyReactors { max: 0 });
+            }
+            let mut users = chat_proto::Reactors::default();
+            users.insert(user.clone());
+            reactions.insert(emoji.to_owned(), users);
+            Ok(ReactionAction::Added)
+        }
+    }
+}

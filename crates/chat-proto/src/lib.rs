@@ -103,11 +103,21 @@ impl From<String> for UserId {
     }
 }
 
+/// The hasher of every map in the protocol types and in `chat-core`.
+///
+/// It has fixed keys, so that nothing in the state machine depends on a
+/// random seed. The keys it hashes (message ids, server-derived user ids,
+/// validated emojis) are not chosen freely by clients.
+pub type FixedState = std::hash::BuildHasherDefault<std::hash::DefaultHasher>;
+
+/// The users who reacted with one emoji, in the order they reacted.
+pub type Reactors = IndexSet<UserId, FixedState>;
+
 /// Emoji mapped to the users who reacted with it.
 ///
 /// Emojis are kept in the order they were first used on the message, and
 /// users in the order they reacted, so the JSON is deterministic.
-pub type Reactions = IndexMap<String, IndexSet<UserId>>;
+pub type Reactions = IndexMap<String, Reactors, FixedState>;
 
 /// A chat message as stored in history and sent to clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -1,0 +1,150 @@
+//! Every refusal, with its wire text.
+//!
+//! This is the one place where the rule-breaking texts are written. The
+//! server sends `err.to_string()` in an `error` frame; tests compare against
+//! the same `Display`.
+
+use chat_proto::DecodeError;
+use std::fmt;
+use thiserror::Error;
+
+/// Why a command was refused. `Display` is the exact text sent to the client.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ChatError {
+    /// The frame itself is malformed (see [`DecodeError`]).
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The text is empty or only white space.
+    #[error("message text cannot be empty")]
+    EmptyText,
+    /// The text has more Unicode scalar values than allowed.
+    #[error("message too long (max {max} characters)")]
+    TextTooLong {
+        /// The configured maximum, in characters.
+        max: usize,
+    },
+    /// The text holds a control character other than newline or tab.
+    #[error("message text contains control characters")]
+    ControlCharInText,
+    /// The author name is longer than allowed (after trimming).
+    #[error("author name too long (max {max} characters)")]
+    NameTooLong {
+        /// The configured maximum, in characters.
+        max: usize,
+    },
+    /// The author name holds a control character.
+    #[error("author name contains control characters")]
+    ControlCharInName,
+    /// The reaction is not exactly one emoji.
+    #[error("emoji must be a single emoji")]
+    NotAnEmoji,
+    /// Adding this emoji would exceed the distinct emojis allowed on one message.
+    #[error("too many different reactions on this message (max {max})")]
+    TooManyEmojis {
+        /// The configured maximum of distinct emojis per message.
+        max: usize,
+    },
+    /// Adding this user would exceed the users allowed on one emoji.
+    #[error("too many users reacted with this emoji (max {max})")]
+    TooManyReactors {
+        /// The configured maximum of users per emoji on one message.
+        max: usize,
+    },
+    /// The message does not exist (or has left the bounded history).
+    #[error("message not found")]
+    MessageNotFound,
+    /// The user has used up their allowance in the current window.
+    #[error("Rate limit exceeded. Maximum {max} {kind} per {window}.")]
+    RateLimited {
+        /// What was limited.
+        kind: RateKind,
+        /// How many are allowed per window.
+        max: u32,
+        /// The window's length.
+        window: Window,
+    },
+    /// The embedder supplied a message id that is already in history.
+    #[error("message id already in use")]
+    DuplicateMessageId,
+}
+
+/// What a rate limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateKind {
+    /// Accepted `send_message` commands.
+    Messages,
+    /// Accepted `add_reaction` toggles.
+    Reactions,
+}
+
+impl fmt::Display for RateKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RateKind::Messages => "messages",
+            RateKind::Reactions => "reactions",
+        })
+    }
+}
+
+/// A rate-limit window's length, in milliseconds, written the way a person
+/// says it: `minute`, `30 seconds`, `hour`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Window(pub u64);
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(u64, &str); 4] = [
+            (3_600_000, "hour"),
+            (60_000, "minute"),
+            (1_000, "second"),
+            (1, "millisecond"),
+        ];
+        let ms = self.0;
+        let (size, unit) = UNITS
+            .into_iter()
+            .find(|(size, _)| ms >= *size && ms % size == 0)
+            .unwrap_or((1, "millisecond"));
+        match ms / size {
+            1 => f.write_str(unit),
+            n => write!(f, "{n} {unit}s"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_reads_naturally() {
+        assert_eq!(Window(60_000).to_string(), "minute");
+        assert_eq!(Window(1_000).to_string(), "second");
+        assert_eq!(Window(3_600_000).to_string(), "hour");
+        assert_eq!(Window(30_000).to_string(), "30 seconds");
+        assert_eq!(Window(120_000).to_string(), "2 minutes");
+        assert_eq!(Window(1_500).to_string(), "1500 milliseconds");
+        assert_eq!(Window(0).to_string(), "0 milliseconds");
+    }
+
+    #[test]
+    fn rate_limit_text_follows_the_numbers() {
+        let e = ChatError::RateLimited {
+            kind: RateKind::Messages,
+            max: 60,
+            window: Window(60_000),
+        };
+        assert_eq!(
+            e.to_string(),
+            "Rate limit exceeded. Maximum 60 messages per minute."
+        );
+        let e = ChatError::RateLimited {
+            kind: RateKind::Reactions,
+            max: 5,
+            window: Window(10_000),
+        };
+        assert_eq!(
+            e.to_string(),
+            "Rate limit exceeded. Maximum 5 reactions per 10 seconds."
+        );
+    }
+}
