@@ -102,7 +102,7 @@ impl fmt::Display for Window {
         let ms = self.0;
         let (size, unit) = UNITS
             .into_iter()
-            .find(|(size, _)| ms >= *size && ms % size == 0)
+            .find(|(size, _)| ms >= *size && ms.is_multiple_of(*size))
             .unwrap_or((1, "millisecond"));
         match ms / size {
             1 => f.write_str(unit),

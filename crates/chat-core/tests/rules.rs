@@ -78,7 +78,7 @@ impl Harness {
 fn reactors(m: &Message, emoji: &str) -> Vec<String> {
     m.reactions
         .get(emoji)
-        .map(|users| users.iter().map(|u| u.0.clone()).collect())
+        .map(|users| users.iter().map(|u| u.to_string()).collect())
         .unwrap_or_default()
 }
 

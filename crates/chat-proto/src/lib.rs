@@ -20,6 +20,7 @@ use indexmap::{IndexMap, IndexSet};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 pub use decode::DecodeError;
 pub use uuid::Uuid;
@@ -78,12 +79,13 @@ pub enum ServerFrame {
 /// The identity of a user as it appears on the wire (`author_id`, `user_id`).
 ///
 /// The server derives it from the client's address; `chat-core` treats it as
-/// an opaque string.
+/// an opaque string. It is shared (`Arc<str>`), because one user's id is
+/// copied into every message and reaction they make.
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 #[serde(transparent)]
-pub struct UserId(pub String);
+pub struct UserId(pub Arc<str>);
 
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -91,15 +93,22 @@ impl fmt::Display for UserId {
     }
 }
 
+impl UserId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl From<&str> for UserId {
     fn from(s: &str) -> Self {
-        UserId(s.to_owned())
+        UserId(s.into())
     }
 }
 
 impl From<String> for UserId {
     fn from(s: String) -> Self {
-        UserId(s)
+        UserId(s.into())
     }
 }
 
