@@ -1,0 +1,294 @@
+//! Every setting of the server, as a flag with an environment twin.
+//!
+//! Each bound a client can push against is named here, so an operator can
+//! see and change all of them in `--help`, and so tests can shrink them.
+
+use chat_core::RateLimit;
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A real-time WebSocket chat server.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "chat-server", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on (the WebSocket endpoint is `/ws`).
+    #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    // --- Connections -------------------------------------------------------
+    /// Most connections open at once, handshakes included; beyond it a
+    /// handshake is refused with 503.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Most connections from one client address (an IPv6 /64 counts as one);
+    /// beyond it a handshake is refused with 429.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    pub max_connections_per_ip: usize,
+
+    /// Time a client has to complete the WebSocket handshake.
+    #[arg(long, env = "CHAT_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Largest incoming WebSocket frame and message, in bytes; a bigger one
+    /// closes the connection with 1009.
+    #[arg(long, env = "CHAT_MAX_MESSAGE_SIZE", default_value_t = 16 * 1024)]
+    pub max_message_size: usize,
+
+    /// Per-connection read buffer, in bytes (allocated up front).
+    #[arg(long, env = "CHAT_READ_BUFFER_SIZE", default_value_t = 4 * 1024)]
+    pub read_buffer_size: usize,
+
+    /// Per-connection write buffer, in bytes: frames are coalesced up to
+    /// this size before a write to the socket.
+    #[arg(long, env = "CHAT_WRITE_BUFFER_SIZE", default_value_t = 16 * 1024)]
+    pub write_buffer_size: usize,
+
+    /// How many live frames a client may fall behind before it is
+    /// disconnected with 1013 (it can reconnect and get the history again).
+    /// This is also the size of the one broadcast buffer all clients share.
+    #[arg(long, env = "CHAT_MAX_LAG", default_value_t = 4096)]
+    pub max_lag: usize,
+
+    /// How many replies meant for one client only (error frames) may wait
+    /// for it; while full, the server stops reading from that client.
+    #[arg(long, env = "CHAT_REPLY_QUEUE", default_value_t = 16)]
+    pub reply_queue: usize,
+
+    /// Time one batch of writes to a client may take before the client is
+    /// considered stalled and dropped.
+    #[arg(long, env = "CHAT_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
+    /// How often the server pings each connection.
+    #[arg(long, env = "CHAT_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A connection that sends nothing (not even a pong) for this long is
+    /// closed with 1008.
+    #[arg(long, env = "CHAT_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long to wait for clients to take the 1001
+    /// close before exiting anyway.
+    #[arg(long, env = "CHAT_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    // --- Identity and origin ----------------------------------------------
+    /// How a user id is derived from the client address: `pseudonym` (a
+    /// keyed hash, so addresses are never broadcast) or `raw-ip` (for
+    /// trusted LANs).
+    #[arg(long, env = "CHAT_IDENTITY", value_enum, default_value_t = IdentityMode::Pseudonym)]
+    pub identity: IdentityMode,
+
+    /// Secret key for pseudonyms. Without it a random one is drawn at start,
+    /// and user ids change when the server restarts.
+    #[arg(long, env = "CHAT_IDENTITY_SECRET", hide_env_values = true)]
+    pub identity_secret: Option<String>,
+
+    /// Proxy networks (CIDR) whose `X-Forwarded-For` is believed. Repeat the
+    /// flag or separate with commas. Without any, the header is ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "CHAT_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// Browser origins allowed to connect (e.g. `https://chat.example.com`).
+    /// Repeat or separate with commas. When set, a handshake with any other
+    /// `Origin` gets 403; requests with no `Origin` (non-browser clients)
+    /// are accepted.
+    #[arg(
+        long = "allowed-origin",
+        env = "CHAT_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
+    // --- Chat rules ---------------------------------------------------------
+    /// Most messages kept in history and replayed on connect.
+    #[arg(long, env = "CHAT_HISTORY_LIMIT", default_value_t = 10_000)]
+    pub history_limit: usize,
+
+    /// Messages one user may send per rate window.
+    #[arg(long, env = "CHAT_MESSAGE_RATE", default_value_t = 60)]
+    pub message_rate: u32,
+
+    /// Reaction toggles one user may make per rate window.
+    #[arg(long, env = "CHAT_REACTION_RATE", default_value_t = 60)]
+    pub reaction_rate: u32,
+
+    /// The rate limits' sliding window.
+    #[arg(long, env = "CHAT_RATE_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub rate_window: Duration,
+
+    /// Longest author name, in characters.
+    #[arg(long, env = "CHAT_MAX_NAME_CHARS", default_value_t = 50)]
+    pub max_name_chars: usize,
+
+    /// Most distinct emojis on one message.
+    #[arg(long, env = "CHAT_MAX_EMOJIS_PER_MESSAGE", default_value_t = 20)]
+    pub max_emojis_per_message: usize,
+
+    /// Most users reacting with one emoji on one message.
+    #[arg(long, env = "CHAT_MAX_REACTORS_PER_EMOJI", default_value_t = 1_000)]
+    pub max_reactors_per_emoji: usize,
+}
+
+/// How user ids are derived from client addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdentityMode {
+    /// A keyed hash of the address: stable, but reveals nothing.
+    Pseudonym,
+    /// The address itself (an IPv6 client's /64).
+    RawIp,
+}
+
+impl Default for Config {
+    /// The defaults of every flag, ignoring the environment.
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 10_000,
+            max_connections_per_ip: 64,
+            handshake_timeout: Duration::from_secs(10),
+            max_message_size: 16 * 1024,
+            read_buffer_size: 4 * 1024,
+            write_buffer_size: 16 * 1024,
+            max_lag: 4096,
+            reply_queue: 16,
+            write_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+            identity: IdentityMode::Pseudonym,
+            identity_secret: None,
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
+            history_limit: 10_000,
+            message_rate: 60,
+            reaction_rate: 60,
+            rate_window: Duration::from_secs(60),
+            max_name_chars: 50,
+            max_emojis_per_message: 20,
+            max_reactors_per_emoji: 1_000,
+        }
+    }
+}
+
+impl Config {
+    /// The chat rules this configuration asks for.
+    pub fn chat(&self) -> chat_core::Config {
+        chat_core::Config {
+            history_limit: self.history_limit,
+            max_author_name_chars: self.max_name_chars,
+            max_emojis_per_message: self.max_emojis_per_message,
+            max_reactors_per_emoji: self.max_reactors_per_emoji,
+            message_rate: RateLimit {
+                max: self.message_rate,
+                window: self.rate_window,
+            },
+            reaction_rate: RateLimit {
+                max: self.reaction_rate,
+                window: self.rate_window,
+            },
+            ..chat_core::Config::default()
+        }
+    }
+
+    /// The WebSocket limits every connection gets. Nothing is left at
+    /// tungstenite's defaults (64 MiB messages, unlimited write buffer).
+    pub fn websocket(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_size)
+            .write_buffer_size(self.write_buffer_size)
+            // Room for one more full frame past the coalescing target;
+            // beyond it writes wait (backpressure) instead of buffering.
+            .max_write_buffer_size(self.write_buffer_size + self.max_message_size.max(64 * 1024))
+            .max_message_size(Some(self.max_message_size))
+            .max_frame_size(Some(self.max_message_size))
+            .accept_unmasked_frames(false)
+    }
+
+    /// Checks settings that would make the server useless or unsafe.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("--max-connections", self.max_connections),
+            ("--max-connections-per-ip", self.max_connections_per_ip),
+            ("--max-message-size", self.max_message_size),
+            ("--read-buffer-size", self.read_buffer_size),
+            ("--max-lag", self.max_lag),
+            ("--reply-queue", self.reply_queue),
+        ];
+        for (flag, value) in positive {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.ping_interval.is_zero() {
+            return Err("--ping-interval must be more than zero".into());
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return Err("--idle-timeout must be longer than --ping-interval, or live clients are dropped between pings".into());
+        }
+        if self.identity_secret.as_deref().is_some_and(str::is_empty) {
+            return Err("--identity-secret must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_matches_the_flags_defaults() {
+        let parsed = Config::try_parse_from(["chat-server"]).expect("defaults parse");
+        // Environment variables could change `parsed`; CI sets none of them.
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn lists_and_durations_parse() {
+        let c = Config::try_parse_from([
+            "chat-server",
+            "--listen",
+            "0.0.0.0:9000",
+            "--trusted-proxy",
+            "10.0.0.0/8,::1/128",
+            "--allowed-origin",
+            "https://a.example",
+            "--allowed-origin",
+            "https://b.example",
+            "--idle-timeout",
+            "90s",
+            "--handshake-timeout",
+            "500ms",
+        ])
+        .expect("parses");
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert_eq!(c.allowed_origins.len(), 2);
+        assert_eq!(c.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(500));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn useless_settings_are_refused() {
+        let c = Config {
+            idle_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            max_lag: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

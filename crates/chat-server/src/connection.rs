@@ -1,0 +1,343 @@
+//! One client connection, from handshake to close.
+//!
+//! After the handshake the socket is split. The **reader** decodes frames
+//! and applies them to the hub; refusals go into a small per-client reply
+//! queue. The **writer** first sends the history snapshot, then the shared
+//! live ring, the replies and pings. It coalesces: it takes everything that
+//! is ready, writes it into tungstenite's buffer, and flushes once.
+//!
+//! The two run as one task (`select!`), so when either ends the other is
+//! dropped, and the connection closes with one reason and one close code.
+//! A client that reads too slowly cannot slow anyone else down: the ring
+//! moves on without it, and it is dropped once it is `--max-lag` frames
+//! behind or a write has waited `--write-timeout`.
+
+use crate::Shared;
+use crate::handshake::{Admitted, Refusal};
+use chat_core::ChatError;
+use chat_proto::{DecodeError, ServerFrame};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
+use tracing::{debug, info};
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Most frames written between two flushes, so one busy client cannot keep
+/// its writer from noticing shutdown or pings.
+const MAX_BATCH: usize = 256;
+
+/// How long the server waits for its close frame to be written.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why a connection ended. Each reason has its close code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a close frame (answered by tungstenite).
+    ClientClosed,
+    /// The TCP connection ended without a close frame.
+    PeerGone,
+    /// Nothing arrived within the idle timeout.
+    IdleTimeout,
+    /// A frame or message exceeded the size limit.
+    TooBig,
+    /// A text frame was not UTF-8.
+    InvalidUtf8,
+    /// The client broke the WebSocket protocol.
+    Protocol,
+    /// The client fell further behind the live ring than allowed.
+    Lagged(u64),
+    /// A write batch did not finish within the write timeout.
+    Stalled,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The close frame the server sends, if it sends one.
+    pub fn close_frame(&self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            CloseReason::ClientClosed | CloseReason::PeerGone => return None,
+            CloseReason::IdleTimeout => (CloseCode::Policy, "idle timeout"),
+            CloseReason::TooBig => (CloseCode::Size, "message too big"),
+            CloseReason::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
+            CloseReason::Protocol => (CloseCode::Protocol, "protocol error"),
+            CloseReason::Lagged(_) | CloseReason::Stalled => {
+                (CloseCode::Again, "too slow, reconnect")
+            }
+            CloseReason::Shutdown => (CloseCode::Away, "server shutting down"),
+        };
+        Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        })
+    }
+
+    fn from_read_error(err: &WsError) -> Self {
+        match err {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooBig,
+            WsError::Capacity(_) => CloseReason::TooBig,
+            WsError::Utf8(_) => CloseReason::InvalidUtf8,
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::PeerGone,
+            WsError::Protocol(_) => CloseReason::Protocol,
+            WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::ClientClosed,
+            _ => CloseReason::PeerGone,
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::ClientClosed => f.write_str("client closed"),
+            CloseReason::PeerGone => f.write_str("peer gone"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::TooBig => f.write_str("message too big"),
+            CloseReason::InvalidUtf8 => f.write_str("invalid utf-8"),
+            CloseReason::Protocol => f.write_str("protocol error"),
+            CloseReason::Lagged(n) => write!(f, "lagged by {n} frames"),
+            CloseReason::Stalled => f.write_str("write stalled"),
+            CloseReason::Shutdown => f.write_str("server shutdown"),
+        }
+    }
+}
+
+/// Serves one accepted TCP connection until it closes. `permit` is its
+/// place under the server's connection limit.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
+    let _permit = permit;
+    // Frames are coalesced by the writer; Nagle would only add delay.
+    let _ = stream.set_nodelay(true);
+    let (ws, admitted) = match handshake(stream, peer, &shared).await {
+        Ok(done) => done,
+        Err(why) => {
+            debug!(%peer, %why, "handshake refused");
+            return;
+        }
+    };
+    let user = admitted.user.clone();
+    info!(user = %user, %peer, client = %admitted.addr, "connection opened");
+    let reason = run(ws, &admitted, &shared).await;
+    info!(user = %user, %peer, reason = %reason, "connection closed");
+}
+
+/// Refuses a connection that arrived while the server was full, with a 503
+/// at the handshake.
+// tungstenite's callback signature returns its (large) HTTP response as `Err`.
+#[allow(clippy::result_large_err)]
+pub(crate) async fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
+    let _permit = permit;
+    let callback = |_: &Request, _: Response| -> Result<Response, ErrorResponse> {
+        Err(Refusal::ServerFull.response())
+    };
+    let accept = tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        callback,
+        Some(shared.config.websocket()),
+    );
+    let _ = timeout(shared.config.handshake_timeout, accept).await;
+    debug!(%peer, "refused: server full");
+}
+
+// tungstenite's callback signature returns its (large) HTTP response as `Err`.
+#[allow(clippy::result_large_err)]
+async fn handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<(Ws, Admitted), String> {
+    let mut admitted = None;
+    let callback = |request: &Request, response: Response| {
+        let addr = shared
+            .policy
+            .check(request, peer.ip())
+            .map_err(|r| r.response())?;
+        let slot = shared.addresses.acquire(addr).map_err(|r| r.response())?;
+        admitted = Some(Admitted {
+            addr,
+            user: shared.identity.user_id(addr),
+            slot,
+        });
+        Ok(response)
+    };
+    let accept = tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        callback,
+        Some(shared.config.websocket()),
+    );
+    let ws = match timeout(shared.config.handshake_timeout, accept).await {
+        Err(_) => return Err("handshake timeout".into()),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Ok(ws)) => ws,
+    };
+    let admitted = admitted.ok_or("handshake accepted without admission")?;
+    Ok((ws, admitted))
+}
+
+async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
+    let joined = shared.hub.join();
+    let (mut sink, mut stream) = ws.split();
+    let (reply_tx, reply_rx) = mpsc::channel(shared.config.reply_queue);
+    let writer = Writer {
+        sink: &mut sink,
+        shared,
+    };
+    let reason = tokio::select! {
+        r = read_loop(&mut stream, admitted, shared, reply_tx) => r,
+        r = writer.run(joined, reply_rx) => r,
+    };
+    if let Some(frame) = reason.close_frame() {
+        let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+    }
+    reason
+}
+
+async fn read_loop(
+    stream: &mut SplitStream<Ws>,
+    admitted: &Admitted,
+    shared: &Shared,
+    replies: mpsc::Sender<Utf8Bytes>,
+) -> CloseReason {
+    loop {
+        let message = match timeout(shared.config.idle_timeout, stream.next()).await {
+            Err(_) => return CloseReason::IdleTimeout,
+            Ok(None) => return CloseReason::ClientClosed,
+            Ok(Some(Err(e))) => return CloseReason::from_read_error(&e),
+            Ok(Some(Ok(m))) => m,
+        };
+        let refusal = match message {
+            Message::Text(text) => shared.hub.handle_text(&admitted.user, &text).err(),
+            Message::Binary(_) => Some(ChatError::from(DecodeError::Binary)),
+            // tungstenite answers pings and close frames itself; a close
+            // ends the stream on the next read.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => None,
+        };
+        if let Some(refusal) = refusal {
+            debug!(user = %admitted.user, %refusal, "refused");
+            let frame = Utf8Bytes::from(ServerFrame::error(&refusal).encode());
+            // A full queue means the client is not reading its replies:
+            // stop reading from it until it does (or the writer gives up).
+            if replies.send(frame).await.is_err() {
+                return CloseReason::PeerGone;
+            }
+        }
+    }
+}
+
+struct Writer<'a> {
+    sink: &'a mut SplitSink<Ws, Message>,
+    shared: &'a Shared,
+}
+
+/// What a write batch ran into.
+enum Interrupt {
+    Close(CloseReason),
+    Io,
+}
+
+impl From<WsError> for Interrupt {
+    fn from(_: WsError) -> Self {
+        Interrupt::Io
+    }
+}
+
+impl Writer<'_> {
+    async fn run(
+        mut self,
+        joined: crate::hub::Joined,
+        mut replies: mpsc::Receiver<Utf8Bytes>,
+    ) -> CloseReason {
+        let mut live = joined.live;
+        let write_timeout = self.shared.config.write_timeout;
+        // History first, in batches, each under the write timeout.
+        let history: Vec<&Utf8Bytes> = joined.history.iter().collect();
+        for batch in history.chunks(MAX_BATCH) {
+            let write = async {
+                for frame in batch {
+                    self.sink.feed(Message::Text((*frame).clone())).await?;
+                }
+                self.sink.flush().await
+            };
+            match timeout(write_timeout, write).await {
+                Err(_) => return CloseReason::Stalled,
+                Ok(Err(_)) => return CloseReason::PeerGone,
+                Ok(Ok(())) => {}
+            }
+        }
+        drop(history);
+        drop(joined.history);
+
+        let ping_every = self.shared.config.ping_interval;
+        let mut ping = interval_at(Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return CloseReason::Shutdown,
+                reply = replies.recv() => match reply {
+                    Some(frame) => Message::Text(frame),
+                    None => return CloseReason::PeerGone,
+                },
+                frame = live.recv() => match frame {
+                    Ok(frame) => Message::Text(frame),
+                    Err(broadcast::error::RecvError::Lagged(n)) => return CloseReason::Lagged(n),
+                    Err(broadcast::error::RecvError::Closed) => return CloseReason::Shutdown,
+                },
+                _ = ping.tick() => Message::Ping(Bytes::new()),
+            };
+            match timeout(write_timeout, self.batch(first, &mut live, &mut replies)).await {
+                Err(_) => return CloseReason::Stalled,
+                Ok(Err(Interrupt::Io)) => return CloseReason::PeerGone,
+                Ok(Err(Interrupt::Close(reason))) => return reason,
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    /// Writes `first` and everything else already waiting, then flushes once.
+    async fn batch(
+        &mut self,
+        first: Message,
+        live: &mut broadcast::Receiver<Utf8Bytes>,
+        replies: &mut mpsc::Receiver<Utf8Bytes>,
+    ) -> Result<(), Interrupt> {
+        self.sink.feed(first).await?;
+        for _ in 1..MAX_BATCH {
+            match live.try_recv() {
+                Ok(frame) => self.sink.feed(Message::Text(frame)).await?,
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    return Err(Interrupt::Close(CloseReason::Lagged(n)));
+                }
+                Err(_) => break,
+            }
+        }
+        while let Ok(frame) = replies.try_recv() {
+            self.sink.feed(Message::Text(frame)).await?;
+        }
+        self.sink.flush().await?;
+        Ok(())
+    }
+}

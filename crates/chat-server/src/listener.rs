@@ -1,0 +1,63 @@
+//! The accept loop: limits, then one task per connection.
+//!
+//! A connection first takes a permit from the `--max-connections`
+//! semaphore, so handshakes in progress count too and a flood of half-open
+//! sockets cannot exhaust memory. When no permit is left, the client still
+//! gets an HTTP 503 rather than a reset, but only while the small pool of
+//! refusal slots lasts; past that, sockets are closed at once.
+
+use crate::{Shared, connection};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// Refusals (503 at the handshake) in progress at once.
+const REFUSAL_SLOTS: usize = 64;
+
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
+    let connections = Arc::new(Semaphore::new(shared.config.max_connections));
+    let refusals = Arc::new(Semaphore::new(REFUSAL_SLOTS));
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) if is_resource_exhaustion(&e) => {
+                // Out of file descriptors or memory: back off instead of
+                // spinning; open connections will free some.
+                warn!(error = %e, "accept failed, backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        if let Ok(permit) = Arc::clone(&connections).try_acquire_owned() {
+            tasks.spawn(connection::serve(stream, peer, permit, Arc::clone(&shared)));
+        } else if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+            tasks.spawn(connection::refuse(
+                stream,
+                peer,
+                permit,
+                Arc::clone(&shared),
+            ));
+        } else {
+            debug!(%peer, "server full and refusal slots used up: closing");
+        }
+    }
+}
+
+/// Whether an accept error means the process is out of a resource (file
+/// descriptors, memory, buffers) rather than one connection having failed.
+fn is_resource_exhaustion(err: &io::Error) -> bool {
+    // ENFILE, EMFILE, ENOMEM, ENOBUFS
+    matches!(err.raw_os_error(), Some(23 | 24 | 12 | 105))
+}

@@ -1,0 +1,30 @@
+//! `cargo run -p chat-server`: the chat server with its flags.
+#![forbid(unsafe_code)]
+
+use chat_server::{Config, Server, shutdown};
+use clap::Parser;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let config = Config::parse();
+    if config.identity_secret.is_none() {
+        tracing::warn!("no --identity-secret: user ids will change when the server restarts");
+    }
+    let server = match Server::bind(config).await {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::spawn(shutdown::on_signal(server.shutdown_handle()));
+    server.run().await;
+    ExitCode::SUCCESS
+}
