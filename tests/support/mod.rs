@@ -1,0 +1,231 @@
+//! A real server on a loopback port and real WebSocket clients, for the
+//! end-to-end tests. Every frame a client receives is checked against the
+//! schemas in `asyncapi.yaml`.
+#![allow(dead_code, unreachable_pub)]
+
+use chat_proto::{
+    AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, Uuid,
+};
+use chat_server::{CancellationToken, Config, IdentityMode, Server};
+use chat_testkit::FrameValidator;
+use futures_util::{SinkExt, StreamExt};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+
+/// How long a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+fn validator() -> &'static FrameValidator {
+    static V: OnceLock<FrameValidator> = OnceLock::new();
+    V.get_or_init(FrameValidator::server_frames)
+}
+
+/// A config for tests: port 0, raw-IP ids (readable in assertions), and a
+/// fixed secret.
+pub fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        identity: IdentityMode::RawIp,
+        identity_secret: Some("test".into()),
+        ..Config::default()
+    }
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let server = Server::bind(config).await.expect("server binds");
+        let addr = server.local_addr();
+        let stop = server.shutdown_handle();
+        let task = tokio::spawn(server.run());
+        TestServer {
+            addr,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Stops the server and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("server stops in time")
+                .expect("server task did not panic");
+        }
+    }
+
+    /// A TCP connection from `127.0.0.<n>`.
+    pub async fn tcp_from(&self, n: u8) -> TcpStream {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)), 0))
+            .expect("bind loopback source");
+        socket.connect(self.addr).await.expect("tcp connect")
+    }
+
+    /// A client from `127.0.0.<n>`: a distinct user per `n`.
+    pub async fn client(&self, n: u8) -> Client {
+        self.try_client(n, "/ws", &[]).await.expect("handshake")
+    }
+
+    /// A client from `127.0.0.<n>` with a chosen path and extra headers.
+    pub async fn try_client(
+        &self,
+        n: u8,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, tungstenite::Error> {
+        let stream = self.tcp_from(n).await;
+        let mut request = self.url(path).into_client_request()?;
+        for (k, v) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                v.parse().expect("header value"),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::client_async(request, stream).await?;
+        Ok(Client { ws })
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// What a client saw next.
+#[derive(Debug)]
+pub enum Seen {
+    Frame(ServerFrame),
+    Closed(Option<CloseFrame>),
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<TcpStream>,
+}
+
+impl Client {
+    pub async fn send(&mut self, frame: &ClientFrame) {
+        self.send_text(&frame.encode()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(WsMessage::text(text)).await.expect("send");
+    }
+
+    pub async fn say(&mut self, text: &str) {
+        self.send(&say(text)).await;
+    }
+
+    pub async fn react(&mut self, id: Uuid, emoji: &str) {
+        self.send(&ClientFrame::AddReaction(AddReaction {
+            message_id: id,
+            emoji: emoji.into(),
+        }))
+        .await;
+    }
+
+    /// The next frame or close, checked against asyncapi.yaml. Pings and
+    /// pongs are skipped.
+    pub async fn next(&mut self) -> Seen {
+        loop {
+            let msg = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("nothing arrived in time");
+            match msg {
+                None => return Seen::Closed(None),
+                Some(Err(_)) => return Seen::Closed(None),
+                Some(Ok(WsMessage::Text(text))) => {
+                    validator().assert_valid(&text);
+                    let frame = ServerFrame::decode(&text).expect("server frames decode");
+                    return Seen::Frame(frame);
+                }
+                Some(Ok(WsMessage::Close(frame))) => return Seen::Closed(frame),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(other)) => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    pub async fn frame(&mut self) -> ServerFrame {
+        match self.next().await {
+            Seen::Frame(f) => f,
+            Seen::Closed(c) => panic!("expected a frame, connection closed: {c:?}"),
+        }
+    }
+
+    pub async fn message(&mut self) -> Message {
+        match self.frame().await {
+            ServerFrame::Message(m) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    pub async fn reaction(&mut self) -> ReactionUpdated {
+        match self.frame().await {
+            ServerFrame::ReactionUpdated(r) => r,
+            other => panic!("expected reaction_updated, got {other:?}"),
+        }
+    }
+
+    pub async fn error(&mut self) -> String {
+        match self.frame().await {
+            ServerFrame::Error(e) => e.error,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    /// Reads until the connection closes; returns the close frame, if any.
+    pub async fn closed(&mut self) -> Option<CloseFrame> {
+        loop {
+            if let Seen::Closed(c) = self.next().await {
+                return c;
+            }
+        }
+    }
+
+    /// Asserts that no frame arrives for `d`.
+    pub async fn quiet_for(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+}
+
+pub fn say(text: &str) -> ClientFrame {
+    ClientFrame::SendMessage(SendMessage {
+        text: text.into(),
+        author_name: None,
+    })
+}
+
+pub fn say_as(text: &str, name: &str) -> ClientFrame {
+    ClientFrame::SendMessage(SendMessage {
+        text: text.into(),
+        author_name: Some(name.into()),
+    })
+}
