@@ -209,7 +209,15 @@ async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
         r = writer.run(joined, reply_rx) => r,
     };
     if let Some(frame) = reason.close_frame() {
-        let _ = timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+        // The closing handshake: send our close, then read until the
+        // client's close comes back (or it hangs up), so the client reads
+        // our close frame before the TCP connection goes away.
+        let handshake = async {
+            sink.send(Message::Close(Some(frame))).await?;
+            while let Some(Ok(_)) = stream.next().await {}
+            Ok::<(), WsError>(())
+        };
+        let _ = timeout(CLOSE_TIMEOUT, handshake).await;
     }
     reason
 }

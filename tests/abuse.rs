@@ -1,0 +1,309 @@
+//! Hostile and broken clients: each gets its documented answer, and the
+//! server goes on serving everyone else.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use support::{PATIENCE, TestServer, say, test_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// After whatever a test did, a fresh client can still chat.
+async fn server_still_serves(server: &TestServer) {
+    let mut c = server.client(250).await;
+    loop {
+        // Skip any history.
+        c.say("are you there?").await;
+        loop {
+            let m = c.message().await;
+            if m.text == "are you there?" && m.author_id.as_str() == "127.0.0.250" {
+                return;
+            }
+        }
+    }
+}
+
+fn http_status(err: WsError) -> u16 {
+    match err {
+        WsError::Http(response) => response.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009() {
+    let server = TestServer::start(test_config()).await;
+    let mut c = server.client(2).await;
+    let huge = "x".repeat(17 * 1024);
+    c.send_text(&format!(
+        r#"{{"type":"send_message","data":{{"text":"{huge}"}}}}"#
+    ))
+    .await;
+    let close = c.closed().await.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Size);
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_frame_just_under_the_limit_is_read_and_refused_by_the_rules() {
+    let server = TestServer::start(test_config()).await;
+    let mut c = server.client(2).await;
+    let big = "x".repeat(16 * 1024 - 64);
+    c.send_text(&format!(
+        r#"{{"type":"send_message","data":{{"text":"{big}"}}}}"#
+    ))
+    .await;
+    assert_eq!(c.error().await, "message too long (max 500 characters)");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_closes_with_1007() {
+    let server = TestServer::start(test_config()).await;
+    let mut c = server.client(2).await;
+    let frame = Frame::message(vec![0x7b, 0xff, 0xfe, 0x7d], OpCode::Data(Data::Text), true);
+    c.ws.send(Message::Frame(frame))
+        .await
+        .expect("send raw frame");
+    let close = c.closed().await.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Invalid);
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_paths_get_404() {
+    let server = TestServer::start(test_config()).await;
+    for path in ["/", "/chat", "/ws/extra", "/WS"] {
+        let err = server
+            .try_client(2, path, &[])
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(http_status(err), 404, "{path}");
+    }
+    assert!(server.try_client(2, "/ws?token=abc", &[]).await.is_ok());
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_disallowed_origin_gets_403() {
+    let mut config = test_config();
+    config.allowed_origins = vec!["https://chat.example".into()];
+    let server = TestServer::start(config).await;
+    let err = server
+        .try_client(2, "/ws", &[("origin", "https://evil.example")])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(http_status(err), 403);
+    assert!(
+        server
+            .try_client(2, "/ws", &[("origin", "https://chat.example")])
+            .await
+            .is_ok()
+    );
+    assert!(
+        server.try_client(2, "/ws", &[]).await.is_ok(),
+        "no Origin: not a browser"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_completes_is_dropped() {
+    let mut config = test_config();
+    config.handshake_timeout = Duration::from_millis(300);
+    let server = TestServer::start(config).await;
+    let mut silent = server.tcp_from(2).await;
+    let mut half = server.tcp_from(3).await;
+    half.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    for sock in [&mut silent, &mut half] {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(PATIENCE, sock.read(&mut buf))
+            .await
+            .expect("server hangs up by itself")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without a response");
+    }
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_instead_of_a_handshake_is_refused() {
+    let server = TestServer::start(test_config()).await;
+    let mut sock = server.tcp_from(2).await;
+    sock.write_all(&[0u8; 4096]).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, sock.read_to_end(&mut buf))
+        .await
+        .expect("closed");
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn abrupt_disconnects_do_not_disturb_the_server() {
+    let server = TestServer::start(test_config()).await;
+    let mut watcher = server.client(9).await;
+    for n in 2..12u8 {
+        let mut c = server.client(n).await;
+        c.say("bye").await;
+        // Drop the TCP connection without a close frame, mid-conversation.
+        drop(c);
+    }
+    for _ in 2..12 {
+        assert_eq!(watcher.message().await.text, "bye");
+    }
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clean_close_is_answered() {
+    let server = TestServer::start(test_config()).await;
+    let mut c = server.client(2).await;
+    c.ws.close(None).await.expect("close");
+    // The server answers the close, then the stream ends.
+    loop {
+        match tokio::time::timeout(PATIENCE, c.ws.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("unclean close: {e}"),
+        }
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_per_address_are_limited_with_429() {
+    let mut config = test_config();
+    config.max_connections_per_ip = 2;
+    let server = TestServer::start(config).await;
+    let a = server.client(2).await;
+    let _b = server.client(2).await;
+    let err = server
+        .try_client(2, "/ws", &[])
+        .await
+        .err()
+        .expect("third refused");
+    assert_eq!(http_status(err), 429);
+    let _other = server.client(3).await;
+    drop(a);
+    // The slot frees once the server has seen the disconnect.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if server.try_client(2, "/ws", &[]).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_total_connection_limit_answers_503() {
+    let mut config = test_config();
+    config.max_connections = 2;
+    let server = TestServer::start(config).await;
+    let _a = server.client(2).await;
+    let _b = server.client(3).await;
+    let err = server
+        .try_client(4, "/ws", &[])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(http_status(err), 503);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_dropped_with_1008() {
+    let mut config = test_config();
+    config.ping_interval = Duration::from_millis(100);
+    config.idle_timeout = Duration::from_millis(400);
+    let server = TestServer::start(config).await;
+    // A client that keeps reading answers pings automatically and stays.
+    let mut live = server.client(2).await;
+    let mut mute = server.client(3).await;
+    // Reading (and so answering pings) for longer than the idle timeout.
+    live.quiet_for(Duration::from_millis(900)).await;
+    live.say("still here").await;
+    assert_eq!(live.message().await.text, "still here");
+    // The mute one never polled its socket, so it never sent a pong.
+    let close = mute.closed().await.expect("close frame");
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason.as_str(), "idle timeout");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_and_others_keep_up() {
+    // 2 KB frames, 12 MB in all: more than the kernel buffers between
+    // the server and a client that never reads (4 MB send buffer here).
+    const SENT: usize = 6_000;
+    let mut config = test_config();
+    config.message_rate = 1_000_000;
+    config.max_lag = 64;
+    config.write_timeout = Duration::from_millis(500);
+    config.history_limit = 100;
+    let server = TestServer::start(config).await;
+
+    // Its kernel receive buffer is tiny, so the server's writes back up fast.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket
+        .bind("127.0.0.9:0".parse().expect("addr"))
+        .expect("bind");
+    let stream = socket.connect(server.addr).await.expect("connect");
+    let (slow, _) = tokio_tungstenite::client_async(server.url("/ws"), stream)
+        .await
+        .expect("handshake");
+
+    let mut reader = server.client(3).await;
+    let mut sender = server.client(2).await;
+    let text = "😀".repeat(500);
+    // Sent in rounds that the reading clients keep up with, so only the
+    // one that never reads falls behind.
+    for _ in 0..SENT / 30 {
+        for _ in 0..30 {
+            sender.send(&say(&text)).await;
+        }
+        for _ in 0..30 {
+            sender.message().await;
+            reader.message().await;
+        }
+    }
+
+    // The slow client was cut off: when it finally reads, it finds fewer
+    // than all messages and then the end of the connection.
+    let mut slow = support::Client { ws: slow };
+    let mut got = 0;
+    let close = loop {
+        match slow.next().await {
+            support::Seen::Frame(_) => got += 1,
+            support::Seen::Closed(c) => break c,
+        }
+    };
+    assert!(
+        got < SENT,
+        "the slow client was not dropped (got all {got})"
+    );
+    if let Some(close) = close {
+        assert_eq!(close.code, CloseCode::Again, "{close:?}");
+    }
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
