@@ -254,10 +254,10 @@ async fn the_rate_limit_is_per_address_across_connections() {
     assert_eq!(texts, ["1", "2", "3"]);
     b.say("other users are not limited").await;
     loop {
-        if let ServerFrame::Message(m) = b.frame().await {
-            if m.author_id.as_str() == "127.0.0.3" {
-                break;
-            }
+        if let ServerFrame::Message(m) = b.frame().await
+            && m.author_id.as_str() == "127.0.0.3"
+        {
+            break;
         }
     }
     server.shutdown().await;
