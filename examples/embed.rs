@@ -10,7 +10,7 @@
 use chat_core::{Chat, ChatError, Config, Context, Timestamp};
 use chat_proto::{ClientFrame, SendMessage, ServerFrame, Uuid};
 use std::io::{BufRead, Write};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// Turns a typed line into a command: JSON frames as they are, anything
 /// else as the text of a new message.
@@ -25,23 +25,16 @@ fn parse(line: &str) -> Result<ClientFrame, ChatError> {
     }
 }
 
-/// The shell supplies what the core must not fetch itself: the clock.
-fn now() -> Timestamp {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    Timestamp::from_unix_millis(u64::try_from(ms).unwrap_or(u64::MAX))
-}
-
 fn main() -> std::io::Result<()> {
     let mut chat = Chat::new(Config::default());
     let mut out = std::io::stdout().lock();
     for line in std::io::stdin().lock().lines() {
         let line = line?;
+        // The shell supplies what the core never fetches itself: time and ids.
+        let now = Timestamp::from(SystemTime::now());
         let ctx = Context {
             user: "local".into(),
-            now: now(),
+            now,
             message_id: Uuid::now_v7(),
         };
         match parse(&line).and_then(|command| chat.handle(ctx, command)) {

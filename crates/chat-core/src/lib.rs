@@ -47,6 +47,7 @@ use chat_proto::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use error::{ChatError, RateKind, Window};
 pub use history::History;
@@ -108,6 +109,15 @@ impl Timestamp {
     pub const fn unix_seconds(self) -> i64 {
         // u64::MAX / 1000 fits in an i64.
         (self.0 / 1000) as i64
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    /// Converts a wall-clock reading taken by the embedder (the core never
+    /// takes one itself). Times before the epoch become the epoch.
+    fn from(t: SystemTime) -> Self {
+        let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+        Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 }
 

@@ -19,7 +19,7 @@ use chat_core::{Chat, ChatError, Context, Event, Timestamp};
 use chat_proto::{ClientFrame, ServerFrame, UserId, Uuid};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -90,7 +90,7 @@ impl Hub {
     pub fn apply(&self, user: &UserId, command: ClientFrame) -> Result<(), ChatError> {
         let ctx = Context {
             user: user.clone(),
-            now: now(),
+            now: Timestamp::from(SystemTime::now()),
             message_id: Uuid::now_v7(),
         };
         let mut guard = self.lock();
@@ -133,15 +133,6 @@ impl State {
 
 fn encode(frame: &ServerFrame) -> Utf8Bytes {
     Utf8Bytes::from(frame.encode())
-}
-
-/// Wall-clock time for the core. The core keeps time monotonic itself.
-fn now() -> Timestamp {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    Timestamp::from_unix_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 /// The history as serialized frames, in chunks shared copy-on-write with
