@@ -37,13 +37,15 @@ pub struct Config {
     #[arg(long, env = "CHAT_MAX_MESSAGE_SIZE", default_value_t = 16 * 1024)]
     pub max_message_size: usize,
 
-    /// Per-connection read buffer, in bytes (allocated up front).
-    #[arg(long, env = "CHAT_READ_BUFFER_SIZE", default_value_t = 4 * 1024)]
+    /// Per-connection read buffer, in bytes (allocated up front; grows for a
+    /// larger frame, up to `--max-message-size`).
+    #[arg(long, env = "CHAT_READ_BUFFER_SIZE", default_value_t = 2 * 1024)]
     pub read_buffer_size: usize,
 
     /// Per-connection write buffer, in bytes: frames are coalesced up to
-    /// this size before a write to the socket.
-    #[arg(long, env = "CHAT_WRITE_BUFFER_SIZE", default_value_t = 16 * 1024)]
+    /// this size before a write to the socket. Its capacity stays allocated
+    /// for the connection's life, so it is the main cost of an idle client.
+    #[arg(long, env = "CHAT_WRITE_BUFFER_SIZE", default_value_t = 2 * 1024)]
     pub write_buffer_size: usize,
 
     /// How many live frames a client may fall behind before it is
@@ -156,8 +158,8 @@ impl Default for Config {
             max_connections_per_ip: 64,
             handshake_timeout: Duration::from_secs(10),
             max_message_size: 16 * 1024,
-            read_buffer_size: 4 * 1024,
-            write_buffer_size: 16 * 1024,
+            read_buffer_size: 2 * 1024,
+            write_buffer_size: 2 * 1024,
             max_lag: 4096,
             reply_queue: 16,
             write_timeout: Duration::from_secs(10),

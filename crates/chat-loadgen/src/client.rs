@@ -1,0 +1,173 @@
+//! Connecting many clients, spread over loopback source addresses, and
+//! recognising the load generator's own messages in what they receive.
+
+use chat_proto::{ClientFrame, SendMessage};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::Instant;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::http::Uri;
+
+/// A connected client.
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Where to connect, and from which addresses.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The full `ws://` URL.
+    pub url: String,
+    /// The resolved server address.
+    pub addr: SocketAddr,
+    /// Distinct loopback source addresses to spread clients over, so that
+    /// neither ephemeral ports nor per-address limits run out. Empty when
+    /// the server is not on IPv4 loopback.
+    pub sources: Vec<Ipv4Addr>,
+}
+
+impl Target {
+    /// Resolves `url`; with a loopback server, clients use `sources`
+    /// addresses `127.1.x.y`.
+    pub async fn resolve(url: &str, sources: usize) -> Result<Self, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("bad url {url}: {e}"))?;
+        if uri.scheme_str() != Some("ws") {
+            return Err(format!("{url}: only ws:// URLs are supported"));
+        }
+        let host = uri.host().ok_or_else(|| format!("{url}: no host"))?;
+        let port = uri.port_u16().unwrap_or(80);
+        let addr = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("resolving {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host} has no address"))?;
+        let sources = match addr.ip() {
+            IpAddr::V4(v4) if v4.is_loopback() => (0..sources.max(1))
+                .map(|i| Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250) as u8 + 2))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Target {
+            url: url.to_owned(),
+            addr,
+            sources,
+        })
+    }
+
+    /// Connects client number `i` (its source address is `i`-th in the
+    /// pool, round robin).
+    pub async fn connect(&self, i: usize) -> Result<Ws, String> {
+        let socket = match self.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(|e| e.to_string())?;
+        if !self.sources.is_empty() {
+            let src = self.sources[i % self.sources.len()];
+            socket
+                .bind(SocketAddr::new(IpAddr::V4(src), 0))
+                .map_err(|e| format!("bind {src}: {e}"))?;
+        }
+        let stream = socket
+            .connect(self.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (ws, _) = tokio_tungstenite::client_async(self.url.as_str(), stream)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        Ok(ws)
+    }
+}
+
+/// Microseconds since the load generator started: one clock for senders
+/// and receivers, which share the process.
+pub fn now_us() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// A number that tells this run's messages from those of earlier runs still
+/// in the server's history.
+pub fn run_id() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    nanos / 4 + std::process::id() % 1000
+}
+
+/// A load-generator message: `lg<run> <sender> <seq> <sent_us>`. Only ASCII
+/// digits and spaces, so it appears unescaped in any server's JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marker {
+    /// Distinguishes this run from messages left in history by earlier ones.
+    pub run: u32,
+    /// Which sender.
+    pub sender: u32,
+    /// The sender's sequence number, from 0.
+    pub seq: u64,
+    /// When it was (meant to be) sent, in [`now_us`] time.
+    pub sent_us: u64,
+}
+
+impl Marker {
+    /// The `send_message` frame carrying this marker.
+    pub fn frame(&self) -> String {
+        ClientFrame::SendMessage(SendMessage {
+            text: format!(
+                "lg{} {} {} {}",
+                self.run, self.sender, self.seq, self.sent_us
+            ),
+            author_name: Some("loadgen".into()),
+        })
+        .encode()
+    }
+
+    /// Finds a marker of run `run` in a received frame's text, without
+    /// decoding the JSON (the receivers would otherwise need more CPU than
+    /// the server under test).
+    pub fn find(frame: &str, run: u32) -> Option<Marker> {
+        let start = frame.find("\"lg")? + 3;
+        let rest = &frame[start..];
+        let end = rest.find('"')?;
+        let mut parts = rest[..end].split(' ');
+        let r: u32 = parts.next()?.parse().ok()?;
+        if r != run {
+            return None;
+        }
+        Some(Marker {
+            run,
+            sender: parts.next()?.parse().ok()?,
+            seq: parts.next()?.parse().ok()?,
+            sent_us: parts.next()?.parse().ok()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_through_a_message_frame() {
+        let m = Marker {
+            run: 7,
+            sender: 3,
+            seq: 42,
+            sent_us: 123_456,
+        };
+        let sent = m.frame();
+        // What a server would broadcast: the text inside a message frame.
+        let text = chat_proto::ClientFrame::decode(&sent).expect("valid");
+        let chat_proto::ClientFrame::SendMessage(s) = text else {
+            panic!()
+        };
+        let broadcast = format!(
+            r#"{{"type":"message","data":{{"id":"x","text":{},"author_id":"a"}}}}"#,
+            serde_json::to_string(&s.text).expect("json")
+        );
+        assert_eq!(Marker::find(&broadcast, 7), Some(m));
+        assert_eq!(Marker::find(&broadcast, 8), None, "other runs are ignored");
+        assert_eq!(Marker::find(r#"{"text":"hello"}"#, 7), None);
+    }
+}

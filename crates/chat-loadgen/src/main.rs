@@ -1,0 +1,292 @@
+//! `chat-loadgen`: drives any server that speaks the chat protocol.
+//!
+//! ```text
+//! cargo run --release -p chat-loadgen -- fanout --clients 1000 --senders 50 --rate 100
+//! cargo run --release -p chat-loadgen -- fanout --clients 1000 --senders 50 --rate 100 --sweep-p99-ms 50
+//! cargo run --release -p chat-loadgen -- saturate --clients 1000 --senders 50 --in-flight 4
+//! cargo run --release -p chat-loadgen -- connect --clients 1000 --history 10000
+//! cargo run --release -p chat-loadgen -- idle --clients 10000 --server-pid $(pgrep chat-server)
+//! ```
+#![forbid(unsafe_code)]
+
+use chat_loadgen::scenario::{self, Load, Pace, Progress};
+use chat_loadgen::{client, stats};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chat-loadgen",
+    about = "Load generator for chat-protocol WebSocket servers"
+)]
+struct Cli {
+    /// The server's WebSocket URL.
+    #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+    /// Loopback source addresses to spread clients over (127.1.x.y).
+    #[arg(long, global = true, default_value_t = 500)]
+    source_ips: usize,
+    /// Handshakes in flight at once while connecting.
+    #[arg(long, global = true, default_value_t = 200)]
+    connect_parallel: usize,
+    /// The server's PID, to report its CPU and memory.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Free text recorded with the results, e.g. the server's flags.
+    #[arg(long, global = true, default_value = "")]
+    note: String,
+    /// Print the results as JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// C clients receive while S of them send at a fixed total rate (open loop).
+    Fanout {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Messages per second, all senders together.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Raise the rate by half each step until p99 exceeds this many ms;
+        /// report the highest rate that held.
+        #[arg(long)]
+        sweep_p99_ms: Option<f64>,
+    },
+    /// Each sender keeps k messages in flight (closed loop): maximum throughput.
+    Saturate {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Messages each sender keeps in flight.
+        #[arg(long, default_value_t = 4)]
+        in_flight: usize,
+    },
+    /// K clients connect at once to a server holding H messages.
+    Connect {
+        /// Clients connecting at once.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Messages to put in history first (the server's rate limit must allow it).
+        #[arg(long, default_value_t = 10_000)]
+        history: usize,
+        /// Addresses the history is sent from.
+        #[arg(long, default_value_t = 200)]
+        prefill_senders: usize,
+    },
+    /// K idle connections; reports the server's memory per connection.
+    Idle {
+        /// Connections to hold.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// Connected clients, all receiving.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// How many of the clients also send (each from its own address).
+    #[arg(long, default_value_t = 50)]
+    senders: usize,
+    /// Measured time.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Time sending before measuring starts.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+}
+
+impl LoadArgs {
+    fn load(&self, cli: &Cli) -> Load {
+        Load {
+            clients: self.clients,
+            senders: self.senders,
+            duration: self.duration,
+            warmup: self.warmup,
+            connect_parallel: cli.connect_parallel,
+            server_pid: cli.server_pid,
+        }
+    }
+}
+
+/// Prints a progress line to stderr every second until dropped.
+fn progress_line(progress: Arc<Progress>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut last = (0, 0);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let sent = progress.sent.load(Ordering::Relaxed);
+            let delivered = progress.delivered.load(Ordering::Relaxed);
+            eprint!(
+                "\r{:>4}s  connected {:>6}  sent {:>8} ({:>7}/s)  delivered {:>10} ({:>9}/s)   ",
+                start.elapsed().as_secs(),
+                progress.connected.load(Ordering::Relaxed),
+                sent,
+                sent - last.0,
+                delivered,
+                delivered - last.1,
+            );
+            last = (sent, delivered);
+        }
+    })
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let target = match client::Target::resolve(&cli.url, cli.source_ips).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("chat-loadgen: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let progress = Arc::new(Progress::default());
+    let ticker = progress_line(Arc::clone(&progress));
+    let (name, params, results) = match &cli.scenario {
+        Scenario::Fanout {
+            load,
+            rate,
+            sweep_p99_ms,
+        } => {
+            let l = load.load(&cli);
+            let params = json!({"clients": l.clients, "senders": l.senders, "rate": rate, "duration_s": l.duration.as_secs_f64(), "warmup_s": l.warmup.as_secs_f64(), "sweep_p99_ms": sweep_p99_ms});
+            let results = match sweep_p99_ms {
+                None => scenario::run_load(&target, &l, Pace::Rate(*rate), &progress).await,
+                Some(limit) => sweep(&target, &l, *rate, *limit, &progress).await,
+            };
+            ("fanout", params, results)
+        }
+        Scenario::Saturate { load, in_flight } => {
+            let l = load.load(&cli);
+            let params = json!({"clients": l.clients, "senders": l.senders, "in_flight": in_flight, "duration_s": l.duration.as_secs_f64(), "warmup_s": l.warmup.as_secs_f64()});
+            let results =
+                scenario::run_load(&target, &l, Pace::InFlight(*in_flight), &progress).await;
+            ("saturate", params, results)
+        }
+        Scenario::Connect {
+            clients,
+            history,
+            prefill_senders,
+        } => {
+            let params =
+                json!({"clients": clients, "history": history, "prefill_senders": prefill_senders});
+            let results =
+                match scenario::prefill(&target, *history, *prefill_senders, &progress).await {
+                    Ok(run) => {
+                        scenario::connect_storm(&target, *clients, *history, run, &progress).await
+                    }
+                    Err(e) => json!({ "error": e }),
+                };
+            ("connect", params, results)
+        }
+        Scenario::Idle { clients } => {
+            let params = json!({"clients": clients});
+            let results = scenario::idle(
+                &target,
+                *clients,
+                cli.server_pid,
+                cli.connect_parallel,
+                &progress,
+            )
+            .await;
+            ("idle", params, results)
+        }
+    };
+    ticker.abort();
+    eprintln!();
+    let report = json!({
+        "scenario": name,
+        "url": cli.url,
+        "note": cli.note,
+        "params": params,
+        "machine": stats::machine(),
+        "results": results,
+    });
+    if cli.json {
+        println!("{report}");
+    } else {
+        print_table(&report);
+    }
+    if report["results"].get("error").is_some() {
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// Raises the rate by half each step while p99 stays under `limit_ms`.
+async fn sweep(
+    target: &client::Target,
+    load: &Load,
+    start: f64,
+    limit_ms: f64,
+    progress: &Arc<Progress>,
+) -> Value {
+    let mut rate = start;
+    let mut steps = Vec::new();
+    let mut best = None;
+    loop {
+        let r = scenario::run_load(target, load, Pace::Rate(rate), progress).await;
+        let p99 = r["latency_ms"]["p99"].as_f64().unwrap_or(f64::INFINITY);
+        let lost = r["frames_lost"].as_u64().unwrap_or(u64::MAX);
+        let held = p99 <= limit_ms && lost == 0 && r.get("error").is_none();
+        steps.push(json!({"rate": rate, "p99_ms": p99, "frames_lost": lost, "delivered_frames_per_s": r["delivered_frames_per_s"], "held": held}));
+        if !held || steps.len() >= 20 {
+            break;
+        }
+        best = Some(json!({"rate": rate, "result": r}));
+        rate *= 1.5;
+    }
+    json!({ "highest_rate_held": best, "steps": steps })
+}
+
+/// A readable `key: value` table, nested keys joined with dots.
+fn print_table(report: &Value) {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    walk(&format!("{prefix}[{i}]"), v, out);
+                }
+            }
+            Value::Number(n) => {
+                let s = match n.as_f64() {
+                    Some(f) if n.is_f64() => format!("{f:.3}"),
+                    _ => n.to_string(),
+                };
+                out.push((prefix.to_owned(), s));
+            }
+            Value::Null => out.push((prefix.to_owned(), "-".into())),
+            other => out.push((
+                prefix.to_owned(),
+                other.to_string().trim_matches('"').to_owned(),
+            )),
+        }
+    }
+    let mut rows = Vec::new();
+    walk("", report, &mut rows);
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        println!("{k:<width$}  {v}");
+    }
+}
