@@ -34,6 +34,7 @@ pub fn test_config() -> Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         identity: IdentityMode::RawIp,
         identity_secret: Some("test".into()),
+        in_memory: true,
         ..Config::default()
     }
 }

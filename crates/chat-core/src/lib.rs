@@ -186,6 +186,32 @@ impl Chat {
         }
     }
 
+    /// Rebuilds a chat from a stored history, oldest first (as a store
+    /// wrote it from [`Event`]s).
+    ///
+    /// If there are more messages than `config.history_limit` (the limit was
+    /// lowered since they were stored), the oldest are dropped and returned,
+    /// so the store can delete them. A repeated id keeps its first message.
+    /// Time resumes from the newest message; rate-limit windows start empty.
+    pub fn restore(
+        config: Config,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> (Chat, Vec<Message>) {
+        let mut chat = Chat::new(config);
+        let mut dropped = Vec::new();
+        for message in messages {
+            if chat.history.contains(&message.id) {
+                continue;
+            }
+            let created_ms = u64::try_from(message.created_at)
+                .unwrap_or(0)
+                .saturating_mul(1000);
+            chat.clock = chat.clock.max(Timestamp(created_ms));
+            dropped.extend(chat.history.push(message));
+        }
+        (chat, dropped)
+    }
+
     /// The chat's configuration.
     pub fn config(&self) -> &Config {
         &self.config

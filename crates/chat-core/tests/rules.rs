@@ -418,3 +418,56 @@ fn context_is_a_replayable_record() {
         ctx
     );
 }
+
+#[test]
+fn restore_rebuilds_the_same_history_and_continues() {
+    let cfg = Config {
+        history_limit: 5,
+        ..Config::default()
+    };
+    let mut h = Harness::new(cfg.clone());
+    for i in 0..7 {
+        h.send("u", &format!("m{i}")).expect("ok");
+    }
+    let m = h.chat.history().iter().next().expect("held").id;
+    h.react("v", m, "👍").expect("ok");
+    h.react("w", m, "🎉").expect("ok");
+    let stored: Vec<Message> = h.chat.history().iter().cloned().collect();
+    let (restored, dropped) = Chat::restore(cfg.clone(), stored.clone());
+    assert!(dropped.is_empty());
+    let again: Vec<Message> = restored.history().iter().cloned().collect();
+    assert_eq!(
+        format!("{again:?}"),
+        format!("{stored:?}"),
+        "same order, same reactions"
+    );
+
+    // A lower limit drops the oldest and says which.
+    let smaller = Config {
+        history_limit: 2,
+        ..cfg
+    };
+    let (restored, dropped) = Chat::restore(smaller, stored.clone());
+    assert_eq!(restored.history().len(), 2);
+    assert_eq!(dropped.len(), 3);
+    assert_eq!(dropped[0].id, stored[0].id);
+
+    // Time resumes from the newest message: it never runs backwards.
+    let (mut restored, _) = Chat::restore(Config::default(), stored.clone());
+    let ctx = Context {
+        user: "u".into(),
+        now: Timestamp::from_unix_millis(0),
+        message_id: Uuid::from_u128(999),
+    };
+    restored
+        .handle(
+            ctx,
+            ClientFrame::SendMessage(SendMessage {
+                text: "after".into(),
+                author_name: None,
+            }),
+        )
+        .expect("ok");
+    let last = restored.history().iter().last().expect("held");
+    assert_eq!(last.created_at, stored.last().expect("held").created_at);
+}

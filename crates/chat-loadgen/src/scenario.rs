@@ -3,6 +3,7 @@
 
 use crate::client::{Marker, Target, Ws, now_us, run_id};
 use crate::stats::{CpuWindow, latency_histogram, rss_bytes};
+use chat_proto::ServerFrame;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -340,8 +341,12 @@ pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<P
     })
 }
 
-/// Fills the server's history with `messages` messages, from `senders`
-/// addresses, and waits until an observer has seen them all.
+/// Messages each prefill sender keeps in flight.
+const PREFILL_IN_FLIGHT: u64 = 8;
+
+/// Fills the server's history with `messages` messages from `senders`
+/// addresses. Each sender waits for its own messages to come back, so when
+/// this returns, every message is in the server's history.
 pub async fn prefill(
     target: &Target,
     messages: usize,
@@ -349,7 +354,6 @@ pub async fn prefill(
     progress: &Arc<Progress>,
 ) -> Result<u32, String> {
     let run = run_id();
-    let mut observer = target.connect(usize::MAX / 2).await?;
     let (clients, failed) = connect_all(target, senders, 64, progress).await;
     if failed > 0 || clients.is_empty() {
         return Err(format!(
@@ -359,50 +363,51 @@ pub async fn prefill(
     let n = clients.len();
     let mut tasks = JoinSet::new();
     for (s, ws) in clients.into_iter().enumerate() {
-        let count = messages / n + usize::from(s < messages % n);
+        let count = (messages / n + usize::from(s < messages % n)) as u64;
         tasks.spawn(async move {
             let (mut sink, mut stream) = ws.split();
-            // Drain what the server sends, or it would drop this client.
-            let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
-            for seq in 0..count as u64 {
-                let m = Marker {
-                    run,
-                    sender: s as u32,
-                    seq,
-                    sent_us: now_us(),
-                };
-                sink.feed(Message::text(m.frame())).await.ok()?;
+            // Closed loop, a few in flight per sender: a burst of thousands
+            // would (rightly) get slow readers dropped for lagging.
+            let (mut sent, mut echoed) = (0u64, 0u64);
+            while echoed < count {
+                while sent < count && sent < echoed + PREFILL_IN_FLIGHT {
+                    let m = Marker {
+                        run,
+                        sender: s as u32,
+                        seq: sent,
+                        sent_us: now_us(),
+                    };
+                    sink.feed(Message::text(m.frame()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    sent += 1;
+                }
+                sink.flush().await.map_err(|e| e.to_string())?;
+                let next = tokio::time::timeout(Duration::from_secs(30), stream.next()).await;
+                match next {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        if Marker::find(&t, run).is_some_and(|m| m.sender == s as u32) {
+                            echoed += 1;
+                        } else if let Ok(ServerFrame::Error(e)) = ServerFrame::decode(&t) {
+                            return Err(format!(
+                                "prefill refused: {} (is the server's rate limit raised?)",
+                                e.error
+                            ));
+                        }
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(other) => return Err(format!("prefill sender closed: {other:?}")),
+                    Err(_) => return Err("prefill: no echo within 30 s".into()),
+                }
             }
-            sink.flush().await.ok()?;
-            Some((sink, drain))
+            // Keep reading, or the server would drop this client later.
+            let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+            Ok((sink, drain))
         });
     }
     let mut keep = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        keep.push(
-            done.map_err(|e| e.to_string())?
-                .ok_or("prefill sender failed")?,
-        );
-    }
-    let mut seen = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while seen < messages {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, observer.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                if Marker::find(&t, run).is_some() {
-                    seen += 1;
-                }
-            }
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(e))) => return Err(format!("prefill observer: {e}")),
-            Ok(None) => return Err("prefill observer: closed".into()),
-            Err(_) => {
-                return Err(format!(
-                    "prefill: only {seen} of {messages} accepted (is the server's rate limit raised?)"
-                ));
-            }
-        }
+        keep.push(done.map_err(|e| e.to_string())??);
     }
     Ok(run)
 }

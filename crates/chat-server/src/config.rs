@@ -7,6 +7,7 @@ use chat_core::RateLimit;
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A real-time WebSocket chat server.
@@ -16,6 +17,21 @@ pub struct Config {
     /// Address to listen on (the WebSocket endpoint is `/ws`).
     #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+
+    // --- Storage -----------------------------------------------------------
+    /// Directory of the durable history (an SQLite database). Created if
+    /// missing; only one server may use it at a time.
+    #[arg(long, env = "CHAT_DATA_DIR", default_value = "chat-data")]
+    pub data_dir: PathBuf,
+
+    /// Keep history in memory only: it is gone when the server stops.
+    #[arg(long, env = "CHAT_IN_MEMORY")]
+    pub in_memory: bool,
+
+    /// Accepted commands waiting for their commit to disk; while full,
+    /// senders wait (backpressure) instead of memory growing.
+    #[arg(long, env = "CHAT_COMMIT_QUEUE", default_value_t = 4096)]
+    pub commit_queue: usize,
 
     // --- Connections -------------------------------------------------------
     /// Most connections open at once, handshakes included; beyond it a
@@ -154,6 +170,9 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("chat-data"),
+            in_memory: false,
+            commit_queue: 4096,
             max_connections: 10_000,
             max_connections_per_ip: 64,
             handshake_timeout: Duration::from_secs(10),
@@ -224,6 +243,7 @@ impl Config {
             ("--read-buffer-size", self.read_buffer_size),
             ("--max-lag", self.max_lag),
             ("--reply-queue", self.reply_queue),
+            ("--commit-queue", self.commit_queue),
         ];
         for (flag, value) in positive {
             if value == 0 {

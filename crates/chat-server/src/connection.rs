@@ -14,6 +14,7 @@
 
 use crate::Shared;
 use crate::handshake::{Admitted, Refusal};
+use crate::hub::ApplyError;
 use chat_core::ChatError;
 use chat_proto::{DecodeError, ServerFrame};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -236,7 +237,11 @@ async fn read_loop(
             Ok(Some(Ok(m))) => m,
         };
         let refusal = match message {
-            Message::Text(text) => shared.hub.handle_text(&admitted.user, &text).err(),
+            Message::Text(text) => match shared.hub.handle_text(&admitted.user, &text).await {
+                Ok(()) => None,
+                Err(ApplyError::Refused(refusal)) => Some(refusal),
+                Err(ApplyError::Stopping) => return CloseReason::Shutdown,
+            },
             Message::Binary(_) => Some(ChatError::from(DecodeError::Binary)),
             // tungstenite answers pings and close frames itself; a close
             // ends the stream on the next read.

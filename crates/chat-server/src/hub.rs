@@ -12,15 +12,21 @@
 //! so a connecting client costs no serialization, and taking a snapshot
 //! copies a few dozen pointers rather than 10,000 frames.
 //!
+//! With a store, accepted events are not published at once: they go to the
+//! committer (see [`crate::store`]) through a bounded queue, in the order
+//! they were applied, and are published when their batch is on disk. The
+//! replay log and the broadcast ring only ever hold published events, so a
+//! snapshot never shows a client anything a crash could take back.
+//!
 //! The lock is a `std::sync::Mutex`: it is never held across an `.await`,
 //! and the work under it is a few microseconds.
 
 use chat_core::{Chat, ChatError, Context, Event, Timestamp};
-use chat_proto::{ClientFrame, ServerFrame, UserId, Uuid};
-use std::collections::VecDeque;
+use chat_proto::{ClientFrame, FixedState, ServerFrame, UserId, Uuid};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Frames per chunk of the replay log.
@@ -30,6 +36,8 @@ const CHUNK: usize = 256;
 #[derive(Debug)]
 pub struct Hub {
     state: Mutex<State>,
+    /// With a store: where accepted events wait for their commit.
+    commits: Option<mpsc::Sender<Vec<Event>>>,
 }
 
 #[derive(Debug)]
@@ -48,17 +56,37 @@ pub struct Joined {
     pub live: broadcast::Receiver<Utf8Bytes>,
 }
 
+/// Why a command was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The chat refused it; tell the client.
+    #[error(transparent)]
+    Refused(#[from] ChatError),
+    /// The server is stopping and no longer commits.
+    #[error("server stopping")]
+    Stopping,
+}
+
+impl From<chat_proto::DecodeError> for ApplyError {
+    fn from(e: chat_proto::DecodeError) -> Self {
+        ApplyError::Refused(e.into())
+    }
+}
+
 impl Hub {
-    /// A hub whose broadcast ring holds `max_lag` frames: a client further
-    /// behind than that is told it lagged.
-    pub fn new(config: chat_core::Config, max_lag: usize) -> Self {
+    /// A hub around `chat` (empty, or restored from a store). Its broadcast
+    /// ring holds `max_lag` frames: a client further behind is told it
+    /// lagged. With `commits`, events are published only after the
+    /// committer has written them.
+    pub fn new(chat: Chat, max_lag: usize, commits: Option<mpsc::Sender<Vec<Event>>>) -> Self {
         let (live, _) = broadcast::channel(max_lag);
+        let mut replay = ReplayLog::default();
+        for message in chat.history().iter() {
+            replay.push(message.id, encode(&ServerFrame::Message(message.clone())));
+        }
         Hub {
-            state: Mutex::new(State {
-                chat: Chat::new(config),
-                replay: ReplayLog::default(),
-                live,
-            }),
+            state: Mutex::new(State { chat, replay, live }),
+            commits,
         }
     }
 
@@ -78,16 +106,22 @@ impl Hub {
         }
     }
 
-    /// Decodes a client's text frame and applies it for `user`. Accepted
-    /// events are broadcast; a refusal is returned for that client alone.
-    pub fn handle_text(&self, user: &UserId, text: &str) -> Result<(), ChatError> {
+    /// Decodes a client's text frame and applies it for `user`.
+    pub async fn handle_text(&self, user: &UserId, text: &str) -> Result<(), ApplyError> {
         let command = ClientFrame::decode(text)?;
-        self.apply(user, command)
+        self.apply(user, command).await
     }
 
     /// Applies one command for `user`, stamping it with the time and a new
-    /// message id.
-    pub fn apply(&self, user: &UserId, command: ClientFrame) -> Result<(), ChatError> {
+    /// message id. Accepted events are broadcast (after their commit, with
+    /// a store); a refusal is returned for that client alone.
+    pub async fn apply(&self, user: &UserId, command: ClientFrame) -> Result<(), ApplyError> {
+        // Take a place in the commit queue first: while the disk is behind,
+        // this waits, and nothing is applied that could not be queued.
+        let permit = match &self.commits {
+            Some(queue) => Some(queue.reserve().await.map_err(|_| ApplyError::Stopping)?),
+            None => None,
+        };
         let ctx = Context {
             user: user.clone(),
             now: Timestamp::from(SystemTime::now()),
@@ -96,10 +130,25 @@ impl Hub {
         let mut guard = self.lock();
         let state = &mut *guard;
         state.chat.handle(ctx, command)?;
-        while let Some(event) = state.chat.poll_event() {
-            state.publish(event);
+        match permit {
+            None => {
+                while let Some(event) = state.chat.poll_event() {
+                    state.publish(event);
+                }
+            }
+            // Sent under the lock, so the queue holds commands in the order
+            // they were applied.
+            Some(permit) => permit.send(std::iter::from_fn(|| state.chat.poll_event()).collect()),
         }
         Ok(())
+    }
+
+    /// Publishes events whose commit has completed, in order.
+    pub fn publish(&self, batch: Vec<Vec<Event>>) {
+        let mut state = self.lock();
+        for event in batch.into_iter().flatten() {
+            state.publish(event);
+        }
     }
 
     /// How many messages the history holds.
@@ -112,16 +161,15 @@ impl State {
     fn publish(&mut self, event: Event) {
         match event {
             Event::MessagePosted(message) => {
+                let id = message.id;
                 let frame = encode(&ServerFrame::Message(message));
-                self.replay.push(frame.clone());
+                self.replay.push(id, frame.clone());
                 // No receivers is fine: nobody is connected.
                 let _ = self.live.send(frame);
             }
             Event::ReactionUpdated(update) => {
-                if let Some(pos) = self.chat.history().position(&update.message_id) {
-                    let replay = encode(&ServerFrame::Message(update.message.clone()));
-                    self.replay.set(pos, replay);
-                }
+                let replay = encode(&ServerFrame::Message(update.message.clone()));
+                self.replay.set(&update.message_id, replay);
                 let _ = self
                     .live
                     .send(encode(&ServerFrame::ReactionUpdated(update)));
@@ -135,29 +183,43 @@ fn encode(frame: &ServerFrame) -> Utf8Bytes {
     Utf8Bytes::from(frame.encode())
 }
 
-/// The history as serialized frames, in chunks shared copy-on-write with
-/// outstanding snapshots.
+/// The published history as serialized frames, in chunks shared
+/// copy-on-write with outstanding snapshots, with an index by message id
+/// (it can trail the chat's own history while commits are in flight).
 #[derive(Debug, Default)]
 struct ReplayLog {
     chunks: VecDeque<Arc<Vec<Utf8Bytes>>>,
+    /// Ids in the same order as the frames.
+    ids: VecDeque<Uuid>,
+    /// Message id → sequence number; `first_seq` is the oldest held.
+    index: HashMap<Uuid, u64, FixedState>,
+    first_seq: u64,
     /// Frames at the front of the first chunk that were evicted.
     skip: usize,
-    len: usize,
 }
 
 impl ReplayLog {
-    fn push(&mut self, frame: Utf8Bytes) {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn push(&mut self, id: Uuid, frame: Utf8Bytes) {
         if self.chunks.back().is_none_or(|c| c.len() == CHUNK) {
             self.chunks.push_back(Arc::new(Vec::with_capacity(CHUNK)));
         }
         if let Some(last) = self.chunks.back_mut() {
             Arc::make_mut(last).push(frame);
-            self.len += 1;
+            self.index
+                .insert(id, self.first_seq + self.ids.len() as u64);
+            self.ids.push_back(id);
         }
     }
 
-    fn set(&mut self, pos: usize, frame: Utf8Bytes) {
-        let i = self.skip + pos;
+    fn set(&mut self, id: &Uuid, frame: Utf8Bytes) {
+        let Some(seq) = self.index.get(id) else {
+            return;
+        };
+        let i = self.skip + (seq - self.first_seq) as usize;
         if let Some(chunk) = self.chunks.get_mut(i / CHUNK)
             && let Some(slot) = Arc::make_mut(chunk).get_mut(i % CHUNK)
         {
@@ -166,10 +228,11 @@ impl ReplayLog {
     }
 
     fn pop_front(&mut self) {
-        if self.len == 0 {
+        let Some(id) = self.ids.pop_front() else {
             return;
-        }
-        self.len -= 1;
+        };
+        self.index.remove(&id);
+        self.first_seq += 1;
         self.skip += 1;
         if self.skip == CHUNK {
             self.chunks.pop_front();
@@ -181,7 +244,7 @@ impl ReplayLog {
         Snapshot {
             chunks: self.chunks.iter().cloned().collect(),
             skip: self.skip,
-            len: self.len,
+            len: self.len(),
         }
     }
 }
@@ -226,28 +289,34 @@ mod tests {
     #[test]
     fn replay_log_tracks_push_set_and_evict_across_chunks() {
         let mut log = ReplayLog::default();
-        let mut model: VecDeque<String> = VecDeque::new();
+        let mut model: VecDeque<(Uuid, String)> = VecDeque::new();
         let mut snapshots = Vec::new();
+        let texts =
+            |m: &VecDeque<(Uuid, String)>| m.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>();
         for i in 0..(CHUNK * 3 + 17) {
-            log.push(Utf8Bytes::from(i.to_string()));
-            model.push_back(i.to_string());
+            let id = Uuid::from_u128(i as u128);
+            log.push(id, Utf8Bytes::from(i.to_string()));
+            model.push_back((id, i.to_string()));
             if i % 5 == 0 {
                 log.pop_front();
                 model.pop_front();
             }
             if i % 7 == 0 && !model.is_empty() {
                 let pos = i % model.len();
-                log.set(pos, Utf8Bytes::from(format!("r{i}")));
-                model[pos] = format!("r{i}");
+                let id = model[pos].0;
+                log.set(&id, Utf8Bytes::from(format!("r{i}")));
+                model[pos].1 = format!("r{i}");
             }
+            // An id that is not (or no longer) held changes nothing.
+            log.set(&Uuid::from_u128(u128::MAX), Utf8Bytes::from("x"));
             if i % 97 == 0 {
-                snapshots.push((log.snapshot(), model.clone()));
+                snapshots.push((log.snapshot(), texts(&model)));
             }
         }
-        assert_eq!(frames(&log.snapshot()), Vec::from(model));
+        assert_eq!(frames(&log.snapshot()), texts(&model));
         // Older snapshots were not changed by later writes.
         for (snap, expected) in snapshots {
-            assert_eq!(frames(&snap), Vec::from(expected));
+            assert_eq!(frames(&snap), expected);
             assert_eq!(snap.len(), snap.iter().count());
         }
     }

@@ -98,11 +98,16 @@ impl Identity {
         }
     }
 
-    /// Ids keyed by a fresh random secret: stable until the process exits.
-    pub fn random(mode: IdentityMode) -> Result<Self, getrandom::Error> {
+    /// Ids keyed by `key` (e.g. one kept in the store across restarts).
+    pub fn from_key(mode: IdentityMode, key: [u8; 32]) -> Self {
+        Identity { mode, key }
+    }
+
+    /// A fresh random key.
+    pub fn random_key() -> Result<[u8; 32], getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
-        Ok(Identity { mode, key })
+        Ok(key)
     }
 
     /// The user id of a client at `ip`.

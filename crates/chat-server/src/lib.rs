@@ -24,6 +24,7 @@
 //! - [`handshake`]: path, origin, client address and per-address limits;
 //! - [`identity`]: from an address to a user id;
 //! - [`hub`]: the chat, its serialized history and the fan-out;
+//! - [`store`]: the durable history and the committer;
 //! - [`connection`]: one client, reader and writer;
 //! - [`shutdown`]: signals and the graceful stop.
 #![forbid(unsafe_code)]
@@ -35,17 +36,22 @@ pub mod hub;
 pub mod identity;
 mod listener;
 pub mod shutdown;
+pub mod store;
 
 pub use config::{Config, IdentityMode};
 pub use tokio_util::sync::CancellationToken;
 
+use chat_core::Chat;
 use handshake::{AddressLimits, Policy};
 use hub::Hub;
 use identity::Identity;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use store::{Store, StoreError};
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -66,13 +72,19 @@ pub enum StartError {
     /// No random identity secret could be drawn.
     #[error("cannot draw a random identity secret: {0}")]
     Random(getrandom::Error),
+    /// The durable store could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The committer thread could not be started.
+    #[error("cannot start the store's committer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// What every connection task shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
     config: Config,
-    hub: Hub,
+    hub: Arc<Hub>,
     policy: Policy,
     identity: Identity,
     addresses: Arc<AddressLimits>,
@@ -85,15 +97,46 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
+    committer: Option<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Checks the configuration and binds the listening socket.
+    /// Checks the configuration, opens the store (unless `in_memory`) and
+    /// rebuilds the chat from it, and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
-        let identity = match &config.identity_secret {
-            Some(secret) => Identity::new(config.identity, secret),
-            None => Identity::random(config.identity).map_err(StartError::Random)?,
+        let mut store = if config.in_memory {
+            info!("history is in memory only (--in-memory)");
+            None
+        } else {
+            let store = Store::open(&config.data_dir)?;
+            Some(store)
+        };
+        let chat = match &mut store {
+            None => Chat::new(config.chat()),
+            Some(store) => {
+                let started = std::time::Instant::now();
+                let (chat, dropped) = Chat::restore(config.chat(), store.load()?);
+                store.delete(&dropped)?;
+                info!(
+                    path = %store.path().display(),
+                    messages = chat.history().len(),
+                    took = ?started.elapsed(),
+                    "history restored"
+                );
+                chat
+            }
+        };
+        let identity = match (&config.identity_secret, &mut store) {
+            (Some(secret), _) => Identity::new(config.identity, secret),
+            (None, store) => {
+                let fresh = Identity::random_key().map_err(StartError::Random)?;
+                let key = match store {
+                    Some(store) => store.identity_key(fresh)?,
+                    None => fresh,
+                };
+                Identity::from_key(config.identity, key)
+            }
         };
         let listener =
             TcpListener::bind(config.listen)
@@ -106,8 +149,23 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let (commits, queue) = match store {
+            Some(_) => {
+                let (tx, rx) = mpsc::channel(config.commit_queue);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let hub = Arc::new(Hub::new(chat, config.max_lag, commits));
+        let committer = match (store, queue) {
+            (Some(store), Some(queue)) => Some(
+                store::spawn_committer(store, queue, Arc::downgrade(&hub))
+                    .map_err(StartError::Thread)?,
+            ),
+            _ => None,
+        };
         let shared = Shared {
-            hub: Hub::new(config.chat(), config.max_lag),
+            hub,
             policy: Policy {
                 trusted_proxies: config.trusted_proxies.clone(),
                 allowed_origins: config.allowed_origins.clone(),
@@ -121,6 +179,7 @@ impl Server {
             listener,
             local_addr,
             shared: Arc::new(shared),
+            committer,
         })
     }
 
@@ -142,6 +201,7 @@ impl Server {
             listener,
             local_addr,
             shared,
+            committer,
         } = self;
         info!(addr = %local_addr, path = handshake::WS_PATH, "listening");
         let tasks = TaskTracker::new();
@@ -160,6 +220,15 @@ impl Server {
                 left = tasks.len(),
                 "connections still open after the grace period"
             );
+        }
+        // With the connections gone, dropping the hub closes the commit
+        // queue; the committer writes what is queued and stops.
+        drop(shared);
+        if let Some(committer) = committer {
+            let joined = tokio::task::spawn_blocking(move || committer.join());
+            if tokio::time::timeout(grace, joined).await.is_err() {
+                warn!("the store's committer did not finish within the grace period");
+            }
         }
         info!("stopped");
     }

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Runs the published benchmarks: every scenario of chat-loadgen against our
+server and the Node.js `ws` peer, side by side in one session, several runs
+each, and prints the medians as a Markdown table.
+
+    python3 benches/run.py                # 3 runs of everything
+    python3 benches/run.py --runs 5 --only fanout,saturate
+    python3 benches/run.py --quick        # small, for a smoke test
+
+Each run starts the server afresh (empty history). Both servers are started
+with their per-address rate limits raised, because the load comes from a few
+hundred loopback addresses; the output says so.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = ROOT / "target" / "release"
+NODE_PEER = ROOT / "benches" / "peers" / "node-ws"
+RESULTS = ROOT / "benches" / "results"
+
+SERVERS = {
+    "chat-server": {
+        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}",
+                "--message-rate", "1000000", "--reaction-rate", "1000000",
+                "--max-connections-per-ip", "1000", "--max-connections", "20000"],
+        "env": {"RUST_LOG": "warn"},
+        "note": "--message-rate 1000000 --reaction-rate 1000000 --max-connections-per-ip 1000",
+    },
+    "node-ws": {
+        "cmd": ["node", str(NODE_PEER / "server.js")],
+        "env": {"PORT": "{port}", "MESSAGE_RATE": "1000000"},
+        "note": "MESSAGE_RATE=1000000 (Node.js %s, ws 8)" % subprocess.run(
+            ["node", "--version"], capture_output=True, text=True).stdout.strip(),
+    },
+}
+
+
+def scenarios(quick):
+    if quick:
+        return {
+            "fanout": ["fanout", "--clients", "100", "--senders", "10", "--rate", "100", "--duration", "3s", "--warmup", "1s"],
+            "saturate": ["saturate", "--clients", "100", "--senders", "10", "--in-flight", "4", "--duration", "3s", "--warmup", "1s"],
+            "connect": ["connect", "--clients", "100", "--history", "1000", "--prefill-senders", "20"],
+            "idle": ["idle", "--clients", "1000"],
+        }
+    return {
+        "fanout": ["fanout", "--clients", "1000", "--senders", "50", "--rate", "100", "--duration", "10s"],
+        "saturate": ["saturate", "--clients", "1000", "--senders", "50", "--in-flight", "4", "--duration", "10s"],
+        "connect": ["connect", "--clients", "1000", "--history", "10000", "--prefill-senders", "200"],
+        "idle": ["idle", "--clients", "10000"],
+    }
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(name):
+    spec = SERVERS[name]
+    port = free_port()
+    cmd = [c.format(port=port) for c in spec["cmd"]]
+    env = dict(os.environ, **{k: v.format(port=port) for k, v in spec["env"].items()})
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{name} did not start")
+
+
+def loadgen(port, pid, args, note):
+    cmd = [str(TARGET / "chat-loadgen"), "--url", f"ws://127.0.0.1:{port}/ws",
+           "--server-pid", str(pid), f"--note={note}", "--json"] + args
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return {"results": {"error": out.stderr[-500:]}}
+
+
+def pick(result, path):
+    v = result.get("results", {})
+    for key in path.split("."):
+        v = v.get(key) if isinstance(v, dict) else None
+    return v
+
+
+METRICS = {
+    "fanout": [("delivered frames/s", "delivered_frames_per_s", "{:,.0f}"),
+               ("p50 ms", "latency_ms.p50", "{:.2f}"), ("p99 ms", "latency_ms.p99", "{:.2f}"),
+               ("p99.9 ms", "latency_ms.p99_9", "{:.2f}"), ("max ms", "latency_ms.max", "{:.2f}"),
+               ("frames lost", "frames_lost", "{:.0f}"),
+               ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}")],
+    "saturate": [("delivered frames/s", "delivered_frames_per_s", "{:,.0f}"),
+                 ("p50 ms", "latency_ms.p50", "{:.1f}"), ("p99 ms", "latency_ms.p99", "{:.1f}"),
+                 ("frames lost", "frames_lost", "{:.0f}"),
+                 ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}")],
+    "connect": [("all clients have history (s)", "all_have_history_s", "{:.2f}"),
+                ("per client p50 (s)", "per_client_s.p50", "{:.2f}"), ("per client max (s)", "per_client_s.max", "{:.2f}"),
+                ("history frames/s", "history_frames_per_s", "{:,.0f}"), ("failures", "failures", "{:.0f}")],
+    "idle": [("server bytes per idle connection", "server_bytes_per_connection", "{:,.0f}"),
+             ("failures", "failures", "{:.0f}")],
+}
+
+
+def median(values):
+    values = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(values) if values else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--servers", default="chat-server,node-ws")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "chat-server", "-p", "chat-loadgen"], cwd=ROOT, check=True)
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_PEER, check=True)
+    chosen = scenarios(args.quick)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    servers = args.servers.split(",")
+    raw = {}
+    for scen, scen_args in chosen.items():
+        for server in servers:
+            for run in range(args.runs):
+                proc, port = start(server)
+                try:
+                    r = loadgen(port, proc.pid, scen_args, SERVERS[server]["note"])
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                raw.setdefault(scen, {}).setdefault(server, []).append(r)
+                err = r.get("results", {}).get("error")
+                print(f"{scen:9} {server:12} run {run + 1}: {'ERROR ' + err if err else 'ok'}", file=sys.stderr)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H%M%S")
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
+    print(f"raw results: benches/results/{stamp}.json\n")
+    for scen, by_server in raw.items():
+        print(f"### {scen}: `chat-loadgen {' '.join(chosen[scen])}`\n")
+        print("| metric (median of %d) | %s |%s" % (args.runs, " | ".join(servers), " ratio |" if len(servers) == 2 else ""))
+        print("|---|%s%s" % ("---|" * len(servers), "---|" if len(servers) == 2 else ""))
+        for label, path, fmt in METRICS[scen]:
+            meds = [median([pick(r, path) for r in by_server[s]]) for s in servers]
+            cells = [fmt.format(m) if m is not None else "-" for m in meds]
+            ratio = ""
+            if len(servers) == 2:
+                a, b = meds
+                ratio = " %.2f× |" % (a / b) if a and b else " - |"
+            print(f"| {label} | {' | '.join(cells)} |{ratio}")
+        print()
+
+
+if __name__ == "__main__":
+    main()

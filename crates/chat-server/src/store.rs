@@ -1,0 +1,473 @@
+//! Durable history: an embedded SQLite database, written ahead of every
+//! broadcast.
+//!
+//! The hub hands each accepted command's events to the committer thread
+//! through a bounded queue. The committer takes everything waiting, writes
+//! it in **one** transaction (WAL, `synchronous=FULL`: one fsync per batch,
+//! not per message), and only then publishes the events to clients. So no
+//! client ever sees a message that a crash could take back. While the disk
+//! is slow the queue fills and senders wait: backpressure, never loss.
+//!
+//! Because `chat-core` is deterministic, the stored messages (in order, with
+//! their reactions) are all it takes to rebuild the chat exactly.
+
+use crate::hub::Hub;
+use chat_core::Event;
+use chat_proto::{Message, Reactions, UserId, Uuid};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::fs::{File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::Weak;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{debug, error};
+
+/// The schema version this build writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "chat.sqlite3";
+
+/// The lock file that keeps two servers out of one data directory.
+const LOCK_FILE: &str = "lock";
+
+/// Why the store could not be used. Every variant names the file.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The data directory could not be created or read.
+    #[error("data directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Another process holds the data directory's lock.
+    #[error("data directory {path} is in use by another running server")]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The database was written by a newer version of the server.
+    #[error(
+        "database {path} has schema version {found}, newer than this server's {SCHEMA_VERSION}; upgrade the server"
+    )]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// The version found.
+        found: i64,
+    },
+    /// SQLite refused (a corrupt file, a full disk, ...).
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// A stored row could not be read back.
+    #[error("database {path}: unreadable row: {detail}")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// The open database, holding the data directory's lock.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`, locks the directory,
+    /// and brings the schema up to date. Never wipes anything: a database
+    /// it cannot read is an error naming the file.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let dir_err = |source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        let lock = File::create(dir.join(LOCK_FILE)).map_err(dir_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    path: dir.to_owned(),
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(dir_err(e)),
+        }
+        let path = dir.join(DB_FILE);
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        let mut store = Store {
+            conn,
+            path,
+            _lock: lock,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| self.sql(e))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found: version,
+            });
+        }
+        // Each step takes the schema from version N to N + 1.
+        if version < 1 {
+            self.conn
+                .execute_batch(
+                    "BEGIN;
+                     CREATE TABLE messages (
+                         seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+                         id          BLOB NOT NULL UNIQUE,
+                         text        TEXT NOT NULL,
+                         author_id   TEXT NOT NULL,
+                         author_name TEXT NOT NULL,
+                         created_at  INTEGER NOT NULL,
+                         reactions   TEXT NOT NULL
+                     );
+                     CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+                     PRAGMA user_version = 1;
+                     COMMIT;",
+                )
+                .map_err(|e| self.sql(e))?;
+        }
+        Ok(())
+    }
+
+    /// Every stored message, oldest first.
+    pub fn load(&self) -> Result<Vec<Message>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, text, author_id, author_name, created_at, reactions
+                 FROM messages ORDER BY seq",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })
+            .map_err(|e| self.sql(e))?;
+        let mut messages = Vec::new();
+        for row in rows {
+            let (id, text, author_id, author_name, created_at, reactions) =
+                row.map_err(|e| self.sql(e))?;
+            let corrupt = |detail: String| StoreError::Corrupt {
+                path: self.path.clone(),
+                detail,
+            };
+            let id = Uuid::from_slice(&id).map_err(|e| corrupt(format!("message id: {e}")))?;
+            let reactions: Reactions = serde_json::from_str(&reactions)
+                .map_err(|e| corrupt(format!("reactions of {id}: {e}")))?;
+            messages.push(Message {
+                id,
+                text,
+                author_id: UserId::from(author_id),
+                author_name,
+                created_at,
+                reactions,
+            });
+        }
+        Ok(messages)
+    }
+
+    /// The identity key stored by an earlier run, or `fresh` stored now.
+    pub fn identity_key(&mut self, fresh: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        let stored: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'identity_key'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        match stored {
+            Some(key) => key.try_into().map_err(|_| StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: "identity key is not 32 bytes".into(),
+            }),
+            None => {
+                self.conn
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ('identity_key', ?1)",
+                        params![fresh.as_slice()],
+                    )
+                    .map_err(|e| self.sql(e))?;
+                Ok(fresh)
+            }
+        }
+    }
+
+    /// Writes a batch of events in one transaction; when this returns `Ok`,
+    /// they are on disk.
+    pub fn commit<'a>(
+        &mut self,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO messages (id, text, author_id, author_name, created_at, reactions)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(sql)?;
+            let mut update = tx
+                .prepare_cached("UPDATE messages SET reactions = ?2 WHERE id = ?1")
+                .map_err(sql)?;
+            let mut delete = tx
+                .prepare_cached("DELETE FROM messages WHERE id = ?1")
+                .map_err(sql)?;
+            for event in events {
+                match event {
+                    Event::MessagePosted(m) => {
+                        insert
+                            .execute(params![
+                                m.id.as_bytes().as_slice(),
+                                m.text,
+                                m.author_id.as_str(),
+                                m.author_name,
+                                m.created_at,
+                                reactions_json(&m.reactions),
+                            ])
+                            .map_err(sql)?;
+                    }
+                    Event::ReactionUpdated(r) => {
+                        update
+                            .execute(params![
+                                r.message_id.as_bytes().as_slice(),
+                                reactions_json(&r.message.reactions),
+                            ])
+                            .map_err(sql)?;
+                    }
+                    Event::MessageEvicted(m) => {
+                        delete
+                            .execute(params![m.id.as_bytes().as_slice()])
+                            .map_err(sql)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// Deletes messages (the ones a lowered history limit dropped).
+    pub fn delete(&mut self, messages: &[Message]) -> Result<(), StoreError> {
+        let events: Vec<Event> = messages
+            .iter()
+            .cloned()
+            .map(Event::MessageEvicted)
+            .collect();
+        self.commit(&events)
+    }
+}
+
+/// Most commands written in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// Starts the committer thread: it writes queued events in batches, one
+/// transaction (one fsync) each, and publishes each batch once it is on
+/// disk. It ends when the hub, and with it the queue's sender, is gone,
+/// after committing what was queued.
+pub fn spawn_committer(
+    mut store: Store,
+    mut queue: mpsc::Receiver<Vec<Event>>,
+    hub: Weak<Hub>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("chat-store".into())
+        .spawn(move || {
+            while let Some(first) = queue.blocking_recv() {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                let started = Instant::now();
+                let mut backoff = Duration::from_millis(10);
+                // Nothing is published until it is on disk: on a failing
+                // disk, clients' messages wait (and the queue applies
+                // backpressure) rather than being lost.
+                while let Err(e) = store.commit(batch.iter().flatten()) {
+                    error!(error = %e, retry_in = ?backoff, "commit failed; messages wait");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                debug!(commands = batch.len(), took = ?started.elapsed(), "committed");
+                if let Some(hub) = hub.upgrade() {
+                    hub.publish(batch);
+                }
+            }
+        })
+}
+
+fn reactions_json(reactions: &Reactions) -> String {
+    // A map of strings to lists of strings always serializes.
+    serde_json::to_string(reactions).expect("reactions serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_core::{Chat, Config, Context, Timestamp};
+    use chat_proto::{AddReaction, ClientFrame, SendMessage};
+
+    fn drive(chat: &mut Chat, store: &mut Store, n: u128, user: &str, cmd: ClientFrame) {
+        let ctx = Context {
+            user: user.into(),
+            now: Timestamp::from_unix_millis(1_700_000_000_000 + n as u64 * 1000),
+            message_id: Uuid::from_u128(n),
+        };
+        chat.handle(ctx, cmd).expect("accepted");
+        let events: Vec<Event> = std::iter::from_fn(|| chat.poll_event()).collect();
+        store.commit(&events).expect("commit");
+    }
+
+    fn say(text: &str) -> ClientFrame {
+        ClientFrame::SendMessage(SendMessage {
+            text: text.into(),
+            author_name: Some("Ada".into()),
+        })
+    }
+
+    fn react(id: u128, emoji: &str) -> ClientFrame {
+        ClientFrame::AddReaction(AddReaction {
+            message_id: Uuid::from_u128(id),
+            emoji: emoji.into(),
+        })
+    }
+
+    #[test]
+    fn a_reopened_store_gives_back_the_same_chat() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = Config {
+            history_limit: 3,
+            ..Config::default()
+        };
+        let mut chat = Chat::new(cfg.clone());
+        let expected = {
+            let mut store = Store::open(dir.path()).expect("open");
+            for i in 1..=4 {
+                drive(&mut chat, &mut store, i, "u1", say(&format!("m{i}")));
+            }
+            drive(&mut chat, &mut store, 10, "u2", react(3, "🎉"));
+            drive(&mut chat, &mut store, 11, "u3", react(3, "👍"));
+            drive(&mut chat, &mut store, 12, "u1", react(3, "🎉"));
+            drive(&mut chat, &mut store, 13, "u2", react(3, "👍"));
+            drive(&mut chat, &mut store, 14, "u2", react(3, "👍"));
+            chat.history().iter().cloned().collect::<Vec<_>>()
+        };
+        let store = Store::open(dir.path()).expect("reopen");
+        let loaded = store.load().expect("load");
+        assert_eq!(loaded.len(), 3, "the evicted message was deleted");
+        // Debug shows order, which `==` on maps ignores.
+        assert_eq!(format!("{loaded:?}"), format!("{expected:?}"));
+        let (restored, dropped) = Chat::restore(cfg, loaded);
+        assert!(dropped.is_empty());
+        assert_eq!(restored.history().len(), 3);
+    }
+
+    #[test]
+    fn the_identity_key_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Store::open(dir.path())
+            .expect("open")
+            .identity_key([7; 32])
+            .expect("key");
+        let again = Store::open(dir.path())
+            .expect("open")
+            .identity_key([9; 32])
+            .expect("key");
+        assert_eq!(first, [7; 32]);
+        assert_eq!(again, [7; 32]);
+    }
+
+    #[test]
+    fn a_directory_in_use_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _held = Store::open(dir.path()).expect("open");
+        let err = Store::open(dir.path()).expect_err("second open");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains(&dir.path().display().to_string()));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path()).expect("open"));
+        let db = dir.path().join(DB_FILE);
+        Connection::open(&db)
+            .and_then(|c| c.pragma_update(None, "user_version", 99))
+            .expect("bump version");
+        let err = Store::open(dir.path()).expect_err("too new");
+        assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+        assert!(err.to_string().contains(DB_FILE));
+        let v: i64 = Connection::open(&db)
+            .and_then(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))
+            .expect("read");
+        assert_eq!(v, 99, "not overwritten");
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_naming_it_and_is_not_wiped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join(DB_FILE);
+        let junk = vec![0x42u8; 8192];
+        std::fs::write(&db, &junk).expect("write junk");
+        let err = Store::open(dir.path()).expect_err("corrupt");
+        assert!(err.to_string().contains(DB_FILE), "{err}");
+        assert_eq!(std::fs::read(&db).expect("read"), junk, "left as it was");
+    }
+}
