@@ -16,9 +16,11 @@ import json
 import os
 import signal
 import socket
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,13 +29,22 @@ TARGET = ROOT / "target" / "release"
 NODE_PEER = ROOT / "benches" / "peers" / "node-ws"
 RESULTS = ROOT / "benches" / "results"
 
+OUR_FLAGS = ["--message-rate", "1000000", "--reaction-rate", "1000000",
+             "--max-connections-per-ip", "1000", "--max-connections", "20000"]
+OUR_NOTE = "--message-rate 1000000 --reaction-rate 1000000 --max-connections-per-ip 1000"
+
 SERVERS = {
+    # In memory, like the peer: the like-for-like comparison.
     "chat-server": {
-        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}",
-                "--message-rate", "1000000", "--reaction-rate", "1000000",
-                "--max-connections-per-ip", "1000", "--max-connections", "20000"],
+        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory"] + OUR_FLAGS,
         "env": {"RUST_LOG": "warn"},
-        "note": "--message-rate 1000000 --reaction-rate 1000000 --max-connections-per-ip 1000",
+        "note": OUR_NOTE + " --in-memory",
+    },
+    # The default: every message committed (fsync) before it is broadcast.
+    "chat-server-durable": {
+        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--data-dir", "{datadir}"] + OUR_FLAGS,
+        "env": {"RUST_LOG": "warn"},
+        "note": OUR_NOTE + " --data-dir (durable, the default)",
     },
     "node-ws": {
         "cmd": ["node", str(NODE_PEER / "server.js")],
@@ -42,7 +53,6 @@ SERVERS = {
             ["node", "--version"], capture_output=True, text=True).stdout.strip(),
     },
 }
-
 
 def scenarios(quick):
     if quick:
@@ -60,27 +70,50 @@ def scenarios(quick):
     }
 
 
+# Durable against in-memory: the cost of committing before broadcasting,
+# with many concurrent senders.
+DURABLE = {
+    "saturate-senders": ["saturate", "--clients", "200", "--senders", "200", "--in-flight", "4", "--duration", "10s"],
+}
+DURABLE_QUICK = {
+    "saturate-senders": ["saturate", "--clients", "50", "--senders", "50", "--in-flight", "4", "--duration", "3s", "--warmup", "1s"],
+}
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start(name):
+def start(name, datadir=None):
     spec = SERVERS[name]
     port = free_port()
-    cmd = [c.format(port=port) for c in spec["cmd"]]
-    env = dict(os.environ, **{k: v.format(port=port) for k, v in spec["env"].items()})
+    datadir = datadir or tempfile.mkdtemp(prefix="chat-bench-")
+    fill = dict(port=port, datadir=datadir)
+    cmd = [c.format(**fill) for c in spec["cmd"]]
+    env = dict(os.environ, **{k: v.format(**fill) for k, v in spec["env"].items()})
+    t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 10
+    deadline = time.time() + 60
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            proc.started_in = time.time() - t0
+            proc.datadir = datadir
             return proc, port
         except OSError:
-            time.sleep(0.05)
+            time.sleep(0.01)
     proc.kill()
     raise RuntimeError(f"{name} did not start")
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def loadgen(port, pid, args, note):
@@ -107,6 +140,7 @@ METRICS = {
                ("frames lost", "frames_lost", "{:.0f}"),
                ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}")],
     "saturate": [("delivered frames/s", "delivered_frames_per_s", "{:,.0f}"),
+                 ("messages accepted/s", "send_rate_per_s", "{:,.0f}"),
                  ("p50 ms", "latency_ms.p50", "{:.1f}"), ("p99 ms", "latency_ms.p99", "{:.1f}"),
                  ("frames lost", "frames_lost", "{:.0f}"),
                  ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}")],
@@ -137,38 +171,73 @@ def main():
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
     servers = args.servers.split(",")
     raw = {}
-    for scen, scen_args in chosen.items():
-        for server in servers:
+    plan = [(scen, scen_args, servers) for scen, scen_args in chosen.items()]
+    if not args.only or "durable" in args.only:
+        durable = DURABLE_QUICK if args.quick else DURABLE
+        plan += [(scen, scen_args, ["chat-server-durable", "chat-server"]) for scen, scen_args in durable.items()]
+        chosen.update(durable)
+    for scen, scen_args, on in plan:
+        for server in on:
             for run in range(args.runs):
                 proc, port = start(server)
                 try:
                     r = loadgen(port, proc.pid, scen_args, SERVERS[server]["note"])
                 finally:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                    stop(proc)
+                    shutil.rmtree(proc.datadir, ignore_errors=True)
                 raw.setdefault(scen, {}).setdefault(server, []).append(r)
                 err = r.get("results", {}).get("error")
-                print(f"{scen:9} {server:12} run {run + 1}: {'ERROR ' + err if err else 'ok'}", file=sys.stderr)
+                print(f"{scen:16} {server:20} run {run + 1}: {'ERROR ' + err if err else 'ok'}", file=sys.stderr)
+    if not args.only or "startup" in args.only:
+        raw["startup"] = startup(args.runs, 2000 if args.quick else 100_000)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H%M%S")
     (RESULTS / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
     print(f"raw results: benches/results/{stamp}.json\n")
     for scen, by_server in raw.items():
+        if scen == "startup":
+            r = by_server
+            print(f"### startup with {r['messages']:,} stored messages (`--history-limit {r['messages']}`)\n")
+            print(f"| metric (median of {len(r['seconds'])}) | chat-server (durable) |\n|---|---|")
+            print(f"| spawn to accepting connections (s) | {statistics.median(r['seconds']):.3f} |\n")
+            continue
+        names = list(by_server)
         print(f"### {scen}: `chat-loadgen {' '.join(chosen[scen])}`\n")
-        print("| metric (median of %d) | %s |%s" % (args.runs, " | ".join(servers), " ratio |" if len(servers) == 2 else ""))
-        print("|---|%s%s" % ("---|" * len(servers), "---|" if len(servers) == 2 else ""))
-        for label, path, fmt in METRICS[scen]:
-            meds = [median([pick(r, path) for r in by_server[s]]) for s in servers]
+        print("| metric (median of %d) | %s |%s" % (args.runs, " | ".join(names), " ratio |" if len(names) == 2 else ""))
+        print("|---|%s%s" % ("---|" * len(names), "---|" if len(names) == 2 else ""))
+        metric_set = METRICS[scen.split("-")[0]]
+        for label, path, fmt in metric_set:
+            meds = [median([pick(r, path) for r in by_server[s]]) for s in names]
             cells = [fmt.format(m) if m is not None else "-" for m in meds]
             ratio = ""
-            if len(servers) == 2:
+            if len(names) == 2:
                 a, b = meds
                 ratio = " %.2f× |" % (a / b) if a and b else " - |"
             print(f"| {label} | {' | '.join(cells)} |{ratio}")
         print()
+
+
+def startup(runs, messages):
+    """Time from spawn to accepting connections, with `messages` stored."""
+    datadir = tempfile.mkdtemp(prefix="chat-bench-startup-")
+    SERVERS["startup"] = dict(SERVERS["chat-server-durable"])
+    SERVERS["startup"]["cmd"] = SERVERS["chat-server-durable"]["cmd"] + ["--history-limit", str(messages)]
+    proc, port = start("startup", datadir)
+    try:
+        r = loadgen(port, proc.pid, ["connect", "--clients", "1", "--history", str(messages), "--prefill-senders", "200"],
+                    "filling the store")
+        if r.get("results", {}).get("error"):
+            raise RuntimeError(r["results"]["error"])
+    finally:
+        stop(proc)
+    seconds = []
+    for _ in range(runs):
+        proc, port = start("startup", datadir)
+        seconds.append(proc.started_in)
+        stop(proc)
+    shutil.rmtree(datadir, ignore_errors=True)
+    print(f"startup with {messages} messages: {seconds}", file=sys.stderr)
+    return {"messages": messages, "seconds": seconds}
 
 
 if __name__ == "__main__":
