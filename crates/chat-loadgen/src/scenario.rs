@@ -78,16 +78,30 @@ struct Tally {
     closed_early: bool,
 }
 
-/// The window in which rates and latencies count, in [`now_us`] time.
-#[derive(Debug, Clone, Copy)]
+/// The window in which rates and latencies count, in [`now_us`] time. It
+/// is set once the history replay of the fresh connections has drained;
+/// until then it contains nothing.
+#[derive(Debug)]
 struct Window {
-    start_us: u64,
-    end_us: u64,
+    start_us: AtomicU64,
+    end_us: AtomicU64,
 }
 
 impl Window {
+    fn unset() -> Self {
+        Window {
+            start_us: AtomicU64::new(u64::MAX),
+            end_us: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn set(&self, start_us: u64, len: Duration) {
+        self.end_us.store(start_us + len.as_micros() as u64, Ordering::Relaxed);
+        self.start_us.store(start_us, Ordering::Relaxed);
+    }
+
     fn contains(&self, t: u64) -> bool {
-        t >= self.start_us && t < self.end_us
+        t >= self.start_us.load(Ordering::Relaxed) && t < self.end_us.load(Ordering::Relaxed)
     }
 }
 
@@ -98,7 +112,7 @@ async fn receive(
     mut stream: SplitStream<Ws>,
     run: u32,
     senders: usize,
-    window: Window,
+    window: Arc<Window>,
     mut stop: watch::Receiver<bool>,
     progress: Arc<Progress>,
     echo: Option<(u32, Arc<Semaphore>)>,
@@ -184,14 +198,8 @@ pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<P
     if clients.len() < load.senders.max(1) {
         return json!({ "error": format!("only {} of {} clients connected", clients.len(), load.clients) });
     }
-    // Let the history replay of a fresh connection settle before measuring.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let senders = load.senders.min(clients.len());
-    let start_us = now_us() + load.warmup.as_micros() as u64;
-    let window = Window {
-        start_us,
-        end_us: start_us + load.duration.as_micros() as u64,
-    };
+    let window = Arc::new(Window::unset());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut receivers = JoinSet::new();
     // Each sender's write half, with its echo permits in closed loop.
@@ -209,12 +217,23 @@ pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<P
             stream,
             run,
             senders,
-            window,
+            Arc::clone(&window),
             stop_rx.clone(),
             Arc::clone(progress),
             echo,
         ));
     }
+    // Fresh connections first receive the server's history; measure only
+    // once that has drained (nothing arrived for half a second).
+    let settle_deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let before = progress.delivered.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if progress.delivered.load(Ordering::Relaxed) == before || Instant::now() > settle_deadline {
+            break;
+        }
+    }
+    window.set(now_us() + load.warmup.as_micros() as u64, load.duration);
     let cpu_start_at = tokio::time::Instant::now() + load.warmup;
     let cpu_probe = tokio::spawn({
         let pid = load.server_pid;
@@ -235,7 +254,11 @@ pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<P
             match pace {
                 Pace::Rate(rate) => {
                     let period = Duration::from_secs_f64(senders as f64 / rate.max(0.001));
-                    let mut tick = tokio::time::interval(period);
+                    // Senders are spread evenly over the period, so the total
+                    // rate is steady rather than a burst from every sender
+                    // at the same instant.
+                    let phase = period.mul_f64(s as f64 / senders as f64);
+                    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
                     // Open loop: a late tick is sent at once, and its
                     // latency counts from when it was due.
                     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);

@@ -85,6 +85,13 @@ fn start_server(dir: &std::path::Path, port: u16) -> Server {
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
+/// Every frame the server sends is checked against asyncapi.yaml.
+fn decode(text: &str) -> ServerFrame {
+    static V: std::sync::OnceLock<chat_testkit::FrameValidator> = std::sync::OnceLock::new();
+    V.get_or_init(chat_testkit::FrameValidator::server_frames).assert_valid(text);
+    ServerFrame::decode(text).expect("server frames decode")
+}
+
 async fn connect(port: u16, n: u8) -> Ws {
     let socket = TcpSocket::new_v4().expect("socket");
     socket
@@ -146,7 +153,7 @@ async fn chat_until_killed(mut ws: Ws, seed: u64, n: u8) -> Seen {
                         _ => return seen, // killed
                     }
                 };
-                match ServerFrame::decode(&text).expect("server frames decode") {
+                match decode(&text) {
                     ServerFrame::Message(m) => {
                         if m.text.starts_with(&format!("c{n}-")) && seen.user.is_none() {
                             seen.user = Some(m.author_id.clone());
@@ -198,7 +205,7 @@ async fn history(port: u16, expected_at_least: usize) -> Vec<Message> {
             Duration::from_millis(300)
         };
         match tokio::time::timeout(wait, ws.next()).await {
-            Ok(Some(Ok(WsMessage::Text(t)))) => match ServerFrame::decode(&t).expect("decode") {
+            Ok(Some(Ok(WsMessage::Text(t)))) => match decode(&t) {
                 ServerFrame::Message(m) => out.push(m),
                 other => panic!("history holds only messages, got {other:?}"),
             },
