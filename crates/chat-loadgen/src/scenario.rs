@@ -96,7 +96,8 @@ impl Window {
     }
 
     fn set(&self, start_us: u64, len: Duration) {
-        self.end_us.store(start_us + len.as_micros() as u64, Ordering::Relaxed);
+        self.end_us
+            .store(start_us + len.as_micros() as u64, Ordering::Relaxed);
         self.start_us.store(start_us, Ordering::Relaxed);
     }
 
@@ -229,7 +230,8 @@ pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<P
     loop {
         let before = progress.delivered.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if progress.delivered.load(Ordering::Relaxed) == before || Instant::now() > settle_deadline {
+        if progress.delivered.load(Ordering::Relaxed) == before || Instant::now() > settle_deadline
+        {
             break;
         }
     }
@@ -258,7 +260,8 @@ pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<P
                     // rate is steady rather than a burst from every sender
                     // at the same instant.
                     let phase = period.mul_f64(s as f64 / senders as f64);
-                    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
+                    let mut tick =
+                        tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
                     // Open loop: a late tick is sent at once, and its
                     // latency counts from when it was due.
                     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);

@@ -88,7 +88,8 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 /// Every frame the server sends is checked against asyncapi.yaml.
 fn decode(text: &str) -> ServerFrame {
     static V: std::sync::OnceLock<chat_testkit::FrameValidator> = std::sync::OnceLock::new();
-    V.get_or_init(chat_testkit::FrameValidator::server_frames).assert_valid(text);
+    V.get_or_init(chat_testkit::FrameValidator::server_frames)
+        .assert_valid(text);
     ServerFrame::decode(text).expect("server frames decode")
 }
 
