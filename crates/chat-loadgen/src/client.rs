@@ -56,11 +56,23 @@ impl Target {
     /// Connects client number `i` (its source address is `i`-th in the
     /// pool, round robin).
     pub async fn connect(&self, i: usize) -> Result<Ws, String> {
+        self.connect_with(i, None).await
+    }
+
+    /// Like [`connect`](Self::connect), with the socket's receive buffer
+    /// (SO_RCVBUF) set: a client that stops reading then holds little in
+    /// its own kernel, and the server sees it stall sooner.
+    pub async fn connect_with(&self, i: usize, recv_buffer: Option<u32>) -> Result<Ws, String> {
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
         }
         .map_err(|e| e.to_string())?;
+        if let Some(size) = recv_buffer {
+            socket
+                .set_recv_buffer_size(size)
+                .map_err(|e| e.to_string())?;
+        }
         if !self.sources.is_empty() {
             let src = self.sources[i % self.sources.len()];
             socket

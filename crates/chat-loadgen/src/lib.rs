@@ -1,8 +1,9 @@
 //! The pieces of `chat-loadgen`, usable from other programs and tests:
-//! connecting many clients ([`client`]), the scenarios ([`scenario`]) and
-//! measuring ([`stats`]).
+//! connecting many clients ([`client`]), the scenarios ([`scenario`]), the
+//! soak and abuse run ([`soak`]) and measuring ([`stats`]).
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod scenario;
+pub mod soak;
 pub mod stats;

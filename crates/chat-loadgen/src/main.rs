@@ -79,6 +79,34 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         prefill_senders: usize,
     },
+    /// Ordinary clients chat while abusers attack; samples the server's
+    /// memory and descriptors and checks that nothing was lost.
+    Soak {
+        /// How long.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Ordinary chatting clients.
+        #[arg(long, default_value_t = 100)]
+        chatters: usize,
+        /// How often each ordinary client sends.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        send_every: Duration,
+        /// Clients that never read.
+        #[arg(long, default_value_t = 5)]
+        non_readers: usize,
+        /// Connections that open TCP and send nothing.
+        #[arg(long, default_value_t = 20)]
+        slowloris: usize,
+        /// Connections opened at once from one address, in waves.
+        #[arg(long, default_value_t = 100)]
+        flood: usize,
+        /// Clients sending junk as fast as they can.
+        #[arg(long, default_value_t = 3)]
+        junk: usize,
+        /// Allowed growth of memory and descriptors after warm-up (0.2 = 20 %).
+        #[arg(long, default_value_t = 0.2)]
+        tolerance: f64,
+    },
     /// K idle connections; reports the server's memory per connection.
     Idle {
         /// Connections to hold.
@@ -190,6 +218,31 @@ async fn main() -> std::process::ExitCode {
                 };
             ("connect", params, results)
         }
+        Scenario::Soak {
+            duration,
+            chatters,
+            send_every,
+            non_readers,
+            slowloris,
+            flood,
+            junk,
+            tolerance,
+        } => {
+            let soak = chat_loadgen::soak::Soak {
+                duration: *duration,
+                chatters: *chatters,
+                send_every: *send_every,
+                non_readers: *non_readers,
+                slowloris: *slowloris,
+                flood: *flood,
+                junk: *junk,
+                server_pid: cli.server_pid,
+                tolerance: *tolerance,
+            };
+            let params = json!({"duration_s": duration.as_secs_f64(), "chatters": chatters, "send_every_s": send_every.as_secs_f64(), "non_readers": non_readers, "slowloris": slowloris, "flood": flood, "junk": junk, "tolerance": tolerance});
+            let results = chat_loadgen::soak::run(&target, &soak).await;
+            ("soak", params, results)
+        }
         Scenario::Idle { clients } => {
             let params = json!({"clients": clients});
             let results = scenario::idle(
@@ -218,7 +271,7 @@ async fn main() -> std::process::ExitCode {
     } else {
         print_table(&report);
     }
-    if report["results"].get("error").is_some() {
+    if report["results"].get("error").is_some() || report["results"]["passed"] == json!(false) {
         return std::process::ExitCode::FAILURE;
     }
     std::process::ExitCode::SUCCESS

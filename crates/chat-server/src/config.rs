@@ -64,6 +64,12 @@ pub struct Config {
     #[arg(long, env = "CHAT_WRITE_BUFFER_SIZE", default_value_t = 2 * 1024)]
     pub write_buffer_size: usize,
 
+    /// Kernel send buffer per connection (SO_SNDBUF), in bytes. What a
+    /// client that stops reading can make the kernel hold for it; once it is
+    /// full, the client falls behind and is dropped.
+    #[arg(long, env = "CHAT_SOCKET_SEND_BUFFER", default_value_t = 64 * 1024)]
+    pub socket_send_buffer: usize,
+
     /// How many live frames a client may fall behind before it is
     /// disconnected with 1013 (it can reconnect and get the history again).
     /// This is also the size of the one broadcast buffer all clients share.
@@ -179,6 +185,7 @@ impl Default for Config {
             max_message_size: 16 * 1024,
             read_buffer_size: 2 * 1024,
             write_buffer_size: 2 * 1024,
+            socket_send_buffer: 64 * 1024,
             max_lag: 4096,
             reply_queue: 16,
             write_timeout: Duration::from_secs(10),
@@ -241,6 +248,7 @@ impl Config {
             ("--max-connections-per-ip", self.max_connections_per_ip),
             ("--max-message-size", self.max_message_size),
             ("--read-buffer-size", self.read_buffer_size),
+            ("--socket-send-buffer", self.socket_send_buffer),
             ("--max-lag", self.max_lag),
             ("--reply-queue", self.reply_queue),
             ("--commit-queue", self.commit_queue),

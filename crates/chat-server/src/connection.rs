@@ -126,6 +126,8 @@ pub(crate) async fn serve(
     let _permit = permit;
     // Frames are coalesced by the writer; Nagle would only add delay.
     let _ = stream.set_nodelay(true);
+    // Bound what the kernel holds for a client that stops reading.
+    let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
     let (ws, admitted) = match handshake(stream, peer, &shared).await {
         Ok(done) => done,
         Err(why) => {

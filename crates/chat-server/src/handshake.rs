@@ -11,7 +11,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request};
+use tokio_tungstenite::tungstenite::handshake::server::ErrorResponse;
+
+/// The HTTP request of a WebSocket handshake, as the checks see it.
+pub use tokio_tungstenite::tungstenite::handshake::server::Request;
 use tokio_tungstenite::tungstenite::http::{StatusCode, header};
 
 /// The only path that upgrades.

@@ -1,0 +1,375 @@
+//! Soak and abuse: ordinary clients chat for a long time while abusers do
+//! their worst, and the server's memory and file descriptors are sampled.
+//!
+//! Abusers: clients that never read, clients that connect and send nothing
+//! (slowloris), a flood of connections from one address past its limit,
+//! and clients sending junk as fast as they can. The run passes only if the
+//! ordinary clients lost nothing, memory and descriptors are flat after
+//! warm-up, every abuser was refused or disconnected, and the server still
+//! answers at the end.
+
+use crate::client::{Marker, Target, now_us, run_id};
+use crate::stats::rss_bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpSocket;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Soak {
+    /// How long.
+    pub duration: Duration,
+    /// Ordinary clients, each sending one message every `send_every`.
+    pub chatters: usize,
+    /// How often each ordinary client sends.
+    pub send_every: Duration,
+    /// Clients that never read.
+    pub non_readers: usize,
+    /// Connections that open TCP and send nothing.
+    pub slowloris: usize,
+    /// Connections attempted at once from one address.
+    pub flood: usize,
+    /// Clients sending junk frames as fast as they can.
+    pub junk: usize,
+    /// The server's PID, for memory and descriptors.
+    pub server_pid: Option<u32>,
+    /// Allowed growth of memory and descriptors after warm-up, as a share.
+    pub tolerance: f64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    chat_sent: AtomicU64,
+    chat_received: AtomicU64,
+    chat_closed: AtomicU64,
+    non_readers_closed: AtomicU64,
+    slowloris_dropped: AtomicU64,
+    flood_refused: AtomicU64,
+    flood_accepted: AtomicU64,
+    junk_errors: AtomicU64,
+    junk_closed: AtomicU64,
+}
+
+fn fd_count(pid: u32) -> Option<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count() as u64)
+}
+
+/// Source addresses: chatters use the low indexes, abusers higher ones, and
+/// the flood one address of its own.
+const NON_READER_BASE: usize = 1_000;
+const JUNK_BASE: usize = 2_000;
+const SLOWLORIS_BASE: usize = 3_000;
+const FLOOD_INDEX: usize = 4_000;
+
+/// Runs the soak and reports; `"passed"` says whether every check held.
+pub async fn run(target: &Target, soak: &Soak) -> Value {
+    let run = run_id();
+    let c = Arc::new(Counters::default());
+    let start = Instant::now();
+    let end = start + soak.duration;
+    let mut tasks = JoinSet::new();
+
+    // Ordinary clients: send a marked message every `send_every`, read
+    // everything, count this run's messages.
+    for i in 0..soak.chatters {
+        let target = target.clone();
+        let c = Arc::clone(&c);
+        let every = soak.send_every;
+        tasks.spawn(async move {
+            let Ok(ws) = target.connect(i).await else {
+                c.chat_closed.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let (mut sink, mut stream) = ws.split();
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + every.mul_f64(i as f64 / 97.0 % 1.0),
+                every,
+            );
+            let mut seq = 0;
+            let deadline = tokio::time::Instant::from_std(end);
+            loop {
+                tokio::select! {
+                    _ = tick.tick(), if tokio::time::Instant::now() < deadline => {
+                        let m = Marker { run, sender: i as u32, seq, sent_us: now_us() };
+                        if sink.send(Message::text(m.frame())).await.is_err() { break; }
+                        seq += 1;
+                        c.chat_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    frame = stream.next() => match frame {
+                        Some(Ok(Message::Text(t))) => {
+                            if Marker::find(&t, run).is_some() {
+                                c.chat_received.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        _ => { c.chat_closed.fetch_add(1, Ordering::Relaxed); break; }
+                    },
+                    _ = tokio::time::sleep_until(deadline + Duration::from_secs(3)) => break,
+                }
+            }
+        });
+    }
+
+    // Non-readers: connect, then never read. Each should be dropped once it
+    // falls behind; it reconnects and is dropped again.
+    for i in 0..soak.non_readers {
+        let target = target.clone();
+        let c = Arc::clone(&c);
+        tasks.spawn(async move {
+            while Instant::now() < end {
+                let Ok(mut ws) = target.connect_with(NON_READER_BASE + i, Some(4096)).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                // Never read; only send a ping now and then. Once the server
+                // has dropped the connection, the kernel answers a write
+                // with a reset, and a later write fails.
+                loop {
+                    if Instant::now() >= end {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if ws.send(Message::Ping(Default::default())).await.is_err() {
+                        c.non_readers_closed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    // Slowloris: open TCP, send nothing, see how long until dropped.
+    for i in 0..soak.slowloris {
+        let target = target.clone();
+        let c = Arc::clone(&c);
+        tasks.spawn(async move {
+            while Instant::now() < end {
+                let Ok(mut s) = tcp(&target, SLOWLORIS_BASE + i).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let mut buf = [0u8; 64];
+                let left = end.saturating_duration_since(Instant::now());
+                if let Ok(Ok(0)) = tokio::time::timeout(left, s.read(&mut buf)).await {
+                    c.slowloris_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+
+    // Flood: many connections at once from one address, over and over.
+    if soak.flood > 0 {
+        let target = target.clone();
+        let c = Arc::clone(&c);
+        let n = soak.flood;
+        tasks.spawn(async move {
+            while Instant::now() < end {
+                let mut wave = JoinSet::new();
+                for _ in 0..n {
+                    let target = target.clone();
+                    wave.spawn(async move { target.connect(FLOOD_INDEX).await });
+                }
+                let mut held = Vec::new();
+                while let Some(r) = wave.join_next().await {
+                    match r {
+                        Ok(Ok(ws)) => held.push(ws),
+                        Ok(Err(e)) if e.contains("429") => {
+                            c.flood_refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                }
+                c.flood_accepted
+                    .fetch_add(held.len() as u64, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                drop(held);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    // Junk: invalid frames at full speed, reading the error replies.
+    for i in 0..soak.junk {
+        let target = target.clone();
+        let c = Arc::clone(&c);
+        tasks.spawn(async move {
+            let Ok(ws) = target.connect(JUNK_BASE + i).await else {
+                return;
+            };
+            let (mut sink, mut stream) = ws.split();
+            let reader = {
+                let c = Arc::clone(&c);
+                tokio::spawn(async move {
+                    while let Some(Ok(m)) = stream.next().await {
+                        if let Message::Text(t) = m
+                            && t.contains("Invalid message format")
+                        {
+                            c.junk_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            };
+            let junk = [
+                "{",
+                "[]",
+                "{\"type\":\"nope\"}",
+                "not json at all",
+                "{\"type\":\"send_message\",\"data\":{\"text\":7}}",
+            ];
+            let mut k = 0;
+            while Instant::now() < end {
+                if sink
+                    .send(Message::text(junk[k % junk.len()]))
+                    .await
+                    .is_err()
+                {
+                    c.junk_closed.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                k += 1;
+                if k % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            drop(sink);
+            reader.abort();
+        });
+    }
+
+    // Sample memory and descriptors once a second.
+    let mut samples: Vec<(f64, u64, u64)> = Vec::new();
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(pid) = soak.server_pid
+            && let (Some(rss), Some(fds)) = (rss_bytes(pid), fd_count(pid))
+        {
+            samples.push((start.elapsed().as_secs_f64(), rss, fds));
+            eprint!(
+                "\r{:>5.0}s  rss {:>7.1} MiB  fds {:>6}  chat sent {:>7} recv {:>9}  junk errors {:>8}   ",
+                start.elapsed().as_secs_f64(),
+                rss as f64 / 1048576.0,
+                fds,
+                c.chat_sent.load(Ordering::Relaxed),
+                c.chat_received.load(Ordering::Relaxed),
+                c.junk_errors.load(Ordering::Relaxed),
+            );
+        }
+    }
+    eprintln!();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+
+    // The server still answers: a fresh client sends and sees its message.
+    let answers = answers_normally(target, run).await;
+
+    let sent = c.chat_sent.load(Ordering::Relaxed);
+    let received = c.chat_received.load(Ordering::Relaxed);
+    let expected = sent * soak.chatters as u64;
+    let lost = expected.saturating_sub(received);
+    let (rss_flat, fds_flat, rss_growth, fd_growth) = flatness(&samples, soak.tolerance);
+    let checks = json!({
+        "chatters_lost_nothing": lost == 0 && c.chat_closed.load(Ordering::Relaxed) == 0,
+        "memory_flat": rss_flat,
+        "fds_flat": fds_flat,
+        "non_readers_dropped": soak.non_readers == 0 || c.non_readers_closed.load(Ordering::Relaxed) > 0,
+        "slowloris_dropped": soak.slowloris == 0 || c.slowloris_dropped.load(Ordering::Relaxed) > 0,
+        "flood_refused_with_429": soak.flood == 0 || c.flood_refused.load(Ordering::Relaxed) > 0,
+        "junk_answered_with_errors": soak.junk == 0 || c.junk_errors.load(Ordering::Relaxed) > 0,
+        "answers_at_end": answers,
+    });
+    let passed = checks
+        .as_object()
+        .is_some_and(|m| m.values().all(|v| v.as_bool() == Some(true)));
+    json!({
+        "passed": passed,
+        "checks": checks,
+        "chat": { "sent": sent, "expected_deliveries": expected, "delivered": received, "lost": lost,
+                  "clients_closed": c.chat_closed.load(Ordering::Relaxed) },
+        "abusers": {
+            "non_reader_disconnects": c.non_readers_closed.load(Ordering::Relaxed),
+            "slowloris_drops": c.slowloris_dropped.load(Ordering::Relaxed),
+            "flood_refused_429": c.flood_refused.load(Ordering::Relaxed),
+            "flood_accepted": c.flood_accepted.load(Ordering::Relaxed),
+            "junk_error_frames": c.junk_errors.load(Ordering::Relaxed),
+            "junk_clients_closed": c.junk_closed.load(Ordering::Relaxed),
+        },
+        "server": {
+            "samples": samples.len(),
+            "rss_first_bytes": samples.first().map(|s| s.1),
+            "rss_last_bytes": samples.last().map(|s| s.1),
+            "rss_max_bytes": samples.iter().map(|s| s.1).max(),
+            "rss_growth_after_warmup": rss_growth,
+            "fds_first": samples.first().map(|s| s.2),
+            "fds_last": samples.last().map(|s| s.2),
+            "fds_max": samples.iter().map(|s| s.2).max(),
+            "fd_growth_after_warmup": fd_growth,
+        },
+    })
+}
+
+/// Compares the median of the second quarter of the run (after warm-up)
+/// with the median of the last quarter.
+fn flatness(samples: &[(f64, u64, u64)], tolerance: f64) -> (bool, bool, Option<f64>, Option<f64>) {
+    if samples.len() < 8 {
+        return (false, false, None, None);
+    }
+    let q = samples.len() / 4;
+    let median = |xs: &mut Vec<u64>| {
+        xs.sort_unstable();
+        xs[xs.len() / 2] as f64
+    };
+    let mut early_rss: Vec<u64> = samples[q..2 * q].iter().map(|s| s.1).collect();
+    let mut late_rss: Vec<u64> = samples[3 * q..].iter().map(|s| s.1).collect();
+    let mut early_fd: Vec<u64> = samples[q..2 * q].iter().map(|s| s.2).collect();
+    let mut late_fd: Vec<u64> = samples[3 * q..].iter().map(|s| s.2).collect();
+    let rss = median(&mut late_rss) / median(&mut early_rss).max(1.0) - 1.0;
+    let fd = median(&mut late_fd) / median(&mut early_fd).max(1.0) - 1.0;
+    (rss <= tolerance, fd <= tolerance, Some(rss), Some(fd))
+}
+
+async fn tcp(target: &Target, i: usize) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    if !target.sources.is_empty() {
+        let src = target.sources[i % target.sources.len()];
+        socket.bind(std::net::SocketAddr::new(src.into(), 0))?;
+    }
+    socket.connect(target.addr).await
+}
+
+async fn answers_normally(target: &Target, run: u32) -> bool {
+    let Ok(mut ws) = target.connect(9_999).await else {
+        return false;
+    };
+    let m = Marker {
+        run,
+        sender: 999_999,
+        seq: 0,
+        sent_us: now_us(),
+    };
+    if ws.send(Message::text(m.frame())).await.is_err() {
+        return false;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if Marker::find(&t, run).is_some_and(|x| x.sender == 999_999) {
+                    let _ = ws.close(None).await;
+                    return true;
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => return false,
+        }
+    }
+    false
+}
