@@ -132,6 +132,12 @@ pub struct Config {
     )]
     pub allowed_origins: Vec<String>,
 
+    /// Echo every data frame back instead of chatting, through the same
+    /// handshake, limits and close handling: for the Autobahn WebSocket
+    /// conformance suite only.
+    #[arg(long, hide = true)]
+    pub echo: bool,
+
     // --- Chat rules ---------------------------------------------------------
     /// Most messages kept in history and replayed on connect.
     #[arg(long, env = "CHAT_HISTORY_LIMIT", default_value_t = 10_000)]
@@ -196,6 +202,7 @@ impl Default for Config {
             identity_secret: None,
             trusted_proxies: Vec::new(),
             allowed_origins: Vec::new(),
+            echo: false,
             history_limit: 10_000,
             message_rate: 60,
             reaction_rate: 60,

@@ -200,16 +200,20 @@ async fn handshake(
 }
 
 async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
-    let joined = shared.hub.join();
     let (mut sink, mut stream) = ws.split();
-    let (reply_tx, reply_rx) = mpsc::channel(shared.config.reply_queue);
-    let writer = Writer {
-        sink: &mut sink,
-        shared,
-    };
-    let reason = tokio::select! {
-        r = read_loop(&mut stream, admitted, shared, reply_tx) => r,
-        r = writer.run(joined, reply_rx) => r,
+    let reason = if shared.config.echo {
+        echo_loop(&mut stream, &mut sink, shared).await
+    } else {
+        let joined = shared.hub.join();
+        let (reply_tx, reply_rx) = mpsc::channel(shared.config.reply_queue);
+        let writer = Writer {
+            sink: &mut sink,
+            shared,
+        };
+        tokio::select! {
+            r = read_loop(&mut stream, admitted, shared, reply_tx) => r,
+            r = writer.run(joined, reply_rx) => r,
+        }
     };
     if let Some(frame) = reason.close_frame() {
         // The closing handshake: send our close, then read until the
@@ -223,6 +227,33 @@ async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
         let _ = timeout(CLOSE_TIMEOUT, handshake).await;
     }
     reason
+}
+
+/// Conformance mode (`--echo`): every data message goes straight back,
+/// through the same handshake, limits, timeouts and close handling as chat.
+async fn echo_loop(
+    stream: &mut SplitStream<Ws>,
+    sink: &mut SplitSink<Ws, Message>,
+    shared: &Shared,
+) -> CloseReason {
+    loop {
+        let message = tokio::select! {
+            () = shared.shutdown.cancelled() => return CloseReason::Shutdown,
+            next = timeout(shared.config.idle_timeout, stream.next()) => match next {
+                Err(_) => return CloseReason::IdleTimeout,
+                Ok(None) => return CloseReason::ClientClosed,
+                Ok(Some(Err(e))) => return CloseReason::from_read_error(&e),
+                Ok(Some(Ok(m))) => m,
+            },
+        };
+        if let Message::Text(_) | Message::Binary(_) = message {
+            match timeout(shared.config.write_timeout, sink.send(message)).await {
+                Err(_) => return CloseReason::Stalled,
+                Ok(Err(_)) => return CloseReason::PeerGone,
+                Ok(Ok(())) => {}
+            }
+        }
+    }
 }
 
 async fn read_loop(
