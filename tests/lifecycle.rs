@@ -141,3 +141,40 @@ async fn shutdown_sends_1001_to_every_client() {
         "no longer accepting"
     );
 }
+
+/// `--echo` (for the conformance suite) sends data frames straight back,
+/// and keeps the chat's limits.
+#[tokio::test]
+async fn echo_mode_echoes_and_keeps_the_limits() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut config = test_config();
+    config.echo = true;
+    let server = TestServer::start(config).await;
+    let mut c = server.client(2).await;
+    for m in [
+        Message::text("not even json"),
+        Message::binary(vec![0u8, 1, 2]),
+    ] {
+        c.ws.send(m.clone()).await.expect("send");
+        let back = loop {
+            match c.ws.next().await.expect("open").expect("frame") {
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(back, m);
+    }
+    c.ws.send(Message::text("x".repeat(17 * 1024)))
+        .await
+        .expect("send");
+    let close = loop {
+        match c.ws.next().await {
+            Some(Ok(Message::Close(f))) => break f,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close, got {other:?}"),
+        }
+    };
+    assert_eq!(close.expect("close frame").code, CloseCode::Size);
+    server.shutdown().await;
+}
