@@ -13,9 +13,9 @@ cargo build --release -q -p chat-server -p chat-loadgen
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 # Small limits so that each abuser meets its bound within a short run, and a
 # small history so that memory reaches its steady state during warm-up.
-./target/release/chat-server --listen "127.0.0.1:$port" --in-memory \
+RUST_LOG=warn ./target/release/chat-server --listen "127.0.0.1:$port" --in-memory \
   --history-limit 500 --max-lag 256 --write-timeout 2s --handshake-timeout 2s \
-  --max-connections-per-ip 16 --message-rate 120 &
+  --max-connections-per-ip 16 --message-rate 120 2>"${SOAK_SERVER_LOG:-/dev/null}" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
