@@ -150,11 +150,6 @@ impl Hub {
             state.publish(event);
         }
     }
-
-    /// How many messages the history holds.
-    pub fn history_len(&self) -> usize {
-        self.lock().chat.history().len()
-    }
 }
 
 impl State {
