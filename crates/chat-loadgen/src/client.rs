@@ -63,6 +63,17 @@ impl Target {
     /// (SO_RCVBUF) set: a client that stops reading then holds little in
     /// its own kernel, and the server sees it stall sooner.
     pub async fn connect_with(&self, i: usize, recv_buffer: Option<u32>) -> Result<Ws, String> {
+        let stream = self.tcp(i, recv_buffer).await?;
+        let _ = stream.set_nodelay(true);
+        let (ws, _) = tokio_tungstenite::client_async(self.url.as_str(), stream)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        Ok(ws)
+    }
+
+    /// A plain TCP connection from client number `i`'s source address, with
+    /// no handshake (what a slowloris client opens).
+    pub async fn tcp(&self, i: usize, recv_buffer: Option<u32>) -> Result<TcpStream, String> {
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -79,15 +90,10 @@ impl Target {
                 .bind(SocketAddr::new(IpAddr::V4(src), 0))
                 .map_err(|e| format!("bind {src}: {e}"))?;
         }
-        let stream = socket
+        socket
             .connect(self.addr)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let (ws, _) = tokio_tungstenite::client_async(self.url.as_str(), stream)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        Ok(ws)
+            .map_err(|e| format!("connect: {e}"))
     }
 }
 

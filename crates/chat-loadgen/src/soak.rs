@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -152,7 +151,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         let c = Arc::clone(&c);
         tasks.spawn(async move {
             while Instant::now() < end {
-                let Ok(mut s) = tcp(&target, SLOWLORIS_BASE + i).await else {
+                let Ok(mut s) = target.tcp(SLOWLORIS_BASE + i, None).await else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
@@ -334,15 +333,6 @@ fn flatness(samples: &[(f64, u64, u64)], tolerance: f64) -> (bool, bool, Option<
     let rss = median(&mut late_rss) / median(&mut early_rss).max(1.0) - 1.0;
     let fd = median(&mut late_fd) / median(&mut early_fd).max(1.0) - 1.0;
     (rss <= tolerance, fd <= tolerance, Some(rss), Some(fd))
-}
-
-async fn tcp(target: &Target, i: usize) -> std::io::Result<tokio::net::TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    if !target.sources.is_empty() {
-        let src = target.sources[i % target.sources.len()];
-        socket.bind(std::net::SocketAddr::new(src.into(), 0))?;
-    }
-    socket.connect(target.addr).await
 }
 
 async fn answers_normally(target: &Target, run: u32) -> bool {
