@@ -305,3 +305,34 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_up() {
     server_still_serves(&server).await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_spraying_junk_is_closed_with_1008() {
+    let mut config = test_config();
+    config.max_refusals = 20;
+    let server = TestServer::start(config).await;
+    let mut junk = server.client(2).await;
+    let mut bystander = server.client(3).await;
+    for _ in 0..60 {
+        // Sending may fail once the server has closed; that is the point.
+        if junk.ws.send(Message::text("{junk")).await.is_err() {
+            break;
+        }
+    }
+    let mut errors = 0;
+    let close = loop {
+        match junk.next().await {
+            support::Seen::Frame(chat_proto::ServerFrame::Error(_)) => errors += 1,
+            support::Seen::Frame(other) => panic!("{other:?}"),
+            support::Seen::Closed(c) => break c,
+        }
+    };
+    assert_eq!(errors, 20, "every refusal within the budget is answered");
+    let close = close.expect("close frame");
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason.as_str(), "too many refused frames");
+    // Everyone else is unaffected.
+    bystander.say("still fine").await;
+    assert_eq!(bystander.message().await.text, "still fine");
+    server.shutdown().await;
+}

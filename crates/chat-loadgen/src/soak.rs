@@ -195,27 +195,12 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         });
     }
 
-    // Junk: invalid frames at full speed, reading the error replies.
+    // Junk: invalid frames at full speed, reading the error replies; when
+    // the server closes the connection (refusal budget), reconnect.
     for i in 0..soak.junk {
         let target = target.clone();
         let c = Arc::clone(&c);
         tasks.spawn(async move {
-            let Ok(ws) = target.connect(JUNK_BASE + i).await else {
-                return;
-            };
-            let (mut sink, mut stream) = ws.split();
-            let reader = {
-                let c = Arc::clone(&c);
-                tokio::spawn(async move {
-                    while let Some(Ok(m)) = stream.next().await {
-                        if let Message::Text(t) = m
-                            && t.contains("Invalid message format")
-                        {
-                            c.junk_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                })
-            };
             let junk = [
                 "{",
                 "[]",
@@ -223,23 +208,41 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
                 "not json at all",
                 "{\"type\":\"send_message\",\"data\":{\"text\":7}}",
             ];
-            let mut k = 0;
             while Instant::now() < end {
-                if sink
-                    .send(Message::text(junk[k % junk.len()]))
-                    .await
-                    .is_err()
-                {
-                    c.junk_closed.fetch_add(1, Ordering::Relaxed);
-                    break;
+                let Ok(ws) = target.connect(JUNK_BASE + i).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let (mut sink, mut stream) = ws.split();
+                let reader = {
+                    let c = Arc::clone(&c);
+                    tokio::spawn(async move {
+                        while let Some(Ok(m)) = stream.next().await {
+                            if let Message::Text(t) = m
+                                && t.contains("Invalid message format")
+                            {
+                                c.junk_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        c.junk_closed.fetch_add(1, Ordering::Relaxed);
+                    })
+                };
+                let mut k = 0;
+                while Instant::now() < end && !reader.is_finished() {
+                    if sink
+                        .send(Message::text(junk[k % junk.len()]))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    k += 1;
+                    if k % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
                 }
-                k += 1;
-                if k % 64 == 0 {
-                    tokio::task::yield_now().await;
-                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
             }
-            drop(sink);
-            reader.abort();
         });
     }
 
@@ -283,6 +286,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         "slowloris_dropped": soak.slowloris == 0 || c.slowloris_dropped.load(Ordering::Relaxed) > 0,
         "flood_refused_with_429": soak.flood == 0 || c.flood_refused.load(Ordering::Relaxed) > 0,
         "junk_answered_with_errors": soak.junk == 0 || c.junk_errors.load(Ordering::Relaxed) > 0,
+        "junk_senders_dropped": soak.junk == 0 || c.junk_closed.load(Ordering::Relaxed) > 0,
         "answers_at_end": answers,
     });
     let passed = checks

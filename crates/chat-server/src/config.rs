@@ -81,6 +81,12 @@ pub struct Config {
     #[arg(long, env = "CHAT_REPLY_QUEUE", default_value_t = 16)]
     pub reply_queue: usize,
 
+    /// Refused frames (malformed, or against the rules) one connection may
+    /// send per 10 seconds; one more closes it with 1008. Ordinary clients
+    /// never come near it; a client spraying junk stops costing CPU.
+    #[arg(long, env = "CHAT_MAX_REFUSALS", default_value_t = 100)]
+    pub max_refusals: u32,
+
     /// Time one batch of writes to a client may take before the client is
     /// considered stalled and dropped.
     #[arg(long, env = "CHAT_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -194,6 +200,7 @@ impl Default for Config {
             socket_send_buffer: 64 * 1024,
             max_lag: 4096,
             reply_queue: 16,
+            max_refusals: 100,
             write_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
@@ -264,6 +271,9 @@ impl Config {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
             }
+        }
+        if self.max_refusals == 0 {
+            return Err("--max-refusals must be at least 1".into());
         }
         if self.ping_interval.is_zero() {
             return Err("--ping-interval must be more than zero".into());

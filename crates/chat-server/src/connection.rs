@@ -58,6 +58,8 @@ pub enum CloseReason {
     InvalidUtf8,
     /// The client broke the WebSocket protocol.
     Protocol,
+    /// The client sent more refused frames than allowed in a window.
+    TooManyRefusals,
     /// The client fell further behind the live ring than allowed.
     Lagged(u64),
     /// A write batch did not finish within the write timeout.
@@ -72,6 +74,7 @@ impl CloseReason {
         let (code, reason) = match self {
             CloseReason::ClientClosed | CloseReason::PeerGone => return None,
             CloseReason::IdleTimeout => (CloseCode::Policy, "idle timeout"),
+            CloseReason::TooManyRefusals => (CloseCode::Policy, "too many refused frames"),
             CloseReason::TooBig => (CloseCode::Size, "message too big"),
             CloseReason::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
             CloseReason::Protocol => (CloseCode::Protocol, "protocol error"),
@@ -108,6 +111,7 @@ impl fmt::Display for CloseReason {
             CloseReason::TooBig => f.write_str("message too big"),
             CloseReason::InvalidUtf8 => f.write_str("invalid utf-8"),
             CloseReason::Protocol => f.write_str("protocol error"),
+            CloseReason::TooManyRefusals => f.write_str("too many refused frames"),
             CloseReason::Lagged(n) => write!(f, "lagged by {n} frames"),
             CloseReason::Stalled => f.write_str("write stalled"),
             CloseReason::Shutdown => f.write_str("server shutdown"),
@@ -201,25 +205,29 @@ async fn handshake(
 
 async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
     let (mut sink, mut stream) = ws.split();
+    let (reply_tx, mut replies) = mpsc::channel(shared.config.reply_queue);
     let reason = if shared.config.echo {
         echo_loop(&mut stream, &mut sink, shared).await
     } else {
         let joined = shared.hub.join();
-        let (reply_tx, reply_rx) = mpsc::channel(shared.config.reply_queue);
         let writer = Writer {
             sink: &mut sink,
             shared,
         };
         tokio::select! {
             r = read_loop(&mut stream, admitted, shared, reply_tx) => r,
-            r = writer.run(joined, reply_rx) => r,
+            r = writer.run(joined, &mut replies) => r,
         }
     };
     if let Some(frame) = reason.close_frame() {
-        // The closing handshake: send our close, then read until the
-        // client's close comes back (or it hangs up), so the client reads
-        // our close frame before the TCP connection goes away.
+        // The closing handshake: send the replies still queued and our
+        // close, then read until the client's close comes back (or it hangs
+        // up), so the client reads our close frame before the TCP
+        // connection goes away.
         let handshake = async {
+            while let Ok(reply) = replies.try_recv() {
+                sink.feed(Message::Text(reply)).await?;
+            }
             sink.send(Message::Close(Some(frame))).await?;
             while let Some(Ok(_)) = stream.next().await {}
             Ok::<(), WsError>(())
@@ -262,6 +270,7 @@ async fn read_loop(
     shared: &Shared,
     replies: mpsc::Sender<Utf8Bytes>,
 ) -> CloseReason {
+    let mut refusals = RefusalBudget::new(shared.config.max_refusals);
     loop {
         let message = match timeout(shared.config.idle_timeout, stream.next()).await {
             Err(_) => return CloseReason::IdleTimeout,
@@ -282,6 +291,9 @@ async fn read_loop(
         };
         if let Some(refusal) = refusal {
             debug!(user = %admitted.user, %refusal, "refused");
+            if !refusals.take() {
+                return CloseReason::TooManyRefusals;
+            }
             let frame = Utf8Bytes::from(ServerFrame::error(&refusal).encode());
             // A full queue means the client is not reading its replies:
             // stop reading from it until it does (or the writer gives up).
@@ -289,6 +301,36 @@ async fn read_loop(
                 return CloseReason::PeerGone;
             }
         }
+    }
+}
+
+/// How long the refusal budget's window is.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// Counts one connection's refused frames per [`REFUSAL_WINDOW`].
+struct RefusalBudget {
+    max: u32,
+    used: u32,
+    since: Instant,
+}
+
+impl RefusalBudget {
+    fn new(max: u32) -> Self {
+        RefusalBudget {
+            max,
+            used: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// Counts one refusal; false once the window's budget is spent.
+    fn take(&mut self) -> bool {
+        if self.since.elapsed() >= REFUSAL_WINDOW {
+            self.since = Instant::now();
+            self.used = 0;
+        }
+        self.used += 1;
+        self.used <= self.max
     }
 }
 
@@ -313,7 +355,7 @@ impl Writer<'_> {
     async fn run(
         mut self,
         joined: crate::hub::Joined,
-        mut replies: mpsc::Receiver<Utf8Bytes>,
+        replies: &mut mpsc::Receiver<Utf8Bytes>,
     ) -> CloseReason {
         let mut live = joined.live;
         let write_timeout = self.shared.config.write_timeout;
@@ -354,7 +396,7 @@ impl Writer<'_> {
                 },
                 _ = ping.tick() => Message::Ping(Bytes::new()),
             };
-            match timeout(write_timeout, self.batch(first, &mut live, &mut replies)).await {
+            match timeout(write_timeout, self.batch(first, &mut live, replies)).await {
                 Err(_) => return CloseReason::Stalled,
                 Ok(Err(Interrupt::Io)) => return CloseReason::PeerGone,
                 Ok(Err(Interrupt::Close(reason))) => return reason,
