@@ -67,6 +67,11 @@ async fn history_is_replayed_oldest_first_on_connect() {
     server.shutdown().await;
 }
 
+/// Who reacted with 👍, in order.
+fn thumbs_up(m: &chat_proto::Message) -> Vec<&str> {
+    m.reactions["👍"].iter().map(|u| u.as_str()).collect()
+}
+
 #[tokio::test]
 async fn reactions_toggle_and_everyone_sees_the_full_message() {
     let server = TestServer::start(test_config()).await;
@@ -83,19 +88,11 @@ async fn reactions_toggle_and_everyone_sees_the_full_message() {
         assert_eq!(r.user_id.as_str(), "127.0.0.3");
         assert_eq!(r.message_id, m.id);
         assert_eq!(r.message.text, "react to me");
-        let users: Vec<&str> = r.message.reactions["👍"]
-            .iter()
-            .map(|u| u.as_str())
-            .collect();
-        assert_eq!(users, ["127.0.0.3"]);
+        assert_eq!(thumbs_up(&r.message), ["127.0.0.3"]);
     }
     a.react(m.id, "👍").await;
     let r = b.reaction().await;
-    let users: Vec<&str> = r.message.reactions["👍"]
-        .iter()
-        .map(|u| u.as_str())
-        .collect();
-    assert_eq!(users, ["127.0.0.3", "127.0.0.2"]);
+    assert_eq!(thumbs_up(&r.message), ["127.0.0.3", "127.0.0.2"]);
     a.reaction().await;
 
     b.react(m.id, "👍").await;
@@ -105,11 +102,7 @@ async fn reactions_toggle_and_everyone_sees_the_full_message() {
     // History carries the reactions as they stand.
     let mut late = server.client(4).await;
     let replayed = late.message().await;
-    let users: Vec<&str> = replayed.reactions["👍"]
-        .iter()
-        .map(|u| u.as_str())
-        .collect();
-    assert_eq!(users, ["127.0.0.2"]);
+    assert_eq!(thumbs_up(&replayed), ["127.0.0.2"]);
     server.shutdown().await;
 }
 
