@@ -68,6 +68,27 @@ pub enum ChatError {
     DuplicateMessageId,
 }
 
+impl ChatError {
+    /// A short, stable name for the kind of refusal, for metrics labels and
+    /// logs: `invalid_format`, `rate_limited`, `text_too_long`, ...
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ChatError::Decode(_) => "invalid_format",
+            ChatError::EmptyText => "empty_text",
+            ChatError::TextTooLong { .. } => "text_too_long",
+            ChatError::ControlCharInText => "control_char_in_text",
+            ChatError::NameTooLong { .. } => "name_too_long",
+            ChatError::ControlCharInName => "control_char_in_name",
+            ChatError::NotAnEmoji => "not_an_emoji",
+            ChatError::TooManyEmojis { .. } => "too_many_emojis",
+            ChatError::TooManyReactors { .. } => "too_many_reactors",
+            ChatError::MessageNotFound => "message_not_found",
+            ChatError::RateLimited { .. } => "rate_limited",
+            ChatError::DuplicateMessageId => "duplicate_message_id",
+        }
+    }
+}
+
 /// What a rate limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RateKind {

@@ -178,6 +178,23 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// The body of `GET /whoami`: the user id the server derives for the
+/// client that asks, so a client can recognise its own messages and
+/// reactions. It is served over plain HTTP on the same port, not as a frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct WhoAmI {
+    /// The asking client's user id, as it appears in `author_id` and in
+    /// reaction lists.
+    pub user_id: UserId,
+}
+
+impl WhoAmI {
+    /// Encodes the body as JSON text.
+    pub fn encode(&self) -> String {
+        encode(self)
+    }
+}
+
 impl ClientFrame {
     /// Decodes a client's text frame.
     ///
@@ -228,4 +245,9 @@ pub fn client_frame_schema() -> schemars::Schema {
 /// The generated JSON schema of every server frame (a `oneOf` by `type`).
 pub fn server_frame_schema() -> schemars::Schema {
     schemars::schema_for!(ServerFrame)
+}
+
+/// The generated JSON schema of the `GET /whoami` body.
+pub fn whoami_schema() -> schemars::Schema {
+    schemars::schema_for!(WhoAmI)
 }

@@ -144,6 +144,16 @@ fn server_frames_match_asyncapi() {
     );
 }
 
+#[test]
+fn whoami_body_matches_asyncapi() {
+    let doc = asyncapi();
+    let generated = serde_json::to_value(chat_proto::whoami_schema()).expect("schema");
+    let spec = doc
+        .pointer("/components/schemas/WhoAmI")
+        .expect("asyncapi.yaml documents the /whoami body as components.schemas.WhoAmI");
+    assert_eq!(normalize(&generated, &generated), normalize(&doc, spec));
+}
+
 /// The comparison must notice drift: changing any one constraint in the
 /// document makes its frame normalize differently.
 #[test]
