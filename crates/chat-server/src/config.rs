@@ -44,9 +44,16 @@ pub struct Config {
     #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
     pub max_connections_per_ip: usize,
 
-    /// Time a client has to complete the WebSocket handshake.
+    /// Time a client has to send a whole request head (a WebSocket
+    /// handshake or a plain HTTP request) and, for a handshake, to finish it.
+    /// It also bounds how long an idle HTTP keep-alive connection stays open.
     #[arg(long, env = "CHAT_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+
+    /// Largest HTTP request head (request line and headers), in bytes, for
+    /// handshakes and plain HTTP alike; a bigger one gets 431.
+    #[arg(long, env = "CHAT_MAX_REQUEST_HEAD", default_value_t = 8 * 1024)]
+    pub max_request_head: usize,
 
     /// Largest incoming WebSocket frame and message, in bytes; a bigger one
     /// closes the connection with 1009.
@@ -174,6 +181,10 @@ pub struct Config {
     pub max_reactors_per_emoji: usize,
 }
 
+/// The smallest `--max-request-head` allowed: a browser's WebSocket
+/// handshake, with cookies and user agent, is commonly 500-1,500 bytes.
+pub const MIN_REQUEST_HEAD: usize = 1024;
+
 /// How user ids are derived from client addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IdentityMode {
@@ -194,6 +205,7 @@ impl Default for Config {
             max_connections: 10_000,
             max_connections_per_ip: 64,
             handshake_timeout: Duration::from_secs(10),
+            max_request_head: 8 * 1024,
             max_message_size: 16 * 1024,
             read_buffer_size: 2 * 1024,
             write_buffer_size: 2 * 1024,
@@ -271,6 +283,11 @@ impl Config {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
             }
+        }
+        if self.max_request_head < MIN_REQUEST_HEAD {
+            return Err(format!(
+                "--max-request-head must be at least {MIN_REQUEST_HEAD} bytes, or ordinary browsers are refused"
+            ));
         }
         if self.max_refusals == 0 {
             return Err("--max-refusals must be at least 1".into());

@@ -14,7 +14,9 @@
 
 use crate::Shared;
 use crate::handshake::{Admitted, Refusal};
+use crate::http;
 use crate::hub::ApplyError;
+use crate::metrics::Reason;
 use chat_core::ChatError;
 use chat_proto::{DecodeError, ServerFrame};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -25,10 +27,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
-use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
@@ -102,6 +104,29 @@ impl CloseReason {
     }
 }
 
+impl CloseReason {
+    /// A short stable name, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::PeerGone => "peer_gone",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::TooBig => "too_big",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::Protocol => "protocol_error",
+            CloseReason::TooManyRefusals => "too_many_refusals",
+            CloseReason::Lagged(_) => "lagged",
+            CloseReason::Stalled => "stalled",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// Whether the client was dropped for reading too slowly.
+    pub fn is_slow_client(&self) -> bool {
+        matches!(self, CloseReason::Lagged(_) | CloseReason::Stalled)
+    }
+}
+
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -128,11 +153,18 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
 ) {
     let _permit = permit;
+    let mut stream = stream;
     // Frames are coalesced by the writer; Nagle would only add delay.
     let _ = stream.set_nodelay(true);
     // Bound what the kernel holds for a client that stops reading.
     let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
-    let (ws, admitted) = match handshake(stream, peer, &shared).await {
+    // Plain HTTP requests are answered first; a WebSocket handshake on /ws
+    // comes back here with its bytes still unread.
+    let deadline = match http::serve(&mut stream, peer.ip(), &shared).await {
+        http::Next::Upgrade { deadline } => deadline,
+        http::Next::Done => return,
+    };
+    let (ws, admitted) = match handshake(stream, peer, &shared, deadline).await {
         Ok(done) => done,
         Err(why) => {
             debug!(%peer, %why, "handshake refused");
@@ -141,30 +173,32 @@ pub(crate) async fn serve(
     };
     let user = admitted.user.clone();
     info!(user = %user, %peer, client = %admitted.addr, "connection opened");
+    let metrics = &shared.metrics;
+    metrics.connections_open.inc();
     let reason = run(ws, &admitted, &shared).await;
+    metrics.connections_open.dec();
+    metrics
+        .connections_closed
+        .get_or_create(&Reason {
+            reason: reason.kind(),
+        })
+        .inc();
+    if reason.is_slow_client() {
+        metrics.slow_clients_dropped.inc();
+    }
     info!(user = %user, %peer, reason = %reason, "connection closed");
 }
 
 /// Refuses a connection that arrived while the server was full, with a 503
-/// at the handshake.
-// tungstenite's callback signature returns its (large) HTTP response as `Err`.
-#[allow(clippy::result_large_err)]
+/// to whatever it asked.
 pub(crate) async fn refuse(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
 ) {
     let _permit = permit;
-    let callback = |_: &Request, _: Response| -> Result<Response, ErrorResponse> {
-        Err(Refusal::ServerFull.response())
-    };
-    let accept = tokio_tungstenite::accept_hdr_async_with_config(
-        stream,
-        callback,
-        Some(shared.config.websocket()),
-    );
-    let _ = timeout(shared.config.handshake_timeout, accept).await;
+    http::refuse_full(&mut stream, &shared).await;
     debug!(%peer, "refused: server full");
 }
 
@@ -174,14 +208,22 @@ async fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
     shared: &Shared,
+    deadline: Instant,
 ) -> Result<(Ws, Admitted), String> {
     let mut admitted = None;
+    let refused = |refusal: Refusal| {
+        shared
+            .metrics
+            .handshakes_refused
+            .get_or_create(&Reason {
+                reason: refusal.kind(),
+            })
+            .inc();
+        refusal.response()
+    };
     let callback = |request: &Request, response: Response| {
-        let addr = shared
-            .policy
-            .check(request, peer.ip())
-            .map_err(|r| r.response())?;
-        let slot = shared.addresses.acquire(addr).map_err(|r| r.response())?;
+        let addr = shared.policy.check(request, peer.ip()).map_err(refused)?;
+        let slot = shared.addresses.acquire(addr).map_err(refused)?;
         admitted = Some(Admitted {
             addr,
             user: shared.identity.user_id(addr),
@@ -194,7 +236,7 @@ async fn handshake(
         callback,
         Some(shared.config.websocket()),
     );
-    let ws = match timeout(shared.config.handshake_timeout, accept).await {
+    let ws = match timeout_at(deadline, accept).await {
         Err(_) => return Err("handshake timeout".into()),
         Ok(Err(e)) => return Err(e.to_string()),
         Ok(Ok(ws)) => ws,
@@ -291,6 +333,13 @@ async fn read_loop(
         };
         if let Some(refusal) = refusal {
             debug!(user = %admitted.user, %refusal, "refused");
+            shared
+                .metrics
+                .frames_refused
+                .get_or_create(&Reason {
+                    reason: refusal.kind(),
+                })
+                .inc();
             if !refusals.take() {
                 return CloseReason::TooManyRefusals;
             }

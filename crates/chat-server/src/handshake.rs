@@ -48,6 +48,17 @@ impl Refusal {
         }
     }
 
+    /// A short stable name, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::NotFound => "not_found",
+            Refusal::OriginNotAllowed => "origin_not_allowed",
+            Refusal::BadForwardedFor => "bad_forwarded_for",
+            Refusal::TooManyFromAddress => "too_many_from_address",
+            Refusal::ServerFull => "server_full",
+        }
+    }
+
     /// The HTTP response for this refusal.
     pub fn response(&self) -> ErrorResponse {
         let mut response = ErrorResponse::new(Some(format!("{self}\n")));
@@ -86,6 +97,12 @@ impl Policy {
         if !self.origin_allowed(request) {
             return Err(Refusal::OriginNotAllowed);
         }
+        self.client_addr(request, peer)
+    }
+
+    /// The client's address: `peer`, or what a trusted proxy's
+    /// `X-Forwarded-For` says.
+    pub fn client_addr(&self, request: &Request, peer: IpAddr) -> Result<IpAddr, Refusal> {
         let forwarded = request
             .headers()
             .get_all("x-forwarded-for")

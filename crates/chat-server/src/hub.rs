@@ -21,6 +21,7 @@
 //! The lock is a `std::sync::Mutex`: it is never held across an `.await`,
 //! and the work under it is a few microseconds.
 
+use crate::metrics::Metrics;
 use chat_core::{Chat, ChatError, Context, Event, Timestamp};
 use chat_proto::{ClientFrame, FixedState, ServerFrame, UserId, Uuid};
 use std::collections::{HashMap, VecDeque};
@@ -45,6 +46,7 @@ struct State {
     chat: Chat,
     replay: ReplayLog,
     live: broadcast::Sender<Utf8Bytes>,
+    metrics: Arc<Metrics>,
 }
 
 /// What a new connection starts from.
@@ -77,15 +79,27 @@ impl Hub {
     /// A hub around `chat` (empty, or restored from a store). Its broadcast
     /// ring holds `max_lag` frames: a client further behind is told it
     /// lagged. With `commits`, events are published only after the
-    /// committer has written them.
-    pub fn new(chat: Chat, max_lag: usize, commits: Option<mpsc::Sender<Vec<Event>>>) -> Self {
+    /// committer has written them. Published events are counted in
+    /// `metrics`.
+    pub fn new(
+        chat: Chat,
+        max_lag: usize,
+        commits: Option<mpsc::Sender<Vec<Event>>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (live, _) = broadcast::channel(max_lag);
         let mut replay = ReplayLog::default();
         for message in chat.history().iter() {
             replay.push(message.id, encode(&ServerFrame::Message(message.clone())));
         }
+        metrics.history_messages.set(replay.len() as i64);
         Hub {
-            state: Mutex::new(State { chat, replay, live }),
+            state: Mutex::new(State {
+                chat,
+                replay,
+                live,
+                metrics,
+            }),
             commits,
         }
     }
@@ -161,6 +175,7 @@ impl State {
                 self.replay.push(id, frame.clone());
                 // No receivers is fine: nobody is connected.
                 let _ = self.live.send(frame);
+                self.metrics.messages_accepted.inc();
             }
             Event::ReactionUpdated(update) => {
                 let replay = encode(&ServerFrame::Message(update.message.clone()));
@@ -168,9 +183,11 @@ impl State {
                 let _ = self
                     .live
                     .send(encode(&ServerFrame::ReactionUpdated(update)));
+                self.metrics.reactions_accepted.inc();
             }
             Event::MessageEvicted(_) => self.replay.pop_front(),
         }
+        self.metrics.history_messages.set(self.replay.len() as i64);
     }
 }
 

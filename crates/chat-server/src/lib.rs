@@ -21,6 +21,10 @@
 //! The modules, one concept each:
 //! - [`config`]: every setting and bound;
 //! - `listener`: the accept loop and the connection limit;
+//! - [`http`]: plain HTTP on the same port (the page, health, metrics, whoami),
+//!   and the hand-over of `/ws` handshakes to tungstenite;
+//! - [`web`]: the browser client's files, compiled in;
+//! - [`metrics`]: what `/metrics` reports;
 //! - [`handshake`]: path, origin, client address and per-address limits;
 //! - [`identity`]: from an address to a user id;
 //! - [`hub`]: the chat, its serialized history and the fan-out;
@@ -32,11 +36,14 @@
 pub mod config;
 pub mod connection;
 pub mod handshake;
+pub mod http;
 pub mod hub;
 pub mod identity;
 mod listener;
+pub mod metrics;
 pub mod shutdown;
 pub mod store;
+pub mod web;
 
 pub use config::{Config, IdentityMode};
 pub use tokio_util::sync::CancellationToken;
@@ -45,6 +52,7 @@ use chat_core::Chat;
 use handshake::{AddressLimits, Policy};
 use hub::Hub;
 use identity::Identity;
+use metrics::Metrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -88,6 +96,7 @@ pub(crate) struct Shared {
     policy: Policy,
     identity: Identity,
     addresses: Arc<AddressLimits>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
 
@@ -156,10 +165,16 @@ impl Server {
             }
             None => (None, None),
         };
-        let hub = Arc::new(Hub::new(chat, config.max_lag, commits));
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(
+            chat,
+            config.max_lag,
+            commits,
+            Arc::clone(&metrics),
+        ));
         let committer = match (store, queue) {
             (Some(store), Some(queue)) => Some(
-                store::spawn_committer(store, queue, Arc::downgrade(&hub))
+                store::spawn_committer(store, queue, Arc::downgrade(&hub), Arc::clone(&metrics))
                     .map_err(StartError::Thread)?,
             ),
             _ => None,
@@ -172,6 +187,7 @@ impl Server {
             },
             identity,
             addresses: AddressLimits::new(config.max_connections_per_ip),
+            metrics,
             shutdown: CancellationToken::new(),
             config,
         };
@@ -204,6 +220,7 @@ impl Server {
             committer,
         } = self;
         info!(addr = %local_addr, path = handshake::WS_PATH, "listening");
+        info!("web client at http://{local_addr}/");
         let tasks = TaskTracker::new();
         let accept = tokio::spawn(listener::accept_loop(
             listener,

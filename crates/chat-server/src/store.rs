@@ -12,12 +12,13 @@
 //! their reactions) are all it takes to rebuild the chat exactly.
 
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use chat_core::Event;
 use chat_proto::{Message, Reactions, UserId, Uuid};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -323,6 +324,7 @@ pub fn spawn_committer(
     mut store: Store,
     mut queue: mpsc::Receiver<Vec<Event>>,
     hub: Weak<Hub>,
+    metrics: Arc<Metrics>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("chat-store".into())
@@ -342,10 +344,15 @@ pub fn spawn_committer(
                 // backpressure) rather than being lost.
                 while let Err(e) = store.commit(batch.iter().flatten()) {
                     error!(error = %e, retry_in = ?backoff, "commit failed; messages wait");
+                    metrics.store_failing.set(1);
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                debug!(commands = batch.len(), took = ?started.elapsed(), "committed");
+                let took = started.elapsed();
+                metrics.store_failing.set(0);
+                metrics.store_commit.observe(took.as_secs_f64());
+                metrics.store_commit_commands.observe(batch.len() as f64);
+                debug!(commands = batch.len(), ?took, "committed");
                 if let Some(hub) = hub.upgrade() {
                     hub.publish(batch);
                 }

@@ -1,0 +1,523 @@
+// The chat's browser client. No framework, no build step: it speaks the
+// protocol in asyncapi.yaml over /ws and asks /whoami who it is.
+//
+// Safety: every piece of text that comes from the network is put into the
+// page with textContent, never as HTML.
+"use strict";
+
+const MAX_CHARS = 500; // the protocol's limit, in Unicode scalar values
+const NAME_KEY = "chat.name";
+const PICKER_EMOJIS = ["👍", "❤️", "😂", "🎉", "😮", "😢", "🙏", "🔥"];
+const NOTICE_MS = 6000;
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 15000;
+// After (re)connecting, the server replays the whole history first. Once no
+// `message` frame has come for this long, the replay is taken as done and
+// messages the server no longer has are removed from the list.
+const REPLAY_SETTLE_MS = 400;
+// Near enough to the bottom to keep following new messages.
+const STICK_PX = 48;
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  status: $("status"),
+  statusText: $("status-text"),
+  retry: $("retry"),
+  scroller: $("scroller"),
+  empty: $("empty"),
+  list: $("messages"),
+  jump: $("jump"),
+  notices: $("notices"),
+  form: $("composer"),
+  name: $("name"),
+  text: $("text"),
+  counter: $("counter"),
+  send: $("send"),
+  picker: $("picker"),
+};
+
+/** @type {Map<string, {message: object, el: HTMLLIElement, seen: number}>} */
+const messages = new Map();
+let me = null; // this client's user id, from /whoami
+let socket = null;
+let connection = 0; // counts connections; marks which one saw a message
+let lastInStream = null; // id of the previous message frame on this connection
+let settleTimer = 0;
+let retryTimer = 0;
+let attempts = 0;
+let pending = null; // text just sent, restored if the server refuses it
+let pickerFor = null; // the "add reaction" button the picker belongs to
+let stuck = true; // following the newest message (the reader has not scrolled up)
+
+// ---- connection ----------------------------------------------------------
+
+function wsUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return scheme + "//" + location.host + "/ws";
+}
+
+function connect() {
+  clearTimeout(retryTimer);
+  setStatus("connecting", attempts ? "Reconnecting…" : "Connecting…");
+  connection += 1;
+  lastInStream = null;
+  const ws = new WebSocket(wsUrl());
+  socket = ws;
+  ws.addEventListener("open", () => {
+    if (socket !== ws) return;
+    attempts = 0;
+    setStatus("open", "Connected");
+    updateComposer();
+    whoami();
+    // An empty history sends no frame at all: settle anyway.
+    scheduleSettle();
+  });
+  ws.addEventListener("message", (event) => {
+    if (socket === ws) onFrame(event.data);
+  });
+  ws.addEventListener("close", (event) => {
+    if (socket !== ws) return;
+    socket = null;
+    updateComposer();
+    scheduleReconnect(event);
+  });
+}
+
+function scheduleReconnect(event) {
+  attempts += 1;
+  // Exponential backoff with jitter, so a restarted server is not hit by
+  // every page in the same instant.
+  const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** (attempts - 1));
+  const delay = event.code === 1013 ? BACKOFF_MIN_MS : base / 2 + Math.random() * (base / 2);
+  const why = closeText(event);
+  setStatus("closed", `${why} Reconnecting in ${Math.ceil(delay / 1000)} s…`, true);
+  retryTimer = setTimeout(connect, delay);
+}
+
+function closeText(event) {
+  switch (event.code) {
+    case 1001: return "The server is restarting.";
+    case 1008: return `Disconnected (${event.reason || "policy"}).`;
+    case 1009: return "Disconnected: a message was too big.";
+    case 1013: return "Disconnected: the connection was too slow.";
+    default: return "Disconnected.";
+  }
+}
+
+function setStatus(state, text, canRetry = false) {
+  ui.status.dataset.state = state;
+  ui.statusText.textContent = text;
+  ui.retry.hidden = !canRetry;
+}
+
+async function whoami() {
+  try {
+    const response = await fetch("/whoami", { cache: "no-store" });
+    if (!response.ok) return;
+    const body = await response.json();
+    if (typeof body.user_id === "string" && body.user_id !== me) {
+      me = body.user_id;
+      for (const entry of messages.values()) render(entry);
+    }
+  } catch {
+    // Offline: the next connection asks again.
+  }
+}
+
+// ---- frames --------------------------------------------------------------
+
+function onFrame(data) {
+  let frame;
+  try {
+    frame = JSON.parse(data);
+  } catch {
+    return;
+  }
+  const body = frame && frame.data;
+  switch (frame && frame.type) {
+    case "message":
+      upsert(body, true);
+      scheduleSettle();
+      break;
+    case "reaction_updated":
+      if (body && body.message) upsert(body.message, false);
+      break;
+    case "error":
+      onError(body && body.error);
+      break;
+    default:
+      break; // a newer server's frame: ignore it
+  }
+}
+
+function onError(text) {
+  notify(typeof text === "string" ? text : "The server refused that.");
+  // Give back a refused message's text, unless the user typed since.
+  if (pending !== null && ui.text.value === "") {
+    ui.text.value = pending;
+    updateComposer();
+  }
+  pending = null;
+}
+
+/** Adds a message or updates it in place; `inStream` keeps server order. */
+function upsert(message, inStream) {
+  if (!message || typeof message.id !== "string") return;
+  const follow = stuck || atBottom();
+  let entry = messages.get(message.id);
+  const created = !entry;
+  if (entry) {
+    entry.message = message;
+  } else {
+    const el = document.createElement("li");
+    el.className = "msg";
+    el.dataset.id = message.id;
+    el.dataset.author = message.author_id;
+    entry = { message, el, seen: connection };
+    messages.set(message.id, entry);
+    const prev = inStream && lastInStream && messages.get(lastInStream);
+    if (prev) {
+      prev.el.after(el);
+    } else if (inStream && lastInStream === null) {
+      ui.list.prepend(el);
+    } else {
+      ui.list.append(el);
+    }
+    if (!follow && message.author_id !== me) ui.jump.hidden = false;
+  }
+  if (inStream) {
+    entry.seen = connection;
+    lastInStream = message.id;
+  }
+  if (pending !== null && message.author_id === me && message.text === pending) pending = null;
+  render(entry);
+  ui.empty.hidden = messages.size > 0;
+  // Follow the conversation, and always show the user their own message.
+  if (follow || (created && message.author_id === me)) scrollToBottom();
+}
+
+function scheduleSettle() {
+  clearTimeout(settleTimer);
+  const settling = connection;
+  settleTimer = setTimeout(() => {
+    if (settling !== connection || !socket) return;
+    // The replay is over: drop what the server no longer has.
+    for (const [id, entry] of messages) {
+      if (entry.seen !== settling) {
+        entry.el.remove();
+        messages.delete(id);
+      }
+    }
+    ui.empty.hidden = messages.size > 0;
+  }, REPLAY_SETTLE_MS);
+}
+
+// ---- rendering -----------------------------------------------------------
+
+function render(entry) {
+  const m = entry.message;
+  const el = entry.el;
+  const own = m.author_id === me;
+  el.classList.toggle("own", own);
+  el.replaceChildren();
+
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const author = document.createElement("span");
+  author.className = "author";
+  author.textContent = m.author_name;
+  if (own) {
+    const you = document.createElement("span");
+    you.className = "you";
+    you.textContent = " (you)";
+    author.append(you);
+  }
+  const time = document.createElement("time");
+  const when = new Date(m.created_at * 1000);
+  time.dateTime = when.toISOString();
+  time.title = when.toLocaleString();
+  time.dataset.at = String(m.created_at);
+  time.textContent = relative(m.created_at);
+  meta.append(author, time);
+
+  const text = document.createElement("p");
+  text.className = "text";
+  text.textContent = m.text;
+
+  const reactions = document.createElement("div");
+  reactions.className = "reactions";
+  reactions.setAttribute("role", "group");
+  reactions.setAttribute("aria-label", "Reactions");
+  for (const [emoji, users] of Object.entries(m.reactions || {})) {
+    if (!Array.isArray(users) || users.length === 0) continue;
+    const mine = me !== null && users.includes(me);
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "reaction";
+    button.dataset.emoji = emoji;
+    button.setAttribute("aria-pressed", String(mine));
+    const count = users.length;
+    button.setAttribute(
+      "aria-label",
+      `${emoji} ${count} ${count === 1 ? "reaction" : "reactions"}${mine ? ", including yours" : ""}`,
+    );
+    const glyph = document.createElement("span");
+    glyph.textContent = emoji;
+    glyph.setAttribute("aria-hidden", "true");
+    const number = document.createElement("span");
+    number.className = "count";
+    number.textContent = String(count);
+    number.setAttribute("aria-hidden", "true");
+    button.append(glyph, number);
+    button.addEventListener("click", () => react(m.id, emoji));
+    reactions.append(button);
+  }
+  const add = document.createElement("button");
+  add.type = "button";
+  add.className = "add-reaction";
+  add.setAttribute("aria-label", "Add a reaction");
+  add.setAttribute("aria-expanded", "false");
+  add.textContent = "☺ +";
+  add.addEventListener("click", () => togglePicker(add, m.id));
+  reactions.append(add);
+
+  // Re-rendering must not lose an open picker or the keyboard focus.
+  const focused = el.contains(document.activeElement) ? focusKey(document.activeElement) : null;
+  el.append(meta, text, reactions);
+  if (pickerFor && pickerFor.dataset.message === m.id) {
+    add.dataset.message = m.id;
+    add.setAttribute("aria-expanded", "true");
+    pickerFor = add;
+    reactions.append(ui.picker);
+  }
+  add.dataset.message = m.id;
+  if (focused) {
+    const again = el.querySelector(focused);
+    if (again) again.focus();
+  }
+}
+
+function focusKey(node) {
+  if (node.classList.contains("reaction")) return `.reaction[data-emoji="${CSS.escape(node.dataset.emoji)}"]`;
+  if (node.classList.contains("add-reaction")) return ".add-reaction";
+  return null;
+}
+
+const relativeFormat = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
+
+function relative(seconds) {
+  const diff = seconds - Date.now() / 1000;
+  const abs = Math.abs(diff);
+  if (abs < 45) return "just now";
+  const units = [
+    [60, "second"],
+    [60, "minute"],
+    [24, "hour"],
+    [7, "day"],
+    [4.35, "week"],
+    [12, "month"],
+    [Infinity, "year"],
+  ];
+  let value = diff;
+  for (const [size, unit] of units) {
+    if (Math.abs(value) < size) return relativeFormat.format(Math.round(value), unit);
+    value /= size;
+  }
+  return "";
+}
+
+function refreshTimes() {
+  for (const time of ui.list.querySelectorAll("time[data-at]")) {
+    time.textContent = relative(Number(time.dataset.at));
+  }
+}
+
+// ---- scrolling -----------------------------------------------------------
+
+function atBottom() {
+  const s = ui.scroller;
+  return s.scrollHeight - s.scrollTop - s.clientHeight < STICK_PX;
+}
+
+function scrollToBottom() {
+  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  ui.jump.hidden = true;
+  stuck = true;
+}
+
+// ---- reactions -----------------------------------------------------------
+
+function react(messageId, emoji) {
+  sendFrame({ type: "add_reaction", data: { message_id: messageId, emoji } });
+}
+
+function togglePicker(button, messageId) {
+  if (pickerFor === button) {
+    closePicker(true);
+    return;
+  }
+  closePicker(false);
+  pickerFor = button;
+  button.dataset.message = messageId;
+  button.setAttribute("aria-expanded", "true");
+  ui.picker.replaceChildren(
+    ...PICKER_EMOJIS.map((emoji) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = emoji;
+      b.setAttribute("aria-label", `React with ${emoji}`);
+      b.addEventListener("click", () => {
+        react(pickerFor.dataset.message, emoji);
+        closePicker(true);
+      });
+      return b;
+    }),
+  );
+  button.parentElement.append(ui.picker);
+  ui.picker.hidden = false;
+  ui.picker.querySelector("button").focus();
+}
+
+function closePicker(refocus) {
+  if (!pickerFor) return;
+  const button = pickerFor;
+  pickerFor = null;
+  button.setAttribute("aria-expanded", "false");
+  ui.picker.hidden = true;
+  document.body.append(ui.picker);
+  if (refocus && button.isConnected) button.focus();
+}
+
+ui.picker.addEventListener("keydown", (event) => {
+  const buttons = [...ui.picker.querySelectorAll("button")];
+  const i = buttons.indexOf(document.activeElement);
+  if (event.key === "Escape") {
+    event.preventDefault();
+    closePicker(true);
+  } else if (event.key === "ArrowRight" || event.key === "ArrowDown") {
+    event.preventDefault();
+    buttons[(i + 1) % buttons.length].focus();
+  } else if (event.key === "ArrowLeft" || event.key === "ArrowUp") {
+    event.preventDefault();
+    buttons[(i - 1 + buttons.length) % buttons.length].focus();
+  }
+});
+
+document.addEventListener("click", (event) => {
+  if (pickerFor && !ui.picker.contains(event.target) && event.target !== pickerFor) {
+    closePicker(false);
+  }
+});
+
+// ---- composing -----------------------------------------------------------
+
+function chars(text) {
+  // Code points, as the server counts (a UTF-16 length would count an
+  // emoji twice).
+  let n = 0;
+  for (const _ of text) n += 1;
+  return n;
+}
+
+function updateComposer() {
+  const n = chars(ui.text.value);
+  const over = n > MAX_CHARS;
+  ui.counter.textContent = `${n} / ${MAX_CHARS}`;
+  ui.counter.classList.toggle("over", over);
+  ui.text.setAttribute("aria-invalid", String(over));
+  ui.send.disabled = over || ui.text.value.trim() === "" || !isOpen();
+}
+
+function isOpen() {
+  return socket !== null && socket.readyState === WebSocket.OPEN;
+}
+
+function sendFrame(frame) {
+  if (!isOpen()) {
+    notify("Not connected. Waiting to reconnect…");
+    return false;
+  }
+  socket.send(JSON.stringify(frame));
+  return true;
+}
+
+function submit() {
+  const text = ui.text.value;
+  if (text.trim() === "") return;
+  if (chars(text) > MAX_CHARS) {
+    notify(`Message too long (max ${MAX_CHARS} characters).`);
+    return;
+  }
+  const name = ui.name.value.trim();
+  const data = name ? { text, author_name: name } : { text };
+  if (!sendFrame({ type: "send_message", data })) return;
+  pending = text;
+  ui.text.value = "";
+  updateComposer();
+  scrollToBottom();
+}
+
+ui.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  submit();
+});
+
+ui.text.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    submit();
+  }
+});
+
+ui.text.addEventListener("input", updateComposer);
+
+ui.name.value = localStorage.getItem(NAME_KEY) || "";
+ui.name.addEventListener("input", () => {
+  const name = ui.name.value.trim();
+  if (name) localStorage.setItem(NAME_KEY, name);
+  else localStorage.removeItem(NAME_KEY);
+});
+
+// ---- notices -------------------------------------------------------------
+
+function notify(text) {
+  const notice = document.createElement("div");
+  notice.className = "notice";
+  notice.setAttribute("role", "alert");
+  const p = document.createElement("p");
+  p.textContent = text;
+  const close = document.createElement("button");
+  close.type = "button";
+  close.setAttribute("aria-label", "Dismiss");
+  close.textContent = "×";
+  close.addEventListener("click", () => notice.remove());
+  notice.append(p, close);
+  ui.notices.append(notice);
+  // Keep at most three on screen.
+  while (ui.notices.children.length > 3) ui.notices.firstElementChild.remove();
+  setTimeout(() => notice.remove(), NOTICE_MS);
+}
+
+// ---- start ---------------------------------------------------------------
+
+ui.jump.addEventListener("click", scrollToBottom);
+ui.scroller.addEventListener("scroll", () => {
+  stuck = atBottom();
+  if (stuck) ui.jump.hidden = true;
+});
+// A smaller window, a growing message box or a rotated phone must not
+// unstick the view.
+new ResizeObserver(() => {
+  if (stuck) ui.scroller.scrollTop = ui.scroller.scrollHeight;
+}).observe(ui.scroller);
+ui.retry.addEventListener("click", () => {
+  attempts = 0;
+  connect();
+});
+// Back online or back to the tab: do not wait out a long backoff.
+window.addEventListener("online", () => {
+  if (!socket) connect();
+});
+setInterval(refreshTimes, 30000);
+updateComposer();
+connect();
