@@ -1,0 +1,363 @@
+// The web client in a real browser: Debian's chromium driven by
+// playwright-core (which never downloads a browser of its own).
+//
+// Two pages talk through one server as two different users. Both connect
+// from 127.0.0.1, so the server runs as if behind a reverse proxy on
+// loopback (--trusted-proxy 127.0.0.0/8) and each browser context sends its
+// own X-Forwarded-For, on page loads, fetches and WebSocket handshakes
+// alike. Run through tests/browser/run.sh, which builds the server and sets
+// CHAT_SERVER_BIN and SCREENSHOT_DIR.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync, createWriteStream } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { chromium } from "playwright-core";
+
+const BIN = resolve(process.env.CHAT_SERVER_BIN ?? "../../target/debug/chat-server");
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const SHOTS = resolve(process.env.SCREENSHOT_DIR ?? "../../target/browser-screenshots");
+const MESSAGE_RATE = 20;
+const RATE_TEXT = `Rate limit exceeded. Maximum ${MESSAGE_RATE} messages per minute.`;
+
+const dataDir = mkdtempSync(join(tmpdir(), "chat-browser-"));
+const logPath = join(dataDir, "server.log");
+const log = createWriteStream(logPath, { flags: "a" });
+let server = null;
+let port = 0;
+let browser = null;
+let a = null; // page of user A
+let b = null; // page of user B
+const ADDR_A = "198.51.100.1";
+const ADDR_B = "198.51.100.2";
+
+/** Starts the server (on `port` when set, else any free port). */
+async function startServer() {
+  const args = [
+    "--listen", `0.0.0.0:${port}`,
+    "--data-dir", dataDir,
+    "--identity-secret", "browser-test",
+    "--message-rate", String(MESSAGE_RATE),
+    "--trusted-proxy", "127.0.0.0/8",
+    "--shutdown-grace", "2s",
+  ];
+  const child = spawn(BIN, args, {
+    env: { ...process.env, RUST_LOG: "info", NO_COLOR: "1" },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  child.stderr.pipe(log, { end: false });
+  const listening = new Promise((resolveAddr, reject) => {
+    let seen = "";
+    child.stdout.on("data", (chunk) => {
+      log.write(chunk);
+      seen += chunk.toString();
+      // Strip colours, whatever the subscriber decided.
+      const plain = seen.replace(/\x1b\[[0-9;]*m/g, "");
+      const m = plain.match(/listening addr=[^\s]*:(\d+)/);
+      if (m) resolveAddr(Number(m[1]));
+    });
+    child.on("exit", (code) => reject(new Error(`server exited with ${code}; see ${logPath}`)));
+  });
+  port = await withTimeout(listening, 15000, "server start");
+  server = child;
+}
+
+async function stopServer() {
+  const child = server;
+  server = null;
+  const exited = new Promise((r) => child.on("exit", r));
+  child.kill("SIGTERM");
+  await withTimeout(exited, 10000, "server stop");
+}
+
+function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: no result in ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** Retries an assertion until it holds or `ms` pass. */
+async function eventually(check, ms = 10000) {
+  const until = Date.now() + ms;
+  for (;;) {
+    try {
+      return await check();
+    } catch (e) {
+      if (Date.now() > until) throw e;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
+/** A page in a fresh browser context for the user at `addr`. */
+async function open(addr, options = {}) {
+  const context = await browser.newContext({
+    viewport: { width: 1100, height: 700 },
+    ...options,
+    extraHTTPHeaders: { "X-Forwarded-For": addr },
+  });
+  const page = await context.newPage();
+  page.on("pageerror", (e) => assert.fail(`page error for ${addr}: ${e.message}`));
+  await page.goto(`http://127.0.0.1:${port}/`);
+  await connected(page);
+  return page;
+}
+
+async function connected(page) {
+  await page.locator('#status[data-state="open"]').waitFor({ timeout: 15000 });
+}
+
+async function send(page, text) {
+  await page.fill("#text", text);
+  await page.press("#text", "Enter");
+}
+
+/** The message element with exactly this text. */
+function message(page, text) {
+  return page.locator("li.msg").filter({
+    has: page.locator("p.text").getByText(text, { exact: true }),
+  });
+}
+
+/** `[count, pressed]` of an emoji's chip on a message, `[0, false]` if none. */
+async function chip(page, text, emoji) {
+  const c = message(page, text).locator(`.reaction[data-emoji="${emoji}"]`);
+  if ((await c.count()) === 0) return [0, false];
+  return [Number(await c.locator(".count").textContent()), (await c.getAttribute("aria-pressed")) === "true"];
+}
+
+async function ids(page) {
+  return page.locator("li.msg").evaluateAll((els) => els.map((e) => e.dataset.id));
+}
+
+before(async () => {
+  mkdirSync(SHOTS, { recursive: true });
+  await startServer();
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    // Playwright adds --headless and a fresh temporary --user-data-dir
+    // itself (it refuses one in args).
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  a = await open(ADDR_A);
+  b = await open(ADDR_B);
+});
+
+after(async () => {
+  await browser?.close();
+  if (server) await stopServer();
+  log.end();
+  if (!process.exitCode) rmSync(dataDir, { recursive: true, force: true });
+});
+
+test("a message sent from one page appears in the other", async () => {
+  await a.fill("#name", "Alice");
+  await b.fill("#name", "Bob");
+  await send(a, "hello from A");
+  const seen = message(b, "hello from A");
+  await seen.waitFor();
+  assert.equal(await seen.locator(".author").textContent(), "Alice");
+  assert.equal(await seen.evaluate((el) => el.classList.contains("own")), false);
+  const own = message(a, "hello from A");
+  await own.waitFor();
+  assert.equal(await own.evaluate((el) => el.classList.contains("own")), true, "A's own message is marked");
+  assert.match(await own.locator(".author").textContent(), /Alice \(you\)/);
+  assert.equal(await own.locator("time").textContent(), "just now");
+  assert.equal(await a.inputValue("#text"), "", "the box is cleared after sending");
+
+  // Shift+Enter is a new line, not a send.
+  await a.fill("#text", "first line");
+  await a.press("#text", "Shift+Enter");
+  await a.locator("#text").pressSequentially("second line");
+  assert.equal(await a.inputValue("#text"), "first line\nsecond line");
+  await a.press("#text", "Enter");
+  await message(b, "first line\nsecond line").waitFor();
+
+  // The name survives a reload.
+  await a.reload();
+  await connected(a);
+  assert.equal(await a.inputValue("#name"), "Alice");
+  await message(a, "hello from A").waitFor();
+});
+
+test("reactions toggle, count, and highlight the user's own", async () => {
+  const text = "hello from A";
+  // B picks 👍 from the picker.
+  await message(b, text).locator(".add-reaction").click();
+  assert.equal(await message(b, text).locator(".add-reaction").getAttribute("aria-expanded"), "true");
+  await b.locator("#picker button", { hasText: "👍" }).click();
+  await eventually(async () => assert.deepEqual(await chip(b, text, "👍"), [1, true]));
+  await eventually(async () => assert.deepEqual(await chip(a, text, "👍"), [1, false]));
+
+  // A joins in by clicking the chip: two reactions, each page highlights its own.
+  await message(a, text).locator('.reaction[data-emoji="👍"]').click();
+  await eventually(async () => assert.deepEqual(await chip(a, text, "👍"), [2, true]));
+  await eventually(async () => assert.deepEqual(await chip(b, text, "👍"), [2, true]));
+
+  // And toggles it off again.
+  await message(a, text).locator('.reaction[data-emoji="👍"]').click();
+  await eventually(async () => assert.deepEqual(await chip(a, text, "👍"), [1, false]));
+  await eventually(async () => assert.deepEqual(await chip(b, text, "👍"), [1, true]));
+
+  // The picker works from the keyboard: open, arrow to ❤️, Enter, Escape-free close.
+  await message(a, text).locator(".add-reaction").focus();
+  await a.keyboard.press("Enter");
+  await a.keyboard.press("ArrowRight");
+  await a.keyboard.press("Enter");
+  await eventually(async () => assert.deepEqual(await chip(b, text, "❤️"), [1, false]));
+  await eventually(async () => assert.deepEqual(await chip(a, text, "❤️"), [1, true]));
+  assert.equal(await a.locator("#picker").isHidden(), true, "the picker closes after a pick");
+});
+
+test("text from the network is shown as text, never as HTML", async () => {
+  const attack = `<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>`;
+  await b.fill("#name", "<b>Mallory</b>");
+  await send(b, attack);
+  for (const page of [a, b]) {
+    const m = message(page, attack);
+    await m.waitFor();
+    assert.equal(await m.locator("p.text").textContent(), attack);
+    assert.match(await m.locator(".author").textContent(), /^<b>Mallory<\/b>/);
+    assert.equal(await page.locator("#messages img, #messages script, #messages b").count(), 0);
+    assert.equal(await page.evaluate(() => window.__xss), undefined);
+  }
+  await b.fill("#name", "Bob");
+});
+
+test("the counter counts characters as the server does, and blocks an over-long message", async () => {
+  await a.fill("#text", "😀".repeat(250));
+  assert.equal(await a.textContent("#counter"), "250 / 500");
+  assert.equal(await a.isEnabled("#send"), true);
+  await a.fill("#text", "x".repeat(501));
+  assert.equal(await a.textContent("#counter"), "501 / 500");
+  assert.equal(await a.getAttribute("#text", "aria-invalid"), "true");
+  assert.equal(await a.isDisabled("#send"), true);
+  await a.fill("#text", "");
+  assert.equal(await a.isDisabled("#send"), true, "nothing to send");
+});
+
+test("screenshots at desktop and phone widths, light and dark", async () => {
+  const shots = [
+    ["desktop.png", { width: 1280, height: 800 }, "light"],
+    ["desktop-dark.png", { width: 1280, height: 800 }, "dark"],
+    ["phone.png", { width: 390, height: 844 }, "light"],
+  ];
+  for (const [file, viewport, colorScheme] of shots) {
+    // As user A, so A's own messages and reactions show highlighted.
+    const page = await open(ADDR_A, {
+      viewport,
+      colorScheme,
+      deviceScaleFactor: viewport.width < 500 ? 2 : 1,
+    });
+    await message(page, "hello from A").waitFor();
+    await page.fill("#name", "Alice");
+    await page.fill("#text", "Typing a reply…");
+    await page.waitForTimeout(500); // let the replay settle
+    if (viewport.width < 500) {
+      // Nothing wider than the phone: no sideways scrolling.
+      const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+      assert.ok(overflow <= 0, `page is ${overflow}px wider than the phone`);
+    }
+    await page.screenshot({ path: join(SHOTS, file) });
+    await page.context().close();
+  }
+});
+
+test("the view sticks to the bottom unless the reader scrolled up", async () => {
+  await b.setViewportSize({ width: 700, height: 420 });
+  for (let i = 1; i <= 8; i++) await send(a, `filler ${i}\nwith a second line`);
+  await message(b, "filler 8\nwith a second line").waitFor();
+  const gap = (page) =>
+    page.evaluate(() => {
+      const s = document.getElementById("scroller");
+      return s.scrollHeight - s.scrollTop - s.clientHeight;
+    });
+  assert.ok((await gap(b)) > -1 && (await gap(b)) < 2, "following the bottom");
+  assert.ok(await b.evaluate(() => document.getElementById("scroller").scrollHeight > 600), "the list overflows");
+
+  await b.evaluate(() => (document.getElementById("scroller").scrollTop = 0));
+  await send(a, "while B reads old messages");
+  await message(b, "while B reads old messages").waitFor();
+  assert.equal(await b.evaluate(() => document.getElementById("scroller").scrollTop), 0, "not yanked down");
+  await b.locator("#jump").waitFor();
+  await b.click("#jump");
+  await eventually(async () => assert.ok((await gap(b)) < 2));
+  assert.equal(await b.locator("#jump").isHidden(), true);
+  await b.setViewportSize({ width: 1100, height: 700 });
+});
+
+test("a refused message shows a notice and gives the text back", async () => {
+  // A has sent 11 messages in this window; keep going until the limit.
+  let notice = a.locator(".notice", { hasText: RATE_TEXT });
+  for (let i = 0; i < MESSAGE_RATE + 2 && (await notice.count()) === 0; i++) {
+    await send(a, `burst ${i}`);
+    await a.waitForTimeout(30);
+  }
+  await notice.first().waitFor();
+  assert.equal(await notice.first().getAttribute("role"), "alert");
+  await eventually(async () => assert.match(await a.inputValue("#text"), /^burst \d+$/), 5000);
+  // Non-blocking: the page still works while the notice shows.
+  await b.fill("#text", "B is not limited");
+  await b.press("#text", "Enter");
+  await message(a, "B is not limited").waitFor();
+  notice = a.locator(".notice").first();
+  await notice.locator("button").click();
+  await eventually(async () => assert.equal(await a.locator(".notice", { hasText: RATE_TEXT }).count(), 0));
+  await a.fill("#text", "");
+});
+
+test("the server's other endpoints answer", async () => {
+  const get = (path) => fetch(`http://127.0.0.1:${port}${path}`);
+  assert.equal(await (await get("/healthz")).text(), "ok\n");
+  const who = await (await fetch(`http://127.0.0.1:${port}/whoami`, {
+    headers: { "X-Forwarded-For": ADDR_B },
+  })).json();
+  const mine = await b.evaluate(() => fetch("/whoami").then((r) => r.json()));
+  assert.equal(who.user_id, mine.user_id, "same address, same id");
+  const author = await message(b, "B is not limited").getAttribute("data-author");
+  assert.equal(author, who.user_id, "B's messages carry B's id");
+  const metrics = await (await get("/metrics")).text();
+  assert.match(metrics, /^chat_messages_accepted_total \d+$/m);
+  assert.match(metrics, /^chat_frames_refused_total\{reason="rate_limited"\} [1-9]/m);
+  assert.equal((await get("/nope")).status, 404);
+});
+
+test("after a server restart the page reconnects with the same history and no duplicates", async () => {
+  const before = await ids(b);
+  assert.ok(before.length > 10);
+  assert.equal(new Set(before).size, before.length);
+  await stopServer();
+  await b.locator('#status[data-state="closed"]').waitFor();
+  assert.match(await b.textContent("#status-text"), /restarting|Disconnected/);
+  assert.equal(await b.isDisabled("#send"), true, "no sending while disconnected");
+
+  await startServer();
+  await connected(a);
+  await connected(b);
+  for (const page of [a, b]) {
+    // Wait out the replay, then compare.
+    await eventually(async () => assert.deepEqual(await ids(page), before));
+    await page.waitForTimeout(600);
+    assert.deepEqual(await ids(page), before, "same messages, same order, once each");
+  }
+  // Reactions and own-highlighting came back too.
+  assert.deepEqual(await chip(a, "hello from A", "👍"), [1, false]);
+  assert.deepEqual(await chip(b, "hello from A", "👍"), [1, true]);
+  // And the live stream works on the new connection.
+  await send(b, "after the restart");
+  await message(a, "after the restart").waitFor();
+  assert.equal(await message(a, "after the restart").count(), 1);
+});
+
