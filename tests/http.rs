@@ -1,0 +1,453 @@
+//! Plain HTTP on the WebSocket port: the page, `/healthz`, `/metrics`,
+//! `/whoami`, and the bounds on requests. Requests are written byte for
+//! byte on raw TCP connections; responses are parsed with `httparse`.
+
+mod support;
+
+use chat_proto::WhoAmI;
+use std::time::Duration;
+use support::{PATIENCE, TestServer, test_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).expect("utf-8 body")
+    }
+}
+
+/// Reads one response (head, then `content-length` bytes of body unless
+/// `head_only`) from `stream`, leaving anything after it unread.
+async fn read_reply(stream: &mut TcpStream, head_only: bool) -> Reply {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut parsed = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(len) = parsed.parse(&buf).expect("a valid response") {
+            let headers: Vec<(String, String)> = parsed
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_owned(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            let status = parsed.code.expect("status");
+            let mut reply = Reply {
+                status,
+                headers,
+                body: Vec::new(),
+            };
+            let length: usize = if head_only || status == 304 {
+                0
+            } else {
+                reply
+                    .header("content-length")
+                    .expect("content-length")
+                    .parse()
+                    .expect("a number")
+            };
+            let mut body = buf[len..].to_vec();
+            while body.len() < length {
+                let n = timeout(PATIENCE, stream.read(&mut chunk))
+                    .await
+                    .expect("body in time")
+                    .expect("read");
+                assert!(n > 0, "connection closed mid-body");
+                body.extend_from_slice(&chunk[..n]);
+            }
+            assert_eq!(body.len(), length, "no bytes past the body");
+            reply.body = body;
+            return reply;
+        }
+        let n = timeout(PATIENCE, stream.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends `request` on a new connection from 127.0.0.`n` and reads the reply.
+async fn request_from(server: &TestServer, n: u8, request: &str) -> Reply {
+    let mut stream = server.tcp_from(n).await;
+    stream.write_all(request.as_bytes()).await.expect("write");
+    read_reply(&mut stream, request.starts_with("HEAD")).await
+}
+
+async fn get(server: &TestServer, path: &str) -> Reply {
+    request_from(
+        server,
+        2,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+    )
+    .await
+}
+
+/// Whether the server closes the connection (EOF or reset) within `within`.
+async fn closes(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut sink = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    };
+    timeout(within, read_all).await.is_ok()
+}
+
+#[tokio::test]
+async fn the_page_and_its_files_are_served_with_safe_headers() {
+    let server = TestServer::start(test_config()).await;
+    let page = get(&server, "/").await;
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    assert!(page.text().contains("<script src=\"/app.js\""));
+    let csp = page.header("content-security-policy").expect("a CSP");
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"));
+    assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+    for (path, kind) in [
+        ("/app.js", "text/javascript"),
+        ("/style.css", "text/css"),
+        ("/icon.svg", "image/svg+xml"),
+    ] {
+        let file = get(&server, path).await;
+        assert_eq!(file.status, 200, "{path}");
+        assert!(file.header("content-type").expect("type").starts_with(kind));
+        assert!(!file.body.is_empty());
+    }
+    // A query string does not change the route.
+    assert_eq!(get(&server, "/?utm=x").await.status, 200);
+
+    // Revalidation: the same ETag gets 304 with no body; another gets 200.
+    let etag = page.header("etag").expect("etag").to_owned();
+    let again = request_from(
+        &server,
+        2,
+        &format!("GET / HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(again.status, 304);
+    assert!(again.body.is_empty());
+    let stale = request_from(
+        &server,
+        2,
+        "GET / HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"old\"\r\n\r\n",
+    )
+    .await;
+    assert_eq!(stale.status, 200);
+
+    // HEAD: the length of the page, no body.
+    let head = request_from(&server, 2, "HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("content-length"),
+        Some(page.body.len().to_string().as_str())
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn healthz_and_unknown_paths() {
+    let server = TestServer::start(test_config()).await;
+    let health = get(&server, "/healthz").await;
+    assert_eq!((health.status, health.text()), (200, "ok\n"));
+    assert_eq!(health.header("cache-control"), Some("no-store"));
+    for path in [
+        "/nope",
+        "/ws/",
+        "/app.js/",
+        "/healthz/x",
+        "/%2e%2e/etc/passwd",
+    ] {
+        assert_eq!(get(&server, path).await.status, 404, "{path}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn whoami_is_the_id_the_server_gives_this_client() {
+    let mut config = test_config();
+    config.trusted_proxies = vec!["127.0.0.9/32".parse().expect("net")];
+    let server = TestServer::start(config).await;
+    let mut client = server.client(5).await;
+    client.say("who am I?").await;
+    let author = client.message().await.author_id;
+
+    let reply = request_from(&server, 5, "GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
+    let who: WhoAmI = serde_json::from_slice(&reply.body).expect("a WhoAmI body");
+    assert_eq!(who.user_id, author);
+
+    // Another address is another user.
+    let other = request_from(&server, 6, "GET /whoami HTTP/1.1\r\n\r\n").await;
+    let other: WhoAmI = serde_json::from_slice(&other.body).expect("body");
+    assert_ne!(other.user_id, author);
+
+    // Behind a trusted proxy, the forwarded address counts, as it does for
+    // the WebSocket; an untrusted peer's header is ignored.
+    let forwarded = "GET /whoami HTTP/1.1\r\nX-Forwarded-For: 127.0.0.5\r\n\r\n";
+    let proxied: WhoAmI =
+        serde_json::from_slice(&request_from(&server, 9, forwarded).await.body).expect("body");
+    assert_eq!(proxied.user_id, author);
+    let spoofed: WhoAmI =
+        serde_json::from_slice(&request_from(&server, 6, forwarded).await.body).expect("body");
+    assert_ne!(spoofed.user_id, author);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_count_what_happened() {
+    let mut config = test_config();
+    config.message_rate = 2;
+    let server = TestServer::start(config).await;
+    let mut a = server.client(2).await;
+    let mut b = server.client(3).await;
+    a.say("one").await;
+    let id = b.message().await.id;
+    a.message().await;
+    a.say("two").await;
+    b.message().await;
+    a.message().await;
+    a.say("three").await;
+    assert!(a.error().await.starts_with("Rate limit exceeded"));
+    a.send_text("not json").await;
+    assert!(a.error().await.starts_with("Invalid message format"));
+    b.react(id, "👍").await;
+    a.reaction().await;
+    let refused = server.try_client(2, "/elsewhere", &[]).await;
+    assert!(refused.is_err());
+
+    let metrics = get(&server, "/metrics").await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .header("content-type")
+            .expect("type")
+            .starts_with("application/openmetrics-text")
+    );
+    let text = metrics.text();
+    for line in [
+        "chat_connections_open 2",
+        "chat_messages_accepted_total 2",
+        "chat_reactions_accepted_total 1",
+        "chat_history_messages 2",
+        "chat_frames_refused_total{reason=\"rate_limited\"} 1",
+        "chat_frames_refused_total{reason=\"invalid_format\"} 1",
+        "chat_handshakes_refused_total{reason=\"not_found\"} 1",
+        "chat_slow_clients_dropped_total 0",
+        "chat_store_failing 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(text.contains("# TYPE chat_store_commit_seconds histogram"));
+    assert!(text.ends_with("# EOF\n"));
+
+    drop(b);
+    // Closed connections are counted by reason once the server sees them.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let text = get(&server, "/metrics").await.text().to_owned();
+        if text.lines().any(|l| l == "chat_connections_open 1")
+            && text.contains("chat_connections_closed_total{reason=")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "close not counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn store_commits_are_timed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config();
+    config.in_memory = false;
+    config.data_dir = dir.path().to_owned();
+    let server = TestServer::start(config).await;
+    let mut a = server.client(2).await;
+    for i in 0..3 {
+        a.say(&format!("durable {i}")).await;
+        a.message().await;
+    }
+    let text = get(&server, "/metrics").await.text().to_owned();
+    let count: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("chat_store_commit_seconds_count "))
+        .expect("commit count")
+        .parse()
+        .expect("a number");
+    assert!((1..=3).contains(&count), "{count} commits for 3 messages");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_status_and_a_close() {
+    let mut config = test_config();
+    config.max_request_head = 1024;
+    let server = TestServer::start(config).await;
+    let cases: Vec<(String, u16)> = vec![
+        ("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n".into(), 405),
+        ("DELETE /healthz HTTP/1.1\r\n\r\n".into(), 405),
+        (
+            "GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".into(),
+            413,
+        ),
+        (
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(),
+            413,
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(2000)),
+            431,
+        ),
+        (
+            format!(
+                "GET / HTTP/1.1\r\n{}\r\n",
+                (0..80).map(|i| format!("h{i}: v\r\n")).collect::<String>()
+            ),
+            431,
+        ),
+        ("GET / HTTP/9.9\r\n\r\n".into(), 400),
+        (
+            "\x16\x03\x01\x00\x25\x01\x00\x00\x21\x03\x03\r\n\r\n".into(),
+            400,
+        ),
+        ("GET /ws HTTP/1.1\r\nHost: x\r\n\r\n".into(), 426),
+    ];
+    for (request, status) in cases {
+        let mut stream = server.tcp_from(2).await;
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let reply = read_reply(&mut stream, false).await;
+        assert_eq!(reply.status, status, "{request:?}");
+        assert_eq!(reply.header("connection"), Some("close"), "{request:?}");
+        assert!(closes(&mut stream, PATIENCE).await, "{request:?} left open");
+    }
+    let allow = request_from(&server, 2, "PUT / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(allow.header("allow"), Some("GET, HEAD"));
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_head_that_never_finishes_is_cut_off() {
+    let mut config = test_config();
+    config.handshake_timeout = Duration::from_millis(300);
+    let server = TestServer::start(config).await;
+    let mut slow = server.tcp_from(2).await;
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    assert!(closes(&mut slow, Duration::from_secs(3)).await);
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_head_sent_byte_by_byte_is_still_understood() {
+    let server = TestServer::start(test_config()).await;
+    let mut stream = server.tcp_from(2).await;
+    stream.set_nodelay(true).expect("nodelay");
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" {
+        stream.write_all(&[*byte]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let reply = read_reply(&mut stream, false).await;
+    assert_eq!((reply.status, reply.text()), (200, "ok\n"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn keep_alive_serves_several_requests_then_upgrades() {
+    let server = TestServer::start(test_config()).await;
+    let mut stream = server.tcp_from(2).await;
+    for path in ["/healthz", "/whoami", "/app.js"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let reply = read_reply(&mut stream, false).await;
+        assert_eq!(reply.status, 200, "{path}");
+        assert_eq!(reply.header("connection"), None, "{path}: kept alive");
+    }
+    // The same connection can then become a WebSocket.
+    let request = "ws://x/ws"
+        .parse::<tokio_tungstenite::tungstenite::http::Uri>()
+        .expect("uri");
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("upgrade after plain requests");
+    use futures_util::{SinkExt, StreamExt};
+    let frame = support::say("after keep-alive").encode();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(frame))
+        .await
+        .expect("send");
+    let echoed = timeout(PATIENCE, ws.next())
+        .await
+        .expect("in time")
+        .expect("a frame")
+        .expect("ok");
+    assert!(echoed.to_text().expect("text").contains("after keep-alive"));
+
+    // HTTP/1.0 and `Connection: close` are answered, then closed.
+    for request in [
+        "GET /healthz HTTP/1.0\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ] {
+        let mut stream = server.tcp_from(2).await;
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let reply = read_reply(&mut stream, false).await;
+        assert_eq!(reply.header("connection"), Some("close"));
+        assert!(closes(&mut stream, PATIENCE).await);
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_server_answers_plain_requests_with_503_too() {
+    let mut config = test_config();
+    config.max_connections = 1;
+    let server = TestServer::start(config).await;
+    let _only = server.client(2).await;
+    let reply = get(&server, "/").await;
+    assert_eq!(reply.status, 503);
+    assert!(reply.header("retry-after").is_some());
+    server.shutdown().await;
+}
+
+async fn server_still_serves(server: &TestServer) {
+    let mut c = server.client(7).await;
+    c.say("still here").await;
+    assert_eq!(c.message().await.text, "still here");
+}
