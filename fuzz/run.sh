@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-300}
-for target in ${TARGETS:-decode core_sequence handshake}; do
+for target in ${TARGETS:-decode core_sequence handshake http_head}; do
   mkdir -p "corpus/$target"
   log=$(mktemp)
   # The corpus grows in corpus/ (not committed); seeds/ is the committed start.
