@@ -165,11 +165,15 @@ after(async () => {
 test("a message sent from one page appears in the other", async () => {
   await a.fill("#name", "Alice");
   await b.fill("#name", "Bob");
+  // Let B's (empty) history replay settle, so what follows is live.
+  await b.waitForTimeout(500);
   await send(a, "hello from A");
   const seen = message(b, "hello from A");
   await seen.waitFor();
   assert.equal(await seen.locator(".author").textContent(), "Alice");
   assert.equal(await seen.evaluate((el) => el.classList.contains("own")), false);
+  // Screen readers hear live messages from others.
+  await eventually(async () => assert.equal(await b.textContent("#announcer"), "Alice: hello from A"));
   const own = message(a, "hello from A");
   await own.waitFor();
   assert.equal(await own.evaluate((el) => el.classList.contains("own")), true, "A's own message is marked");

@@ -17,6 +17,11 @@ const BACKOFF_MAX_MS = 15000;
 const REPLAY_SETTLE_MS = 400;
 // Near enough to the bottom to keep following new messages.
 const STICK_PX = 48;
+// The most messages the page keeps (the server's default history is
+// 10,000); beyond it the oldest leave the list, so a tab left open for
+// weeks does not grow without bound.
+const MAX_KEPT = 10000;
+const TITLE = document.title;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -34,6 +39,7 @@ const ui = {
   counter: $("counter"),
   send: $("send"),
   picker: $("picker"),
+  announcer: $("announcer"),
 };
 
 /** @type {Map<string, {message: object, el: HTMLLIElement, seen: number}>} */
@@ -48,6 +54,8 @@ let attempts = 0;
 let pending = null; // text just sent, restored if the server refuses it
 let pickerFor = null; // the "add reaction" button the picker belongs to
 let stuck = true; // following the newest message (the reader has not scrolled up)
+let replaying = true; // the history replay of the current connection is under way
+let unread = 0; // live messages from others while the tab was hidden
 
 // ---- connection ----------------------------------------------------------
 
@@ -61,6 +69,7 @@ function connect() {
   setStatus("connecting", attempts ? "Reconnecting…" : "Connecting…");
   connection += 1;
   lastInStream = null;
+  replaying = true;
   const ws = new WebSocket(wsUrl());
   socket = ws;
   ws.addEventListener("open", () => {
@@ -126,28 +135,65 @@ async function whoami() {
 
 // ---- frames --------------------------------------------------------------
 
+// Frames are handled in batches, once per animation frame (or every 100 ms
+// in a hidden tab, where animation frames stop): a history replay of 10,000
+// messages then costs one layout, not 10,000.
+let inbox = [];
+let flushPending = false;
+
 function onFrame(data) {
-  let frame;
-  try {
-    frame = JSON.parse(data);
-  } catch {
-    return;
+  inbox.push(data);
+  if (flushPending) return;
+  flushPending = true;
+  if (document.hidden) setTimeout(flush, 100);
+  else requestAnimationFrame(flush);
+}
+
+function flush() {
+  flushPending = false;
+  const batch = inbox;
+  inbox = [];
+  const follow = stuck || atBottom();
+  let sawMessage = false;
+  let ownNew = false;
+  let othersNew = 0;
+  for (const data of batch) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      continue;
+    }
+    const body = frame && frame.data;
+    switch (frame && frame.type) {
+      case "message": {
+        sawMessage = true;
+        const created = upsert(body, true);
+        if (created && body.author_id === me) ownNew += 1;
+        else if (created) othersNew += 1;
+        if (created && !replaying && body.author_id !== me) announce(body);
+        break;
+      }
+      case "reaction_updated":
+        if (body && body.message) upsert(body.message, false);
+        break;
+      case "error":
+        onError(body && body.error);
+        break;
+      default:
+        break; // a newer server's frame: ignore it
+    }
   }
-  const body = frame && frame.data;
-  switch (frame && frame.type) {
-    case "message":
-      upsert(body, true);
-      scheduleSettle();
-      break;
-    case "reaction_updated":
-      if (body && body.message) upsert(body.message, false);
-      break;
-    case "error":
-      onError(body && body.error);
-      break;
-    default:
-      break; // a newer server's frame: ignore it
+  trim();
+  ui.empty.hidden = messages.size > 0;
+  // Follow the conversation, and always show the user their own message.
+  if (follow || ownNew > 0) scrollToBottom();
+  else if (othersNew > 0) ui.jump.hidden = false;
+  if (othersNew > 0 && document.hidden && !replaying) {
+    unread += othersNew;
+    document.title = `(${unread}) ${TITLE}`;
   }
+  if (sawMessage) scheduleSettle();
 }
 
 function onError(text) {
@@ -160,10 +206,12 @@ function onError(text) {
   pending = null;
 }
 
-/** Adds a message or updates it in place; `inStream` keeps server order. */
+/**
+ * Adds a message or updates it in place; `inStream` keeps server order.
+ * Returns whether the message is new to the list.
+ */
 function upsert(message, inStream) {
-  if (!message || typeof message.id !== "string") return;
-  const follow = stuck || atBottom();
+  if (!message || typeof message.id !== "string") return false;
   let entry = messages.get(message.id);
   const created = !entry;
   if (entry) {
@@ -183,7 +231,6 @@ function upsert(message, inStream) {
     } else {
       ui.list.append(el);
     }
-    if (!follow && message.author_id !== me) ui.jump.hidden = false;
   }
   if (inStream) {
     entry.seen = connection;
@@ -191,9 +238,22 @@ function upsert(message, inStream) {
   }
   if (pending !== null && message.author_id === me && message.text === pending) pending = null;
   render(entry);
-  ui.empty.hidden = messages.size > 0;
-  // Follow the conversation, and always show the user their own message.
-  if (follow || (created && message.author_id === me)) scrollToBottom();
+  return created;
+}
+
+/** Keeps the list within MAX_KEPT messages, dropping the oldest. */
+function trim() {
+  while (messages.size > MAX_KEPT) {
+    const first = ui.list.firstElementChild;
+    if (!first) break;
+    messages.delete(first.dataset.id);
+    first.remove();
+  }
+}
+
+/** Tells screen readers about a live message from someone else. */
+function announce(message) {
+  ui.announcer.textContent = `${message.author_name}: ${message.text}`;
 }
 
 function scheduleSettle() {
@@ -209,6 +269,7 @@ function scheduleSettle() {
       }
     }
     ui.empty.hidden = messages.size > 0;
+    replaying = false;
   }, REPLAY_SETTLE_MS);
 }
 
@@ -501,6 +562,12 @@ function notify(text) {
 // ---- start ---------------------------------------------------------------
 
 ui.jump.addEventListener("click", scrollToBottom);
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) {
+    unread = 0;
+    document.title = TITLE;
+  }
+});
 ui.scroller.addEventListener("scroll", () => {
   stuck = atBottom();
   if (stuck) ui.jump.hidden = true;
