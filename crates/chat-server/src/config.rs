@@ -354,5 +354,15 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        let c = Config {
+            max_request_head: MIN_REQUEST_HEAD - 1,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            max_request_head: MIN_REQUEST_HEAD,
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
     }
 }
