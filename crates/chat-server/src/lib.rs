@@ -220,7 +220,12 @@ impl Server {
             committer,
         } = self;
         info!(addr = %local_addr, path = handshake::WS_PATH, "listening");
-        info!("web client at http://{local_addr}/");
+        let page = if local_addr.ip().is_unspecified() {
+            format!("http://localhost:{}/", local_addr.port())
+        } else {
+            format!("http://{local_addr}/")
+        };
+        info!("web client at {page}");
         let tasks = TaskTracker::new();
         let accept = tokio::spawn(listener::accept_loop(
             listener,
