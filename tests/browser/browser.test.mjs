@@ -33,8 +33,9 @@ const ADDR_A = "198.51.100.1";
 const ADDR_B = "198.51.100.2";
 
 /** Starts the server (on `port` when set, else any free port). */
-async function startServer() {
+async function startServer(extra = []) {
   const args = [
+    ...extra,
     "--listen", `0.0.0.0:${port}`,
     "--data-dir", dataDir,
     "--identity-secret", "browser-test",
@@ -363,5 +364,17 @@ test("after a server restart the page reconnects with the same history and no du
   await send(b, "after the restart");
   await message(a, "after the restart").waitFor();
   assert.equal(await message(a, "after the restart").count(), 1);
+});
+
+test("the list is rebuilt from the replay: messages the server dropped leave it", async () => {
+  const before = await ids(a);
+  const keep = 5;
+  // Restarted with a smaller history, the server drops the oldest messages.
+  await stopServer();
+  await a.locator('#status[data-state="closed"]').waitFor();
+  await startServer(["--history-limit", String(keep)]);
+  await connected(a);
+  await eventually(async () => assert.deepEqual(await ids(a), before.slice(-keep)));
+  assert.equal(await a.locator("#empty").isHidden(), true);
 });
 
