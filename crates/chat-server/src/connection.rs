@@ -16,7 +16,6 @@ use crate::Shared;
 use crate::handshake::{Admitted, Refusal};
 use crate::http;
 use crate::hub::ApplyError;
-use crate::metrics::Reason;
 use chat_core::ChatError;
 use chat_proto::{DecodeError, ServerFrame};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -102,9 +101,7 @@ impl CloseReason {
             _ => CloseReason::PeerGone,
         }
     }
-}
 
-impl CloseReason {
     /// A short stable name, for metrics labels.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -147,13 +144,12 @@ impl fmt::Display for CloseReason {
 /// Serves one accepted TCP connection until it closes. `permit` is its
 /// place under the server's connection limit.
 pub(crate) async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
 ) {
     let _permit = permit;
-    let mut stream = stream;
     // Frames are coalesced by the writer; Nagle would only add delay.
     let _ = stream.set_nodelay(true);
     // Bound what the kernel holds for a client that stops reading.
@@ -173,19 +169,9 @@ pub(crate) async fn serve(
     };
     let user = admitted.user.clone();
     info!(user = %user, %peer, client = %admitted.addr, "connection opened");
-    let metrics = &shared.metrics;
-    metrics.connections_open.inc();
+    shared.metrics.connection_opened();
     let reason = run(ws, &admitted, &shared).await;
-    metrics.connections_open.dec();
-    metrics
-        .connections_closed
-        .get_or_create(&Reason {
-            reason: reason.kind(),
-        })
-        .inc();
-    if reason.is_slow_client() {
-        metrics.slow_clients_dropped.inc();
-    }
+    shared.metrics.connection_closed(&reason);
     info!(user = %user, %peer, reason = %reason, "connection closed");
 }
 
@@ -212,13 +198,7 @@ async fn handshake(
 ) -> Result<(Ws, Admitted), String> {
     let mut admitted = None;
     let refused = |refusal: Refusal| {
-        shared
-            .metrics
-            .handshakes_refused
-            .get_or_create(&Reason {
-                reason: refusal.kind(),
-            })
-            .inc();
+        shared.metrics.handshake_refused(&refusal);
         refusal.response()
     };
     let callback = |request: &Request, response: Response| {
@@ -333,13 +313,7 @@ async fn read_loop(
         };
         if let Some(refusal) = refusal {
             debug!(user = %admitted.user, %refusal, "refused");
-            shared
-                .metrics
-                .frames_refused
-                .get_or_create(&Reason {
-                    reason: refusal.kind(),
-                })
-                .inc();
+            shared.metrics.frame_refused(&refusal);
             if !refusals.take() {
                 return CloseReason::TooManyRefusals;
             }

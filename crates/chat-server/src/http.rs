@@ -16,7 +16,7 @@
 
 use crate::Shared;
 use crate::handshake::{Refusal, Request, WS_PATH};
-use crate::metrics::{self, Reason};
+use crate::metrics;
 use crate::web::{self, Asset};
 use chat_proto::WhoAmI;
 use std::fmt::Write as _;
@@ -186,13 +186,7 @@ pub(crate) async fn serve(stream: &mut TcpStream, peer: IpAddr, shared: &Shared)
         if upgrade {
             // A WebSocket handshake anywhere but /ws.
             let refusal = Refusal::NotFound;
-            shared
-                .metrics
-                .handshakes_refused
-                .get_or_create(&Reason {
-                    reason: refusal.kind(),
-                })
-                .inc();
+            shared.metrics.handshake_refused(&refusal);
             let reply = text(refusal.status(), &format!("{refusal}\n"));
             write_response(stream, &reply, true, shared).await;
             return Next::Done;
@@ -231,13 +225,7 @@ pub(crate) async fn refuse_full(stream: &mut TcpStream, shared: &Shared) {
         return;
     }
     let refusal = Refusal::ServerFull;
-    shared
-        .metrics
-        .handshakes_refused
-        .get_or_create(&Reason {
-            reason: refusal.kind(),
-        })
-        .inc();
+    shared.metrics.handshake_refused(&refusal);
     let mut reply = text(refusal.status(), &format!("{refusal}\n"));
     reply
         .headers_mut()
@@ -254,14 +242,7 @@ async fn finish(
     reply: Response<Bytes>,
     keep_alive: bool,
 ) -> bool {
-    shared
-        .metrics
-        .http_responses
-        .get_or_create(&metrics::Response {
-            route,
-            code: reply.status().as_u16(),
-        })
-        .inc();
+    shared.metrics.http_response(route, reply.status().as_u16());
     write_response(stream, &reply, !keep_alive, shared).await && keep_alive
 }
 

@@ -5,6 +5,9 @@
 //! until a scrape. Label values are all `&'static str` or status codes, so
 //! no client can grow the label sets.
 
+use crate::connection::CloseReason;
+use crate::handshake::Refusal;
+use chat_core::ChatError;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -153,6 +156,44 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Counts a WebSocket handshake refused with an HTTP error.
+    pub fn handshake_refused(&self, refusal: &Refusal) {
+        let reason = refusal.kind();
+        self.handshakes_refused
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    /// Counts a client frame answered with an `error` frame.
+    pub fn frame_refused(&self, refusal: &ChatError) {
+        let reason = refusal.kind();
+        self.frames_refused.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts a WebSocket connection past its handshake.
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    /// Counts a WebSocket connection's end, and a slow client's drop.
+    pub fn connection_closed(&self, why: &CloseReason) {
+        self.connections_open.dec();
+        let reason = why.kind();
+        self.connections_closed
+            .get_or_create(&Reason { reason })
+            .inc();
+        if why.is_slow_client() {
+            self.slow_clients_dropped.inc();
+        }
+    }
+
+    /// Counts a plain HTTP response.
+    pub fn http_response(&self, route: &'static str, code: u16) {
+        self.http_responses
+            .get_or_create(&Response { route, code })
+            .inc();
+    }
+
     /// The text a scrape returns.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -169,23 +210,20 @@ mod tests {
     #[test]
     fn every_metric_is_reported_with_its_labels() {
         let m = Metrics::new();
-        m.connections_open.inc();
-        m.frames_refused
-            .get_or_create(&Reason {
-                reason: "rate_limited",
-            })
-            .inc();
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed(&CloseReason::Stalled);
+        m.frame_refused(&ChatError::MessageNotFound);
+        m.handshake_refused(&Refusal::ServerFull);
         m.store_commit.observe(0.003);
-        m.http_responses
-            .get_or_create(&Response {
-                route: "healthz",
-                code: 200,
-            })
-            .inc();
+        m.http_response("healthz", 200);
         let text = m.encode();
         for line in [
             "chat_connections_open 1",
-            "chat_frames_refused_total{reason=\"rate_limited\"} 1",
+            "chat_connections_closed_total{reason=\"stalled\"} 1",
+            "chat_slow_clients_dropped_total 1",
+            "chat_frames_refused_total{reason=\"message_not_found\"} 1",
+            "chat_handshakes_refused_total{reason=\"server_full\"} 1",
             "chat_store_commit_seconds_count 1",
             "chat_http_responses_total{route=\"healthz\",code=\"200\"} 1",
             "chat_messages_accepted_total 0",
