@@ -178,11 +178,9 @@ pub(crate) async fn serve(stream: &mut TcpStream, peer: IpAddr, shared: &Shared)
             return Next::Upgrade { deadline };
         }
         // Ours: take the head out of the socket.
-        let mut consumed = vec![0; head.len];
-        if stream.read_exact(&mut consumed).await.is_err() {
+        if consume(stream, &head).await.is_err() {
             return Next::Done;
         }
-        drop(consumed);
         if upgrade {
             // A WebSocket handshake anywhere but /ws.
             let refusal = Refusal::NotFound;
@@ -220,8 +218,7 @@ pub(crate) async fn refuse_full(stream: &mut TcpStream, shared: &Shared) {
     else {
         return;
     };
-    let mut consumed = vec![0; head.len];
-    if stream.read_exact(&mut consumed).await.is_err() {
+    if consume(stream, &head).await.is_err() {
         return;
     }
     let refusal = Refusal::ServerFull;
@@ -231,6 +228,12 @@ pub(crate) async fn refuse_full(stream: &mut TcpStream, shared: &Shared) {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     write_response(stream, &reply, true, shared).await;
+}
+
+/// Reads a peeked head out of the socket (its bytes are already there).
+async fn consume(stream: &mut TcpStream, head: &Head) -> io::Result<()> {
+    let mut bytes = vec![0; head.len];
+    stream.read_exact(&mut bytes).await.map(drop)
 }
 
 /// Counts, writes and (unless kept alive) closes; false when the
