@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Soak and abuse against the real server binary: ordinary clients chat while
 # clients that never read, slowloris connections, a connection flood from one
-# address and junk senders attack. Passes only if the chatters lost nothing,
-# the server's memory and file descriptors stayed flat after warm-up, every
-# abuser was refused or dropped, and the server still answers at the end.
+# address and junk senders attack, and plain HTTP clients load the page,
+# /whoami and /metrics (with an oversized head now and then). Passes only if
+# the chatters lost nothing, every HTTP answer was right, the server's memory
+# and file descriptors stayed flat after warm-up, every abuser was refused or
+# dropped, and the server still answers at the end.
 #
 # Usage: benches/soak.sh [duration, default 10m]   (CI runs it for 60s)
 set -euo pipefail
@@ -22,7 +24,7 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 status=0
 ./target/release/chat-loadgen --url "ws://127.0.0.1:$port/ws" --server-pid "$server" \
   --note="--history-limit 500 --max-lag 256 --write-timeout 2s --handshake-timeout 2s --max-connections-per-ip 16 --message-rate 120" \
-  soak --duration "$duration" --chatters 50 --send-every 1s --non-readers 3 --slowloris 10 --flood 40 --junk 2 \
+  soak --duration "$duration" --chatters 50 --send-every 1s --non-readers 3 --slowloris 10 --flood 40 --junk 2 --browsers 4 \
   || status=$?
 kill -TERM $server
 wait $server || true

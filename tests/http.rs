@@ -4,6 +4,7 @@
 
 mod support;
 
+use chat_loadgen::http::{Response, read_response_to};
 use chat_proto::WhoAmI;
 use std::time::Duration;
 use support::{PATIENCE, TestServer, test_config};
@@ -11,90 +12,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+/// The body as text.
+fn text(reply: &Response) -> &str {
+    std::str::from_utf8(&reply.body).expect("utf-8 body")
 }
 
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("utf-8 body")
-    }
-}
-
-/// Reads one response (head, then `content-length` bytes of body unless
-/// `head_only`) from `stream`, leaving anything after it unread.
-async fn read_reply(stream: &mut TcpStream, head_only: bool) -> Reply {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut parsed = httparse::Response::new(&mut headers);
-        if let httparse::Status::Complete(len) = parsed.parse(&buf).expect("a valid response") {
-            let headers: Vec<(String, String)> = parsed
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_owned(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect();
-            let status = parsed.code.expect("status");
-            let mut reply = Reply {
-                status,
-                headers,
-                body: Vec::new(),
-            };
-            let length: usize = if head_only || status == 304 {
-                0
-            } else {
-                reply
-                    .header("content-length")
-                    .expect("content-length")
-                    .parse()
-                    .expect("a number")
-            };
-            let mut body = buf[len..].to_vec();
-            while body.len() < length {
-                let n = timeout(PATIENCE, stream.read(&mut chunk))
-                    .await
-                    .expect("body in time")
-                    .expect("read");
-                assert!(n > 0, "connection closed mid-body");
-                body.extend_from_slice(&chunk[..n]);
-            }
-            assert_eq!(body.len(), length, "no bytes past the body");
-            reply.body = body;
-            return reply;
-        }
-        let n = timeout(PATIENCE, stream.read(&mut chunk))
-            .await
-            .expect("response in time")
-            .expect("read");
-        assert!(n > 0, "connection closed before a response");
-        buf.extend_from_slice(&chunk[..n]);
-    }
+/// Reads one response (the head only for a `HEAD`), within [`PATIENCE`].
+async fn read_reply(stream: &mut TcpStream, head_only: bool) -> Response {
+    timeout(PATIENCE, read_response_to(stream, head_only))
+        .await
+        .expect("response in time")
+        .expect("a well-formed response")
 }
 
 /// Sends `request` on a new connection from 127.0.0.`n` and reads the reply.
-async fn request_from(server: &TestServer, n: u8, request: &str) -> Reply {
+async fn request_from(server: &TestServer, n: u8, request: &str) -> Response {
     let mut stream = server.tcp_from(n).await;
     stream.write_all(request.as_bytes()).await.expect("write");
     read_reply(&mut stream, request.starts_with("HEAD")).await
 }
 
-async fn get(server: &TestServer, path: &str) -> Reply {
+async fn get(server: &TestServer, path: &str) -> Response {
     request_from(
         server,
         2,
@@ -126,7 +64,7 @@ async fn the_page_and_its_files_are_served_with_safe_headers() {
         page.header("content-type"),
         Some("text/html; charset=utf-8")
     );
-    assert!(page.text().contains("<script src=\"/app.js\""));
+    assert!(text(&page).contains("<script src=\"/app.js\""));
     let csp = page.header("content-security-policy").expect("a CSP");
     assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"));
     assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
@@ -175,7 +113,7 @@ async fn the_page_and_its_files_are_served_with_safe_headers() {
 async fn healthz_and_unknown_paths() {
     let server = TestServer::start(test_config()).await;
     let health = get(&server, "/healthz").await;
-    assert_eq!((health.status, health.text()), (200, "ok\n"));
+    assert_eq!((health.status, text(&health)), (200, "ok\n"));
     assert_eq!(health.header("cache-control"), Some("no-store"));
     for path in [
         "/nope",
@@ -252,7 +190,7 @@ async fn metrics_count_what_happened() {
             .expect("type")
             .starts_with("application/openmetrics-text")
     );
-    let text = metrics.text();
+    let scraped = text(&metrics);
     for line in [
         "chat_connections_open 2",
         "chat_messages_accepted_total 2",
@@ -265,26 +203,26 @@ async fn metrics_count_what_happened() {
         "chat_store_failing 0",
     ] {
         assert!(
-            text.lines().any(|l| l == line),
-            "missing {line:?} in\n{text}"
+            scraped.lines().any(|l| l == line),
+            "missing {line:?} in\n{scraped}"
         );
     }
-    assert!(text.contains("# TYPE chat_store_commit_seconds histogram"));
-    assert!(text.ends_with("# EOF\n"));
+    assert!(scraped.contains("# TYPE chat_store_commit_seconds histogram"));
+    assert!(scraped.ends_with("# EOF\n"));
 
     drop(b);
     // Closed connections are counted by reason once the server sees them.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let text = get(&server, "/metrics").await.text().to_owned();
-        if text.lines().any(|l| l == "chat_connections_open 1")
-            && text.contains("chat_connections_closed_total{reason=")
+        let scraped = text(&get(&server, "/metrics").await).to_owned();
+        if scraped.lines().any(|l| l == "chat_connections_open 1")
+            && scraped.contains("chat_connections_closed_total{reason=")
         {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "close not counted:\n{text}"
+            "close not counted:\n{scraped}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -303,8 +241,8 @@ async fn store_commits_are_timed() {
         a.say(&format!("durable {i}")).await;
         a.message().await;
     }
-    let text = get(&server, "/metrics").await.text().to_owned();
-    let count: u64 = text
+    let scraped = text(&get(&server, "/metrics").await).to_owned();
+    let count: u64 = scraped
         .lines()
         .find_map(|l| l.strip_prefix("chat_store_commit_seconds_count "))
         .expect("commit count")
@@ -386,7 +324,7 @@ async fn a_head_sent_byte_by_byte_is_still_understood() {
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     let reply = read_reply(&mut stream, false).await;
-    assert_eq!((reply.status, reply.text()), (200, "ok\n"));
+    assert_eq!((reply.status, text(&reply)), (200, "ok\n"));
     server.shutdown().await;
 }
 

@@ -1,9 +1,11 @@
 //! The pieces of `chat-loadgen`, usable from other programs and tests:
-//! connecting many clients ([`client`]), the scenarios ([`scenario`]), the
+//! connecting many clients ([`client`]), reading plain HTTP responses
+//! ([`http`]), the scenarios ([`scenario`]), the
 //! soak and abuse run ([`soak`]) and measuring ([`stats`]).
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod http;
 pub mod scenario;
 pub mod soak;
 pub mod stats;

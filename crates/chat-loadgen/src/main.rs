@@ -103,6 +103,11 @@ enum Scenario {
         /// Clients sending junk as fast as they can.
         #[arg(long, default_value_t = 3)]
         junk: usize,
+        /// Plain HTTP clients loading the page, /whoami and /metrics over
+        /// keep-alive connections, with an oversized request head now and
+        /// then.
+        #[arg(long, default_value_t = 4)]
+        browsers: usize,
         /// Allowed growth of memory and descriptors after warm-up (0.2 = 20 %).
         #[arg(long, default_value_t = 0.2)]
         tolerance: f64,
@@ -226,6 +231,7 @@ async fn main() -> std::process::ExitCode {
             slowloris,
             flood,
             junk,
+            browsers,
             tolerance,
         } => {
             let soak = chat_loadgen::soak::Soak {
@@ -236,10 +242,11 @@ async fn main() -> std::process::ExitCode {
                 slowloris: *slowloris,
                 flood: *flood,
                 junk: *junk,
+                browsers: *browsers,
                 server_pid: cli.server_pid,
                 tolerance: *tolerance,
             };
-            let params = json!({"duration_s": duration.as_secs_f64(), "chatters": chatters, "send_every_s": send_every.as_secs_f64(), "non_readers": non_readers, "slowloris": slowloris, "flood": flood, "junk": junk, "tolerance": tolerance});
+            let params = json!({"duration_s": duration.as_secs_f64(), "chatters": chatters, "send_every_s": send_every.as_secs_f64(), "non_readers": non_readers, "slowloris": slowloris, "flood": flood, "junk": junk, "browsers": browsers, "tolerance": tolerance});
             let results = chat_loadgen::soak::run(&target, &soak).await;
             ("soak", params, results)
         }

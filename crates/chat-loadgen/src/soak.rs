@@ -3,19 +3,21 @@
 //!
 //! Abusers: clients that never read, clients that connect and send nothing
 //! (slowloris), a flood of connections from one address past its limit,
-//! and clients sending junk as fast as they can. The run passes only if the
+//! clients sending junk as fast as they can, and plain HTTP clients (the
+//! page, `/whoami`, `/metrics`, oversized request heads). The run passes only if the
 //! ordinary clients lost nothing, memory and descriptors are flat after
 //! warm-up, every abuser was refused or disconnected, and the server still
 //! answers at the end.
 
 use crate::client::{Marker, Target, now_us, run_id};
+use crate::http;
 use crate::stats::rss_bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -36,6 +38,9 @@ pub struct Soak {
     pub flood: usize,
     /// Clients sending junk frames as fast as they can.
     pub junk: usize,
+    /// Plain HTTP clients: page, `/whoami` and `/metrics` over keep-alive,
+    /// and an oversized request head now and then.
+    pub browsers: usize,
     /// The server's PID, for memory and descriptors.
     pub server_pid: Option<u32>,
     /// Allowed growth of memory and descriptors after warm-up, as a share.
@@ -53,6 +58,9 @@ struct Counters {
     flood_accepted: AtomicU64,
     junk_errors: AtomicU64,
     junk_closed: AtomicU64,
+    http_ok: AtomicU64,
+    http_unexpected: AtomicU64,
+    http_oversized_refused: AtomicU64,
 }
 
 fn fd_count(pid: u32) -> Option<u64> {
@@ -67,6 +75,17 @@ const NON_READER_BASE: usize = 1_000;
 const JUNK_BASE: usize = 2_000;
 const SLOWLORIS_BASE: usize = 3_000;
 const FLOOD_INDEX: usize = 4_000;
+const BROWSER_BASE: usize = 5_000;
+
+/// What a soak "browser" asks for, in turn, on one keep-alive connection.
+const BROWSER_PATHS: [&str; 6] = [
+    "/",
+    "/app.js",
+    "/style.css",
+    "/whoami",
+    "/metrics",
+    "/healthz",
+];
 
 /// Runs the soak and reports; `"passed"` says whether every check held.
 pub async fn run(target: &Target, soak: &Soak) -> Value {
@@ -246,6 +265,48 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         });
     }
 
+    // Browsers: plain HTTP over keep-alive connections, every answer must
+    // be 200; every tenth connection instead sends a head over the server's
+    // bound and must get 431.
+    for i in 0..soak.browsers {
+        let target = target.clone();
+        let c = Arc::clone(&c);
+        tasks.spawn(async move {
+            let mut round = 0u64;
+            while Instant::now() < end {
+                round += 1;
+                let Ok(mut s) = target.tcp(BROWSER_BASE + i, None).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                if round.is_multiple_of(10) {
+                    let huge =
+                        format!("GET / HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(64 * 1024));
+                    let status = match s.write_all(huge.as_bytes()).await {
+                        Ok(()) => http::read_response(&mut s).await.map(|r| r.status),
+                        // The server may answer and close before taking it all.
+                        Err(_) => Err("reset while sending".into()),
+                    };
+                    if status == Ok(431) {
+                        c.http_oversized_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                for path in BROWSER_PATHS.iter().cycle().take(20) {
+                    let request = format!("GET {path} HTTP/1.1\r\nHost: soak\r\n\r\n");
+                    if s.write_all(request.as_bytes()).await.is_err() {
+                        break;
+                    }
+                    match http::read_response(&mut s).await {
+                        Ok(r) if r.status == 200 => c.http_ok.fetch_add(1, Ordering::Relaxed),
+                        _ => c.http_unexpected.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+
     // Sample memory and descriptors once a second.
     let mut samples: Vec<(f64, u64, u64)> = Vec::new();
     while Instant::now() < end {
@@ -287,6 +348,9 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         "flood_refused_with_429": soak.flood == 0 || c.flood_refused.load(Ordering::Relaxed) > 0,
         "junk_answered_with_errors": soak.junk == 0 || c.junk_errors.load(Ordering::Relaxed) > 0,
         "junk_senders_dropped": soak.junk == 0 || c.junk_closed.load(Ordering::Relaxed) > 0,
+        "http_answered": soak.browsers == 0
+            || (c.http_ok.load(Ordering::Relaxed) > 0 && c.http_unexpected.load(Ordering::Relaxed) == 0),
+        "oversized_heads_refused_with_431": soak.browsers == 0 || c.http_oversized_refused.load(Ordering::Relaxed) > 0,
         "answers_at_end": answers,
     });
     let passed = checks
@@ -304,6 +368,9 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
             "flood_accepted": c.flood_accepted.load(Ordering::Relaxed),
             "junk_error_frames": c.junk_errors.load(Ordering::Relaxed),
             "junk_clients_closed": c.junk_closed.load(Ordering::Relaxed),
+            "http_ok": c.http_ok.load(Ordering::Relaxed),
+            "http_unexpected": c.http_unexpected.load(Ordering::Relaxed),
+            "http_oversized_refused_431": c.http_oversized_refused.load(Ordering::Relaxed),
         },
         "server": {
             "samples": samples.len(),
