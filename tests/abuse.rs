@@ -136,6 +136,36 @@ async fn a_handshake_that_never_completes_is_dropped() {
 }
 
 #[tokio::test]
+async fn one_address_cannot_hold_many_silent_connections() {
+    let mut config = test_config();
+    config.max_pending_per_ip = 2;
+    // Long enough that only the pending limit can explain a quick close.
+    config.handshake_timeout = Duration::from_secs(30);
+    config.trusted_proxies = vec!["127.0.0.4/32".parse().expect("net")];
+    let server = TestServer::start(config).await;
+    let silent: Vec<_> = futures_util::future::join_all((0..2).map(|_| server.tcp_from(2))).await;
+    let mut third = server.tcp_from(2).await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("closed at once, long before the handshake timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response");
+    // Other addresses are not affected, and a trusted proxy is exempt.
+    let _other = server.client(3).await;
+    let _proxied: Vec<_> = futures_util::future::join_all((0..3).map(|_| server.tcp_from(4))).await;
+    let _via_proxy = server.client(4).await;
+    // The slots free when the silent connections go.
+    drop(silent);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while server.try_client(2, "/ws", &[]).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn garbage_instead_of_a_handshake_is_refused() {
     let server = TestServer::start(test_config()).await;
     let mut sock = server.tcp_from(2).await;

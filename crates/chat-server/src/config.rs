@@ -44,6 +44,14 @@ pub struct Config {
     #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
     pub max_connections_per_ip: usize,
 
+    /// Connections from one TCP peer address (an IPv6 /64 counts as one)
+    /// still in their request phase: plain HTTP, keep-alive, or a handshake
+    /// not yet finished. Beyond it a new connection is closed at once, so
+    /// one address cannot hold every `--max-connections` slot with silent
+    /// sockets. Trusted proxies are exempt.
+    #[arg(long, env = "CHAT_MAX_PENDING_PER_IP", default_value_t = 64)]
+    pub max_pending_per_ip: usize,
+
     /// Time a client has to send a whole request head (a WebSocket
     /// handshake or a plain HTTP request) and, for a handshake, to finish it.
     /// It also bounds how long an idle HTTP keep-alive connection stays open.
@@ -245,6 +253,7 @@ impl Config {
         let positive = [
             ("--max-connections", self.max_connections),
             ("--max-connections-per-ip", self.max_connections_per_ip),
+            ("--max-pending-per-ip", self.max_pending_per_ip),
             ("--max-message-size", self.max_message_size),
             ("--read-buffer-size", self.read_buffer_size),
             ("--socket-send-buffer", self.socket_send_buffer),

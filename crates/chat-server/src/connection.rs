@@ -13,7 +13,7 @@
 //! behind or a write has waited `--write-timeout`.
 
 use crate::Shared;
-use crate::handshake::{Admitted, Refusal};
+use crate::handshake::{AddressSlot, Admitted, Refusal};
 use crate::http;
 use crate::hub::ApplyError;
 use chat_core::ChatError;
@@ -147,6 +147,7 @@ pub(crate) async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
+    pending: Option<AddressSlot>,
     shared: Arc<Shared>,
 ) {
     let _permit = permit;
@@ -167,6 +168,8 @@ pub(crate) async fn serve(
             return;
         }
     };
+    // Past the request phase: from here the per-client limit counts it.
+    drop(pending);
     let user = admitted.user.clone();
     info!(user = %user, %peer, client = %admitted.addr, "connection opened");
     shared.metrics.connection_opened();

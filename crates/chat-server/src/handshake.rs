@@ -32,6 +32,10 @@ pub enum Refusal {
     BadForwardedFor,
     /// The client's address already has the most connections allowed.
     TooManyFromAddress,
+    /// The TCP peer already has the most connections still in their
+    /// request phase. Such a connection is closed at once, without a
+    /// response.
+    TooManyPendingFromAddress,
     /// The server is at its connection limit.
     ServerFull,
 }
@@ -43,7 +47,9 @@ impl Refusal {
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::OriginNotAllowed => StatusCode::FORBIDDEN,
             Refusal::BadForwardedFor => StatusCode::BAD_REQUEST,
-            Refusal::TooManyFromAddress => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::TooManyFromAddress | Refusal::TooManyPendingFromAddress => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Refusal::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -55,6 +61,7 @@ impl Refusal {
             Refusal::OriginNotAllowed => "origin_not_allowed",
             Refusal::BadForwardedFor => "bad_forwarded_for",
             Refusal::TooManyFromAddress => "too_many_from_address",
+            Refusal::TooManyPendingFromAddress => "too_many_pending_from_address",
             Refusal::ServerFull => "server_full",
         }
     }
@@ -74,6 +81,7 @@ impl fmt::Display for Refusal {
             Refusal::OriginNotAllowed => "origin not allowed",
             Refusal::BadForwardedFor => "malformed X-Forwarded-For from a trusted proxy",
             Refusal::TooManyFromAddress => "too many connections from your address",
+            Refusal::TooManyPendingFromAddress => "too many unfinished requests from your address",
             Refusal::ServerFull => "server at its connection limit, try again later",
         })
     }
@@ -98,6 +106,11 @@ impl Policy {
             return Err(Refusal::OriginNotAllowed);
         }
         self.client_addr(request, peer)
+    }
+
+    /// Whether `peer` is a trusted proxy (many clients behind one address).
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        identity::is_trusted(peer, &self.trusted_proxies)
     }
 
     /// The client's address: `peer`, or what a trusted proxy's

@@ -139,7 +139,7 @@ pub fn client_addr<'a>(
     forwarded_for: impl DoubleEndedIterator<Item = &'a str>,
     trusted: &[IpNet],
 ) -> Option<IpAddr> {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&canonical(*ip)));
+    let is_trusted = |ip: &IpAddr| is_trusted(*ip, trusted);
     if !is_trusted(&peer) {
         return Some(peer);
     }
@@ -156,6 +156,11 @@ pub fn client_addr<'a>(
         }
     }
     Some(client)
+}
+
+/// Whether `ip` is in one of the `trusted` proxy networks.
+pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    trusted.iter().any(|net| net.contains(&canonical(ip)))
 }
 
 /// IPv4-mapped IPv6 compares as IPv4.

@@ -96,6 +96,8 @@ pub(crate) struct Shared {
     policy: Policy,
     identity: Identity,
     addresses: Arc<AddressLimits>,
+    /// Connections per TCP peer still in their request phase.
+    pending: Arc<AddressLimits>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
@@ -187,6 +189,7 @@ impl Server {
             },
             identity,
             addresses: AddressLimits::new(config.max_connections_per_ip),
+            pending: AddressLimits::new(config.max_pending_per_ip),
             metrics,
             shutdown: CancellationToken::new(),
             config,

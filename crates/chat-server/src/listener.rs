@@ -1,11 +1,15 @@
 //! The accept loop: limits, then one task per connection.
 //!
+//! A connection from an address that already has `--max-pending-per-ip`
+//! connections in their request phase is closed at once (trusted proxies
+//! are exempt).
 //! A connection first takes a permit from the `--max-connections`
 //! semaphore, so handshakes in progress count too and a flood of half-open
 //! sockets cannot exhaust memory. When no permit is left, the client still
 //! gets an HTTP 503 rather than a reset, but only while the small pool of
 //! refusal slots lasts; past that, sockets are closed at once.
 
+use crate::handshake::Refusal;
 use crate::{Shared, connection};
 use std::io;
 use std::sync::Arc;
@@ -40,8 +44,24 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, task
                 continue;
             }
         };
+        // One address may not hold many connections that have not yet
+        // said what they want; a trusted proxy speaks for many clients.
+        let pending = if shared.policy.trusts(peer.ip()) {
+            None
+        } else {
+            match shared.pending.acquire(peer.ip()) {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    let refusal = Refusal::TooManyPendingFromAddress;
+                    shared.metrics.handshake_refused(&refusal);
+                    debug!(%peer, %refusal, "closing at once");
+                    continue;
+                }
+            }
+        };
         if let Ok(permit) = Arc::clone(&connections).try_acquire_owned() {
-            tasks.spawn(connection::serve(stream, peer, permit, Arc::clone(&shared)));
+            let shared = Arc::clone(&shared);
+            tasks.spawn(connection::serve(stream, peer, permit, pending, shared));
         } else if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
             tasks.spawn(connection::refuse(
                 stream,
