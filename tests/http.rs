@@ -7,7 +7,7 @@ mod support;
 use chat_loadgen::http::{Response, read_response_to};
 use chat_proto::WhoAmI;
 use std::time::Duration;
-use support::{PATIENCE, TestServer, test_config};
+use support::{PATIENCE, TestServer, eventually, test_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -212,20 +212,12 @@ async fn metrics_count_what_happened() {
 
     drop(b);
     // Closed connections are counted by reason once the server sees them.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("the close is counted", || async {
         let scraped = text(&get(&server, "/metrics").await).to_owned();
-        if scraped.lines().any(|l| l == "chat_connections_open 1")
+        scraped.lines().any(|l| l == "chat_connections_open 1")
             && scraped.contains("chat_connections_closed_total{reason=")
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "close not counted:\n{scraped}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     server.shutdown().await;
 }
 

@@ -217,6 +217,23 @@ impl Client {
     }
 }
 
+/// Polls `check` every 20 ms until it holds; fails the test, naming
+/// `what`, once [`PATIENCE`] has passed.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn say(text: &str) -> ClientFrame {
     ClientFrame::SendMessage(SendMessage {
         text: text.into(),
