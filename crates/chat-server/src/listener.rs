@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-/// Refusals (503 at the handshake) in progress at once.
+/// Refusals (503 answers to a full server) in progress at once.
 const REFUSAL_SLOTS: usize = 64;
 
 pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
