@@ -61,6 +61,19 @@ struct Counters {
     http_ok: AtomicU64,
     http_unexpected: AtomicU64,
     http_oversized_refused: AtomicU64,
+    /// Why the first chatter that lost its connection lost it.
+    chat_first_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn chatter_failed(&self, why: String) {
+        self.chat_closed.fetch_add(1, Ordering::Relaxed);
+        let mut first = self
+            .chat_first_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(why);
+    }
 }
 
 fn fd_count(pid: u32) -> Option<u64> {
@@ -69,13 +82,40 @@ fn fd_count(pid: u32) -> Option<u64> {
         .map(|d| d.count() as u64)
 }
 
-/// Source addresses: chatters use the low indexes, abusers higher ones, and
-/// the flood one address of its own.
-const NON_READER_BASE: usize = 1_000;
-const JUNK_BASE: usize = 2_000;
-const SLOWLORIS_BASE: usize = 3_000;
-const FLOOD_INDEX: usize = 4_000;
-const BROWSER_BASE: usize = 5_000;
+/// Where each role's source addresses start. Every role gets addresses of
+/// its own, laid out one after another: a chatter that shared an address with
+/// the flood would lose its per-address connection slot to it and fail the
+/// run for a reason that is not the server's.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    non_readers: usize,
+    junk: usize,
+    slowloris: usize,
+    flood: usize,
+    browsers: usize,
+    checker: usize,
+    total: usize,
+}
+
+impl Layout {
+    fn of(soak: &Soak) -> Self {
+        let non_readers = soak.chatters;
+        let junk = non_readers + soak.non_readers;
+        let slowloris = junk + soak.junk;
+        let flood = slowloris + soak.slowloris;
+        let browsers = flood + 1;
+        let checker = browsers + soak.browsers;
+        Layout {
+            non_readers,
+            junk,
+            slowloris,
+            flood,
+            browsers,
+            checker,
+            total: checker + 1,
+        }
+    }
+}
 
 /// What a soak "browser" asks for, in turn, on one keep-alive connection.
 const BROWSER_PATHS: [&str; 6] = [
@@ -89,6 +129,17 @@ const BROWSER_PATHS: [&str; 6] = [
 
 /// Runs the soak and reports; `"passed"` says whether every check held.
 pub async fn run(target: &Target, soak: &Soak) -> Value {
+    let at = Layout::of(soak);
+    if !target.sources.is_empty() && target.sources.len() < at.total {
+        return json!({
+            "passed": false,
+            "error": format!(
+                "the soak needs {} source addresses (one per client, none shared) but --source-ips is {}",
+                at.total,
+                target.sources.len()
+            ),
+        });
+    }
     let run = run_id();
     let c = Arc::new(Counters::default());
     let start = Instant::now();
@@ -102,9 +153,9 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         let c = Arc::clone(&c);
         let every = soak.send_every;
         tasks.spawn(async move {
-            let Ok(ws) = target.connect(i).await else {
-                c.chat_closed.fetch_add(1, Ordering::Relaxed);
-                return;
+            let ws = match target.connect(i).await {
+                Ok(ws) => ws,
+                Err(e) => return c.chatter_failed(format!("chatter {i} could not connect: {e}")),
             };
             let (mut sink, mut stream) = ws.split();
             let mut tick = tokio::time::interval_at(
@@ -128,7 +179,10 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
                             }
                         }
                         Some(Ok(_)) => {}
-                        _ => { c.chat_closed.fetch_add(1, Ordering::Relaxed); break; }
+                        other => {
+                            c.chatter_failed(format!("chatter {i} lost its connection: {other:?}"));
+                            break;
+                        }
                     },
                     _ = tokio::time::sleep_until(deadline + Duration::from_secs(3)) => break,
                 }
@@ -143,7 +197,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         let c = Arc::clone(&c);
         tasks.spawn(async move {
             while Instant::now() < end {
-                let Ok(mut ws) = target.connect_with(NON_READER_BASE + i, Some(4096)).await else {
+                let Ok(mut ws) = target.connect_with(at.non_readers + i, Some(4096)).await else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
@@ -170,7 +224,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         let c = Arc::clone(&c);
         tasks.spawn(async move {
             while Instant::now() < end {
-                let Ok(mut s) = target.tcp(SLOWLORIS_BASE + i, None).await else {
+                let Ok(mut s) = target.tcp(at.slowloris + i, None).await else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
@@ -193,7 +247,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
                 let mut wave = JoinSet::new();
                 for _ in 0..n {
                     let target = target.clone();
-                    wave.spawn(async move { target.connect(FLOOD_INDEX).await });
+                    wave.spawn(async move { target.connect(at.flood).await });
                 }
                 let mut held = Vec::new();
                 while let Some(r) = wave.join_next().await {
@@ -228,7 +282,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
                 "{\"type\":\"send_message\",\"data\":{\"text\":7}}",
             ];
             while Instant::now() < end {
-                let Ok(ws) = target.connect(JUNK_BASE + i).await else {
+                let Ok(ws) = target.connect(at.junk + i).await else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
@@ -275,7 +329,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
             let mut round = 0u64;
             while Instant::now() < end {
                 round += 1;
-                let Ok(mut s) = target.tcp(BROWSER_BASE + i, None).await else {
+                let Ok(mut s) = target.tcp(at.browsers + i, None).await else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
@@ -332,7 +386,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
     while tasks.join_next().await.is_some() {}
 
     // The server still answers: a fresh client sends and sees its message.
-    let answers = answers_normally(target, run).await;
+    let answers = answers_normally(target, at.checker, run).await;
 
     let sent = c.chat_sent.load(Ordering::Relaxed);
     let received = c.chat_received.load(Ordering::Relaxed);
@@ -360,7 +414,8 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         "passed": passed,
         "checks": checks,
         "chat": { "sent": sent, "expected_deliveries": expected, "delivered": received, "lost": lost,
-                  "clients_closed": c.chat_closed.load(Ordering::Relaxed) },
+                  "clients_closed": c.chat_closed.load(Ordering::Relaxed),
+                  "first_failure": c.chat_first_failure.lock().unwrap_or_else(|e| e.into_inner()).clone() },
         "abusers": {
             "non_reader_disconnects": c.non_readers_closed.load(Ordering::Relaxed),
             "slowloris_drops": c.slowloris_dropped.load(Ordering::Relaxed),
@@ -406,8 +461,8 @@ fn flatness(samples: &[(f64, u64, u64)], tolerance: f64) -> (bool, bool, Option<
     (rss <= tolerance, fd <= tolerance, Some(rss), Some(fd))
 }
 
-async fn answers_normally(target: &Target, run: u32) -> bool {
-    let Ok(mut ws) = target.connect(9_999).await else {
+async fn answers_normally(target: &Target, source: usize, run: u32) -> bool {
+    let Ok(mut ws) = target.connect(source).await else {
         return false;
     };
     let m = Marker {
