@@ -244,6 +244,49 @@ async fn store_commits_are_timed() {
     server.shutdown().await;
 }
 
+/// A store that cannot write: another connection holds SQLite's write lock,
+/// so the server's commits fail (after SQLite's busy timeout) and are
+/// retried. Meanwhile `/healthz` says 503, the gauge says failing, and the
+/// message is neither published nor lost; once the lock goes, it arrives.
+#[tokio::test]
+async fn a_failing_store_turns_healthz_red_and_holds_messages_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config();
+    config.in_memory = false;
+    config.data_dir = dir.path().to_owned();
+    let server = TestServer::start(config).await;
+    let mut a = server.client(2).await;
+    assert_eq!(get(&server, "/healthz").await.status, 200);
+
+    let blocker = rusqlite::Connection::open(dir.path().join(chat_server::store::DB_FILE))
+        .expect("open the database beside the server");
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    a.say("held back").await;
+    eventually("/healthz turns 503 while commits fail", || async {
+        get(&server, "/healthz").await.status == 503
+    })
+    .await;
+    let scraped = text(&get(&server, "/metrics").await).to_owned();
+    assert!(
+        scraped.lines().any(|l| l == "chat_store_failing 1"),
+        "{scraped}"
+    );
+    assert!(
+        timeout(Duration::from_millis(50), a.next()).await.is_err(),
+        "nothing is published before it is on disk"
+    );
+
+    blocker.execute_batch("ROLLBACK").expect("release the lock");
+    assert_eq!(a.message().await.text, "held back");
+    eventually("/healthz recovers", || async {
+        get(&server, "/healthz").await.status == 200
+    })
+    .await;
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn bad_requests_get_the_right_status_and_a_close() {
     let mut config = test_config();
