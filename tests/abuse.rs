@@ -92,7 +92,7 @@ async fn wrong_paths_get_404() {
 #[tokio::test]
 async fn a_disallowed_origin_gets_403() {
     let mut config = test_config();
-    config.allowed_origins = vec!["https://chat.example".into()];
+    config.allowed_origins = vec!["https://chat.example".parse().expect("origin")];
     let server = TestServer::start(config).await;
     let err = server
         .try_client(2, "/ws", &[("origin", "https://evil.example")])
@@ -110,6 +110,34 @@ async fn a_disallowed_origin_gets_403() {
         server.try_client(2, "/ws", &[]).await.is_ok(),
         "no Origin: not a browser"
     );
+    server.shutdown().await;
+}
+
+/// Without `--allowed-origin`, the page the server serves connects and a
+/// page from anywhere else cannot post as its visitor.
+#[tokio::test]
+async fn by_default_only_the_servers_own_page_connects() {
+    let server = TestServer::start(test_config()).await;
+    let own = format!("http://{}", server.addr);
+    let mut client = server
+        .try_client(2, "/ws", &[("origin", own.as_str())])
+        .await
+        .expect("the server's own page connects");
+    client.say("from the served page").await;
+    assert_eq!(client.message().await.text, "from the served page");
+    for foreign in [
+        "https://evil.example",
+        "null",
+        &format!("http://127.0.0.1:{}", server.addr.port() ^ 1),
+    ] {
+        let err = server
+            .try_client(3, "/ws", &[("origin", foreign)])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{foreign} must be refused"));
+        assert_eq!(http_status(err), 403, "{foreign}");
+    }
+    server_still_serves(&server).await;
     server.shutdown().await;
 }
 

@@ -3,6 +3,7 @@
 //! Each bound a client can push against is named here, so an operator can
 //! see and change all of them in `--help`, and so tests can shrink them.
 
+use crate::handshake::AllowedOrigin;
 use chat_core::RateLimit;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use ipnet::IpNet;
@@ -142,16 +143,18 @@ pub struct Config {
     )]
     pub trusted_proxies: Vec<IpNet>,
 
-    /// Browser origins allowed to connect (e.g. `https://chat.example.com`).
-    /// Repeat or separate with commas. When set, a handshake with any other
-    /// `Origin` gets 403; requests with no `Origin` (non-browser clients)
-    /// are accepted.
+    /// Browser origins allowed to connect besides the server's own (e.g.
+    /// `https://chat.example.com`), or `*` for every page. Repeat or
+    /// separate with commas. A browser handshake from any other `Origin`
+    /// gets 403; requests with no `Origin` (non-browser clients) are
+    /// accepted. The server's own origin is the one its `Host` header
+    /// names, so the page it serves always connects.
     #[arg(
         long = "allowed-origin",
         env = "CHAT_ALLOWED_ORIGINS",
         value_delimiter = ','
     )]
-    pub allowed_origins: Vec<String>,
+    pub allowed_origins: Vec<AllowedOrigin>,
 
     /// Echo every data frame back instead of chatting, through the same
     /// handshake, limits and close handling: for the Autobahn WebSocket
@@ -328,6 +331,9 @@ mod tests {
         .expect("parses");
         assert_eq!(c.trusted_proxies.len(), 2);
         assert_eq!(c.allowed_origins.len(), 2);
+        let not_an_origin =
+            Config::try_parse_from(["chat-server", "--allowed-origin", "chat.example"]);
+        assert!(not_an_origin.is_err(), "an origin needs a scheme");
         assert_eq!(c.idle_timeout, Duration::from_secs(90));
         assert_eq!(c.handshake_timeout, Duration::from_millis(500));
         assert!(c.validate().is_ok());

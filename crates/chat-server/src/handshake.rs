@@ -10,12 +10,14 @@ use ipnet::IpNet;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio_tungstenite::tungstenite::handshake::server::ErrorResponse;
 
 /// The HTTP request of a WebSocket handshake, as the checks see it.
 pub use tokio_tungstenite::tungstenite::handshake::server::Request;
-use tokio_tungstenite::tungstenite::http::{StatusCode, header};
+use tokio_tungstenite::tungstenite::http::uri::Authority;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, Uri, header};
 
 /// The only path that upgrades.
 pub const WS_PATH: &str = "/ws";
@@ -87,13 +89,117 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// A web origin as browsers send it in `Origin`: scheme, host and port,
+/// compared without regard to case and with default ports made explicit
+/// (`https://chat.example` is `https://chat.example:443`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl Origin {
+    /// The port browsers assume for a scheme when the origin names none.
+    fn default_port(scheme: &str) -> Option<u16> {
+        match scheme {
+            "http" => Some(80),
+            "https" => Some(443),
+            _ => None,
+        }
+    }
+
+    /// Whether this origin is the host the request was sent to, by its
+    /// `Host` header: the page was served by this server (directly, or
+    /// through a proxy that passes `Host` on).
+    fn is_host(&self, host: Option<&HeaderValue>) -> bool {
+        let Some(host) = host.and_then(|h| h.to_str().ok()) else {
+            return false;
+        };
+        let Ok(host) = host.parse::<Authority>() else {
+            return false;
+        };
+        let default = Origin::default_port(&self.scheme);
+        default.is_some()
+            && !host.as_str().contains('@')
+            && host.host().eq_ignore_ascii_case(&self.host)
+            && host.port_u16().or(default) == self.port.or(default)
+    }
+}
+
+impl FromStr for Origin {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            |why: &str| format!("{s:?} is not an origin like https://chat.example.com ({why})");
+        let uri: Uri = s.parse().map_err(|_| bad("does not parse"))?;
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return Err(bad("needs a scheme and a host"));
+        };
+        if authority.as_str().contains('@') {
+            return Err(bad("has a user name"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(bad("an origin has no path"));
+        }
+        let scheme = scheme.to_ascii_lowercase();
+        let default = Origin::default_port(&scheme);
+        Ok(Origin {
+            host: authority.host().to_ascii_lowercase(),
+            port: authority.port_u16().filter(|p| Some(*p) != default),
+            scheme,
+        })
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.host)?;
+        match self.port {
+            Some(port) => write!(f, ":{port}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An entry of `--allowed-origin`: one origin, or `*` for every page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigin {
+    /// Every page may connect (`*`).
+    Any,
+    /// Pages from this origin may connect.
+    Exact(Origin),
+}
+
+impl FromStr for AllowedOrigin {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "*" => Ok(AllowedOrigin::Any),
+            s => s.parse().map(AllowedOrigin::Exact),
+        }
+    }
+}
+
+impl fmt::Display for AllowedOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllowedOrigin::Any => f.write_str("*"),
+            AllowedOrigin::Exact(origin) => origin.fmt(f),
+        }
+    }
+}
+
 /// The handshake rules that do not change while the server runs.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     /// Networks whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
-    /// Allowed browser origins; empty allows all.
-    pub allowed_origins: Vec<String>,
+    /// Browser origins allowed besides the server's own (the one its
+    /// `Host` header names); [`AllowedOrigin::Any`] allows every page.
+    pub allowed_origins: Vec<AllowedOrigin>,
 }
 
 impl Policy {
@@ -126,10 +232,10 @@ impl Policy {
             .ok_or(Refusal::BadForwardedFor)
     }
 
+    /// Identity by address is ambient authority, so a page from another
+    /// site must not be able to post as its visitor: a browser's handshake
+    /// passes only from the server's own origin or a listed one.
     fn origin_allowed(&self, request: &Request) -> bool {
-        if self.allowed_origins.is_empty() {
-            return true;
-        }
         let mut origins = request.headers().get_all(header::ORIGIN).iter();
         let Some(origin) = origins.next() else {
             // Not a browser: origin checks protect browser users from
@@ -139,13 +245,18 @@ impl Policy {
         if origins.next().is_some() {
             return false;
         }
-        let Ok(origin) = origin.to_str() else {
+        if self.allowed_origins.contains(&AllowedOrigin::Any) {
+            return true;
+        }
+        // `null` (a sandboxed or file page) and junk parse as no origin.
+        let Some(origin) = origin.to_str().ok().and_then(|o| o.parse::<Origin>().ok()) else {
             return false;
         };
-        let origin = origin.trim_end_matches('/');
-        self.allowed_origins
-            .iter()
-            .any(|allowed| allowed.trim_end_matches('/').eq_ignore_ascii_case(origin))
+        origin.is_host(request.headers().get(header::HOST))
+            || self
+                .allowed_origins
+                .iter()
+                .any(|allowed| *allowed == AllowedOrigin::Exact(origin.clone()))
     }
 }
 
@@ -258,31 +369,107 @@ mod tests {
     }
 
     #[test]
-    fn origins() {
+    fn listed_origins() {
         let p = Policy {
-            allowed_origins: vec!["https://chat.example".into()],
+            allowed_origins: vec!["https://chat.example".parse().expect("origin")],
             ..Policy::default()
         };
         let ok = |h: &[(&str, &str)]| p.check(&request("/ws", h), peer()).is_ok();
         assert!(ok(&[]), "no Origin: not a browser");
         assert!(ok(&[("origin", "https://chat.example")]));
         assert!(ok(&[("origin", "HTTPS://CHAT.EXAMPLE")]));
+        assert!(ok(&[("origin", "https://chat.example:443")]));
+        assert!(!ok(&[("origin", "http://chat.example")]), "another scheme");
+        assert!(!ok(&[("origin", "https://chat.example:8443")]));
         assert!(!ok(&[("origin", "https://evil.example")]));
         assert!(!ok(&[("origin", "https://chat.example.evil")]));
         assert!(!ok(&[("origin", "null")]));
+        assert!(!ok(&[("origin", "")]));
         assert!(!ok(&[
             ("origin", "https://chat.example"),
             ("origin", "https://evil.example")
         ]));
         assert_eq!(Refusal::OriginNotAllowed.response().status(), 403);
-        let open = Policy::default();
+    }
+
+    #[test]
+    fn the_servers_own_origin_passes_by_default() {
+        let p = Policy::default();
+        let ok = |h: &[(&str, &str)]| p.check(&request("/ws", h), peer()).is_ok();
+        let own = [
+            ("localhost:8080", "http://localhost:8080"),
+            ("LocalHost:8080", "http://localhost:8080"),
+            ("chat.example", "https://chat.example"),
+            ("chat.example:443", "https://chat.example"),
+            ("chat.example", "http://chat.example:80"),
+            ("[::1]:8080", "http://[::1]:8080"),
+        ];
+        for (host, origin) in own {
+            assert!(
+                ok(&[("host", host), ("origin", origin)]),
+                "{origin} on {host}"
+            );
+        }
+        let foreign = [
+            ("localhost:8080", "http://evil.example"),
+            ("localhost:8080", "http://localhost:8081"),
+            ("localhost:8080", "http://localhost"),
+            ("chat.example", "https://chat.example:8443"),
+            ("chat.example.evil", "https://chat.example"),
+            ("user@chat.example", "https://chat.example"),
+            ("chat.example", "ftp://chat.example"),
+            ("chat.example", "null"),
+        ];
+        for (host, origin) in foreign {
+            assert!(
+                !ok(&[("host", host), ("origin", origin)]),
+                "{origin} on {host}"
+            );
+        }
+        assert!(!ok(&[("origin", "http://localhost:8080")]), "no Host");
         assert!(
-            open.check(
-                &request("/ws", &[("origin", "https://any.example")]),
-                peer()
-            )
-            .is_ok()
+            ok(&[("host", "localhost:8080")]),
+            "no Origin: not a browser"
         );
+    }
+
+    #[test]
+    fn a_star_allows_every_page() {
+        let p = Policy {
+            allowed_origins: vec!["*".parse().expect("star")],
+            ..Policy::default()
+        };
+        for origin in ["https://any.example", "null", "chrome-extension://abc"] {
+            assert!(
+                p.check(&request("/ws", &[("origin", origin)]), peer())
+                    .is_ok(),
+                "{origin}"
+            );
+        }
+    }
+
+    #[test]
+    fn allowed_origins_parse_strictly() {
+        let parse = |s: &str| s.parse::<AllowedOrigin>();
+        assert_eq!(parse("*"), Ok(AllowedOrigin::Any));
+        for (written, shown) in [
+            ("https://Chat.Example", "https://chat.example"),
+            ("https://chat.example/", "https://chat.example"),
+            ("https://chat.example:443", "https://chat.example"),
+            ("http://localhost:8080", "http://localhost:8080"),
+        ] {
+            assert_eq!(parse(written).expect(written).to_string(), shown);
+        }
+        for bad in [
+            "chat.example",
+            "https://",
+            "https://chat.example/chat",
+            "https://chat.example?x=1",
+            "https://me@chat.example",
+            "",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
