@@ -10,6 +10,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { createServer } from "node:http";
 import { mkdtempSync, mkdirSync, rmSync, createWriteStream } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -337,6 +338,31 @@ test("the server's other endpoints answer", async () => {
   assert.match(metrics, /^chat_messages_accepted_total \d+$/m);
   assert.match(metrics, /^chat_frames_refused_total\{reason="rate_limited"\} [1-9]/m);
   assert.equal((await get("/nope")).status, 404);
+});
+
+test("a page from another site cannot open the chat as its visitor", async () => {
+  // Another origin (same host, another port) whose page tries the chat's
+  // WebSocket from the visitor's browser.
+  const other = createServer((req, res) => {
+    res.writeHead(200, { "content-type": "text/html; charset=utf-8" });
+    res.end(`<!doctype html><title>waiting</title><script>
+      const ws = new WebSocket("ws://127.0.0.1:${port}/ws");
+      ws.onopen = () => { document.title = "opened"; };
+      ws.onclose = () => { if (document.title === "waiting") document.title = "refused"; };
+    </script>`);
+  });
+  await new Promise((r) => other.listen(0, "127.0.0.1", r));
+  const context = await browser.newContext({ extraHTTPHeaders: { "X-Forwarded-For": ADDR_A } });
+  try {
+    const page = await context.newPage();
+    await page.goto(`http://127.0.0.1:${other.address().port}/`);
+    await eventually(async () => assert.equal(await page.title(), "refused"));
+    const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    assert.match(metrics, /^chat_handshakes_refused_total\{reason="origin_not_allowed"\} [1-9]/m);
+  } finally {
+    await context.close();
+    other.close();
+  }
 });
 
 test("after a server restart the page reconnects with the same history and no duplicates", async () => {
