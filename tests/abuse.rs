@@ -3,6 +3,7 @@
 
 mod support;
 
+use chat_loadgen::http::read_response;
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use support::{PATIENCE, TestServer, eventually, say, test_config};
@@ -189,6 +190,57 @@ async fn one_address_cannot_hold_many_silent_connections() {
         server.try_client(2, "/ws", &[]).await.is_ok()
     })
     .await;
+    server.shutdown().await;
+}
+
+/// Behind a NAT many people share one address, and their browsers keep
+/// connections open between requests. Such an idle keep-alive connection
+/// gives its place to a new connection from the same address, longest idle
+/// first; connections not yet answered never do (see above).
+#[tokio::test]
+async fn idle_keep_alive_connections_make_room_for_new_ones() {
+    let mut config = test_config();
+    config.max_pending_per_ip = 2;
+    config.handshake_timeout = Duration::from_secs(30);
+    let server = TestServer::start(config).await;
+    let fetch = async |stream: &mut tokio::net::TcpStream| {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        tokio::time::timeout(PATIENCE, read_response(stream))
+            .await
+            .expect("an answer in time")
+            .expect("a response")
+            .status
+    };
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut browser = server.tcp_from(2).await;
+        assert_eq!(fetch(&mut browser).await, 200);
+        kept.push(browser);
+    }
+    // Both places are held by idle connections: a newcomer is served...
+    let mut newcomer = server.tcp_from(2).await;
+    assert_eq!(fetch(&mut newcomer).await, 200);
+    // ...and the longest idle connection was closed for it.
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), kept[0].read(&mut buf))
+        .await
+        .expect("closed at once, long before the handshake timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a word");
+    // A WebSocket client from the address gets in the same way.
+    let mut chatter = server.client(2).await;
+    chatter.say("behind the NAT").await;
+    assert_eq!(chatter.message().await.text, "behind the NAT");
+    assert_eq!(
+        kept[1].read(&mut buf).await.unwrap_or(0),
+        0,
+        "the next longest idle made room"
+    );
+    // The newcomer, idle now, still serves its next request.
+    assert_eq!(fetch(&mut newcomer).await, 200);
     server.shutdown().await;
 }
 

@@ -46,10 +46,11 @@ pub struct Config {
     pub max_connections_per_ip: usize,
 
     /// Connections from one TCP peer address (an IPv6 /64 counts as one)
-    /// still in their request phase: plain HTTP, keep-alive, or a handshake
-    /// not yet finished. Beyond it a new connection is closed at once, so
-    /// one address cannot hold every `--max-connections` slot with silent
-    /// sockets. Trusted proxies are exempt.
+    /// still in their request phase: plain HTTP, or a handshake not yet
+    /// finished. Beyond it, an idle keep-alive connection from the address
+    /// is closed to make room, or with none the new connection is closed at
+    /// once, so one address cannot hold every `--max-connections` slot with
+    /// silent sockets. Trusted proxies are exempt.
     #[arg(long, env = "CHAT_MAX_PENDING_PER_IP", default_value_t = 64)]
     pub max_pending_per_ip: usize,
 

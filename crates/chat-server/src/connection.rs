@@ -13,9 +13,10 @@
 //! behind or a write has waited `--write-timeout`.
 
 use crate::Shared;
-use crate::handshake::{AddressSlot, Admitted, Refusal};
+use crate::handshake::{Admitted, Refusal};
 use crate::http;
 use crate::hub::ApplyError;
+use crate::pending::PendingSlot;
 use chat_core::ChatError;
 use chat_proto::{DecodeError, ServerFrame};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -147,7 +148,7 @@ pub(crate) async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
-    pending: Option<AddressSlot>,
+    pending: Option<PendingSlot>,
     shared: Arc<Shared>,
 ) {
     let _permit = permit;
@@ -157,7 +158,7 @@ pub(crate) async fn serve(
     let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
     // Plain HTTP requests are answered first; a WebSocket handshake on /ws
     // comes back here with its bytes still unread.
-    let deadline = match http::serve(&mut stream, peer.ip(), &shared).await {
+    let deadline = match http::serve(&mut stream, peer.ip(), pending.as_ref(), &shared).await {
         http::Next::Upgrade { deadline } => deadline,
         http::Next::Done => return,
     };

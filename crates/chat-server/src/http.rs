@@ -17,6 +17,7 @@
 use crate::Shared;
 use crate::handshake::{Refusal, Request, WS_PATH};
 use crate::metrics;
+use crate::pending::PendingSlot;
 use crate::web::{self, Asset};
 use chat_proto::WhoAmI;
 use std::fmt::Write as _;
@@ -147,13 +148,43 @@ pub async fn peek_head(stream: &TcpStream, max: usize) -> Result<Head, HeadError
 
 /// Serves plain HTTP requests on a new connection until a WebSocket
 /// handshake for [`WS_PATH`] is next, or the connection is done.
-pub(crate) async fn serve(stream: &mut TcpStream, peer: IpAddr, shared: &Shared) -> Next {
+///
+/// `pending` is the connection's place in `--max-pending-per-ip` (none for
+/// a trusted proxy). While a kept-alive connection waits for its next
+/// request it is idle, and a new connection from the same address may
+/// take its place; it then closes.
+pub(crate) async fn serve(
+    stream: &mut TcpStream,
+    peer: IpAddr,
+    pending: Option<&PendingSlot>,
+    shared: &Shared,
+) -> Next {
     for served in 1..=MAX_REQUESTS {
         let deadline = Instant::now() + shared.config.handshake_timeout;
+        let idle = pending.filter(|_| served > 1);
+        if let Some(slot) = idle {
+            slot.idle();
+        }
+        let evicted = async {
+            match idle {
+                Some(slot) => slot.evicted().await,
+                None => std::future::pending().await,
+            }
+        };
         let peeked = tokio::select! {
             () = shared.shutdown.cancelled() => return Next::Done,
+            () = evicted => {
+                shared.metrics.http_idle_evicted.inc();
+                return Next::Done;
+            }
             peeked = timeout_at(deadline, peek_head(stream, shared.config.max_request_head)) => peeked,
         };
+        if idle.is_some_and(|slot| !slot.busy()) {
+            // Evicted just as a request came: unanswered, so the client
+            // sends it again on a new connection.
+            shared.metrics.http_idle_evicted.inc();
+            return Next::Done;
+        }
         let head = match peeked {
             // Slow or silent: the connection just closes, as a stalled
             // handshake always has.

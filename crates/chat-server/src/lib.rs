@@ -41,6 +41,7 @@ pub mod hub;
 pub mod identity;
 mod listener;
 pub mod metrics;
+pub mod pending;
 pub mod shutdown;
 pub mod store;
 pub mod web;
@@ -53,6 +54,7 @@ use handshake::{AddressLimits, Policy};
 use hub::Hub;
 use identity::Identity;
 use metrics::Metrics;
+use pending::PendingLimits;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -97,7 +99,7 @@ pub(crate) struct Shared {
     identity: Identity,
     addresses: Arc<AddressLimits>,
     /// Connections per TCP peer still in their request phase.
-    pending: Arc<AddressLimits>,
+    pending: Arc<PendingLimits>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
@@ -189,7 +191,7 @@ impl Server {
             },
             identity,
             addresses: AddressLimits::new(config.max_connections_per_ip),
-            pending: AddressLimits::new(config.max_pending_per_ip),
+            pending: PendingLimits::new(config.max_pending_per_ip),
             metrics,
             shutdown: CancellationToken::new(),
             config,

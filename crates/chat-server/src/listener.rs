@@ -1,15 +1,15 @@
 //! The accept loop: limits, then one task per connection.
 //!
 //! A connection from an address that already has `--max-pending-per-ip`
-//! connections in their request phase is closed at once (trusted proxies
-//! are exempt).
+//! connections in their request phase, none of them an idle keep-alive
+//! connection it could replace, is closed at once (trusted proxies are
+//! exempt; see [`crate::pending`]).
 //! A connection first takes a permit from the `--max-connections`
 //! semaphore, so handshakes in progress count too and a flood of half-open
 //! sockets cannot exhaust memory. When no permit is left, the client still
 //! gets an HTTP 503 rather than a reset, but only while the small pool of
 //! refusal slots lasts; past that, sockets are closed at once.
 
-use crate::handshake::Refusal;
 use crate::{Shared, connection};
 use std::io;
 use std::sync::Arc;
@@ -51,8 +51,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, task
         } else {
             match shared.pending.acquire(peer.ip()) {
                 Ok(slot) => Some(slot),
-                Err(_) => {
-                    let refusal = Refusal::TooManyPendingFromAddress;
+                Err(refusal) => {
                     shared.metrics.handshake_refused(&refusal);
                     debug!(%peer, %refusal, "closing at once");
                     continue;

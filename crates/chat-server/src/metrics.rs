@@ -64,6 +64,9 @@ pub struct Metrics {
     pub store_failing: Gauge,
     /// Plain HTTP responses, by route and status.
     pub http_responses: Family<Response, Counter>,
+    /// Idle keep-alive connections closed to give their place to a new
+    /// connection from the same address.
+    pub http_idle_evicted: Counter,
 }
 
 impl Default for Metrics {
@@ -90,6 +93,7 @@ impl Metrics {
             store_commit_commands: Histogram::new(exponential_buckets(1.0, 4.0, 6)),
             store_failing: Gauge::default(),
             http_responses: Family::default(),
+            http_idle_evicted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -152,6 +156,11 @@ impl Metrics {
             "http_responses",
             "Plain HTTP responses, by route and status code",
             m.http_responses.clone(),
+        );
+        registry.register(
+            "http_idle_evicted",
+            "Idle keep-alive connections closed to make room for a new connection from the same address",
+            m.http_idle_evicted.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -229,6 +238,7 @@ mod tests {
             "chat_messages_accepted_total 0",
             "chat_history_messages 0",
             "chat_store_failing 0",
+            "chat_http_idle_evicted_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -1,0 +1,246 @@
+//! Connections per address that are still in their request phase
+//! (`--max-pending-per-ip`).
+//!
+//! A connection holds a place from accept until its WebSocket handshake
+//! completes or its plain HTTP exchange ends, so one address cannot fill
+//! every `--max-connections` slot with sockets that never say what they
+//! want. A keep-alive HTTP connection waiting for its next request is the
+//! exception that makes this livable behind a NAT: it has been served and
+//! is only being kept for reuse, so when a new connection from the same
+//! address finds the address full, the longest-idle such connection is
+//! told to close and the newcomer takes its place. Closing an idle
+//! keep-alive connection is always allowed in HTTP; browsers open another.
+//! Connections that have not yet had an answer are never evicted, so silent
+//! sockets still meet the limit.
+
+use crate::handshake::Refusal;
+use crate::identity::AddrKey;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+/// Places per address for connections in their request phase.
+#[derive(Debug)]
+pub struct PendingLimits {
+    max: usize,
+    addresses: Mutex<HashMap<AddrKey, Places>>,
+}
+
+/// One address's places.
+#[derive(Debug, Default)]
+struct Places {
+    /// Places taken, idle connections included.
+    taken: usize,
+    /// Connections idle between keep-alive requests, longest idle first:
+    /// each one's id and the token that tells it to close.
+    idle: VecDeque<(u64, CancellationToken)>,
+    /// The next connection's id (per address; ids only tell idle entries
+    /// apart).
+    next_id: u64,
+}
+
+/// A connection's place. Dropping it frees the place, unless a newcomer
+/// took it over.
+#[derive(Debug)]
+pub struct PendingSlot {
+    limits: Arc<PendingLimits>,
+    key: AddrKey,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl PendingLimits {
+    /// At most `max` connections per address in their request phase.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(PendingLimits {
+            max,
+            addresses: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<AddrKey, Places>> {
+        self.addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a place for a new connection from `ip`: a free one, or the
+    /// place of the address's longest-idle keep-alive connection (which is
+    /// told to close). Refuses when every place is held by a connection
+    /// that is not idle.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<PendingSlot, Refusal> {
+        let key = AddrKey::from(ip);
+        let mut addresses = self.lock();
+        let places = addresses.entry(key).or_default();
+        if places.taken < self.max {
+            places.taken += 1;
+        } else if let Some((_, evict)) = places.idle.pop_front() {
+            // The place passes from the idle connection to the newcomer:
+            // `taken` stays, and the evicted slot's drop will not free it.
+            evict.cancel();
+        } else {
+            if places.taken == 0 {
+                addresses.remove(&key);
+            }
+            return Err(Refusal::TooManyPendingFromAddress);
+        }
+        let id = places.next_id;
+        places.next_id = places.next_id.wrapping_add(1);
+        Ok(PendingSlot {
+            limits: Arc::clone(self),
+            key,
+            id,
+            evicted: CancellationToken::new(),
+        })
+    }
+
+    /// How many addresses hold places (for tests and leaks).
+    pub fn addresses(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl PendingSlot {
+    /// The connection has answered a request and now waits for the next
+    /// one on a kept-alive connection: a newcomer from the same address
+    /// may take its place, which [`evicted`](Self::evicted) then reports.
+    pub fn idle(&self) {
+        let mut addresses = self.limits.lock();
+        if let Some(places) = addresses.get_mut(&self.key)
+            && !self.evicted.is_cancelled()
+            && !places.idle.iter().any(|(id, _)| *id == self.id)
+        {
+            places.idle.push_back((self.id, self.evicted.clone()));
+        }
+    }
+
+    /// A request has arrived: the connection is busy again and keeps its
+    /// place. False if a newcomer took the place first; the connection
+    /// must then close without answering (a client resends a request that
+    /// got no answer on a reused connection).
+    pub fn busy(&self) -> bool {
+        let mut addresses = self.limits.lock();
+        if let Some(places) = addresses.get_mut(&self.key) {
+            places.idle.retain(|(id, _)| *id != self.id);
+        }
+        !self.evicted.is_cancelled()
+    }
+
+    /// Resolves when a newcomer has taken this connection's place.
+    pub fn evicted(&self) -> WaitForCancellationFuture<'_> {
+        self.evicted.cancelled()
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut addresses = self.limits.lock();
+        let Some(places) = addresses.get_mut(&self.key) else {
+            return;
+        };
+        // Checked under the lock that eviction takes, so a place is freed
+        // exactly once: by its holder, or passed on by eviction.
+        if self.evicted.is_cancelled() {
+            return;
+        }
+        places.idle.retain(|(id, _)| *id != self.id);
+        places.taken -= 1;
+        if places.taken == 0 {
+            addresses.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn fired(future: impl Future<Output = ()>) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        pin!(future).poll(&mut cx) == Poll::Ready(())
+    }
+
+    #[test]
+    fn busy_connections_meet_the_limit() {
+        let limits = PendingLimits::new(2);
+        let a = limits.acquire(ip("192.0.2.1")).expect("first");
+        let _b = limits.acquire(ip("192.0.2.1")).expect("second");
+        assert_eq!(
+            limits.acquire(ip("192.0.2.1")).err(),
+            Some(Refusal::TooManyPendingFromAddress)
+        );
+        let _other = limits.acquire(ip("192.0.2.2")).expect("another address");
+        drop(a);
+        let _c = limits.acquire(ip("192.0.2.1")).expect("a freed place");
+    }
+
+    #[test]
+    fn a_newcomer_takes_the_longest_idle_place() {
+        let limits = PendingLimits::new(2);
+        let first = limits.acquire(ip("192.0.2.1")).expect("first");
+        let second = limits.acquire(ip("192.0.2.1")).expect("second");
+        second.idle();
+        first.idle();
+        let newcomer = limits
+            .acquire(ip("192.0.2.1"))
+            .expect("takes an idle place");
+        assert!(fired(second.evicted()), "the longest idle goes");
+        assert!(!second.busy(), "and may not serve another request");
+        assert!(!fired(first.evicted()));
+        // The evicted connection's place is the newcomer's now.
+        drop(second);
+        let _next = limits.acquire(ip("192.0.2.1")).expect("first's idle place");
+        assert!(fired(first.evicted()));
+        assert_eq!(
+            limits.acquire(ip("192.0.2.1")).err(),
+            Some(Refusal::TooManyPendingFromAddress),
+            "no idle place left"
+        );
+        drop(newcomer);
+        let _again = limits.acquire(ip("192.0.2.1")).expect("a freed place");
+    }
+
+    #[test]
+    fn a_busy_connection_is_not_evicted() {
+        let limits = PendingLimits::new(1);
+        let only = limits.acquire(ip("192.0.2.1")).expect("only");
+        only.idle();
+        only.idle();
+        assert!(only.busy(), "a request came in first");
+        assert!(limits.acquire(ip("192.0.2.1")).is_err());
+        assert!(!fired(only.evicted()));
+    }
+
+    #[test]
+    fn every_place_is_freed_exactly_once() {
+        let limits = PendingLimits::new(2);
+        let mut held: Vec<PendingSlot> = Vec::new();
+        for round in 0..60 {
+            let slot = match limits.acquire(ip("2001:db8::1")) {
+                Ok(slot) => slot,
+                Err(_) => {
+                    // Both places busy: the older connection finishes.
+                    held.remove(0);
+                    limits.acquire(ip("2001:db8::1")).expect("a freed place")
+                }
+            };
+            if round % 3 != 0 {
+                slot.idle();
+            }
+            held.push(slot);
+            // Evicted connections close.
+            held.retain(|s| !fired(s.evicted()));
+            assert!(held.len() <= 2, "never more than the limit");
+        }
+        drop(held);
+        assert_eq!(limits.addresses(), 0, "nothing left behind");
+    }
+}
