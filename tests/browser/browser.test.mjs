@@ -35,7 +35,7 @@ const ADDR_B = "198.51.100.2";
 
 /** Starts the server (on `port` when set, else any free port). */
 async function startServer(extra = []) {
-  const args = [
+  ({ child: server, port } = await launch([
     ...extra,
     "--listen", `0.0.0.0:${port}`,
     "--data-dir", dataDir,
@@ -43,7 +43,11 @@ async function startServer(extra = []) {
     "--message-rate", String(MESSAGE_RATE),
     "--trusted-proxy", "127.0.0.0/8",
     "--shutdown-grace", "2s",
-  ];
+  ]));
+}
+
+/** Spawns a server with `args` and waits until it listens. */
+async function launch(args) {
   const child = spawn(BIN, args, {
     env: { ...process.env, RUST_LOG: "info", NO_COLOR: "1" },
     stdio: ["ignore", "pipe", "pipe"],
@@ -61,8 +65,7 @@ async function startServer(extra = []) {
     });
     child.on("exit", (code) => reject(new Error(`server exited with ${code}; see ${logPath}`)));
   });
-  port = await withTimeout(listening, 15000, "server start");
-  server = child;
+  return { child, port: await withTimeout(listening, 15000, "server start") };
 }
 
 async function stopServer() {
@@ -362,6 +365,37 @@ test("a page from another site cannot open the chat as its visitor", async () =>
   } finally {
     await context.close();
     other.close();
+  }
+});
+
+test("browsers sharing one address load the page in turn (a NAT)", async () => {
+  // No trusted proxy here: every page really comes from 127.0.0.1, one
+  // address, which may hold only 4 connections in their request phase.
+  // Each loaded page leaves idle keep-alive connections behind; they must
+  // make room for the next browser's.
+  const nat = await launch(["--listen", "127.0.0.1:0", "--in-memory", "--max-pending-per-ip", "4"]);
+  const contexts = [];
+  try {
+    for (let i = 0; i < 8; i++) {
+      const context = await browser.newContext();
+      contexts.push(context);
+      const page = await context.newPage();
+      page.on("pageerror", (e) => assert.fail(`page error in browser ${i}: ${e.message}`));
+      const failed = [];
+      page.on("requestfailed", (r) => failed.push(r.url()));
+      await page.goto(`http://127.0.0.1:${nat.port}/`);
+      await connected(page);
+      assert.deepEqual(failed, [], `browser ${i} loaded everything`);
+      assert.ok(await page.evaluate(() => document.styleSheets[0].cssRules.length > 0), "styled");
+    }
+    const metrics = await (await fetch(`http://127.0.0.1:${nat.port}/metrics`)).text();
+    assert.match(metrics, /^chat_http_idle_evicted_total [1-9]/m, "idle connections made room");
+    assert.match(metrics, /^chat_connections_open 8$/m, "every browser is connected");
+  } finally {
+    for (const context of contexts) await context.close();
+    const exited = new Promise((r) => nat.child.on("exit", r));
+    nat.child.kill("SIGTERM");
+    await withTimeout(exited, 10000, "server stop");
   }
 });
 
