@@ -31,6 +31,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout, timeout_at}
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::header;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
@@ -206,7 +207,20 @@ async fn handshake(
         refusal.response()
     };
     let callback = |request: &Request, response: Response| {
-        let addr = shared.policy.check(request, peer.ip()).map_err(refused)?;
+        let addr = shared.policy.check(request, peer.ip()).map_err(|refusal| {
+            if refusal == Refusal::OriginNotAllowed {
+                // The one refusal an operator causes (a proxy that rewrites
+                // `Host`, a page on another site) rather than a client:
+                // say how to fix it. Header values are logged escaped.
+                info!(
+                    %peer,
+                    origin = ?request.headers().get(header::ORIGIN),
+                    host = ?request.headers().get(header::HOST),
+                    "browser handshake refused: its Origin is not this server's own (Host); if the page is yours, add it with --allowed-origin"
+                );
+            }
+            refused(refusal)
+        })?;
         let slot = shared.addresses.acquire(addr).map_err(refused)?;
         admitted = Some(Admitted {
             addr,
