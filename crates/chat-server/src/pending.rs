@@ -17,6 +17,7 @@ use crate::handshake::Refusal;
 use crate::identity::AddrKey;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -25,6 +26,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 pub struct PendingLimits {
     max: usize,
     addresses: Mutex<HashMap<AddrKey, Places>>,
+    /// The next slot's id; ids only tell idle entries apart, and are never
+    /// reused, so a slot cannot mistake another's entry for its own.
+    next_id: AtomicU64,
 }
 
 /// One address's places.
@@ -35,9 +39,6 @@ struct Places {
     /// Connections idle between keep-alive requests, longest idle first:
     /// each one's id and the token that tells it to close.
     idle: VecDeque<(u64, CancellationToken)>,
-    /// The next connection's id (per address; ids only tell idle entries
-    /// apart).
-    next_id: u64,
 }
 
 /// A connection's place. Dropping it frees the place, unless a newcomer
@@ -56,6 +57,7 @@ impl PendingLimits {
         Arc::new(PendingLimits {
             max,
             addresses: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
         })
     }
 
@@ -85,12 +87,10 @@ impl PendingLimits {
             }
             return Err(Refusal::TooManyPendingFromAddress);
         }
-        let id = places.next_id;
-        places.next_id = places.next_id.wrapping_add(1);
         Ok(PendingSlot {
             limits: Arc::clone(self),
             key,
-            id,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
             evicted: CancellationToken::new(),
         })
     }
@@ -121,10 +121,13 @@ impl PendingSlot {
     /// got no answer on a reused connection).
     pub fn busy(&self) -> bool {
         let mut addresses = self.limits.lock();
+        if self.evicted.is_cancelled() {
+            return false;
+        }
         if let Some(places) = addresses.get_mut(&self.key) {
             places.idle.retain(|(id, _)| *id != self.id);
         }
-        !self.evicted.is_cancelled()
+        true
     }
 
     /// Resolves when a newcomer has taken this connection's place.
