@@ -246,4 +246,102 @@ mod tests {
         drop(held);
         assert_eq!(limits.addresses(), 0, "nothing left behind");
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Acquire(u8),
+        Idle(usize),
+        Busy(usize),
+        Drop(usize),
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum State {
+        Busy,
+        /// Idle since this step.
+        Idle(usize),
+        Evicted,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0u8..2).prop_map(Op::Acquire),
+            2 => any::<usize>().prop_map(Op::Idle),
+            1 => any::<usize>().prop_map(Op::Busy),
+            2 => any::<usize>().prop_map(Op::Drop),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Against a model: an address never has more than `max` places
+        /// held by connections that were not evicted; a newcomer is refused
+        /// only when every place is held by a busy connection, and
+        /// otherwise evicts the longest idle; every place is freed once.
+        #[test]
+        fn places_follow_the_model(ops in proptest::collection::vec(op(), 1..200)) {
+            const MAX: usize = 3;
+            let limits = PendingLimits::new(MAX);
+            let addrs = [ip("192.0.2.1"), ip("2001:db8::1")];
+            let mut live: Vec<(u8, PendingSlot, State)> = Vec::new();
+            for (step, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Acquire(a) => {
+                        let holding = |live: &Vec<(u8, PendingSlot, State)>| {
+                            live.iter().filter(|(x, _, s)| *x == a && *s != State::Evicted).count()
+                        };
+                        let longest_idle = live
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, (x, _, s))| match s {
+                                State::Idle(since) if *x == a => Some((*since, i)),
+                                _ => None,
+                            })
+                            .min()
+                            .map(|(_, i)| i);
+                        let full = holding(&live) >= MAX;
+                        match limits.acquire(addrs[a as usize]) {
+                            Ok(slot) => {
+                                if full {
+                                    let victim = longest_idle.expect("evicts only an idle connection");
+                                    proptest::prop_assert!(fired(live[victim].1.evicted()));
+                                    live[victim].2 = State::Evicted;
+                                }
+                                live.push((a, slot, State::Busy));
+                            }
+                            Err(refusal) => {
+                                proptest::prop_assert_eq!(refusal, Refusal::TooManyPendingFromAddress);
+                                proptest::prop_assert!(full && longest_idle.is_none(), "refused with room");
+                            }
+                        }
+                        proptest::prop_assert!(holding(&live) <= MAX);
+                    }
+                    Op::Idle(i) if !live.is_empty() => {
+                        let i = i % live.len();
+                        live[i].1.idle();
+                        if live[i].2 == State::Busy {
+                            live[i].2 = State::Idle(step);
+                        }
+                    }
+                    Op::Busy(i) if !live.is_empty() => {
+                        let i = i % live.len();
+                        let evicted = live[i].2 == State::Evicted;
+                        proptest::prop_assert_eq!(live[i].1.busy(), !evicted);
+                        if !evicted {
+                            live[i].2 = State::Busy;
+                        }
+                    }
+                    Op::Drop(i) if !live.is_empty() => {
+                        live.swap_remove(i % live.len());
+                    }
+                    _ => {}
+                }
+                for (_, slot, state) in &live {
+                    proptest::prop_assert_eq!(fired(slot.evicted()), *state == State::Evicted);
+                }
+            }
+            drop(live);
+            proptest::prop_assert_eq!(limits.addresses(), 0, "nothing left behind");
+        }
+    }
 }
