@@ -221,13 +221,18 @@ async fn metrics_count_what_happened() {
     server.shutdown().await;
 }
 
-#[tokio::test]
-async fn store_commits_are_timed() {
+/// A server with its store in a fresh directory (kept while the handle is).
+async fn durable_server() -> (tempfile::TempDir, TestServer) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config();
     config.in_memory = false;
     config.data_dir = dir.path().to_owned();
-    let server = TestServer::start(config).await;
+    (dir, TestServer::start(config).await)
+}
+
+#[tokio::test]
+async fn store_commits_are_timed() {
+    let (_dir, server) = durable_server().await;
     let mut a = server.client(2).await;
     for i in 0..3 {
         a.say(&format!("durable {i}")).await;
@@ -250,11 +255,7 @@ async fn store_commits_are_timed() {
 /// message is neither published nor lost; once the lock goes, it arrives.
 #[tokio::test]
 async fn a_failing_store_turns_healthz_red_and_holds_messages_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = test_config();
-    config.in_memory = false;
-    config.data_dir = dir.path().to_owned();
-    let server = TestServer::start(config).await;
+    let (dir, server) = durable_server().await;
     let mut a = server.client(2).await;
     assert_eq!(get(&server, "/healthz").await.status, 200);
 
