@@ -256,7 +256,7 @@ impl Policy {
             || self
                 .allowed_origins
                 .iter()
-                .any(|allowed| *allowed == AllowedOrigin::Exact(origin.clone()))
+                .any(|allowed| matches!(allowed, AllowedOrigin::Exact(o) if *o == origin))
     }
 }
 
