@@ -25,6 +25,20 @@ async fn server_still_serves(server: &TestServer) {
     }
 }
 
+/// "At once" for a close that tests set a 30 s handshake timeout against.
+const AT_ONCE: Duration = Duration::from_secs(5);
+
+/// Asserts that the server closes `stream` within `within`, sending
+/// nothing first.
+async fn closed_without_a_word(stream: &mut tokio::net::TcpStream, within: Duration) {
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(within, stream.read(&mut buf))
+        .await
+        .expect("the server hangs up by itself, in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response");
+}
+
 fn http_status(err: WsError) -> u16 {
     match err {
         WsError::Http(response) => response.status().as_u16(),
@@ -153,12 +167,7 @@ async fn a_handshake_that_never_completes_is_dropped() {
         .await
         .expect("write");
     for sock in [&mut silent, &mut half] {
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(PATIENCE, sock.read(&mut buf))
-            .await
-            .expect("server hangs up by itself")
-            .unwrap_or(0);
-        assert_eq!(n, 0, "closed without a response");
+        closed_without_a_word(sock, PATIENCE).await;
     }
     server_still_serves(&server).await;
     server.shutdown().await;
@@ -174,12 +183,7 @@ async fn one_address_cannot_hold_many_silent_connections() {
     let server = TestServer::start(config).await;
     let silent: Vec<_> = futures_util::future::join_all((0..2).map(|_| server.tcp_from(2))).await;
     let mut third = server.tcp_from(2).await;
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
-        .await
-        .expect("closed at once, long before the handshake timeout")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "closed without a response");
+    closed_without_a_word(&mut third, AT_ONCE).await;
     // Other addresses are not affected, and a trusted proxy is exempt.
     let _other = server.client(3).await;
     let _proxied: Vec<_> = futures_util::future::join_all((0..3).map(|_| server.tcp_from(4))).await;
@@ -224,21 +228,12 @@ async fn idle_keep_alive_connections_make_room_for_new_ones() {
     let mut newcomer = server.tcp_from(2).await;
     assert_eq!(fetch(&mut newcomer).await, 200);
     // ...and the longest idle connection was closed for it.
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), kept[0].read(&mut buf))
-        .await
-        .expect("closed at once, long before the handshake timeout")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "closed without a word");
+    closed_without_a_word(&mut kept[0], AT_ONCE).await;
     // A WebSocket client from the address gets in the same way.
     let mut chatter = server.client(2).await;
     chatter.say("behind the NAT").await;
     assert_eq!(chatter.message().await.text, "behind the NAT");
-    assert_eq!(
-        kept[1].read(&mut buf).await.unwrap_or(0),
-        0,
-        "the next longest idle made room"
-    );
+    closed_without_a_word(&mut kept[1], AT_ONCE).await;
     // The newcomer, idle now, still serves its next request.
     assert_eq!(fetch(&mut newcomer).await, 200);
     server.shutdown().await;
