@@ -82,6 +82,19 @@ impl TestServer {
         socket.connect(self.addr).await.expect("tcp connect")
     }
 
+    /// After whatever a test did, a fresh client (from 127.0.0.250) can still
+    /// chat: its own message comes back, after any history.
+    pub async fn still_serves(&self) {
+        let mut c = self.client(250).await;
+        c.say("are you there?").await;
+        loop {
+            let m = c.message().await;
+            if m.text == "are you there?" && m.author_id.as_str() == "127.0.0.250" {
+                return;
+            }
+        }
+    }
+
     /// A client from `127.0.0.<n>`: a distinct user per `n`.
     pub async fn client(&self, n: u8) -> Client {
         self.try_client(n, "/ws", &[]).await.expect("handshake")
