@@ -37,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod frame_bound;
 mod history;
 mod rate_limit;
 mod validate;
@@ -79,7 +80,7 @@ impl Default for Config {
             max_text_chars: chat_proto::MAX_TEXT_CHARS,
             max_author_name_chars: 50,
             max_emojis_per_message: 20,
-            max_reactors_per_emoji: 1_000,
+            max_reactors_per_emoji: 100,
             message_rate: RateLimit::per_minute(60),
             reaction_rate: RateLimit::per_minute(60),
         }

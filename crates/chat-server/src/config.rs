@@ -4,6 +4,7 @@
 //! see and change all of them in `--help`, and so tests can shrink them.
 
 use crate::handshake::AllowedOrigin;
+use crate::identity::Identity;
 use chat_core::RateLimit;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use ipnet::IpNet;
@@ -80,6 +81,15 @@ pub struct Config {
     /// for the connection's life, so it is the main cost of an idle client.
     #[arg(long, env = "CHAT_WRITE_BUFFER_SIZE", default_value_t = 2 * 1024)]
     pub write_buffer_size: usize,
+
+    /// Largest frame the server may send, in bytes. The chat rules decide
+    /// how large a frame can get (a `reaction_updated` carries the whole
+    /// message with every reactor); the server refuses to start if they
+    /// allow a frame larger than this, and every connection can hold one
+    /// frame this large past `--write-buffer-size`, so any frame it
+    /// produces is delivered.
+    #[arg(long, env = "CHAT_MAX_SERVER_FRAME", default_value_t = 64 * 1024)]
+    pub max_server_frame: usize,
 
     /// Kernel send buffer per connection (SO_SNDBUF), in bytes. What a
     /// client that stops reading can make the kernel hold for it; once it is
@@ -189,13 +199,20 @@ pub struct Config {
     pub max_emojis_per_message: usize,
 
     /// Most users reacting with one emoji on one message.
-    #[arg(long, env = "CHAT_MAX_REACTORS_PER_EMOJI", default_value_t = 1_000)]
+    /// Every toggle sends the whole message to every client, so this and
+    /// `--max-emojis-per-message` bound both the largest frame and what one
+    /// click costs in egress.
+    #[arg(long, env = "CHAT_MAX_REACTORS_PER_EMOJI", default_value_t = 100)]
     pub max_reactors_per_emoji: usize,
 }
 
 /// The smallest `--max-request-head` allowed: a browser's WebSocket
 /// handshake, with cookies and user agent, is commonly 500-1,500 bytes.
 pub const MIN_REQUEST_HEAD: usize = 1024;
+
+/// Room past a frame's payload for its header (at most 10 bytes from a
+/// server) and one queued control frame (a pong: at most 127 bytes).
+const FRAME_OVERHEAD: usize = 256;
 
 /// How user ids are derived from client addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -238,15 +255,31 @@ impl Config {
         }
     }
 
+    /// The longest frame the chat rules and the identity mode let the
+    /// server send, in bytes.
+    pub fn largest_server_frame(&self) -> usize {
+        self.chat()
+            .largest_frame(Identity::max_user_id_len(self.identity))
+    }
+
     /// The WebSocket limits every connection gets. Nothing is left at
     /// tungstenite's defaults (64 MiB messages, unlimited write buffer).
     pub fn websocket(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
         tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(self.read_buffer_size)
             .write_buffer_size(self.write_buffer_size)
-            // Room for one more full frame past the coalescing target;
-            // beyond it writes wait (backpressure) instead of buffering.
-            .max_write_buffer_size(self.write_buffer_size + self.max_message_size.max(64 * 1024))
+            // Room for the largest frame the server can produce past the
+            // coalescing target (tungstenite writes the buffer out once it
+            // passes that target), plus a queued control frame; beyond it
+            // writes wait (backpressure) instead of buffering.
+            // In --echo mode the largest frame sent is the largest received.
+            .max_write_buffer_size(
+                self.write_buffer_size
+                    + self
+                        .max_server_frame
+                        .max(if self.echo { self.max_message_size } else { 0 })
+                    + FRAME_OVERHEAD,
+            )
             .max_message_size(Some(self.max_message_size))
             .max_frame_size(Some(self.max_message_size))
             .accept_unmasked_frames(false)
@@ -283,6 +316,15 @@ impl Config {
         }
         if self.idle_timeout <= self.ping_interval {
             return Err("--idle-timeout must be longer than --ping-interval, or live clients are dropped between pings".into());
+        }
+        let largest = self.largest_server_frame();
+        if largest > self.max_server_frame {
+            return Err(format!(
+                "these chat rules let a frame reach {largest} bytes (a reaction_updated on a message with \
+                 {} emojis of {} reactors each), more than --max-server-frame {}: raise it, or lower \
+                 --max-reactors-per-emoji or --max-emojis-per-message",
+                self.max_emojis_per_message, self.max_reactors_per_emoji, self.max_server_frame
+            ));
         }
         if self.identity_secret.as_deref().is_some_and(str::is_empty) {
             return Err("--identity-secret must not be empty".into());
@@ -363,5 +405,34 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn rules_whose_frames_do_not_fit_are_refused() {
+        let defaults = Config::default();
+        assert!(defaults.largest_server_frame() <= defaults.max_server_frame);
+        let raw_ip = Config {
+            identity: IdentityMode::RawIp,
+            ..Config::default()
+        };
+        assert!(
+            raw_ip.validate().is_ok(),
+            "the defaults fit either identity"
+        );
+        let crowded = Config {
+            max_reactors_per_emoji: 1_000,
+            ..Config::default()
+        };
+        let err = crowded.validate().expect_err("400 KB frames");
+        assert!(err.contains("--max-server-frame"), "{err}");
+        let fits = Config {
+            max_server_frame: crowded.largest_server_frame(),
+            ..crowded
+        };
+        assert!(fits.validate().is_ok());
+        let ws = fits.websocket();
+        assert!(
+            ws.max_write_buffer_size >= fits.write_buffer_size + fits.largest_server_frame() + 14
+        );
     }
 }

@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::http::header;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -69,6 +69,9 @@ pub enum CloseReason {
     Stalled,
     /// The server is shutting down.
     Shutdown,
+    /// The server could not carry out a write that was not the client's
+    /// fault (for example a frame larger than its write buffer).
+    ServerError(String),
 }
 
 impl CloseReason {
@@ -85,11 +88,26 @@ impl CloseReason {
                 (CloseCode::Again, "too slow, reconnect")
             }
             CloseReason::Shutdown => (CloseCode::Away, "server shutting down"),
+            CloseReason::ServerError(_) => (CloseCode::Error, "internal error"),
         };
         Some(CloseFrame {
             code,
             reason: Utf8Bytes::from_static(reason),
         })
+    }
+
+    /// Why a write failed. Only an I/O error or a connection already
+    /// closed is the peer's doing; anything else (a frame the write buffer
+    /// cannot take, a frame tungstenite will not encode) is the server's,
+    /// and must not pass for a client that went away.
+    fn from_write_error(err: WsError) -> Self {
+        match err {
+            WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => {
+                CloseReason::PeerGone
+            }
+            WsError::Protocol(ProtocolError::SendAfterClosing) => CloseReason::ClientClosed,
+            other => CloseReason::ServerError(other.to_string()),
+        }
     }
 
     fn from_read_error(err: &WsError) -> Self {
@@ -117,6 +135,7 @@ impl CloseReason {
             CloseReason::Lagged(_) => "lagged",
             CloseReason::Stalled => "stalled",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::ServerError(_) => "server_error",
         }
     }
 
@@ -139,6 +158,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Lagged(n) => write!(f, "lagged by {n} frames"),
             CloseReason::Stalled => f.write_str("write stalled"),
             CloseReason::Shutdown => f.write_str("server shutdown"),
+            CloseReason::ServerError(e) => write!(f, "server error: {e}"),
         }
     }
 }
@@ -177,7 +197,11 @@ pub(crate) async fn serve(
     shared.metrics.connection_opened();
     let reason = run(ws, &admitted, &shared).await;
     shared.metrics.connection_closed(&reason);
-    info!(user = %user, %peer, reason = %reason, "connection closed");
+    if let CloseReason::ServerError(_) = reason {
+        error!(user = %user, %peer, reason = %reason, "connection closed by a server-side error");
+    } else {
+        info!(user = %user, %peer, reason = %reason, "connection closed");
+    }
 }
 
 /// Refuses a connection that arrived while the server was full, with a 503
@@ -297,7 +321,7 @@ async fn echo_loop(
         if let Message::Text(_) | Message::Binary(_) = message {
             match timeout(shared.config.write_timeout, sink.send(message)).await {
                 Err(_) => return CloseReason::Stalled,
-                Ok(Err(_)) => return CloseReason::PeerGone,
+                Ok(Err(e)) => return CloseReason::from_write_error(e),
                 Ok(Ok(())) => {}
             }
         }
@@ -380,18 +404,6 @@ struct Writer<'a> {
     shared: &'a Shared,
 }
 
-/// What a write batch ran into.
-enum Interrupt {
-    Close(CloseReason),
-    Io,
-}
-
-impl From<WsError> for Interrupt {
-    fn from(_: WsError) -> Self {
-        Interrupt::Io
-    }
-}
-
 impl Writer<'_> {
     async fn run(
         mut self,
@@ -411,7 +423,7 @@ impl Writer<'_> {
             };
             match timeout(write_timeout, write).await {
                 Err(_) => return CloseReason::Stalled,
-                Ok(Err(_)) => return CloseReason::PeerGone,
+                Ok(Err(e)) => return CloseReason::from_write_error(e),
                 Ok(Ok(())) => {}
             }
         }
@@ -439,8 +451,7 @@ impl Writer<'_> {
             };
             match timeout(write_timeout, self.batch(first, &mut live, replies)).await {
                 Err(_) => return CloseReason::Stalled,
-                Ok(Err(Interrupt::Io)) => return CloseReason::PeerGone,
-                Ok(Err(Interrupt::Close(reason))) => return reason,
+                Ok(Err(reason)) => return reason,
                 Ok(Ok(())) => {}
             }
         }
@@ -452,21 +463,53 @@ impl Writer<'_> {
         first: Message,
         live: &mut broadcast::Receiver<Utf8Bytes>,
         replies: &mut mpsc::Receiver<Utf8Bytes>,
-    ) -> Result<(), Interrupt> {
-        self.sink.feed(first).await?;
+    ) -> Result<(), CloseReason> {
+        let write_failed = CloseReason::from_write_error;
+        self.sink.feed(first).await.map_err(write_failed)?;
         for _ in 1..MAX_BATCH {
             match live.try_recv() {
-                Ok(frame) => self.sink.feed(Message::Text(frame)).await?,
+                Ok(frame) => self
+                    .sink
+                    .feed(Message::Text(frame))
+                    .await
+                    .map_err(write_failed)?,
                 Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                    return Err(Interrupt::Close(CloseReason::Lagged(n)));
+                    return Err(CloseReason::Lagged(n));
                 }
                 Err(_) => break,
             }
         }
         while let Ok(frame) = replies.try_recv() {
-            self.sink.feed(Message::Text(frame)).await?;
+            self.sink
+                .feed(Message::Text(frame))
+                .await
+                .map_err(write_failed)?;
         }
-        self.sink.flush().await?;
-        Ok(())
+        self.sink.flush().await.map_err(write_failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn only_the_peer_s_failures_pass_for_a_gone_peer() {
+        let reset = WsError::Io(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert_eq!(CloseReason::from_write_error(reset), CloseReason::PeerGone);
+        let full = WsError::WriteBufferFull(Box::new(Message::text("x")));
+        let reason = CloseReason::from_write_error(full);
+        assert_eq!(reason.kind(), "server_error");
+        let frame = reason.close_frame().expect("the server says why");
+        assert_eq!(frame.code, CloseCode::Error, "1011");
+        let capacity = WsError::Capacity(CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        });
+        assert_eq!(
+            CloseReason::from_write_error(capacity).kind(),
+            "server_error"
+        );
     }
 }

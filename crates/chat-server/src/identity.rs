@@ -70,6 +70,10 @@ impl AddrKey {
     }
 }
 
+/// Bytes of hash in a pseudonym. 64 bits: collisions need ~4 billion
+/// distinct addresses.
+const PSEUDONYM_BYTES: usize = 8;
+
 /// Turns client addresses into user ids.
 #[derive(Clone)]
 pub struct Identity {
@@ -110,6 +114,22 @@ impl Identity {
         Ok(key)
     }
 
+    /// The longest user id `mode` produces, in bytes: it bounds the size of
+    /// every frame that lists reactors.
+    pub fn max_user_id_len(mode: IdentityMode) -> usize {
+        match mode {
+            IdentityMode::Pseudonym => PSEUDONYM_BYTES * 2,
+            IdentityMode::RawIp => [
+                AddrKey::V4(Ipv4Addr::BROADCAST),
+                AddrKey::V6Prefix(u64::MAX),
+            ]
+            .iter()
+            .map(|a| a.to_string().len())
+            .max()
+            .unwrap_or_default(),
+        }
+    }
+
     /// The user id of a client at `ip`.
     pub fn user_id(&self, ip: IpAddr) -> UserId {
         let addr = AddrKey::from(ip);
@@ -117,8 +137,7 @@ impl Identity {
             IdentityMode::RawIp => UserId::from(addr.to_string()),
             IdentityMode::Pseudonym => {
                 let hash = blake3::keyed_hash(&self.key, &addr.to_bytes());
-                // 64 bits: collisions need ~4 billion distinct addresses.
-                let hex: String = hash.as_bytes()[..8]
+                let hex: String = hash.as_bytes()[..PSEUDONYM_BYTES]
                     .iter()
                     .map(|b| format!("{b:02x}"))
                     .collect();
