@@ -9,3 +9,4 @@ pub mod http;
 pub mod scenario;
 pub mod soak;
 pub mod stats;
+pub mod storm;

@@ -5,6 +5,7 @@
 //! cargo run --release -p chat-loadgen -- fanout --clients 1000 --senders 50 --rate 100 --sweep-p99-ms 50
 //! cargo run --release -p chat-loadgen -- saturate --clients 1000 --senders 50 --in-flight 4
 //! cargo run --release -p chat-loadgen -- connect --clients 1000 --history 10000
+//! cargo run --release -p chat-loadgen -- storm --clients 1000 --reactors 200 --toggles 100
 //! cargo run --release -p chat-loadgen -- idle --clients 10000 --server-pid $(pgrep chat-server)
 //! ```
 #![forbid(unsafe_code)]
@@ -111,6 +112,25 @@ enum Scenario {
         /// Allowed growth of memory and descriptors after warm-up (0.2 = 20 %).
         #[arg(long, default_value_t = 0.2)]
         tolerance: f64,
+    },
+    /// Fills one message to the reaction limits, then toggles on it while
+    /// C clients receive: the egress of one toggle.
+    Storm {
+        /// Receiving clients.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Users filling the message, each toggling every emoji once.
+        #[arg(long, default_value_t = 200)]
+        reactors: usize,
+        /// Emojis used, at most 20.
+        #[arg(long, default_value_t = 20)]
+        emojis: usize,
+        /// Toggles measured.
+        #[arg(long, default_value_t = 100)]
+        toggles: usize,
+        /// Measured toggles per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
     },
     /// K idle connections; reports the server's memory per connection.
     Idle {
@@ -249,6 +269,25 @@ async fn main() -> std::process::ExitCode {
             let params = json!({"duration_s": duration.as_secs_f64(), "chatters": chatters, "send_every_s": send_every.as_secs_f64(), "non_readers": non_readers, "slowloris": slowloris, "flood": flood, "junk": junk, "browsers": browsers, "tolerance": tolerance});
             let results = chat_loadgen::soak::run(&target, &soak).await;
             ("soak", params, results)
+        }
+        Scenario::Storm {
+            clients,
+            reactors,
+            emojis,
+            toggles,
+            rate,
+        } => {
+            let storm = chat_loadgen::storm::Storm {
+                clients: *clients,
+                reactors: *reactors,
+                emojis: *emojis,
+                toggles: *toggles,
+                rate: *rate,
+            };
+            let params = json!({"clients": clients, "reactors": reactors, "emojis": emojis, "toggles": toggles, "rate": rate});
+            let results =
+                chat_loadgen::storm::run(&target, &storm, cli.connect_parallel, &progress).await;
+            ("storm", params, results)
         }
         Scenario::Idle { clients } => {
             let params = json!({"clients": clients});

@@ -95,3 +95,27 @@ async fn idle_reports_memory_per_connection() {
     assert!(r["server_rss_after_bytes"].as_u64().is_some(), "{r}");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_fills_the_message_and_counts_every_toggle() {
+    let (url, stop) = server().await;
+    // Six addresses: four reactors and the poster need their own users.
+    let target = Target::resolve(&url, 8).await.expect("target");
+    let progress = Arc::new(Progress::default());
+    let storm = chat_loadgen::storm::Storm {
+        clients: 3,
+        reactors: 4,
+        emojis: 2,
+        toggles: 4,
+        rate: 50.0,
+    };
+    let r = chat_loadgen::storm::run(&target, &storm, 4, &progress).await;
+    assert!(r.get("error").is_none(), "{r}");
+    assert_eq!(r["fill"]["toggles_accepted"], 8, "{r}");
+    assert_eq!(r["frames_received"], 12, "3 clients x 4 toggles: {r}");
+    assert_eq!(r["receivers_cut_short"], 0, "{r}");
+    let per_client = r["bytes_per_toggle_per_client"].as_f64().expect("bytes");
+    let largest = r["largest_frame_bytes"].as_f64().expect("largest");
+    assert!(per_client > 0.0 && per_client <= largest, "{r}");
+    stop.cancel();
+}
