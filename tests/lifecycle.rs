@@ -178,3 +178,64 @@ async fn echo_mode_echoes_and_keeps_the_limits() {
     assert_eq!(close.expect("close frame").code, CloseCode::Size);
     server.shutdown().await;
 }
+
+/// The host's clock set back two hours across a restart (an hour ahead
+/// before, an hour behind after): the restarted server stamps messages on
+/// from the stored ones, and its rate limit opens again after one real
+/// window, not after the two hours a frozen clock would take.
+#[tokio::test]
+async fn a_clock_set_back_across_a_restart_neither_freezes_time_nor_the_limit() {
+    use chat_server::clock::Clock;
+    use std::time::{Duration, SystemTime};
+    const HOUR: Duration = Duration::from_secs(3600);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = chat_server::Config {
+        in_memory: false,
+        data_dir: dir.path().to_owned(),
+        message_rate: 3,
+        rate_window: Duration::from_secs(2),
+        ..test_config()
+    };
+    let ahead = Clock::starting_at(SystemTime::now() + HOUR);
+    let server = TestServer::start_with_clock(config.clone(), ahead).await;
+    let mut c = server.client(2).await;
+    let mut before = Vec::new();
+    for i in 0..3 {
+        c.say(&format!("before {i}")).await;
+        before.push(c.message().await.created_at);
+    }
+    c.say("one too many").await;
+    assert!(c.error().await.starts_with("Rate limit exceeded"));
+    drop(c);
+    server.shutdown().await;
+
+    let behind = Clock::starting_at(SystemTime::now() - HOUR);
+    let server = TestServer::start_with_clock(config, behind).await;
+    let mut c = server.client(2).await;
+    for _ in 0..3 {
+        c.message().await; // history
+    }
+    let newest = *before.last().expect("three");
+    let mut after = Vec::new();
+    for i in 0..3 {
+        c.say(&format!("after {i}")).await;
+        after.push(c.message().await.created_at);
+    }
+    c.say("one too many").await;
+    assert!(c.error().await.starts_with("Rate limit exceeded"));
+    // One window later, in real time, the limit has moved on.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    c.say("a window later").await;
+    let later = c.message().await;
+    assert_eq!(later.text, "a window later");
+    assert!(
+        after.iter().all(|&t| t >= newest),
+        "never backwards: {before:?} {after:?}"
+    );
+    assert!(
+        later.created_at >= after[0] + 2,
+        "time went on in real time: {after:?}, then {}",
+        later.created_at
+    );
+    server.shutdown().await;
+}

@@ -6,6 +6,7 @@
 use chat_proto::{
     AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, Uuid,
 };
+use chat_server::clock::Clock;
 use chat_server::{CancellationToken, Config, IdentityMode, Server};
 use chat_testkit::FrameValidator;
 use futures_util::{SinkExt, StreamExt};
@@ -47,7 +48,14 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
-        let server = Server::bind(config).await.expect("server binds");
+        TestServer::start_with_clock(config, Clock::system()).await
+    }
+
+    /// A server whose clock starts at a chosen time.
+    pub async fn start_with_clock(config: Config, clock: Clock) -> Self {
+        let server = Server::bind_with_clock(config, clock)
+            .await
+            .expect("server binds");
         let addr = server.local_addr();
         let stop = server.shutdown_handle();
         let task = tokio::spawn(server.run());

@@ -130,8 +130,11 @@ impl From<SystemTime> for Timestamp {
 pub struct Context {
     /// Who is acting (the server derives it from the client's address).
     pub user: UserId,
-    /// The current time. If it is earlier than a time already seen, the
-    /// later time is used, so time never runs backwards inside the chat.
+    /// The current time. Feed a clock that does not step: a monotonic
+    /// clock anchored to the wall clock, or a log's timestamps. The chat
+    /// takes a step backwards out of its own time (see [`Chat`]'s clock),
+    /// but a step forwards is indistinguishable from time passing and ends
+    /// rate-limit windows early.
     pub now: Timestamp,
     /// The id the message gets if the command posts one.
     pub message_id: Uuid,
@@ -167,8 +170,14 @@ pub struct Chat {
     history: History,
     message_limiter: RateLimiter,
     reaction_limiter: RateLimiter,
-    /// The latest time seen; time never runs backwards.
+    /// The chat's own time: the latest `now` plus `skew`. It never runs
+    /// backwards and never stands still while `now` advances.
     clock: Timestamp,
+    /// How far the chat's time runs ahead of the embedder's, in ms: the sum
+    /// of every backward step seen. A step back of an hour thus costs no
+    /// hour of frozen time (every message stamped alike, every rate window
+    /// stuck open); the chat's time simply goes on from where it was.
+    skew: u64,
     /// Events not yet taken by [`Chat::poll_event`]. A command adds at most
     /// two, so this stays tiny as long as the embedder drains it.
     events: VecDeque<Event>,
@@ -182,6 +191,7 @@ impl Chat {
             message_limiter: RateLimiter::new(config.message_rate),
             reaction_limiter: RateLimiter::new(config.reaction_rate),
             clock: Timestamp::default(),
+            skew: 0,
             events: VecDeque::with_capacity(4),
             config,
         }
@@ -193,7 +203,11 @@ impl Chat {
     /// If there are more messages than `config.history_limit` (the limit was
     /// lowered since they were stored), the oldest are dropped and returned,
     /// so the store can delete them. A repeated id keeps its first message.
-    /// Time resumes from the newest message; rate-limit windows start empty.
+    /// Time resumes from the newest message: if the embedder's first `now`
+    /// is earlier (a clock set back, or a bad future time stored by an
+    /// earlier run), the chat's time goes on from the newest message at the
+    /// embedder's pace, so `created_at` never goes backwards and never
+    /// freezes. Rate-limit windows start empty.
     pub fn restore(
         config: Config,
         messages: impl IntoIterator<Item = Message>,
@@ -299,8 +313,14 @@ impl Chat {
         )
     }
 
+    /// The chat's time for a command at the embedder's `now`.
     fn advance_clock(&mut self, now: Timestamp) -> Timestamp {
-        self.clock = self.clock.max(now);
+        let shifted = now.0.saturating_add(self.skew);
+        if shifted < self.clock.0 {
+            // A step backwards: absorb it, so time goes on from here.
+            self.skew += self.clock.0 - shifted;
+        }
+        self.clock = Timestamp(now.0.saturating_add(self.skew));
         self.clock
     }
 }

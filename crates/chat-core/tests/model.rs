@@ -79,7 +79,10 @@ struct Model {
     /// Every accepted (user, time), never pruned.
     sends: Vec<(String, u64)>,
     reacts: Vec<(String, u64)>,
+    /// The chat's time: the input time plus `skew`, the sum of every
+    /// backward step so far.
     clock: u64,
+    skew: u64,
     last_input_time: u64,
     next_id: u128,
     /// What the last command should have produced.
@@ -305,7 +308,10 @@ impl ReferenceStateMachine for ChatModel {
 
     fn apply(mut state: Model, s: &Step) -> Model {
         state.last_input_time = s.now;
-        state.clock = state.clock.max(s.now);
+        if s.now + state.skew < state.clock {
+            state.skew = state.clock - s.now;
+        }
+        state.clock = s.now + state.skew;
         if s.message_id == state.next_id {
             state.next_id += 1;
         }

@@ -386,6 +386,73 @@ fn time_never_runs_backwards() {
     h.now -= 5_000;
     let m = h.posted("u", "b");
     assert_eq!(m.created_at, (T0 / 1000) as i64);
+    h.now += 2_000;
+    let m = h.posted("u", "c");
+    assert_eq!(
+        m.created_at,
+        (T0 / 1000) as i64 + 2,
+        "and goes on from there"
+    );
+}
+
+const HOUR: u64 = 3_600_000;
+
+#[test]
+fn a_clock_stepped_back_an_hour_neither_freezes_time_nor_loosens_the_limit() {
+    let mut h = Harness::new(Config::default());
+    // 60 messages, one a second.
+    for i in 0..60 {
+        h.send("u", &format!("m{i}")).expect("within the limit");
+        h.now += 1_000;
+    }
+    // The 61st comes right after the 60th in real time, but the embedder's
+    // clock has just been set back an hour.
+    h.now -= 1_000 + HOUR;
+    let newest = h.chat.history().iter().last().expect("held").created_at;
+    h.send("u", "61st")
+        .expect_err("still 60 in the last minute of real time");
+    // One real second later the first message leaves the window: the
+    // limit neither stayed shut for the hour nor opened early.
+    h.now += 1_000;
+    let m = h.posted("u", "a second later");
+    assert_eq!(m.created_at, newest + 1, "time went on, a second later");
+    h.send("u", "62nd").expect_err("60 in the window again");
+    // And a minute after that, 60 more, each a second apart.
+    h.now += 60_000;
+    for i in 0..60 {
+        let m = h.posted("u", &format!("n{i}"));
+        assert!(m.created_at > newest, "never backwards");
+        h.now += 1_000;
+    }
+}
+
+#[test]
+fn a_chat_restored_from_a_future_time_goes_on_from_it() {
+    // An earlier run stored messages an hour ahead of this host's clock.
+    let mut earlier = Harness::new(Config::default());
+    earlier.now = T0 + HOUR;
+    for i in 0..3 {
+        earlier.send("u", &format!("m{i}")).expect("ok");
+    }
+    let stored: Vec<Message> = earlier.chat.history().iter().cloned().collect();
+    let newest = stored[2].created_at;
+    let (chat, _) = Chat::restore(Config::default(), stored);
+    let mut h = Harness {
+        chat,
+        next_id: 100,
+        now: T0,
+    };
+    for i in 0..60 {
+        let m = h.posted("v", &format!("v{i}"));
+        assert!(m.created_at >= newest, "never backwards");
+        h.now += 500;
+    }
+    h.send("v", "61st").expect_err("60 in 29.5 s");
+    // 30.5 s later (60 s after the first), the window has moved on: the
+    // chat's time did not stand still for the hour.
+    h.now += 30_000;
+    let m = h.posted("v", "a minute after the first");
+    assert_eq!(m.created_at, newest + 60, "a minute of real time later");
 }
 
 #[test]

@@ -21,12 +21,12 @@
 //! The lock is a `std::sync::Mutex`: it is never held across an `.await`,
 //! and the work under it is a few microseconds.
 
+use crate::clock::Clock;
 use crate::metrics::Metrics;
-use chat_core::{Chat, ChatError, Context, Event, Timestamp};
+use chat_core::{Chat, ChatError, Context, Event};
 use chat_proto::{ClientFrame, FixedState, ServerFrame, UserId, Uuid};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::SystemTime;
 use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -39,6 +39,8 @@ pub struct Hub {
     state: Mutex<State>,
     /// With a store: where accepted events wait for their commit.
     commits: Option<mpsc::Sender<Vec<Event>>>,
+    /// The time each command is stamped with.
+    clock: Clock,
 }
 
 #[derive(Debug)]
@@ -80,12 +82,13 @@ impl Hub {
     /// ring holds `max_lag` frames: a client further behind is told it
     /// lagged. With `commits`, events are published only after the
     /// committer has written them. Published events are counted in
-    /// `metrics`.
+    /// `metrics`. Commands are stamped with `clock`'s time.
     pub fn new(
         chat: Chat,
         max_lag: usize,
         commits: Option<mpsc::Sender<Vec<Event>>>,
         metrics: Arc<Metrics>,
+        clock: Clock,
     ) -> Self {
         let (live, _) = broadcast::channel(max_lag);
         let mut replay = ReplayLog::default();
@@ -101,6 +104,7 @@ impl Hub {
                 metrics,
             }),
             commits,
+            clock,
         }
     }
 
@@ -138,7 +142,7 @@ impl Hub {
         };
         let ctx = Context {
             user: user.clone(),
-            now: Timestamp::from(SystemTime::now()),
+            now: self.clock.now(),
             message_id: Uuid::now_v7(),
         };
         let mut guard = self.lock();

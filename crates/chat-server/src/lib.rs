@@ -20,6 +20,7 @@
 //!
 //! The modules, one concept each:
 //! - [`config`]: every setting and bound;
+//! - [`clock`]: the time commands are stamped with;
 //! - `listener`: the accept loop and the connection limit;
 //! - [`http`]: plain HTTP on the same port (the page, health, metrics, whoami),
 //!   and the hand-over of `/ws` handshakes to tungstenite;
@@ -33,6 +34,7 @@
 //! - [`shutdown`]: signals and the graceful stop.
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod handshake;
@@ -49,7 +51,8 @@ pub mod web;
 pub use config::{Config, IdentityMode};
 pub use tokio_util::sync::CancellationToken;
 
-use chat_core::Chat;
+use chat_core::{Chat, Timestamp};
+use clock::Clock;
 use handshake::{AddressLimits, Policy};
 use hub::Hub;
 use identity::Identity;
@@ -58,6 +61,7 @@ use pending::PendingLimits;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 use store::{Store, StoreError};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -117,6 +121,12 @@ impl Server {
     /// Checks the configuration, opens the store (unless `in_memory`) and
     /// rebuilds the chat from it, and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        Server::bind_with_clock(config, Clock::system()).await
+    }
+
+    /// [`bind`](Self::bind), with commands stamped by `clock` instead of
+    /// the host's clock (tests start servers at chosen times with it).
+    pub async fn bind_with_clock(config: Config, clock: Clock) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
         let mut store = if config.in_memory {
             info!("history is in memory only (--in-memory)");
@@ -131,6 +141,15 @@ impl Server {
                 let started = std::time::Instant::now();
                 let (chat, dropped) = Chat::restore(config.chat(), store.load()?);
                 store.delete(&dropped)?;
+                let newest = chat.history().iter().last().map(|m| m.created_at);
+                let newest_ms = newest.map_or(0, |s| u64::try_from(s).unwrap_or(0) * 1000);
+                if let Some(ahead) = clock.behind(Timestamp::from_unix_millis(newest_ms)) {
+                    warn!(
+                        ahead = %humantime::format_duration(Duration::from_secs(ahead.as_secs())),
+                        "the newest stored message is ahead of this host's clock; \
+                         new messages are stamped on from it, so times never run backwards"
+                    );
+                }
                 info!(
                     path = %store.path().display(),
                     messages = chat.history().len(),
@@ -175,6 +194,7 @@ impl Server {
             config.max_lag,
             commits,
             Arc::clone(&metrics),
+            clock,
         ));
         let committer = match (store, queue) {
             (Some(store), Some(queue)) => Some(
