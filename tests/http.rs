@@ -11,6 +11,7 @@ use support::{PATIENCE, TestServer, eventually, test_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The body as text.
 fn text(reply: &Response) -> &str {
@@ -223,11 +224,99 @@ async fn metrics_count_what_happened() {
 
 /// A server with its store in a fresh directory (kept while the handle is).
 async fn durable_server() -> (tempfile::TempDir, TestServer) {
+    durable_server_with(test_config()).await
+}
+
+async fn durable_server_with(mut config: chat_server::Config) -> (tempfile::TempDir, TestServer) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = test_config();
     config.in_memory = false;
     config.data_dir = dir.path().to_owned();
     (dir, TestServer::start(config).await)
+}
+
+/// Takes SQLite's write lock beside the server, so its commits fail.
+fn block_the_store(dir: &tempfile::TempDir) -> rusqlite::Connection {
+    let blocker = rusqlite::Connection::open(dir.path().join(chat_server::store::DB_FILE))
+        .expect("open the database beside the server");
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    blocker
+}
+
+/// While the store cannot write, a shutdown still ends within the grace
+/// period (plus the moment the committer takes to notice), and what was
+/// accepted but never written was never shown: after a restart, the
+/// committed message is there and the held-back one is not.
+#[tokio::test]
+async fn shutdown_is_bounded_while_the_store_fails() {
+    let grace = Duration::from_secs(1);
+    let config = chat_server::Config {
+        shutdown_grace: grace,
+        ..test_config()
+    };
+    let (dir, server) = durable_server_with(config.clone()).await;
+    let mut a = server.client(2).await;
+    a.say("committed").await;
+    assert_eq!(a.message().await.text, "committed");
+    let blocker = block_the_store(&dir);
+    a.say("held back").await;
+    eventually("commits fail", || async {
+        get(&server, "/healthz").await.status == 503
+    })
+    .await;
+    let started = std::time::Instant::now();
+    assert_eq!(server.shutdown().await, chat_server::Stopped::Gracefully);
+    let took = started.elapsed();
+    assert!(took < grace + Duration::from_secs(3), "took {took:?}");
+    // In a real process the abandoned committer ends with the process; in
+    // this test it lives on until its current attempt fails (the lock is
+    // still held, so it does), holding the data directory until then.
+    let config = chat_server::Config {
+        in_memory: false,
+        data_dir: dir.path().to_owned(),
+        ..config
+    };
+    let mut tries = 0;
+    let server = loop {
+        match chat_server::Server::bind(config.clone()).await {
+            Ok(server) => break server,
+            Err(chat_server::StartError::Store(chat_server::store::StoreError::Locked {
+                ..
+            })) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("restart: {e}"),
+        }
+    };
+    drop(blocker);
+    let restarted = TestServer::from_bound(server);
+    let mut b = restarted.client(3).await;
+    assert_eq!(b.message().await.text, "committed");
+    b.quiet_for(Duration::from_millis(300)).await;
+    restarted.shutdown().await;
+}
+
+/// A store that keeps failing stops the server by itself, and `run` says
+/// why, so the process exits non-zero.
+#[tokio::test]
+async fn a_store_failing_for_too_long_stops_the_server() {
+    let config = chat_server::Config {
+        shutdown_grace: Duration::from_secs(1),
+        max_store_outage: Duration::from_secs(1),
+        ..test_config()
+    };
+    let (dir, server) = durable_server_with(config).await;
+    let mut a = server.client(2).await;
+    let _blocker = block_the_store(&dir);
+    a.say("held back").await;
+    // SQLite waits out its 5 s busy timeout per attempt, then the outage
+    // is noticed and the server stops within its grace.
+    let stopped = server.stopped_within(Duration::from_secs(15)).await;
+    assert_eq!(stopped, chat_server::Stopped::StoreFailed);
+    let close = a.closed().await.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Away);
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use chat_proto::{
     AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, Uuid,
 };
 use chat_server::clock::Clock;
-use chat_server::{CancellationToken, Config, IdentityMode, Server};
+use chat_server::{CancellationToken, Config, IdentityMode, Server, Stopped};
 use chat_testkit::FrameValidator;
 use futures_util::{SinkExt, StreamExt};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -43,7 +43,7 @@ pub fn test_config() -> Config {
 pub struct TestServer {
     pub addr: SocketAddr,
     stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<Stopped>>,
 }
 
 impl TestServer {
@@ -56,6 +56,11 @@ impl TestServer {
         let server = Server::bind_with_clock(config, clock)
             .await
             .expect("server binds");
+        TestServer::from_bound(server)
+    }
+
+    /// Runs a server the test bound itself.
+    pub fn from_bound(server: Server) -> Self {
         let addr = server.local_addr();
         let stop = server.shutdown_handle();
         let task = tokio::spawn(server.run());
@@ -71,14 +76,18 @@ impl TestServer {
     }
 
     /// Stops the server and waits for `run` to return.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) -> Stopped {
         self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(PATIENCE, task)
-                .await
-                .expect("server stops in time")
-                .expect("server task did not panic");
-        }
+        self.stopped_within(PATIENCE).await
+    }
+
+    /// Waits up to `within` for `run` to return, without asking it to.
+    pub async fn stopped_within(mut self, within: Duration) -> Stopped {
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(within, task)
+            .await
+            .expect("server stops in time")
+            .expect("server task did not panic")
     }
 
     /// A TCP connection from `127.0.0.<n>`.

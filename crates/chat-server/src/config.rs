@@ -35,6 +35,13 @@ pub struct Config {
     #[arg(long, env = "CHAT_COMMIT_QUEUE", default_value_t = 4096)]
     pub commit_queue: usize,
 
+    /// How long commits may keep failing (a full or broken disk) before the
+    /// server stops itself and exits non-zero, so a supervisor notices,
+    /// rather than answering `/healthz` with 503 for ever. Nothing is lost:
+    /// what was not written was never shown.
+    #[arg(long, env = "CHAT_MAX_STORE_OUTAGE", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub max_store_outage: Duration,
+
     // --- Connections -------------------------------------------------------
     /// Most connections open at once, handshakes included; beyond it a
     /// handshake is refused with 503.
@@ -129,7 +136,8 @@ pub struct Config {
     pub idle_timeout: Duration,
 
     /// On SIGINT/SIGTERM, how long to wait for clients to take the 1001
-    /// close before exiting anyway.
+    /// close and for the store to write what it holds, before exiting
+    /// anyway. A second signal exits at once.
     #[arg(long, env = "CHAT_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
@@ -310,6 +318,9 @@ impl Config {
         }
         if self.max_refusals == 0 {
             return Err("--max-refusals must be at least 1".into());
+        }
+        if self.max_store_outage.is_zero() {
+            return Err("--max-store-outage must be more than zero".into());
         }
         if self.ping_interval.is_zero() {
             return Err("--ping-interval must be more than zero".into());

@@ -60,14 +60,13 @@ use metrics::Metrics;
 use pending::PendingLimits;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
-use store::{Store, StoreError};
+use store::{Committer, Finished, Store, StoreError};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Why the server could not start.
 #[derive(Debug, Error)]
@@ -108,13 +107,23 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
 }
 
+/// How [`Server::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// It was asked to stop, and did.
+    Gracefully,
+    /// The store failed for longer than `--max-store-outage`, and the
+    /// server stopped itself: the process should exit non-zero.
+    StoreFailed,
+}
+
 /// A bound, not yet running, server.
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
-    committer: Option<JoinHandle<()>>,
+    committer: Option<Committer>,
 }
 
 impl Server {
@@ -196,10 +205,18 @@ impl Server {
             Arc::clone(&metrics),
             clock,
         ));
+        let shutdown = CancellationToken::new();
         let committer = match (store, queue) {
             (Some(store), Some(queue)) => Some(
-                store::spawn_committer(store, queue, Arc::downgrade(&hub), Arc::clone(&metrics))
-                    .map_err(StartError::Thread)?,
+                store::spawn_committer(
+                    store,
+                    queue,
+                    Arc::downgrade(&hub),
+                    Arc::clone(&metrics),
+                    config.max_store_outage,
+                    shutdown.clone(),
+                )
+                .map_err(StartError::Thread)?,
             ),
             _ => None,
         };
@@ -213,7 +230,7 @@ impl Server {
             addresses: AddressLimits::new(config.max_connections_per_ip),
             pending: PendingLimits::new(config.max_pending_per_ip),
             metrics,
-            shutdown: CancellationToken::new(),
+            shutdown,
             config,
         };
         Ok(Server {
@@ -234,10 +251,12 @@ impl Server {
         self.shared.shutdown.clone()
     }
 
-    /// Serves until the shutdown handle is cancelled. Then it stops
-    /// accepting, sends every client 1001 "going away", and waits up to
-    /// `--shutdown-grace` for them before returning.
-    pub async fn run(self) {
+    /// Serves until the shutdown handle is cancelled (or the store has
+    /// failed for `--max-store-outage`). Then it stops accepting, sends
+    /// every client 1001 "going away", and waits up to `--shutdown-grace`
+    /// for them and for the store to write what it holds, whatever the disk
+    /// does, before returning.
+    pub async fn run(self) -> Stopped {
         let Server {
             listener,
             local_addr,
@@ -261,8 +280,12 @@ impl Server {
         let _ = accept.await;
         tasks.close();
         info!(open = tasks.len(), "shutting down: closing connections");
-        let grace = shared.config.shutdown_grace;
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        // One deadline for everything, so a stuck disk cannot stretch it.
+        let deadline = tokio::time::Instant::now() + shared.config.shutdown_grace;
+        if tokio::time::timeout_at(deadline, tasks.wait())
+            .await
+            .is_err()
+        {
             warn!(
                 left = tasks.len(),
                 "connections still open after the grace period"
@@ -271,12 +294,22 @@ impl Server {
         // With the connections gone, dropping the hub closes the commit
         // queue; the committer writes what is queued and stops.
         drop(shared);
-        if let Some(committer) = committer {
-            let joined = tokio::task::spawn_blocking(move || committer.join());
-            if tokio::time::timeout(grace, joined).await.is_err() {
-                warn!("the store's committer did not finish within the grace period");
-            }
+        let Some(committer) = committer else {
+            info!("stopped");
+            return Stopped::Gracefully;
+        };
+        let outage = committer.stopped_the_server();
+        let finished = committer.finish(deadline).await;
+        if finished == Finished::GaveUp {
+            error!(
+                "stopped without writing everything accepted: what was not written was never shown to anyone, and everything shown is on disk"
+            );
+        }
+        if outage {
+            error!("stopped: the store failed for longer than --max-store-outage");
+            return Stopped::StoreFailed;
         }
         info!("stopped");
+        Stopped::Gracefully
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo run -p chat-server`: the chat server with its flags.
 #![forbid(unsafe_code)]
 
-use chat_server::{Config, Server, shutdown};
+use chat_server::{Config, Server, Stopped, shutdown};
 use clap::Parser;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
@@ -25,6 +25,8 @@ async fn main() -> ExitCode {
         }
     };
     tokio::spawn(shutdown::on_signal(server.shutdown_handle()));
-    server.run().await;
-    ExitCode::SUCCESS
+    match server.run().await {
+        Stopped::Gracefully => ExitCode::SUCCESS,
+        Stopped::StoreFailed => ExitCode::FAILURE,
+    }
 }

@@ -1,13 +1,26 @@
-//! Turning SIGINT and SIGTERM into a graceful stop.
+//! Turning SIGINT and SIGTERM into a graceful stop, and a second one into
+//! an immediate exit.
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info};
 
-/// Cancels `token` on the first SIGINT (Ctrl-C) or SIGTERM.
+/// Exit status after a second signal: 128 + SIGINT, as shells report an
+/// interrupted program.
+const SECOND_SIGNAL_EXIT: i32 = 130;
+
+/// Cancels `token` on the first SIGINT (Ctrl-C) or SIGTERM; on a second
+/// one, exits the process at once. What the store had committed is on disk
+/// (SQLite's journal keeps it whole); anything not yet committed was never
+/// shown to anyone.
 pub async fn on_signal(token: CancellationToken) {
     wait_for_signal().await;
-    info!("signal received");
+    info!("signal received: stopping gracefully (a second signal exits at once)");
     token.cancel();
+    wait_for_signal().await;
+    error!(
+        "second signal: exiting now; everything shown to clients is on disk, anything not yet written was never shown"
+    );
+    std::process::exit(SECOND_SIGNAL_EXIT);
 }
 
 #[cfg(unix)]
