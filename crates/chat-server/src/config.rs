@@ -151,7 +151,7 @@ pub struct Config {
     /// Secret key for pseudonyms. Without it a random one is drawn at start,
     /// and user ids change when the server restarts.
     #[arg(long, env = "CHAT_IDENTITY_SECRET", hide_env_values = true)]
-    pub identity_secret: Option<String>,
+    pub identity_secret: Option<Secret>,
 
     /// Proxy networks (CIDR) whose `X-Forwarded-For` is believed. Repeat the
     /// flag or separate with commas. Without any, the header is ignored.
@@ -221,6 +221,43 @@ pub const MIN_REQUEST_HEAD: usize = 1024;
 /// Room past a frame's payload for its header (at most 10 bytes from a
 /// server) and one queued control frame (a pong: at most 127 bytes).
 const FRAME_OVERHEAD: usize = 256;
+
+/// A secret setting: its `Debug` never shows it, so a config, or anything
+/// holding one, can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_owned())
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
 
 /// How user ids are derived from client addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -319,6 +356,9 @@ impl Config {
         if self.max_refusals == 0 {
             return Err("--max-refusals must be at least 1".into());
         }
+        if self.rate_window.is_zero() {
+            return Err("--rate-window must be more than zero, or no rate limit holds".into());
+        }
         if self.max_store_outage.is_zero() {
             return Err("--max-store-outage must be more than zero".into());
         }
@@ -337,7 +377,11 @@ impl Config {
                 self.max_emojis_per_message, self.max_reactors_per_emoji, self.max_server_frame
             ));
         }
-        if self.identity_secret.as_deref().is_some_and(str::is_empty) {
+        if self
+            .identity_secret
+            .as_ref()
+            .is_some_and(|s| s.0.is_empty())
+        {
             return Err("--identity-secret must not be empty".into());
         }
         Ok(())
@@ -347,6 +391,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_identity_secret_never_shows_in_debug() {
+        let c = Config {
+            identity_secret: Some("hunter2-very-secret".into()),
+            ..Config::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+
+    #[test]
+    fn a_zero_rate_window_is_refused() {
+        let c = Config {
+            rate_window: Duration::ZERO,
+            ..Config::default()
+        };
+        let err = c.validate().expect_err("no rate limit would hold");
+        assert!(err.contains("--rate-window"), "{err}");
+    }
 
     #[test]
     fn defaults_come_from_the_flags() {

@@ -169,7 +169,7 @@ impl Server {
             }
         };
         let identity = match (&config.identity_secret, &mut store) {
-            (Some(secret), _) => Identity::new(config.identity, secret),
+            (Some(secret), _) => Identity::new(config.identity, secret.expose()),
             (None, store) => {
                 let fresh = Identity::random_key().map_err(StartError::Random)?;
                 let key = match store {

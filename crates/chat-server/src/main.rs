@@ -14,8 +14,12 @@ async fn main() -> ExitCode {
         )
         .init();
     let config = Config::parse();
-    if config.identity_secret.is_none() {
-        tracing::warn!("no --identity-secret: user ids will change when the server restarts");
+    // With a store the pseudonym key is kept there; only an in-memory
+    // server forgets it.
+    if config.identity_secret.is_none() && config.in_memory {
+        tracing::warn!(
+            "--in-memory without --identity-secret: user ids will change when the server restarts"
+        );
     }
     let server = match Server::bind(config).await {
         Ok(server) => server,
