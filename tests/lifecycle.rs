@@ -199,13 +199,7 @@ async fn a_clock_set_back_across_a_restart_neither_freezes_time_nor_the_limit() 
     let ahead = Clock::starting_at(SystemTime::now() + HOUR);
     let server = TestServer::start_with_clock(config.clone(), ahead).await;
     let mut c = server.client(2).await;
-    let mut before = Vec::new();
-    for i in 0..3 {
-        c.say(&format!("before {i}")).await;
-        before.push(c.message().await.created_at);
-    }
-    c.say("one too many").await;
-    assert!(c.error().await.starts_with("Rate limit exceeded"));
+    let before = fill_the_window(&mut c, "before").await;
     drop(c);
     server.shutdown().await;
 
@@ -216,13 +210,7 @@ async fn a_clock_set_back_across_a_restart_neither_freezes_time_nor_the_limit() 
         c.message().await; // history
     }
     let newest = *before.last().expect("three");
-    let mut after = Vec::new();
-    for i in 0..3 {
-        c.say(&format!("after {i}")).await;
-        after.push(c.message().await.created_at);
-    }
-    c.say("one too many").await;
-    assert!(c.error().await.starts_with("Rate limit exceeded"));
+    let after = fill_the_window(&mut c, "after").await;
     // One window later, in real time, the limit has moved on.
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     c.say("a window later").await;
@@ -238,4 +226,17 @@ async fn a_clock_set_back_across_a_restart_neither_freezes_time_nor_the_limit() 
         later.created_at
     );
     server.shutdown().await;
+}
+
+/// Sends the three messages a 3-per-window limit allows, and a fourth that
+/// is refused; the three `created_at`s.
+async fn fill_the_window(c: &mut support::Client, label: &str) -> Vec<i64> {
+    let mut times = Vec::new();
+    for i in 0..3 {
+        c.say(&format!("{label} {i}")).await;
+        times.push(c.message().await.created_at);
+    }
+    c.say("one too many").await;
+    assert!(c.error().await.starts_with("Rate limit exceeded"));
+    times
 }

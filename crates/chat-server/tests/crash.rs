@@ -10,11 +10,13 @@
 use chat_proto::{
     AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, UserId, Uuid,
 };
+mod binary;
+
+use binary::{ServerProcess, free_port};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -36,51 +38,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// The server process; killed when dropped, so a failing test leaves no
-/// server behind.
-struct Server(Child);
-
-impl Server {
-    fn kill(&mut self) -> std::io::Result<()> {
-        self.0.kill()
-    }
-    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.0.wait()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server(dir: &std::path::Path, port: u16) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_chat-server"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--data-dir", &dir.display().to_string()])
-        .args(["--message-rate", "100000", "--reaction-rate", "100000"])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start chat-server");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server(child)
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -260,7 +217,11 @@ async fn sigkill_at_random_moments_loses_nothing() {
     let mut previous: Option<Ending> = None;
 
     for kill in 0..=KILLS {
-        let mut server = start_server(dir.path(), port);
+        let mut server = ServerProcess::start_on(
+            dir.path(),
+            port,
+            &["--message-rate", "100000", "--reaction-rate", "100000"],
+        );
         // The restarted server's history must hold everything seen before.
         let replayed = history(port, ever.len()).await;
         let by_id: HashMap<Uuid, &Message> = replayed.iter().map(|m| (m.id, m)).collect();

@@ -3,62 +3,11 @@
 //! one ends it at once.
 
 use futures_util::{SinkExt, StreamExt};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod binary;
+
+use binary::ServerProcess;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &std::path::Path, grace: &str) -> (Server, u16) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    let child = Command::new(env!("CARGO_BIN_EXE_chat-server"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--data-dir", &dir.display().to_string()])
-        .args(["--shutdown-grace", grace])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chat-server");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Server(child), port)
-}
-
-fn sigterm(server: &Server) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "signal sent");
-}
-
-/// Waits up to `within` for the process to exit; its exit code.
-fn exited_within(server: &mut Server, within: Duration) -> Option<i32> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(status) = server.0.try_wait().expect("try_wait") {
-            return Some(status.code().unwrap_or(-1));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
 
 /// Posts one message and sees it, then takes the store's write lock and
 /// posts another, which cannot be committed.
@@ -99,18 +48,19 @@ async fn a_first_signal_is_bounded_and_a_second_ends_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
 
     // A long grace: the first signal alone would wait it out for the store.
-    let (mut server, port) = start(dir.path(), "30s");
+    let mut server = ServerProcess::start(dir.path(), &["--shutdown-grace", "30s"]);
+    let port = server.port;
     let blocker = one_committed_one_stuck(port, dir.path(), 1).await;
-    sigterm(&server);
+    server.terminate();
     assert_eq!(
-        exited_within(&mut server, Duration::from_secs(1)),
+        server.exited_within(Duration::from_secs(1)),
         None,
         "still waiting for the store within its grace"
     );
     let started = Instant::now();
-    sigterm(&server);
+    server.terminate();
     assert_eq!(
-        exited_within(&mut server, Duration::from_secs(3)),
+        server.exited_within(Duration::from_secs(3)),
         Some(130),
         "the second signal ends it at once"
     );
@@ -118,11 +68,12 @@ async fn a_first_signal_is_bounded_and_a_second_ends_at_once() {
     drop(blocker);
 
     // A short grace: the first signal alone ends it, store or no store.
-    let (mut server, port) = start(dir.path(), "1s");
+    let mut server = ServerProcess::start(dir.path(), &["--shutdown-grace", "1s"]);
+    let port = server.port;
     let blocker = one_committed_one_stuck(port, dir.path(), 2).await;
-    sigterm(&server);
+    server.terminate();
     assert_eq!(
-        exited_within(&mut server, Duration::from_secs(4)),
+        server.exited_within(Duration::from_secs(4)),
         Some(0),
         "stopped within the grace and a moment, exit 0"
     );
@@ -130,7 +81,8 @@ async fn a_first_signal_is_bounded_and_a_second_ends_at_once() {
 
     // What was committed is there; what was stuck was never shown, and
     // is not there either.
-    let (server, port) = start(dir.path(), "1s");
+    let server = ServerProcess::start(dir.path(), &["--shutdown-grace", "1s"]);
+    let port = server.port;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
         .await
         .expect("connect");

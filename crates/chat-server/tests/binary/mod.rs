@@ -1,0 +1,90 @@
+//! The real `chat-server` binary as a child process, for tests that kill
+//! or signal it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback port nobody listens on now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The server process; killed when dropped, so a failing test leaves no
+/// server behind.
+pub struct ServerProcess {
+    child: Child,
+    /// The loopback port it listens on.
+    pub port: u16,
+}
+
+impl ServerProcess {
+    /// Starts the binary on a free loopback port with its store in `dir`
+    /// and `args` besides, and waits until it accepts connections.
+    pub fn start(dir: &Path, args: &[&str]) -> ServerProcess {
+        ServerProcess::start_on(dir, free_port(), args)
+    }
+
+    /// [`start`](Self::start) on a chosen port (a restart keeps its port).
+    pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> ServerProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--data-dir", &dir.display().to_string()])
+            .args(args)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start chat-server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ServerProcess { child, port }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.child.kill()
+    }
+
+    /// Waits for the process to end.
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait()
+    }
+
+    /// SIGTERM.
+    pub fn terminate(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(sent, "SIGTERM sent");
+    }
+
+    /// The exit code, if the process ends within `within`.
+    pub fn exited_within(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
