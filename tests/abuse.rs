@@ -150,13 +150,13 @@ async fn a_handshake_that_never_completes_is_dropped() {
     let server = TestServer::start(config).await;
     let mut silent = server.tcp_from(2).await;
     let mut half = server.tcp_from(3).await;
-    half.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+    half.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .expect("write");
     // A plain HTTP request head gets the same bound.
     let mut half_page = server.tcp_from(4).await;
     half_page
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .expect("write");
     for sock in [&mut silent, &mut half, &mut half_page] {
@@ -202,7 +202,7 @@ async fn idle_keep_alive_connections_make_room_for_new_ones() {
     let server = TestServer::start(config).await;
     let fetch = async |stream: &mut tokio::net::TcpStream| {
         stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .expect("write");
         tokio::time::timeout(PATIENCE, read_response(stream))

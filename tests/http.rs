@@ -37,7 +37,7 @@ async fn get(server: &TestServer, path: &str) -> Response {
     request_from(
         server,
         2,
-        &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
     )
     .await
 }
@@ -87,7 +87,7 @@ async fn the_page_and_its_files_are_served_with_safe_headers() {
     let again = request_from(
         &server,
         2,
-        &format!("GET / HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\n\r\n"),
+        &format!("GET / HTTP/1.1\r\nHost: localhost\r\nIf-None-Match: {etag}\r\n\r\n"),
     )
     .await;
     assert_eq!(again.status, 304);
@@ -95,13 +95,13 @@ async fn the_page_and_its_files_are_served_with_safe_headers() {
     let stale = request_from(
         &server,
         2,
-        "GET / HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"old\"\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: localhost\r\nIf-None-Match: \"old\"\r\n\r\n",
     )
     .await;
     assert_eq!(stale.status, 200);
 
     // HEAD: the length of the page, no body.
-    let head = request_from(&server, 2, "HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let head = request_from(&server, 2, "HEAD / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert_eq!(head.status, 200);
     assert_eq!(
         head.header("content-length"),
@@ -137,7 +137,12 @@ async fn whoami_is_the_id_the_server_gives_this_client() {
     client.say("who am I?").await;
     let author = client.message().await.author_id;
 
-    let reply = request_from(&server, 5, "GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let reply = request_from(
+        &server,
+        5,
+        "GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), Some("application/json"));
     assert_eq!(reply.header("cache-control"), Some("no-store"));
@@ -145,13 +150,18 @@ async fn whoami_is_the_id_the_server_gives_this_client() {
     assert_eq!(who.user_id, author);
 
     // Another address is another user.
-    let other = request_from(&server, 6, "GET /whoami HTTP/1.1\r\n\r\n").await;
+    let other = request_from(
+        &server,
+        6,
+        "GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
     let other: WhoAmI = serde_json::from_slice(&other.body).expect("body");
     assert_ne!(other.user_id, author);
 
     // Behind a trusted proxy, the forwarded address counts, as it does for
     // the WebSocket; an untrusted peer's header is ignored.
-    let forwarded = "GET /whoami HTTP/1.1\r\nX-Forwarded-For: 127.0.0.5\r\n\r\n";
+    let forwarded = "GET /whoami HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 127.0.0.5\r\n\r\n";
     let proxied: WhoAmI =
         serde_json::from_slice(&request_from(&server, 9, forwarded).await.body).expect("body");
     assert_eq!(proxied.user_id, author);
@@ -383,18 +393,28 @@ async fn bad_requests_get_the_right_status_and_a_close() {
     config.max_request_head = 1024;
     let server = TestServer::start(config).await;
     let cases: Vec<(String, u16)> = vec![
-        ("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n".into(), 405),
-        ("DELETE /healthz HTTP/1.1\r\n\r\n".into(), 405),
         (
-            "GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".into(),
+            "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n".into(),
+            405,
+        ),
+        (
+            "DELETE /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n".into(),
+            405,
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello".into(),
             413,
         ),
         (
-            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(),
+            "GET / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                .into(),
             413,
         ),
         (
-            format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(2000)),
+            format!(
+                "GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(2000)
+            ),
             431,
         ),
         (
@@ -409,7 +429,13 @@ async fn bad_requests_get_the_right_status_and_a_close() {
             "\x16\x03\x01\x00\x25\x01\x00\x00\x21\x03\x03\r\n\r\n".into(),
             400,
         ),
-        ("GET /ws HTTP/1.1\r\nHost: x\r\n\r\n".into(), 426),
+        ("GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n".into(), 426),
+        // RFC 9112: an HTTP/1.1 request without Host, or with two, is 400.
+        ("GET / HTTP/1.1\r\n\r\n".into(), 400),
+        (
+            "GET / HTTP/1.1\r\nHost: localhost\r\nHost: other\r\n\r\n".into(),
+            400,
+        ),
     ];
     for (request, status) in cases {
         let mut stream = server.tcp_from(2).await;
@@ -419,7 +445,7 @@ async fn bad_requests_get_the_right_status_and_a_close() {
         assert_eq!(reply.header("connection"), Some("close"), "{request:?}");
         assert!(closes(&mut stream, PATIENCE).await, "{request:?} left open");
     }
-    let allow = request_from(&server, 2, "PUT / HTTP/1.1\r\n\r\n").await;
+    let allow = request_from(&server, 2, "PUT / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert_eq!(allow.header("allow"), Some("GET, HEAD"));
     server.still_serves().await;
     server.shutdown().await;
@@ -430,7 +456,7 @@ async fn a_head_sent_byte_by_byte_is_still_understood() {
     let server = TestServer::start(test_config()).await;
     let mut stream = server.tcp_from(2).await;
     stream.set_nodelay(true).expect("nodelay");
-    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" {
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" {
         stream.write_all(&[*byte]).await.expect("write");
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
@@ -444,14 +470,14 @@ async fn keep_alive_serves_several_requests_then_upgrades() {
     let server = TestServer::start(test_config()).await;
     let mut stream = server.tcp_from(2).await;
     for path in ["/healthz", "/whoami", "/app.js"] {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
         stream.write_all(request.as_bytes()).await.expect("write");
         let reply = read_reply(&mut stream, false).await;
         assert_eq!(reply.status, 200, "{path}");
         assert_eq!(reply.header("connection"), None, "{path}: kept alive");
     }
     // The same connection can then become a WebSocket.
-    let request = "ws://x/ws"
+    let request = "ws://localhost/ws"
         .parse::<tokio_tungstenite::tungstenite::http::Uri>()
         .expect("uri");
     let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
@@ -472,7 +498,7 @@ async fn keep_alive_serves_several_requests_then_upgrades() {
     // HTTP/1.0 and `Connection: close` are answered, then closed.
     for request in [
         "GET /healthz HTTP/1.0\r\n\r\n",
-        "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     ] {
         let mut stream = server.tcp_from(2).await;
         stream.write_all(request.as_bytes()).await.expect("write");
@@ -492,5 +518,160 @@ async fn a_full_server_answers_plain_requests_with_503_too() {
     let reply = get(&server, "/").await;
     assert_eq!(reply.status, 503);
     assert!(reply.header("retry-after").is_some());
+    server.shutdown().await;
+}
+
+/// A valid `Sec-WebSocket-Key` (RFC 6455's example).
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// A WebSocket handshake for /ws with `extra` header lines.
+fn upgrade(method_and_version: (&str, &str), extra: &str) -> String {
+    let (method, version) = method_and_version;
+    format!("{method} /ws {version}\r\nHost: localhost\r\n{extra}\r\n")
+}
+
+fn standard(extra: &str) -> String {
+    upgrade(
+        ("GET", "HTTP/1.1"),
+        &format!(
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}"
+        ),
+    )
+}
+
+/// Handshakes that are legal but written as proxies write them: header
+/// lists split over lines, or with other tokens beside the one that counts.
+#[tokio::test]
+async fn handshakes_as_proxies_write_them_are_accepted() {
+    let server = TestServer::start(test_config()).await;
+    let base = "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    for headers in [
+        "Upgrade: websocket\r\nConnection: keep-alive\r\nConnection: Upgrade\r\n",
+        "Upgrade: h2c, websocket\r\nConnection: keep-alive, Upgrade\r\n",
+        "upgrade: WebSocket\r\nconnection: upgrade\r\n",
+    ] {
+        let request = upgrade(("GET", "HTTP/1.1"), &format!("{headers}{base}"));
+        let mut stream = server.tcp_from(2).await;
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let reply = read_reply(&mut stream, true).await;
+        assert_eq!(reply.status, 101, "{request:?}");
+        assert_eq!(
+            reply.header("sec-websocket-accept"),
+            Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "RFC 6455's example answer"
+        );
+        assert_eq!(reply.header("content-length"), None, "a 101 has no body");
+    }
+    server.shutdown().await;
+}
+
+/// Every malformed handshake gets its HTTP status, and is counted: none is
+/// closed without a word.
+#[tokio::test]
+async fn malformed_handshakes_get_their_status_and_are_counted() {
+    let server = TestServer::start(test_config()).await;
+    let upgrade_only = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases: Vec<(String, u16, &str)> = vec![
+        (
+            standard("").replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""),
+            400,
+            "bad_upgrade",
+        ),
+        (standard("").replace(KEY, "short"), 400, "bad_upgrade"),
+        (
+            standard("").replace("Version: 13", "Version: 8"),
+            426,
+            "unsupported_version",
+        ),
+        (
+            standard("").replace("HTTP/1.1", "HTTP/1.0"),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            standard("").replace("GET", "POST"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            standard("").replace("GET", "HEAD"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            standard("Content-Length: 5\r\n") + "hello",
+            413,
+            "body_not_allowed",
+        ),
+        (
+            upgrade(("GET", "HTTP/1.1"), upgrade_only),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            standard("").replace("Host: localhost\r\n", ""),
+            400,
+            "bad_host",
+        ),
+        (standard("Host: localhost\r\n"), 400, "bad_host"),
+    ];
+    for (request, status, reason) in &cases {
+        let mut stream = server.tcp_from(2).await;
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let reply = read_reply(&mut stream, request.starts_with("HEAD")).await;
+        assert_eq!(reply.status, *status, "{request:?}");
+        if *status == 426 {
+            assert_eq!(reply.header("sec-websocket-version"), Some("13"));
+        }
+        if *status == 405 {
+            assert_eq!(reply.header("allow"), Some("GET"));
+        }
+        assert!(closes(&mut stream, PATIENCE).await, "{request:?} left open");
+        let scraped = text(&get(&server, "/metrics").await).to_owned();
+        let counted = format!("chat_handshakes_refused_total{{reason=\"{reason}\"}}");
+        assert!(
+            scraped.contains(&counted),
+            "{request:?}: {counted} in {scraped}"
+        );
+    }
+    server.still_serves().await;
+    server.shutdown().await;
+}
+
+/// DNS rebinding: a page on the attacker's name, resolved to this server,
+/// sends its own name as `Host` and its own origin as `Origin`, a pair the
+/// same-origin check alone would pass. On loopback only loopback names and
+/// address literals are answered; a listed public host is.
+#[tokio::test]
+async fn a_rebinding_page_is_refused_on_loopback() {
+    let server = TestServer::start(test_config()).await;
+    let port = server.addr.port();
+    let forged = format!("rebind.example:{port}");
+    let origin = format!("http://rebind.example:{port}");
+    let ws = standard(&format!("Origin: {origin}\r\n"))
+        .replace("Host: localhost", &format!("Host: {forged}"));
+    let page = format!("GET / HTTP/1.1\r\nHost: {forged}\r\n\r\n");
+    assert_eq!(request_from(&server, 2, &ws).await.status, 403);
+    assert_eq!(request_from(&server, 2, &page).await.status, 403);
+    let whoami = format!("GET /whoami HTTP/1.1\r\nHost: {forged}\r\n\r\n");
+    assert_eq!(request_from(&server, 2, &whoami).await.status, 403);
+    // The same pair on a loopback name or literal is the server's own page.
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        let own = standard(&format!("Origin: http://{host}\r\n"))
+            .replace("Host: localhost", &format!("Host: {host}"));
+        assert_eq!(request_from(&server, 2, &own).await.status, 101, "{host}");
+    }
+    server.shutdown().await;
+
+    // Listed, the name is the server's own.
+    let config = chat_server::Config {
+        public_hosts: vec!["rebind.example".parse().expect("host")],
+        ..test_config()
+    };
+    let server = TestServer::start(config).await;
+    let port = server.addr.port();
+    let ws = standard(&format!("Origin: http://rebind.example:{port}\r\n"))
+        .replace("Host: localhost", &format!("Host: rebind.example:{port}"));
+    assert_eq!(request_from(&server, 2, &ws).await.status, 101);
     server.shutdown().await;
 }

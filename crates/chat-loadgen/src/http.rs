@@ -64,7 +64,9 @@ pub async fn read_response_to(stream: &mut TcpStream, head_only: bool) -> Result
                     headers,
                     body: buf.split_off(len),
                 };
-                let length = if head_only || status == 304 {
+                // 1xx, 204 and 304 responses never have a body.
+                let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
+                let length = if head_only || bodiless {
                     0
                 } else {
                     response
@@ -83,7 +85,8 @@ pub async fn read_response_to(stream: &mut TcpStream, head_only: bool) -> Result
                     }
                     response.body.extend_from_slice(&chunk[..n]);
                 }
-                if response.body.len() != length {
+                // After a 101 the connection speaks another protocol.
+                if status != 101 && response.body.len() != length {
                     return Err("bytes past the body".into());
                 }
                 return Ok(response);

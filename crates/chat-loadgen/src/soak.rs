@@ -347,7 +347,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
                     continue;
                 }
                 for path in BROWSER_PATHS.iter().cycle().take(20) {
-                    let request = format!("GET {path} HTTP/1.1\r\nHost: soak\r\n\r\n");
+                    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
                     if s.write_all(request.as_bytes()).await.is_err() {
                         break;
                     }

@@ -4,6 +4,7 @@
 //! see and change all of them in `--help`, and so tests can shrink them.
 
 use crate::handshake::AllowedOrigin;
+use crate::host::PublicHost;
 use crate::identity::Identity;
 use chat_core::RateLimit;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
@@ -174,6 +175,17 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<AllowedOrigin>,
+
+    /// Host names users reach the server by (e.g. `chat.example.com`),
+    /// or `*` for any. Every request, page or WebSocket, must name one in
+    /// its `Host` header, or `localhost`, or an address literal; others
+    /// get 403, so a DNS-rebinding page cannot reach the server through a
+    /// visitor's browser. Without any, a server on a loopback address
+    /// accepts only `localhost` and address literals, and one on any other
+    /// address accepts every name (and warns at start). Repeat or separate
+    /// with commas.
+    #[arg(long = "public-host", env = "CHAT_PUBLIC_HOSTS", value_delimiter = ',')]
+    pub public_hosts: Vec<PublicHost>,
 
     /// Echo every data frame back instead of chatting, through the same
     /// handshake, limits and close handling: for the Autobahn WebSocket

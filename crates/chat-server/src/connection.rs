@@ -30,10 +30,9 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::header;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 use tracing::{debug, error, info};
 
@@ -177,13 +176,13 @@ pub(crate) async fn serve(
     let _ = stream.set_nodelay(true);
     // Bound what the kernel holds for a client that stops reading.
     let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
-    // Plain HTTP requests are answered first; a WebSocket handshake on /ws
-    // comes back here with its bytes still unread.
-    let deadline = match http::serve(&mut stream, peer.ip(), pending.as_ref(), &shared).await {
-        http::Next::Upgrade { deadline } => deadline,
+    // Plain HTTP requests are answered first; a well-formed WebSocket
+    // upgrade comes back here with its head still unread.
+    let upgrade = match http::serve(&mut stream, peer.ip(), pending.as_ref(), &shared).await {
+        http::Next::Upgrade(upgrade) => upgrade,
         http::Next::Done => return,
     };
-    let (ws, admitted) = match handshake(stream, peer, &shared, deadline).await {
+    let (ws, admitted) = match handshake(stream, peer, &shared, upgrade).await {
         Ok(done) => done,
         Err(why) => {
             debug!(%peer, %why, "handshake refused");
@@ -217,21 +216,26 @@ pub(crate) async fn refuse(
     debug!(%peer, "refused: server full");
 }
 
-// tungstenite's callback signature returns its (large) HTTP response as `Err`.
-#[allow(clippy::result_large_err)]
+/// The chat's part of the handshake: path, origin and client address, then
+/// the per-address limit; then the 101, and the socket is a WebSocket.
 async fn handshake(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     shared: &Shared,
-    deadline: Instant,
+    upgrade: Box<http::Upgrade>,
 ) -> Result<(Ws, Admitted), String> {
-    let mut admitted = None;
-    let refused = |refusal: Refusal| {
-        shared.metrics.handshake_refused(&refusal);
-        refusal.response()
-    };
-    let callback = |request: &Request, response: Response| {
-        let addr = shared.policy.check(request, peer.ip()).map_err(|refusal| {
+    let request = &upgrade.head.request;
+    let admitted = shared.policy.check(request, peer.ip()).and_then(|addr| {
+        let slot = shared.addresses.acquire(addr)?;
+        Ok(Admitted {
+            addr,
+            user: shared.identity.user_id(addr),
+            slot,
+        })
+    });
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
             if refusal == Refusal::OriginNotAllowed {
                 // The one refusal an operator causes (a proxy that rewrites
                 // `Host`, a page on another site) rather than a client:
@@ -243,27 +247,23 @@ async fn handshake(
                     "browser handshake refused: its Origin is not this server's own (Host); if the page is yours, add it with --allowed-origin"
                 );
             }
-            refused(refusal)
-        })?;
-        let slot = shared.addresses.acquire(addr).map_err(refused)?;
-        admitted = Some(Admitted {
-            addr,
-            user: shared.identity.user_id(addr),
-            slot,
-        });
-        Ok(response)
+            http::refuse(&mut stream, &upgrade.head, &refusal, true, shared).await;
+            return Err(refusal.to_string());
+        }
     };
-    let accept = tokio_tungstenite::accept_hdr_async_with_config(
-        stream,
-        callback,
-        Some(shared.config.websocket()),
-    );
-    let ws = match timeout_at(deadline, accept).await {
+    match timeout_at(
+        upgrade.deadline,
+        http::switch_protocols(&mut stream, &upgrade),
+    )
+    .await
+    {
         Err(_) => return Err("handshake timeout".into()),
         Ok(Err(e)) => return Err(e.to_string()),
-        Ok(Ok(ws)) => ws,
-    };
-    let admitted = admitted.ok_or("handshake accepted without admission")?;
+        Ok(Ok(())) => {}
+    }
+    let ws =
+        WebSocketStream::from_raw_socket(stream, Role::Server, Some(shared.config.websocket()))
+            .await;
     Ok((ws, admitted))
 }
 

@@ -12,21 +12,33 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
-use tokio_tungstenite::tungstenite::handshake::server::ErrorResponse;
 
 /// The HTTP request of a WebSocket handshake, as the checks see it.
 pub use tokio_tungstenite::tungstenite::handshake::server::Request;
 use tokio_tungstenite::tungstenite::http::uri::Authority;
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, Uri, header};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, Method, StatusCode, Uri, Version, header};
 
 /// The only path that upgrades.
 pub const WS_PATH: &str = "/ws";
 
-/// Why a handshake was refused.
+/// Why a handshake (or, for the `Host` checks, any request) was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// The path is not [`WS_PATH`].
     NotFound,
+    /// No `Host`, two, or one that is not a host.
+    BadHost,
+    /// The `Host` is not one this server answers to (see [`crate::host`]).
+    HostNotAllowed,
+    /// An upgrade with a method other than `GET`.
+    MethodNotAllowed,
+    /// An upgrade with a body.
+    BodyNotAllowed,
+    /// An upgrade that is not HTTP/1.1, lacks `Connection: upgrade`, or has
+    /// no valid `Sec-WebSocket-Key`.
+    BadUpgrade(&'static str),
+    /// A `Sec-WebSocket-Version` other than 13.
+    UnsupportedVersion,
     /// The `Origin` header is not in the allowed list.
     OriginNotAllowed,
     /// A trusted proxy sent an `X-Forwarded-For` that is not a list of
@@ -47,6 +59,11 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::NotFound => StatusCode::NOT_FOUND,
+            Refusal::BadHost | Refusal::BadUpgrade(_) => StatusCode::BAD_REQUEST,
+            Refusal::HostNotAllowed => StatusCode::FORBIDDEN,
+            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::BodyNotAllowed => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
             Refusal::OriginNotAllowed => StatusCode::FORBIDDEN,
             Refusal::BadForwardedFor => StatusCode::BAD_REQUEST,
             Refusal::TooManyFromAddress | Refusal::TooManyPendingFromAddress => {
@@ -60,6 +77,12 @@ impl Refusal {
     pub fn kind(&self) -> &'static str {
         match self {
             Refusal::NotFound => "not_found",
+            Refusal::BadHost => "bad_host",
+            Refusal::HostNotAllowed => "host_not_allowed",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::BodyNotAllowed => "body_not_allowed",
+            Refusal::BadUpgrade(_) => "bad_upgrade",
+            Refusal::UnsupportedVersion => "unsupported_version",
             Refusal::OriginNotAllowed => "origin_not_allowed",
             Refusal::BadForwardedFor => "bad_forwarded_for",
             Refusal::TooManyFromAddress => "too_many_from_address",
@@ -67,19 +90,20 @@ impl Refusal {
             Refusal::ServerFull => "server_full",
         }
     }
-
-    /// The HTTP response for this refusal.
-    pub fn response(&self) -> ErrorResponse {
-        let mut response = ErrorResponse::new(Some(format!("{self}\n")));
-        *response.status_mut() = self.status();
-        response
-    }
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Refusal::NotFound => "not found: the chat is at /ws",
+            Refusal::BadHost => "a request needs exactly one well-formed Host header",
+            Refusal::HostNotAllowed => {
+                "host not allowed: this server answers to the names given with --public-host"
+            }
+            Refusal::MethodNotAllowed => "a WebSocket handshake is a GET",
+            Refusal::BodyNotAllowed => "a WebSocket handshake has no body",
+            Refusal::BadUpgrade(why) => why,
+            Refusal::UnsupportedVersion => "only WebSocket version 13 is supported",
             Refusal::OriginNotAllowed => "origin not allowed",
             Refusal::BadForwardedFor => "malformed X-Forwarded-For from a trusted proxy",
             Refusal::TooManyFromAddress => "too many connections from your address",
@@ -190,6 +214,82 @@ impl fmt::Display for AllowedOrigin {
             AllowedOrigin::Exact(origin) => origin.fmt(f),
         }
     }
+}
+
+/// A `Sec-WebSocket-Key` that passed [`check_upgrade`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeKey(String);
+
+impl UpgradeKey {
+    /// The `Sec-WebSocket-Accept` value that answers it (RFC 6455, 4.2.2).
+    pub fn accept(&self) -> String {
+        tokio_tungstenite::tungstenite::handshake::derive_accept_key(self.0.as_bytes())
+    }
+}
+
+/// Whether the request asks to become a WebSocket: its `Upgrade` header
+/// lists `websocket` (among possibly others, such as `h2c`).
+pub fn wants_websocket(request: &Request) -> bool {
+    header_tokens(request, header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket"))
+}
+
+/// The comma-separated tokens of every `name` header, trimmed.
+fn header_tokens<'a>(
+    request: &'a Request,
+    name: header::HeaderName,
+) -> impl Iterator<Item = &'a str> + 'a {
+    request
+        .headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// Checks an upgrade request against RFC 6455 (section 4.2.1), so that every
+/// malformed handshake gets its own HTTP status rather than a silent close.
+/// Header lists may be split over lines or hold other tokens
+/// (`Connection: keep-alive, Upgrade`; `Upgrade: h2c, websocket`), as
+/// proxies send them. The path and body are checked before this.
+pub fn check_upgrade(request: &Request) -> Result<UpgradeKey, Refusal> {
+    if request.method() != Method::GET {
+        return Err(Refusal::MethodNotAllowed);
+    }
+    if request.version() != Version::HTTP_11 {
+        return Err(Refusal::BadUpgrade("a WebSocket handshake needs HTTP/1.1"));
+    }
+    if !header_tokens(request, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade")) {
+        return Err(Refusal::BadUpgrade(
+            "a WebSocket handshake needs Connection: Upgrade",
+        ));
+    }
+    let mut versions = request
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_VERSION)
+        .iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
+        _ => return Err(Refusal::UnsupportedVersion),
+    }
+    let mut keys = request.headers().get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(key), None) => key.to_str().ok().map(str::trim),
+        _ => None,
+    };
+    // A key is 16 random bytes in base64: 22 characters and "==".
+    let well_formed = |k: &&str| {
+        k.len() == 24
+            && k.ends_with("==")
+            && k[..22]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    };
+    key.filter(well_formed)
+        .map(|k| UpgradeKey(k.to_owned()))
+        .ok_or(Refusal::BadUpgrade(
+            "a WebSocket handshake needs one Sec-WebSocket-Key of 16 bytes in base64",
+        ))
 }
 
 /// The handshake rules that do not change while the server runs.
@@ -365,7 +465,7 @@ mod tests {
                 "{path}"
             );
         }
-        assert_eq!(Refusal::NotFound.response().status(), 404);
+        assert_eq!(Refusal::NotFound.status(), 404);
     }
 
     #[test]
@@ -389,7 +489,7 @@ mod tests {
             ("origin", "https://chat.example"),
             ("origin", "https://evil.example")
         ]));
-        assert_eq!(Refusal::OriginNotAllowed.response().status(), 403);
+        assert_eq!(Refusal::OriginNotAllowed.status(), 403);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! at most `--handshake-timeout` for each.
 
 use crate::Shared;
-use crate::handshake::{Refusal, Request, WS_PATH};
+use crate::handshake::{Refusal, Request, UpgradeKey, WS_PATH, check_upgrade, wants_websocket};
 use crate::metrics;
 use crate::pending::PendingSlot;
 use crate::web::{self, Asset};
@@ -53,14 +53,22 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// Where a connection goes after the plain HTTP part.
 #[derive(Debug)]
 pub(crate) enum Next {
-    /// A WebSocket handshake for [`WS_PATH`] is waiting, unread, in the
-    /// socket; it must complete by `deadline`.
-    Upgrade {
-        /// When the handshake time runs out.
-        deadline: Instant,
-    },
+    /// A well-formed WebSocket upgrade, its head still unread in the socket.
+    Upgrade(Box<Upgrade>),
     /// The connection is finished.
     Done,
+}
+
+/// A WebSocket upgrade that passed the HTTP checks, waiting for the chat's
+/// own (path, origin, address, admission).
+#[derive(Debug)]
+pub(crate) struct Upgrade {
+    /// Its head, still in the socket.
+    pub(crate) head: Head,
+    /// Its checked `Sec-WebSocket-Key`.
+    pub(crate) key: UpgradeKey,
+    /// When the handshake time runs out.
+    pub(crate) deadline: Instant,
 }
 
 /// A parsed request head, still in the socket.
@@ -205,19 +213,36 @@ pub(crate) async fn serve(
             Ok(Ok(head)) => head,
         };
         let upgrade = wants_websocket(&head.request);
-        if upgrade && head.request.uri().path() == WS_PATH {
-            return Next::Upgrade { deadline };
+        let checked = shared.hosts.check(&head.request).and_then(|()| {
+            if !upgrade {
+                return Ok(None);
+            }
+            if has_body(&head.request) {
+                return Err(Refusal::BodyNotAllowed);
+            }
+            check_upgrade(&head.request).map(Some)
+        });
+        match checked {
+            Ok(Some(key)) => {
+                return Next::Upgrade(Box::new(Upgrade {
+                    head,
+                    key,
+                    deadline,
+                }));
+            }
+            Ok(None) => {}
+            Err(refusal) => {
+                if !upgrade {
+                    shared
+                        .metrics
+                        .http_response("bad_request", refusal.status().as_u16());
+                }
+                refuse(stream, &head, &refusal, upgrade, shared).await;
+                return Next::Done;
+            }
         }
         // Ours: take the head out of the socket.
         if consume(stream, &head).await.is_err() {
-            return Next::Done;
-        }
-        if upgrade {
-            // A WebSocket handshake anywhere but /ws.
-            let refusal = Refusal::NotFound;
-            shared.metrics.handshake_refused(&refusal);
-            let reply = text(refusal.status(), &format!("{refusal}\n"));
-            write_response(stream, &reply, true, shared).await;
             return Next::Done;
         }
         let (route, reply) = route(&head.request, peer, shared);
@@ -249,16 +274,61 @@ pub(crate) async fn refuse_full(stream: &mut TcpStream, shared: &Shared) {
     else {
         return;
     };
-    if consume(stream, &head).await.is_err() {
+    refuse(stream, &head, &Refusal::ServerFull, true, shared).await;
+}
+
+/// Answers a refused request (its head still in the socket) with the
+/// refusal's status and text, and closes. A refused WebSocket handshake is
+/// counted as one.
+pub(crate) async fn refuse(
+    stream: &mut TcpStream,
+    head: &Head,
+    refusal: &Refusal,
+    handshake: bool,
+    shared: &Shared,
+) {
+    if handshake {
+        shared.metrics.handshake_refused(refusal);
+    }
+    if consume(stream, head).await.is_err() {
         return;
     }
-    let refusal = Refusal::ServerFull;
-    shared.metrics.handshake_refused(&refusal);
     let mut reply = text(refusal.status(), &format!("{refusal}\n"));
-    reply
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    write_response(stream, &reply, true, shared).await;
+    let headers = reply.headers_mut();
+    match refusal {
+        Refusal::ServerFull => {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        Refusal::UnsupportedVersion => {
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        Refusal::MethodNotAllowed => {
+            headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
+        }
+        _ => {}
+    }
+    write_response(stream, &reply_for(&head.request, reply), true, shared).await;
+}
+
+/// Completes an admitted upgrade: takes its head out of the socket and
+/// answers 101. The socket then speaks WebSocket.
+pub(crate) async fn switch_protocols(stream: &mut TcpStream, upgrade: &Upgrade) -> io::Result<()> {
+    consume(stream, &upgrade.head).await?;
+    let mut reply = Response::new(Bytes::new());
+    *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = reply.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = HeaderValue::from_str(&upgrade.key.accept()).map_err(io::Error::other)?;
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    stream
+        .write_all(encode_head(&reply, false).as_bytes())
+        .await?;
+    stream.flush().await
 }
 
 /// Reads a peeked head out of the socket (its bytes are already there).
@@ -422,16 +492,6 @@ fn reply_for(request: &Request, reply: Response<Bytes>) -> Response<Bytes> {
 }
 
 /// Whether the request asks for a WebSocket upgrade.
-fn wants_websocket(request: &Request) -> bool {
-    request
-        .headers()
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
-}
-
 fn wants_keep_alive(request: &Request) -> bool {
     let close = request
         .headers()
@@ -468,8 +528,10 @@ pub fn encode_head(reply: &Response<Bytes>, close: bool) -> String {
             let _ = write!(head, "{name}: {value}\r\n");
         }
     }
-    // A 304 describes the representation it did not send; no length.
-    if status != StatusCode::NOT_MODIFIED && !reply.headers().contains_key(header::CONTENT_LENGTH) {
+    // A 304 describes the representation it did not send, and a 1xx has
+    // no body at all: no length.
+    let bodiless = status == StatusCode::NOT_MODIFIED || status.is_informational();
+    if !bodiless && !reply.headers().contains_key(header::CONTENT_LENGTH) {
         let _ = write!(head, "content-length: {}\r\n", reply.body().len());
     }
     head.push_str("x-content-type-options: nosniff\r\n");

@@ -27,6 +27,7 @@
 //! - [`web`]: the browser client's files, compiled in;
 //! - [`metrics`]: what `/metrics` reports;
 //! - [`handshake`]: path, origin, client address and per-address limits;
+//! - [`host`]: which `Host` names the server answers to (DNS rebinding);
 //! - [`identity`]: from an address to a user id;
 //! - [`hub`]: the chat, its serialized history and the fan-out;
 //! - [`store`]: the durable history and the committer;
@@ -38,6 +39,7 @@ pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod handshake;
+pub mod host;
 pub mod http;
 pub mod hub;
 pub mod identity;
@@ -54,6 +56,7 @@ pub use tokio_util::sync::CancellationToken;
 use chat_core::{Chat, Timestamp};
 use clock::Clock;
 use handshake::{AddressLimits, Policy};
+use host::HostPolicy;
 use hub::Hub;
 use identity::Identity;
 use metrics::Metrics;
@@ -99,6 +102,8 @@ pub(crate) struct Shared {
     config: Config,
     hub: Arc<Hub>,
     policy: Policy,
+    /// Which `Host` every request must name.
+    hosts: HostPolicy,
     identity: Identity,
     addresses: Arc<AddressLimits>,
     /// Connections per TCP peer still in their request phase.
@@ -226,6 +231,7 @@ impl Server {
                 trusted_proxies: config.trusted_proxies.clone(),
                 allowed_origins: config.allowed_origins.clone(),
             },
+            hosts: HostPolicy::new(config.listen, &config.public_hosts),
             identity,
             addresses: AddressLimits::new(config.max_connections_per_ip),
             pending: PendingLimits::new(config.max_pending_per_ip),
@@ -270,6 +276,14 @@ impl Server {
             format!("http://{local_addr}/")
         };
         info!("web client at {page}");
+        if shared.hosts.accepts_any() {
+            warn!(
+                "every Host is accepted (no --public-host, listening on a non-loopback address): \
+                 a web page on a name that resolves to this server (DNS rebinding) can read the chat \
+                 and post as its visitor. List the names users type with --public-host chat.example.com \
+                 (address literals and localhost always work)"
+            );
+        }
         let tasks = TaskTracker::new();
         let accept = tokio::spawn(listener::accept_loop(
             listener,
