@@ -37,9 +37,31 @@ pub const DEFAULT_AUTHOR_NAME: &str = "Anonymous";
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum ClientFrame {
     /// Post a new message, broadcast to every connected client.
-    SendMessage(SendMessage),
+    SendMessage(
+        #[serde(deserialize_with = "object")]
+        #[schemars(with = "SendMessage")]
+        SendMessage,
+    ),
     /// Toggle the sender's reaction with an emoji on a message.
-    AddReaction(AddReaction),
+    AddReaction(
+        #[serde(deserialize_with = "object")]
+        #[schemars(with = "AddReaction")]
+        AddReaction,
+    ),
+}
+
+/// Deserializes a payload that must be a JSON object. serde would also
+/// take a struct from an array of its fields in order
+/// (`"data": ["hi", "Bob"]`), which the schema does not allow.
+fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    use serde::de::{Error, IntoDeserializer};
+    let fields = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)
+        .map_err(|_| D::Error::custom("data must be an object"))?;
+    T::deserialize(serde_json::Value::Object(fields).into_deserializer()).map_err(D::Error::custom)
 }
 
 /// The payload of a `send_message` frame.

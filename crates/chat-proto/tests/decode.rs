@@ -223,3 +223,31 @@ fn encoding_is_deterministic_and_keeps_reaction_order() {
         "{text}"
     );
 }
+
+#[test]
+fn data_must_be_an_object_not_an_array_of_fields() {
+    let id = Uuid::from_u128(1);
+    for text in [
+        r#"{"type":"send_message","data":["hi","Bob"]}"#.to_owned(),
+        r#"{"type":"send_message","data":["hi"]}"#.to_owned(),
+        r#"{"type":"send_message","data":["hi","Bob","extra"]}"#.to_owned(),
+        format!(r#"{{"type":"add_reaction","data":["{id}","👍"]}}"#),
+        r#"{"type":"send_message","data":"hi"}"#.to_owned(),
+        r#"{"type":"send_message","data":null}"#.to_owned(),
+    ] {
+        let err = ClientFrame::decode(&text).expect_err(&text);
+        assert!(matches!(err, DecodeError::Shape { .. }), "{text}: {err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("Invalid message format: data must be an object"),
+            "{text}: {err}"
+        );
+    }
+    // The same fields as an object decode, and a field's own error still
+    // names it.
+    let ok = format!(r#"{{"type":"add_reaction","data":{{"message_id":"{id}","emoji":"👍"}}}}"#);
+    assert!(ClientFrame::decode(&ok).is_ok());
+    let err =
+        ClientFrame::decode(r#"{"type":"send_message","data":{"text":1}}"#).expect_err("mistyped");
+    assert!(err.to_string().contains("invalid type"), "{err}");
+}
