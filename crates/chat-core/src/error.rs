@@ -26,6 +26,10 @@ pub enum ChatError {
     /// The text holds a control character other than newline or tab.
     #[error("message text contains control characters")]
     ControlCharInText,
+    /// The text holds a direction embedding, override or isolate, which
+    /// would reorder what follows it on screen.
+    #[error("message text contains direction-changing characters")]
+    DirectionControlInText,
     /// The author name is longer than allowed (after trimming).
     #[error("author name too long (max {max} characters)")]
     NameTooLong {
@@ -35,6 +39,11 @@ pub enum ChatError {
     /// The author name holds a control character.
     #[error("author name contains control characters")]
     ControlCharInName,
+    /// The author name holds an invisible or direction-changing character
+    /// (outside the emoji sequences that need one), which would let it pass
+    /// for another name.
+    #[error("author name contains invisible or direction-changing characters")]
+    InvisibleCharInName,
     /// The reaction is not exactly one emoji.
     #[error("emoji must be a single emoji")]
     NotAnEmoji,
@@ -79,6 +88,8 @@ impl ChatError {
             ChatError::ControlCharInText => "control_char_in_text",
             ChatError::NameTooLong { .. } => "name_too_long",
             ChatError::ControlCharInName => "control_char_in_name",
+            ChatError::DirectionControlInText => "direction_control_in_text",
+            ChatError::InvisibleCharInName => "invisible_char_in_name",
             ChatError::NotAnEmoji => "not_an_emoji",
             ChatError::TooManyEmojis { .. } => "too_many_emojis",
             ChatError::TooManyReactors { .. } => "too_many_reactors",

@@ -1,17 +1,78 @@
 //! The content rules for text, author names and emojis.
+//!
+//! **What a reader sees.** A text or name counts as empty when nothing in
+//! it shows: it holds only white space, characters Unicode says render as
+//! nothing (`Default_Ignorable_Code_Point`: zero-width spaces, the Hangul
+//! fillers, variation selectors, tag characters, ...), marks with no letter
+//! to sit on, and the blank Braille pattern (U+2800). Such a message is
+//! refused as empty; such a name becomes "Anonymous".
+//!
+//! **Look-alikes.** A name is an identity people read, so it may hold no
+//! invisible character (a zero-width space makes "Ada\u{200B}" look like
+//! "Ada") and no direction control (an override makes "Ada" show as another
+//! string). The invisible characters emoji need stay allowed where emoji
+//! need them: a zero-width joiner between two emoji, a variation selector
+//! after a character, tag characters after a black flag. Message text may
+//! hold invisible characters (they hide nothing in a message), but not the
+//! direction embeddings, overrides and isolates that reorder what follows.
 
 use crate::{ChatError, Config};
 use chat_proto::DEFAULT_AUTHOR_NAME;
+use unicode_properties::{GeneralCategoryGroup, UnicodeEmoji, UnicodeGeneralCategory};
 
 /// Newline and tab are the only control characters a message may hold.
 fn is_forbidden_control(c: char) -> bool {
     c.is_control() && c != '\n' && c != '\t'
 }
 
+/// Unicode's `Default_Ignorable_Code_Point` (DerivedCoreProperties.txt,
+/// Unicode 16.0): characters that render as nothing.
+fn is_default_ignorable(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x034F | 0x061C | 0x115F..=0x1160 | 0x17B4..=0x17B5
+        | 0x180B..=0x180F | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F
+        | 0x3164 | 0xFE00..=0xFE0F | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFF8
+        | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0000..=0xE0FFF)
+}
+
+/// Whether a reader sees nothing of `c` on its own.
+fn shows_nothing(c: char) -> bool {
+    c.is_whitespace()
+        || is_default_ignorable(c)
+        || c.general_category_group() == GeneralCategoryGroup::Mark
+        || c == '\u{2800}'
+}
+
+/// Whether nothing in `s` shows: the rules' meaning of "empty".
+pub(crate) fn is_blank(s: &str) -> bool {
+    s.chars().all(shows_nothing)
+}
+
+/// Direction embeddings, overrides and isolates: they reorder the text
+/// that follows them.
+fn is_direction_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether `c`, invisible, is where emoji need it: a zero-width joiner
+/// between two emoji, a variation selector after a visible character, a
+/// tag character after a black flag or another tag.
+fn needed_by_emoji(prev: Option<char>, c: char, next: Option<char>) -> bool {
+    let emoji = |c: Option<char>| c.is_some_and(|c| c.is_emoji_char() && !c.is_ascii());
+    match c {
+        '\u{200D}' => (emoji(prev) || prev == Some('\u{FE0F}')) && emoji(next),
+        '\u{FE00}'..='\u{FE0F}' => prev.is_some_and(|p| !shows_nothing(p) && !p.is_ascii()),
+        '\u{E0020}'..='\u{E007F}' => {
+            prev.is_some_and(|p| p == '\u{1F3F4}' || ('\u{E0020}'..='\u{E007F}').contains(&p))
+        }
+        _ => false,
+    }
+}
+
 /// Checks message text. Length is counted in Unicode scalar values, as JSON
 /// Schema's `maxLength` counts it.
 pub(crate) fn text(config: &Config, text: &str) -> Result<(), ChatError> {
-    if text.trim().is_empty() {
+    if is_blank(text) {
         return Err(ChatError::EmptyText);
     }
     // Cheap exit first: a string of n bytes has at most n characters.
@@ -23,6 +84,9 @@ pub(crate) fn text(config: &Config, text: &str) -> Result<(), ChatError> {
     if text.chars().any(is_forbidden_control) {
         return Err(ChatError::ControlCharInText);
     }
+    if text.chars().any(is_direction_control) {
+        return Err(ChatError::DirectionControlInText);
+    }
     Ok(())
 }
 
@@ -30,7 +94,7 @@ pub(crate) fn text(config: &Config, text: &str) -> Result<(), ChatError> {
 /// too long or hold control characters.
 pub(crate) fn author_name(config: &Config, name: Option<&str>) -> Result<String, ChatError> {
     let name = name.map(str::trim).unwrap_or_default();
-    if name.is_empty() {
+    if is_blank(name) {
         return Ok(DEFAULT_AUTHOR_NAME.to_owned());
     }
     if name.chars().count() > config.max_author_name_chars {
@@ -40,6 +104,15 @@ pub(crate) fn author_name(config: &Config, name: Option<&str>) -> Result<String,
     }
     if name.chars().any(char::is_control) {
         return Err(ChatError::ControlCharInName);
+    }
+    let chars: Vec<char> = name.chars().collect();
+    let hidden = chars.iter().enumerate().any(|(i, &c)| {
+        let prev = i.checked_sub(1).map(|p| chars[p]);
+        let next = chars.get(i + 1).copied();
+        (is_default_ignorable(c) || c == '\u{2800}') && !needed_by_emoji(prev, c, next)
+    });
+    if hidden {
+        return Err(ChatError::InvisibleCharInName);
     }
     Ok(name.to_owned())
 }
@@ -110,6 +183,83 @@ mod tests {
             author_name(&c, Some("a\nb")),
             Err(ChatError::ControlCharInName)
         );
+    }
+
+    #[test]
+    fn what_shows_nothing_is_empty() {
+        let c = cfg();
+        for blank in [
+            "\u{3164}",
+            "\u{2800}",
+            "\u{200B}",
+            "\u{FEFF}",
+            "\u{FE0F}",
+            "\u{301}",
+            "\u{E0041}\u{E0042}",
+            " \u{115F}\u{1160}\u{FFA0} ",
+            "\u{200B}\u{2800}\n\u{3164}",
+        ] {
+            assert_eq!(text(&c, blank), Err(ChatError::EmptyText), "{blank:?}");
+            assert_eq!(
+                author_name(&c, Some(blank)).as_deref(),
+                Ok("Anonymous"),
+                "{blank:?}"
+            );
+        }
+        // Something visible beside them is a message.
+        for shown in ["a\u{200B}", "e\u{301}", "\u{2800}x", "😀\u{FE0F}", "👍"] {
+            assert_eq!(text(&c, shown), Ok(()), "{shown:?}");
+        }
+    }
+
+    #[test]
+    fn direction_controls_are_refused_in_text() {
+        let c = cfg();
+        for bad in ["a\u{202E}b", "\u{202D}x", "x\u{2066}y\u{2069}", "\u{202A}z"] {
+            assert_eq!(
+                text(&c, bad),
+                Err(ChatError::DirectionControlInText),
+                "{bad:?}"
+            );
+        }
+        // Marks, not overrides: right-to-left text needs them.
+        assert_eq!(text(&c, "שלום\u{200F} world"), Ok(()));
+        assert_eq!(text(&c, "zero\u{200B}width"), Ok(()));
+    }
+
+    #[test]
+    fn names_cannot_pass_for_other_names() {
+        let c = cfg();
+        for look_alike in [
+            "Ada\u{200B}",
+            "A\u{200D}da",
+            "\u{202E}adA",
+            "Ada\u{2066}",
+            "Ada\u{200E}",
+            "Ada\u{2800}",
+            "Ada\u{FE0F}",
+            "Ada\u{E0041}",
+            "\u{3164}Ada",
+            "Ada\u{AD}",
+        ] {
+            assert_eq!(
+                author_name(&c, Some(look_alike)),
+                Err(ChatError::InvisibleCharInName),
+                "{look_alike:?}"
+            );
+        }
+        for name in [
+            "👩🏽‍💻 Ada",
+            "🏳️‍🌈",
+            "🏴\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067}\u{E007F} Ada",
+            "❤️ Bo",
+            "🏃‍♀️",
+            "Zoë",
+            "José",
+            "山田",
+        ] {
+            assert_eq!(author_name(&c, Some(name)).as_deref(), Ok(name), "{name:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,107 @@
+//! Every refusal a client can receive is listed in `asyncapi.yaml`, with
+//! its exact text at the default configuration: the error texts cannot
+//! drift from the contract any more than the frame schemas can.
+
+use chat_core::{ChatError, Config, RateKind, Window};
+use chat_proto::DecodeError;
+
+/// Every refusal the server can send, at `config`'s numbers. The match in
+/// `every_variant_is_here` makes adding a variant without listing it here
+/// a compile error.
+fn every_refusal(config: &Config) -> Vec<ChatError> {
+    vec![
+        ChatError::Decode(DecodeError::Binary),
+        ChatError::EmptyText,
+        ChatError::TextTooLong {
+            max: config.max_text_chars,
+        },
+        ChatError::ControlCharInText,
+        ChatError::DirectionControlInText,
+        ChatError::NameTooLong {
+            max: config.max_author_name_chars,
+        },
+        ChatError::ControlCharInName,
+        ChatError::InvisibleCharInName,
+        ChatError::NotAnEmoji,
+        ChatError::TooManyEmojis {
+            max: config.max_emojis_per_message,
+        },
+        ChatError::TooManyReactors {
+            max: config.max_reactors_per_emoji,
+        },
+        ChatError::MessageNotFound,
+        ChatError::RateLimited {
+            kind: RateKind::Messages,
+            max: config.message_rate.max,
+            window: Window(60_000),
+        },
+        ChatError::RateLimited {
+            kind: RateKind::Reactions,
+            max: config.reaction_rate.max,
+            window: Window(60_000),
+        },
+    ]
+}
+
+#[test]
+fn every_variant_is_here() {
+    for e in every_refusal(&Config::default()) {
+        match e {
+            ChatError::Decode(_)
+            | ChatError::EmptyText
+            | ChatError::TextTooLong { .. }
+            | ChatError::ControlCharInText
+            | ChatError::DirectionControlInText
+            | ChatError::NameTooLong { .. }
+            | ChatError::ControlCharInName
+            | ChatError::InvisibleCharInName
+            | ChatError::NotAnEmoji
+            | ChatError::TooManyEmojis { .. }
+            | ChatError::TooManyReactors { .. }
+            | ChatError::MessageNotFound
+            | ChatError::RateLimited { .. } => {}
+            // An embedder's mistake (it supplied an id already in use); a
+            // server that draws fresh ids never sends it.
+            ChatError::DuplicateMessageId => panic!("not a client's refusal"),
+        }
+    }
+}
+
+/// The `error` frame's documented texts, one per `- "..."` line.
+fn documented() -> Vec<String> {
+    let doc = chat_testkit::asyncapi();
+    let description = doc
+        .pointer("/components/schemas/ErrorFrame/properties/data/properties/error/description")
+        .and_then(|d| d.as_str())
+        .expect("the error text's description");
+    description
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- \""))
+        .map(|l| l.split('"').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn every_refusal_text_is_documented_in_asyncapi() {
+    let listed = documented();
+    let mut missing = Vec::new();
+    for refusal in every_refusal(&Config::default()) {
+        let text = match refusal {
+            // The detail varies; the contract documents the prefix.
+            ChatError::Decode(_) => "Invalid message format: <detail>".to_owned(),
+            other => other.to_string(),
+        };
+        if !listed.contains(&text) {
+            missing.push(text);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in asyncapi.yaml: {missing:#?}\nlisted: {listed:#?}"
+    );
+    assert_eq!(
+        listed.len(),
+        every_refusal(&Config::default()).len(),
+        "asyncapi.yaml lists a text the server never sends: {listed:#?}"
+    );
+}
