@@ -80,6 +80,72 @@ pub enum StoreError {
     },
 }
 
+/// The data directory is private to the server's user: the database holds
+/// the pseudonym key, and with it every `author_id` could be turned back
+/// into an address by trying every IPv4 address. So the directory is
+/// created 0700 and its files 0600, whatever the umask, and an existing
+/// one that others can read is tightened at start, with a warning.
+mod private {
+    use std::fs::{File, OpenOptions};
+    use std::io;
+    use std::path::Path;
+
+    #[cfg(unix)]
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+
+    /// The permission bits that let anyone but the owner in.
+    #[cfg(unix)]
+    const OTHERS: u32 = 0o077;
+
+    /// Creates `dir` (and its parents) 0700, or tightens it if it exists.
+    pub(super) fn create_dir(dir: &Path) -> io::Result<()> {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        builder.mode(0o700);
+        builder.create(dir)?;
+        tighten(dir)
+    }
+
+    /// Opens (creating 0600 if missing) `path`, tightening it if it exists.
+    pub(super) fn create_file(path: &Path) -> io::Result<File> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        options.mode(0o600);
+        let file = options.open(path)?;
+        tighten(path)?;
+        Ok(file)
+    }
+
+    /// Takes away every permission of others on `path`, if it exists and
+    /// has any, and says so.
+    pub(super) fn tighten(path: &Path) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            let meta = match std::fs::metadata(path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let mode = meta.permissions().mode();
+            if mode & OTHERS != 0 {
+                let private = mode & !OTHERS;
+                tracing::warn!(
+                    path = %path.display(),
+                    was = format!("{:o}", mode & 0o777),
+                    now = format!("{:o}", private & 0o777),
+                    "the data directory was readable by others; made it private to this user"
+                );
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(private))?;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = path;
+        Ok(())
+    }
+}
+
 /// The open database, holding the data directory's lock.
 #[derive(Debug)]
 pub struct Store {
@@ -97,8 +163,8 @@ impl Store {
             path: dir.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(dir_err)?;
-        let lock = File::create(dir.join(LOCK_FILE)).map_err(dir_err)?;
+        private::create_dir(dir).map_err(dir_err)?;
+        let lock = private::create_file(&dir.join(LOCK_FILE)).map_err(dir_err)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -113,6 +179,14 @@ impl Store {
             path: path.clone(),
             source,
         };
+        // Created private before SQLite opens it; SQLite gives its WAL and
+        // shared-memory files the database file's permissions.
+        private::create_file(&path).map_err(dir_err)?;
+        for companion in ["-wal", "-shm"] {
+            let mut name = path.clone().into_os_string();
+            name.push(companion);
+            private::tighten(Path::new(&name)).map_err(dir_err)?;
+        }
         let conn = Connection::open(&path).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
@@ -549,6 +623,32 @@ mod tests {
             .expect("key");
         assert_eq!(first, [7; 32]);
         assert_eq!(again, [7; 32]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_data_directory_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("data");
+        let mut store = Store::open(&dir).expect("open");
+        store.identity_key([1; 32]).expect("a write, so the WAL exists");
+        assert_eq!(mode(&dir), 0o700);
+        for file in [DB_FILE, "chat.sqlite3-wal", "chat.sqlite3-shm", LOCK_FILE] {
+            let path = dir.join(file);
+            assert!(path.exists(), "{file}");
+            assert_eq!(mode(&path), 0o600, "{file}");
+        }
+        drop(store);
+
+        // One an older server left readable is tightened at start.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(dir.join(DB_FILE), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        drop(Store::open(&dir).expect("reopen"));
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(DB_FILE)), 0o600);
     }
 
     #[test]
