@@ -8,6 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use support::{PATIENCE, TestServer, eventually, say, test_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -262,22 +263,55 @@ async fn abrupt_disconnects_do_not_disturb_the_server() {
     server.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_clean_close_is_answered() {
-    let server = TestServer::start(test_config()).await;
+/// Sends `frame` raw and returns the close frame the server answers with.
+async fn close_answer(server: &TestServer, frame: Frame) -> Option<CloseFrame> {
     let mut c = server.client(2).await;
-    c.ws.close(None).await.expect("close");
-    // The server answers the close, then the stream ends.
+    c.ws.send(Message::Frame(frame))
+        .await
+        .expect("send raw frame");
     loop {
         match tokio::time::timeout(PATIENCE, c.ws.next())
             .await
-            .expect("in time")
+            .expect("an answer in time")
         {
-            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(Message::Close(answer))) => return answer,
             Some(Ok(_)) => continue,
-            Some(Err(e)) => panic!("unclean close: {e}"),
+            other => panic!("closed without a close frame: {other:?}"),
         }
     }
+}
+
+/// The closing handshake as the README documents it: the client's close is
+/// answered with its own code (RFC 6455, 5.5.1: an endpoint echoes the code
+/// it received), a close with no code with none, and a close with a code
+/// the RFC does not allow with 1002 `Protocol violation`, the same words as
+/// every other 1002.
+#[tokio::test]
+async fn a_close_is_answered_as_documented() {
+    let server = TestServer::start(test_config()).await;
+    let close = |code: u16| {
+        Frame::close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: "bye".into(),
+        }))
+    };
+    for code in [1000, 1001, 3000, 4999] {
+        let answer = close_answer(&server, close(code)).await.expect("a code");
+        assert_eq!(u16::from(answer.code), code, "echoed");
+    }
+    assert_eq!(close_answer(&server, Frame::close(None)).await, None);
+    for invalid in [999, 1005, 1006, 1016, 2999, 5000] {
+        let answer = close_answer(&server, close(invalid)).await.expect("a code");
+        assert_eq!(answer.code, CloseCode::Protocol, "{invalid}");
+        assert_eq!(answer.reason.as_str(), "Protocol violation", "{invalid}");
+    }
+    // The server's own 1002, for a frame with a reserved bit set.
+    let mut reserved = Frame::message("{}", OpCode::Data(Data::Text), true);
+    reserved.header_mut().rsv1 = true;
+    let answer = close_answer(&server, reserved).await.expect("a code");
+    assert_eq!(answer.code, CloseCode::Protocol);
+    assert_eq!(answer.reason.as_str(), "Protocol violation");
+    server.still_serves().await;
     server.shutdown().await;
 }
 

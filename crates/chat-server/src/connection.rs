@@ -82,7 +82,9 @@ impl CloseReason {
             CloseReason::TooManyRefusals => (CloseCode::Policy, "too many refused frames"),
             CloseReason::TooBig => (CloseCode::Size, "message too big"),
             CloseReason::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
-            CloseReason::Protocol => (CloseCode::Protocol, "protocol error"),
+            // tungstenite's words for the 1002 it sends itself (a close
+            // frame with a code the RFC does not allow), so every 1002 reads alike.
+            CloseReason::Protocol => (CloseCode::Protocol, "Protocol violation"),
             CloseReason::Lagged(_) | CloseReason::Stalled => {
                 (CloseCode::Again, "too slow, reconnect")
             }

@@ -633,7 +633,9 @@ mod tests {
         let parent = tempfile::tempdir().expect("tempdir");
         let dir = parent.path().join("data");
         let mut store = Store::open(&dir).expect("open");
-        store.identity_key([1; 32]).expect("a write, so the WAL exists");
+        store
+            .identity_key([1; 32])
+            .expect("a write, so the WAL exists");
         assert_eq!(mode(&dir), 0o700);
         for file in [DB_FILE, "chat.sqlite3-wal", "chat.sqlite3-shm", LOCK_FILE] {
             let path = dir.join(file);
