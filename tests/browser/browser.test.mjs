@@ -438,3 +438,102 @@ test("the list is rebuilt from the replay: messages the server dropped leave it"
   assert.equal(await a.locator("#empty").isHidden(), true);
 });
 
+
+// ---- against a scripted server ---------------------------------------------
+// The page and /whoami come from the real server; the WebSocket is answered
+// by the test (Playwright's routeWebSocket), so it can send exactly the
+// frames, in exactly the order, a case needs.
+
+/** A message frame's payload. */
+function mockMessage(id, text) {
+  return {
+    id,
+    text,
+    author_id: "0000000000000000",
+    author_name: "Scripted",
+    created_at: Math.floor(Date.now() / 1000),
+    reactions: {},
+  };
+}
+
+/** A page whose WebSocket is `script(route, attempt)`'s to answer. */
+async function scripted(addr, script, init = null) {
+  const context = await browser.newContext({ extraHTTPHeaders: { "X-Forwarded-For": addr } });
+  if (init) await context.addInitScript(init);
+  const page = await context.newPage();
+  page.on("pageerror", (e) => assert.fail(`page error: ${e.message}`));
+  let attempt = 0;
+  await page.routeWebSocket(/\/ws$/, (route) => script(route, attempt++));
+  await page.goto(`http://127.0.0.1:${port}/`);
+  return page;
+}
+
+test("only a refused message gives its text back, not a refused reaction", async () => {
+  const id = crypto.randomUUID();
+  const received = [];
+  let route = null;
+  const page = await scripted("198.51.100.20", (r) => {
+    route = r;
+    r.send(JSON.stringify({ type: "message", data: mockMessage(id, "react to me") }));
+    r.onMessage((m) => received.push(JSON.parse(m)));
+  });
+  await message(page, "react to me").waitFor();
+  // A message goes out and waits (its commit is slow, say)...
+  await send(page, "keep me");
+  // ...and meanwhile a reaction goes out and is refused.
+  await message(page, "react to me").locator(".add-reaction").click();
+  await page.locator("#picker button", { hasText: "👍" }).click();
+  await eventually(async () => assert.deepEqual(received.map((f) => f.type), ["send_message", "add_reaction"]));
+  route.send(JSON.stringify({ type: "error", data: { error: "too many users reacted with this emoji (max 100)" } }));
+  await page.locator(".notice", { hasText: "too many users reacted" }).waitFor();
+  await page.waitForTimeout(200);
+  assert.equal(await page.inputValue("#text"), "", "a refused reaction gives no text back");
+  // Then the message itself is refused: its text comes back.
+  route.send(JSON.stringify({ type: "error", data: { error: RATE_TEXT } }));
+  await eventually(async () => assert.equal(await page.inputValue("#text"), "keep me"));
+  await page.context().close();
+});
+
+test("a reaction_updated for a message the page does not hold adds nothing", async () => {
+  const held = crypto.randomUUID();
+  const unknown = crypto.randomUUID();
+  let route = null;
+  const page = await scripted("198.51.100.21", (r) => {
+    route = r;
+    r.send(JSON.stringify({ type: "message", data: mockMessage(held, "the only one") }));
+  });
+  await message(page, "the only one").waitFor();
+  const gone = mockMessage(unknown, "dropped long ago");
+  gone.reactions = { "👍": ["0000000000000001"] };
+  route.send(JSON.stringify({
+    type: "reaction_updated",
+    data: { message_id: unknown, emoji: "👍", user_id: "0000000000000001", action: "added", message: gone },
+  }));
+  // A later frame shows the first one was handled.
+  route.send(JSON.stringify({ type: "message", data: mockMessage(crypto.randomUUID(), "next") }));
+  await message(page, "next").waitFor();
+  assert.deepEqual(await ids(page), [held, (await ids(page))[1]]);
+  assert.equal(await message(page, "dropped long ago").count(), 0);
+  await page.context().close();
+});
+
+test("after a 1013 pages reconnect at spread-out times, not all at once", async () => {
+  /** How long after a 1013 the page with this `Math.random` reconnects. */
+  async function delayAfter1013(random, addr) {
+    const attempts = [];
+    const page = await scripted(
+      addr,
+      (r, attempt) => {
+        attempts.push(Date.now());
+        if (attempt === 0) setTimeout(() => r.close({ code: 1013, reason: "too slow, reconnect" }), 200);
+      },
+      `Math.random = () => ${random};`,
+    );
+    await eventually(async () => assert.equal(attempts.length, 2));
+    await page.context().close();
+    return attempts[1] - attempts[0] - 200;
+  }
+  const early = await delayAfter1013(0, "198.51.100.22");
+  const late = await delayAfter1013(0.999, "198.51.100.23");
+  assert.ok(late - early > 150, `reconnect delays ${early} ms and ${late} ms: no jitter`);
+});

@@ -51,7 +51,12 @@ let lastInStream = null; // id of the previous message frame on this connection
 let settleTimer = 0;
 let retryTimer = 0;
 let attempts = 0;
-let pending = null; // text just sent, restored if the server refuses it
+// Commands sent on this connection whose outcome has not come back: the
+// texts of messages (given back if the server refuses one) and a count of
+// reaction toggles. An error frame does not say which command it refuses,
+// so these tell a refused message from a refused reaction.
+let sentTexts = [];
+let sentReactions = 0;
 let pickerFor = null; // the "add reaction" button the picker belongs to
 let stuck = true; // following the newest message (the reader has not scrolled up)
 let replaying = true; // the history replay of the current connection is under way
@@ -69,6 +74,8 @@ function connect() {
   setStatus("connecting", attempts ? "Reconnecting…" : "Connecting…");
   connection += 1;
   lastInStream = null;
+  sentTexts = [];
+  sentReactions = 0;
   replaying = true;
   const ws = new WebSocket(wsUrl());
   socket = ws;
@@ -96,8 +103,10 @@ function scheduleReconnect(event) {
   attempts += 1;
   // Exponential backoff with jitter, so a restarted server is not hit by
   // every page in the same instant.
+  // From the first attempt: after a 1013 or a restart, every page
+  // reconnects at once otherwise.
   const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** (attempts - 1));
-  const delay = event.code === 1013 ? BACKOFF_MIN_MS : base / 2 + Math.random() * (base / 2);
+  const delay = base / 2 + Math.random() * (base / 2);
   const why = closeText(event);
   setStatus("closed", `${why} Reconnecting in ${Math.ceil(delay / 1000)} s…`, true);
   retryTimer = setTimeout(connect, delay);
@@ -175,7 +184,10 @@ function flush() {
         break;
       }
       case "reaction_updated":
-        if (body && body.message) upsert(body.message, false);
+        if (body && body.user_id === me && sentReactions > 0) sentReactions -= 1;
+        // A message this page does not hold (dropped from its list) is not
+        // added out of place; the next replay brings it where it belongs.
+        if (body && body.message && messages.has(body.message.id)) upsert(body.message, false);
         break;
       case "error":
         onError(body && body.error);
@@ -198,12 +210,28 @@ function flush() {
 
 function onError(text) {
   notify(typeof text === "string" ? text : "The server refused that.");
-  // Give back a refused message's text, unless the user typed since.
-  if (pending !== null && ui.text.value === "") {
-    ui.text.value = pending;
+  if (!refusesAMessage(text)) {
+    if (sentReactions > 0) sentReactions -= 1;
+    return;
+  }
+  // Give back the refused message's text, unless the user typed since.
+  const refused = sentTexts.shift();
+  if (refused !== undefined && ui.text.value === "") {
+    ui.text.value = refused;
     updateComposer();
   }
-  pending = null;
+}
+
+/**
+ * Whether an error frame refuses a message rather than a reaction. When
+ * only one kind is waiting for its outcome, it is that kind; with both,
+ * the reaction refusals are the ones about emojis, reactions, or a
+ * message that is not there.
+ */
+function refusesAMessage(text) {
+  if (sentTexts.length === 0) return false;
+  if (sentReactions === 0) return true;
+  return !/emoji|reaction|message not found/i.test(String(text));
 }
 
 /**
@@ -236,7 +264,10 @@ function upsert(message, inStream) {
     entry.seen = connection;
     lastInStream = message.id;
   }
-  if (pending !== null && message.author_id === me && message.text === pending) pending = null;
+  if (inStream && message.author_id === me) {
+    const i = sentTexts.indexOf(message.text);
+    if (i >= 0) sentTexts.splice(i, 1);
+  }
   render(entry);
   return created;
 }
@@ -409,7 +440,9 @@ function scrollToBottom() {
 // ---- reactions -----------------------------------------------------------
 
 function react(messageId, emoji) {
-  sendFrame({ type: "add_reaction", data: { message_id: messageId, emoji } });
+  if (sendFrame({ type: "add_reaction", data: { message_id: messageId, emoji } })) {
+    sentReactions += 1;
+  }
 }
 
 function togglePicker(button, messageId) {
@@ -512,7 +545,7 @@ function submit() {
   const name = ui.name.value.trim();
   const data = name ? { text, author_name: name } : { text };
   if (!sendFrame({ type: "send_message", data })) return;
-  pending = text;
+  sentTexts.push(text);
   ui.text.value = "";
   updateComposer();
   scrollToBottom();
