@@ -6,6 +6,10 @@ each, and prints the medians as a Markdown table.
     python3 benches/run.py                # 3 runs of everything
     python3 benches/run.py --runs 5 --only fanout,saturate
     python3 benches/run.py --quick        # small, for a smoke test
+    python3 benches/run.py --only sweep   # the fan-out sweep (one run, minutes)
+
+The reaction storm and the soak have their own commands, given with their
+tables in BENCHMARKS.md.
 
 Each run starts the server afresh (empty history). Both servers are started
 with their per-address rate limits raised, because the load comes from a few
@@ -69,6 +73,11 @@ def scenarios(quick):
         "idle": ["idle", "--clients", "10000"],
     }
 
+
+# The highest fan-out rate that holds p99 under 50 ms; only with --only
+# sweep (one run: each step is a full fan-out run).
+SWEEP = ["fanout", "--clients", "1000", "--senders", "50", "--rate", "225", "--duration", "8s",
+         "--sweep-p99-ms", "50"]
 
 # Durable against in-memory: the cost of committing before broadcasting,
 # with many concurrent senders.
@@ -140,7 +149,7 @@ METRICS = {
                ("frames lost", "frames_lost", "{:.0f}"),
                ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}")],
     "saturate": [("delivered frames/s", "delivered_frames_per_s", "{:,.0f}"),
-                 ("messages accepted/s", "send_rate_per_s", "{:,.0f}"),
+                 ("messages sent/s", "send_rate_per_s", "{:,.0f}"),
                  ("p50 ms", "latency_ms.p50", "{:.1f}"), ("p99 ms", "latency_ms.p99", "{:.1f}"),
                  ("frames lost", "frames_lost", "{:.0f}"),
                  ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}")],
@@ -188,6 +197,13 @@ def main():
                 raw.setdefault(scen, {}).setdefault(server, []).append(r)
                 err = r.get("results", {}).get("error")
                 print(f"{scen:16} {server:20} run {run + 1}: {'ERROR ' + err if err else 'ok'}", file=sys.stderr)
+    if "sweep" in args.only.split(","):
+        proc, port = start("chat-server")
+        try:
+            raw["sweep"] = loadgen(port, proc.pid, SWEEP, SERVERS["chat-server"]["note"])
+        finally:
+            stop(proc)
+        print(f"sweep: {'ERROR' if raw['sweep'].get('results', {}).get('error') else 'ok'}", file=sys.stderr)
     if not args.only or "startup" in args.only:
         try:
             raw["startup"] = startup(args.runs, 2000 if args.quick else 100_000)
@@ -198,6 +214,17 @@ def main():
     (RESULTS / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
     print(f"raw results: benches/results/{stamp}.json\n")
     for scen, by_server in raw.items():
+        if scen == "sweep":
+            r = by_server
+            print(f"### sweep: `chat-loadgen {' '.join(SWEEP)}` (server flags: {r.get('note')})\n")
+            print("| messages/s | delivered frames/s | p99 ms | lost | held |\n|---|---|---|---|---|")
+            for step in r.get("results", {}).get("steps", []):
+                print(f"| {step['rate']:,.0f} | {step['delivered_frames_per_s'] or 0:,.0f} | {step['p99_ms']:.1f} "
+                      f"| {step['frames_lost']} | {'yes' if step['held'] else 'no'} |")
+            best = (r.get("results", {}).get("highest_rate_held") or {}).get("result", {})
+            print(f"\nat the highest rate held: CPU server {pick({'results': best}, 'cpu_cores.server')}, "
+                  f"loadgen {pick({'results': best}, 'cpu_cores.loadgen')}; latency {best.get('latency_ms')}\n")
+            continue
         if scen == "startup":
             r = by_server
             print(f"### startup with {r['messages']:,} stored messages (`--history-limit {r['messages']}`)\n")

@@ -242,6 +242,10 @@ async fn garbage_instead_of_a_handshake_is_refused() {
     let _ = tokio::time::timeout(PATIENCE, sock.read_to_end(&mut buf))
         .await
         .expect("closed");
+    let reply = String::from_utf8_lossy(&buf);
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    assert!(reply.contains("connection: close\r\n"), "{reply}");
+    assert!(reply.ends_with("malformed HTTP request\n"), "{reply}");
     server.still_serves().await;
     server.shutdown().await;
 }

@@ -675,3 +675,27 @@ async fn a_rebinding_page_is_refused_on_loopback() {
     assert_eq!(request_from(&server, 2, &ws).await.status, 101);
     server.shutdown().await;
 }
+
+/// One keep-alive connection serves at most 100 requests: the 100th answer
+/// says `connection: close`, and the connection closes.
+#[tokio::test]
+async fn a_keep_alive_connection_serves_at_most_100_requests() {
+    let server = TestServer::start(test_config()).await;
+    let mut stream = server.tcp_from(2).await;
+    for n in 1..=chat_server::http::MAX_REQUESTS {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("write");
+        let reply = read_reply(&mut stream, false).await;
+        assert_eq!(reply.status, 200, "request {n}");
+        let last = n == chat_server::http::MAX_REQUESTS;
+        assert_eq!(
+            reply.header("connection"),
+            last.then_some("close"),
+            "request {n}"
+        );
+    }
+    assert!(closes(&mut stream, PATIENCE).await, "closed after the last");
+    server.shutdown().await;
+}

@@ -13,10 +13,27 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 /// from the start saw, with no gap and no duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joining_mid_stream_has_no_gap_and_no_duplicate() {
+    join_mid_stream(test_config()).await;
+}
+
+/// The same with the durable store, where events are published by the
+/// committer after their commit rather than by the sender's task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_mid_stream_has_no_gap_and_no_duplicate_when_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = chat_server::Config {
+        in_memory: false,
+        data_dir: dir.path().to_owned(),
+        ..test_config()
+    };
+    join_mid_stream(config).await;
+}
+
+async fn join_mid_stream(mut config: chat_server::Config) {
     const SENDERS: u8 = 4;
     const EACH: usize = 150;
     const TOTAL: usize = SENDERS as usize * EACH;
-    let mut config = test_config();
+    const JOINERS: u8 = 20;
     config.message_rate = 10_000;
     let server = TestServer::start(config).await;
     let mut observer = server.client(200).await;
@@ -40,7 +57,7 @@ async fn joining_mid_stream_has_no_gap_and_no_duplicate() {
     }
     // Joiners arrive at staggered moments while the senders run.
     let mut joiners = Vec::new();
-    for j in 0..8u8 {
+    for j in 0..JOINERS {
         let mut c = server.client(100 + j).await;
         joiners.push(tokio::spawn(async move {
             let mut ids = Vec::new();
@@ -52,7 +69,7 @@ async fn joining_mid_stream_has_no_gap_and_no_duplicate() {
             }
             ids
         }));
-        tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(6)).await;
     }
     let mut reference: Vec<Uuid> = Vec::new();
     while reference.len() < TOTAL {

@@ -1,7 +1,7 @@
 //! Whatever a client sends, decoding and then handling it never panics, and
 //! every refusal has a wire text.
 
-use chat_core::{Chat, Config, Context, Timestamp};
+use chat_core::{Chat, ChatError, Config, Context, Event, Timestamp};
 use chat_proto::{ClientFrame, UserId, Uuid};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -45,27 +45,78 @@ fn near_frames() -> impl Strategy<Value = Value> {
     let send_str = (".{0,600}", proptest::option::of(".{0,60}")).prop_map(
         |(text, name)| json!({"type": "send_message", "data": {"text": text, "author_name": name}}),
     );
-    let react = (0u128..4, ".{0,12}").prop_map(|(id, emoji)| {
+    let emoji = prop_oneof![
+        ".{0,12}",
+        prop::sample::select(vec!["👍", "🎉", "❤", "❤\u{fe0f}", "👍🏽"]).prop_map(String::from),
+    ];
+    // Plausible posts, so that reactions find messages to act on.
+    let plain =
+        "[a-z ]{1,20}".prop_map(|text| json!({"type": "send_message", "data": {"text": text}}));
+    let react = (0u128..6, emoji).prop_map(|(id, emoji)| {
         json!({"type": "add_reaction", "data": {"message_id": Uuid::from_u128(id), "emoji": emoji}})
     });
-    prop_oneof![send, send_str, react, any_json()]
+    prop_oneof![send, send_str, plain, react, any_json()]
 }
 
+/// Feeds one text frame through the decoder and the chat, as the server
+/// does, and checks what came out: a refusal changes nothing and is a
+/// client's refusal with its wire text; an acceptance emits exactly the
+/// events its command means, within every rule.
 fn run(chat: &mut Chat, i: u64, text: &str) {
     let ctx = Context {
         user: UserId::from(format!("u{}", i % 3).as_str()),
         now: Timestamp::from_unix_millis(i * 100),
         message_id: Uuid::from_u128(u128::from(i)),
     };
-    match ClientFrame::decode(text) {
-        Ok(frame) => {
-            if let Err(e) = chat.handle(ctx, frame) {
-                assert!(!e.to_string().is_empty());
+    let before = format!("{:?}", chat.history().iter().collect::<Vec<_>>());
+    let frame = match ClientFrame::decode(text) {
+        Ok(frame) => frame,
+        Err(e) => {
+            assert!(e.to_string().starts_with("Invalid message format"), "{e}");
+            return;
+        }
+    };
+    match chat.handle(ctx.clone(), frame.clone()) {
+        Err(e) => {
+            assert_ne!(e, ChatError::DuplicateMessageId, "every id is fresh");
+            assert!(
+                !matches!(e, ChatError::Decode(_)),
+                "the core does not decode"
+            );
+            assert_eq!(chat.poll_event(), None, "a refusal emits nothing");
+            let after = format!("{:?}", chat.history().iter().collect::<Vec<_>>());
+            assert_eq!(after, before, "a refusal changes nothing");
+        }
+        Ok(()) => {
+            let events: Vec<Event> = std::iter::from_fn(|| chat.poll_event()).collect();
+            match (&frame, events.first()) {
+                (ClientFrame::SendMessage(m), Some(Event::MessagePosted(posted))) => {
+                    assert_eq!(posted.id, ctx.message_id);
+                    assert_eq!(posted.text, m.text);
+                    assert_eq!(posted.author_id, ctx.user);
+                    assert!(!posted.text.trim().is_empty());
+                    assert!(posted.text.chars().count() <= chat.config().max_text_chars);
+                    let name = posted.author_name.chars().count();
+                    assert!((1..=chat.config().max_author_name_chars).contains(&name));
+                    assert!(events.len() <= 2, "the post, and at most one eviction");
+                }
+                (ClientFrame::AddReaction(r), Some(Event::ReactionUpdated(update))) => {
+                    assert_eq!(events.len(), 1);
+                    assert_eq!(update.message_id, r.message_id);
+                    assert_eq!(update.user_id, ctx.user);
+                    let held = chat
+                        .history()
+                        .get(&r.message_id)
+                        .expect("the message is held");
+                    assert_eq!(
+                        &update.message, held,
+                        "the update carries the message as it is"
+                    );
+                }
+                (frame, first) => panic!("{frame:?} was accepted with {first:?}"),
             }
         }
-        Err(e) => assert!(e.to_string().starts_with("Invalid message format")),
     }
-    while chat.poll_event().is_some() {}
     assert!(chat.history().len() <= chat.config().history_limit);
 }
 

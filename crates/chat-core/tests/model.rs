@@ -415,7 +415,7 @@ fn replaying_a_log_is_deterministic() {
             let cmd = if i % 3 == 0 {
                 ClientFrame::AddReaction(AddReaction {
                     message_id: Uuid::from_u128(u128::from(i / 2) + 1),
-                    emoji: ["👍", "🎉", "❤"][(i % 3) as usize].to_owned(),
+                    emoji: ["👍", "🎉", "❤"][(i / 3 % 3) as usize].to_owned(),
                 })
             } else {
                 ClientFrame::SendMessage(SendMessage {

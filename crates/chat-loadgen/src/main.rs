@@ -104,6 +104,10 @@ enum Scenario {
         /// Clients sending junk as fast as they can.
         #[arg(long, default_value_t = 3)]
         junk: usize,
+        /// The server's --max-refusals: each junk client must get exactly
+        /// this many error frames, then a 1008 close.
+        #[arg(long, default_value_t = 100)]
+        max_refusals: u64,
         /// Plain HTTP clients loading the page, /whoami and /metrics over
         /// keep-alive connections, with an oversized request head now and
         /// then.
@@ -251,6 +255,7 @@ async fn main() -> std::process::ExitCode {
             slowloris,
             flood,
             junk,
+            max_refusals,
             browsers,
             tolerance,
         } => {
@@ -262,6 +267,7 @@ async fn main() -> std::process::ExitCode {
                 slowloris: *slowloris,
                 flood: *flood,
                 junk: *junk,
+                refusal_budget: *max_refusals,
                 browsers: *browsers,
                 server_pid: cli.server_pid,
                 tolerance: *tolerance,

@@ -38,6 +38,9 @@ pub struct Soak {
     pub flood: usize,
     /// Clients sending junk frames as fast as they can.
     pub junk: usize,
+    /// The server's refusal budget (`--max-refusals`): a junk client must
+    /// get exactly this many error frames, then a 1008 close.
+    pub refusal_budget: u64,
     /// Plain HTTP clients: page, `/whoami` and `/metrics` over keep-alive,
     /// and an oversized request head now and then.
     pub browsers: usize,
@@ -58,6 +61,11 @@ struct Counters {
     flood_accepted: AtomicU64,
     junk_errors: AtomicU64,
     junk_closed: AtomicU64,
+    /// Junk connections closed with 1008 after exactly the budget's errors.
+    junk_closed_as_promised: AtomicU64,
+    /// Junk connections that ended any other way, and the first such end.
+    junk_closed_otherwise: AtomicU64,
+    junk_first_surprise: std::sync::Mutex<Option<String>>,
     http_ok: AtomicU64,
     http_unexpected: AtomicU64,
     http_oversized_refused: AtomicU64,
@@ -273,6 +281,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
     for i in 0..soak.junk {
         let target = target.clone();
         let c = Arc::clone(&c);
+        let budget = soak.refusal_budget;
         tasks.spawn(async move {
             let junk = [
                 "{",
@@ -290,14 +299,31 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
                 let reader = {
                     let c = Arc::clone(&c);
                     tokio::spawn(async move {
+                        let mut errors = 0u64;
+                        let mut close = None;
                         while let Some(Ok(m)) = stream.next().await {
-                            if let Message::Text(t) = m
-                                && t.contains("Invalid message format")
-                            {
-                                c.junk_errors.fetch_add(1, Ordering::Relaxed);
+                            match m {
+                                Message::Text(t) if t.contains("Invalid message format") => {
+                                    errors += 1;
+                                    c.junk_errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Message::Close(frame) => close = frame.map(|f| u16::from(f.code)),
+                                _ => {}
                             }
                         }
                         c.junk_closed.fetch_add(1, Ordering::Relaxed);
+                        if close == Some(1008) && errors == budget {
+                            c.junk_closed_as_promised.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            c.junk_closed_otherwise.fetch_add(1, Ordering::Relaxed);
+                            let mut first = c
+                                .junk_first_surprise
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner());
+                            first.get_or_insert(format!(
+                                "close {close:?} after {errors} error frames"
+                            ));
+                        }
                     })
                 };
                 let mut k = 0;
@@ -401,7 +427,9 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
         "slowloris_dropped": soak.slowloris == 0 || c.slowloris_dropped.load(Ordering::Relaxed) > 0,
         "flood_refused_with_429": soak.flood == 0 || c.flood_refused.load(Ordering::Relaxed) > 0,
         "junk_answered_with_errors": soak.junk == 0 || c.junk_errors.load(Ordering::Relaxed) > 0,
-        "junk_senders_dropped": soak.junk == 0 || c.junk_closed.load(Ordering::Relaxed) > 0,
+        "junk_closed_with_1008_after_exactly_the_budget": soak.junk == 0
+            || (c.junk_closed_as_promised.load(Ordering::Relaxed) > 0
+                && c.junk_closed_otherwise.load(Ordering::Relaxed) == 0),
         "http_answered": soak.browsers == 0
             || (c.http_ok.load(Ordering::Relaxed) > 0 && c.http_unexpected.load(Ordering::Relaxed) == 0),
         "oversized_heads_refused_with_431": soak.browsers == 0 || c.http_oversized_refused.load(Ordering::Relaxed) > 0,
@@ -423,6 +451,9 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
             "flood_accepted": c.flood_accepted.load(Ordering::Relaxed),
             "junk_error_frames": c.junk_errors.load(Ordering::Relaxed),
             "junk_clients_closed": c.junk_closed.load(Ordering::Relaxed),
+            "junk_closed_1008_after_the_budget": c.junk_closed_as_promised.load(Ordering::Relaxed),
+            "junk_closed_otherwise": c.junk_closed_otherwise.load(Ordering::Relaxed),
+            "junk_first_surprise": c.junk_first_surprise.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "http_ok": c.http_ok.load(Ordering::Relaxed),
             "http_unexpected": c.http_unexpected.load(Ordering::Relaxed),
             "http_oversized_refused_431": c.http_oversized_refused.load(Ordering::Relaxed),

@@ -184,17 +184,6 @@ impl Server {
                 Identity::from_key(config.identity, key)
             }
         };
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
         let (commits, queue) = match store {
             Some(_) => {
                 let (tx, rx) = mpsc::channel(config.commit_queue);
@@ -239,6 +228,19 @@ impl Server {
             shutdown,
             config,
         };
+        // Bound last: once a client can connect, the history is restored
+        // and its replay log serialized, so start-up time measured at the
+        // first accepted connection includes both.
+        let listener = TcpListener::bind(shared.config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: shared.config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: shared.config.listen,
+            source,
+        })?;
         Ok(Server {
             listener,
             local_addr,

@@ -460,8 +460,8 @@ const BACKOFF_STEP: Duration = Duration::from_millis(100);
 /// `stop` (the server stops and exits non-zero: a supervisor should know)
 /// and keeps trying until the server gives up on it.
 pub fn spawn_committer(
-    mut store: Store,
-    mut queue: mpsc::Receiver<Vec<Event>>,
+    store: Store,
+    queue: mpsc::Receiver<Vec<Event>>,
     hub: Weak<Hub>,
     metrics: Arc<Metrics>,
     max_outage: Duration,
@@ -475,7 +475,11 @@ pub fn spawn_committer(
     std::thread::Builder::new()
         .name("chat-store".into())
         .spawn(move || {
+            // Declared first, dropped last: the store (and the data
+            // directory's lock) is released before `finish` hears of it.
             let _done = done_tx;
+            let mut store = store;
+            let mut queue = queue;
             while let Some(first) = queue.blocking_recv() {
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
