@@ -271,13 +271,6 @@ impl Server {
             shared,
             committer,
         } = self;
-        info!(addr = %local_addr, path = handshake::WS_PATH, "listening");
-        let page = if local_addr.ip().is_unspecified() {
-            format!("http://localhost:{}/", local_addr.port())
-        } else {
-            format!("http://{local_addr}/")
-        };
-        info!("web client at {page}");
         if shared.hosts.accepts_any() {
             warn!(
                 "every Host is accepted (no --public-host, listening on a non-loopback address): \
@@ -286,6 +279,13 @@ impl Server {
                  (address literals and localhost always work)"
             );
         }
+        info!(addr = %local_addr, path = handshake::WS_PATH, "listening");
+        let page = if local_addr.ip().is_unspecified() {
+            format!("http://localhost:{}/", local_addr.port())
+        } else {
+            format!("http://{local_addr}/")
+        };
+        info!("web client at {page}");
         let tasks = TaskTracker::new();
         let accept = tokio::spawn(listener::accept_loop(
             listener,
