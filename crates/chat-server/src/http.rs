@@ -2,10 +2,11 @@
 //! `/metrics` and `/whoami`.
 //!
 //! Every accepted connection starts here. The request head is **peeked**,
-//! not read, and parsed with `httparse`: a WebSocket handshake on
-//! [`WS_PATH`] leaves this module with its bytes still in the socket, so
-//! tokio-tungstenite reads the handshake exactly as if this module did not
-//! exist. Anything else is consumed and answered here.
+//! not read, and parsed with `httparse`. Its `Host` must be one the server
+//! answers to. A WebSocket upgrade that is well formed leaves this module
+//! with its head still in the socket, for the chat's own checks and the
+//! 101 ([`switch_protocols`]); every other request, and every refused
+//! upgrade, is consumed and answered here.
 //!
 //! Bounds: a request head is at most `--max-request-head` bytes and
 //! [`MAX_HEADERS`] headers (else 431), must arrive within

@@ -264,7 +264,8 @@ function upsert(message, inStream) {
     entry.seen = connection;
     lastInStream = message.id;
   }
-  if (inStream && message.author_id === me) {
+  // Before /whoami answers, `me` is unknown: match by text alone.
+  if (inStream && (me === null || message.author_id === me)) {
     const i = sentTexts.indexOf(message.text);
     if (i >= 0) sentTexts.splice(i, 1);
   }
