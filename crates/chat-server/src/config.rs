@@ -31,8 +31,10 @@ pub struct Config {
     #[arg(long, env = "CHAT_IN_MEMORY")]
     pub in_memory: bool,
 
-    /// Accepted commands waiting for their commit to disk; while full,
-    /// senders wait (backpressure) instead of memory growing.
+    /// Accepted commands waiting for their commit (to disk, or, with
+    /// `--in-memory`, to the writer that writes nothing) before they are
+    /// published; while full, senders wait (backpressure) instead of memory
+    /// growing.
     #[arg(long, env = "CHAT_COMMIT_QUEUE", default_value_t = 4096)]
     pub commit_queue: usize,
 

@@ -1,25 +1,26 @@
-//! The hub: the one chat, its serialized history, and the fan-out.
+//! The hub: the one chat, and the fan-out of what it has published.
 //!
-//! Every command is applied under one short lock, which gives a single
-//! order for all events. Under that same lock each event is serialized
-//! **once** and put into one bounded broadcast ring that every connection
-//! reads from; recipients share the bytes (`Utf8Bytes` is reference
-//! counted). Joining takes the history snapshot and the ring subscription
-//! under the lock too, so a new client sees exactly the history followed by
-//! every later event: no gap, no duplicate.
+//! Events flow one way, through one pipeline: **apply → commit → publish**.
 //!
-//! The history is also kept as serialized `message` frames ([`ReplayLog`]),
-//! so a connecting client costs no serialization, and taking a snapshot
-//! copies a few dozen pointers rather than 10,000 frames.
+//! - [`Hub::apply`] applies a command under one short lock, which gives a
+//!   single order for all events, and hands the events to the commit queue
+//!   in that order (after reserving a place, so a slow disk makes senders
+//!   wait instead of memory grow).
+//! - The committer (see [`crate::pipeline`]) writes each batch with its
+//!   writer (the SQLite store, or, in memory, a writer that writes nothing)
+//!   and then publishes it to the [`FanOut`].
+//! - The [`FanOut`] serializes each event **once** into one bounded
+//!   broadcast ring that every connection reads from (recipients share the
+//!   bytes: `Utf8Bytes` is reference counted), and keeps the history as
+//!   serialized frames ([`ReplayLog`]), so a connecting client costs no
+//!   serialization and a snapshot copies a few dozen pointers. Joining takes
+//!   the snapshot and the ring subscription under the fan-out's lock, so a
+//!   new client sees exactly the history followed by every later event: no
+//!   gap, no duplicate. Only published events are ever in it, so no client
+//!   sees anything a crash could take back.
 //!
-//! With a store, accepted events are not published at once: they go to the
-//! committer (see [`crate::store`]) through a bounded queue, in the order
-//! they were applied, and are published when their batch is on disk. The
-//! replay log and the broadcast ring only ever hold published events, so a
-//! snapshot never shows a client anything a crash could take back.
-//!
-//! The lock is a `std::sync::Mutex`: it is never held across an `.await`,
-//! and the work under it is a few microseconds.
+//! Both locks are `std::sync::Mutex`es: never held across an `.await`, and
+//! the work under each is a few microseconds.
 
 use crate::clock::Clock;
 use crate::metrics::Metrics;
@@ -33,19 +34,26 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 /// Frames per chunk of the replay log.
 const CHUNK: usize = 256;
 
-/// The chat plus everything needed to fan its events out.
+/// The chat, applying commands in one order.
 #[derive(Debug)]
 pub struct Hub {
-    state: Mutex<State>,
-    /// With a store: where accepted events wait for their commit.
-    commits: Option<mpsc::Sender<Vec<Event>>>,
+    chat: Mutex<Chat>,
+    /// Where applied events wait for their commit, in the order applied.
+    commits: mpsc::Sender<Vec<Event>>,
     /// The time each command is stamped with.
     clock: Clock,
+    /// What has been published, for joining clients.
+    fanout: Arc<FanOut>,
+}
+
+/// The published side: the history as frames and the live ring.
+#[derive(Debug)]
+pub struct FanOut {
+    state: Mutex<Published>,
 }
 
 #[derive(Debug)]
-struct State {
-    chat: Chat,
+struct Published {
     replay: ReplayLog,
     live: broadcast::Sender<Utf8Bytes>,
     metrics: Arc<Metrics>,
@@ -77,51 +85,35 @@ impl From<chat_proto::DecodeError> for ApplyError {
     }
 }
 
+/// Recovers a lock whose holder panicked: nothing under these locks
+/// panics, and if something ever did, the state is still consistent (each
+/// command or event is applied whole or not at all).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Hub {
-    /// A hub around `chat` (empty, or restored from a store). Its broadcast
-    /// ring holds `max_lag` frames: a client further behind is told it
-    /// lagged. With `commits`, events are published only after the
-    /// committer has written them. Published events are counted in
-    /// `metrics`. Commands are stamped with `clock`'s time.
+    /// A hub around `chat` (empty, or restored from a store) whose applied
+    /// events go to `commits`, stamped with `clock`'s time. `fanout` must
+    /// have been built from the same chat ([`FanOut::new`]).
     pub fn new(
         chat: Chat,
-        max_lag: usize,
-        commits: Option<mpsc::Sender<Vec<Event>>>,
-        metrics: Arc<Metrics>,
+        commits: mpsc::Sender<Vec<Event>>,
         clock: Clock,
+        fanout: Arc<FanOut>,
     ) -> Self {
-        let (live, _) = broadcast::channel(max_lag);
-        let mut replay = ReplayLog::default();
-        for message in chat.history().iter() {
-            replay.push(message.id, encode(&ServerFrame::Message(message.clone())));
-        }
-        metrics.history_messages.set(replay.len() as i64);
         Hub {
-            state: Mutex::new(State {
-                chat,
-                replay,
-                live,
-                metrics,
-            }),
+            chat: Mutex::new(chat),
             commits,
             clock,
+            fanout,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Nothing under the lock panics; if something ever did, the state
-        // is still consistent (each command is applied whole or not at all).
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Snapshot of the history and a subscription to what follows, taken
-    /// atomically.
+    /// Snapshot of the published history and a subscription to what
+    /// follows, taken atomically.
     pub fn join(&self) -> Joined {
-        let state = self.lock();
-        Joined {
-            history: state.replay.snapshot(),
-            live: state.live.subscribe(),
-        }
+        self.fanout.join()
     }
 
     /// Decodes a client's text frame and applies it for `user`.
@@ -131,46 +123,70 @@ impl Hub {
     }
 
     /// Applies one command for `user`, stamping it with the time and a new
-    /// message id. Accepted events are broadcast (after their commit, with
-    /// a store); a refusal is returned for that client alone.
+    /// message id. Accepted events are committed, then broadcast; a refusal
+    /// is returned for that client alone.
     pub async fn apply(&self, user: &UserId, command: ClientFrame) -> Result<(), ApplyError> {
         // Take a place in the commit queue first: while the disk is behind,
         // this waits, and nothing is applied that could not be queued.
-        let permit = match &self.commits {
-            Some(queue) => Some(queue.reserve().await.map_err(|_| ApplyError::Stopping)?),
-            None => None,
-        };
+        let permit = self
+            .commits
+            .reserve()
+            .await
+            .map_err(|_| ApplyError::Stopping)?;
         let ctx = Context {
             user: user.clone(),
             now: self.clock.now(),
             message_id: Uuid::now_v7(),
         };
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        state.chat.handle(ctx, command)?;
-        match permit {
-            None => {
-                while let Some(event) = state.chat.poll_event() {
-                    state.publish(event);
-                }
-            }
-            // Sent under the lock, so the queue holds commands in the order
-            // they were applied.
-            Some(permit) => permit.send(std::iter::from_fn(|| state.chat.poll_event()).collect()),
-        }
+        let mut chat = lock(&self.chat);
+        chat.handle(ctx, command)?;
+        // Sent under the lock, so the queue holds events in the order they
+        // were applied.
+        permit.send(std::iter::from_fn(|| chat.poll_event()).collect());
         Ok(())
+    }
+}
+
+impl FanOut {
+    /// The fan-out of `chat`'s history (as restored), with a broadcast ring
+    /// of `max_lag` frames: a client further behind is told it lagged.
+    /// Published events are counted in `metrics`.
+    pub fn new(chat: &Chat, max_lag: usize, metrics: Arc<Metrics>) -> Self {
+        let (live, _) = broadcast::channel(max_lag);
+        let mut replay = ReplayLog::default();
+        for message in chat.history().iter() {
+            replay.push(message.id, encode(&ServerFrame::Message(message.clone())));
+        }
+        metrics.history_messages.set(replay.len() as i64);
+        FanOut {
+            state: Mutex::new(Published {
+                replay,
+                live,
+                metrics,
+            }),
+        }
+    }
+
+    /// Snapshot of the history and a subscription to what follows, taken
+    /// atomically.
+    pub fn join(&self) -> Joined {
+        let state = lock(&self.state);
+        Joined {
+            history: state.replay.snapshot(),
+            live: state.live.subscribe(),
+        }
     }
 
     /// Publishes events whose commit has completed, in order.
-    pub fn publish(&self, batch: Vec<Vec<Event>>) {
-        let mut state = self.lock();
-        for event in batch.into_iter().flatten() {
+    pub fn publish(&self, events: Vec<Event>) {
+        let mut state = lock(&self.state);
+        for event in events {
             state.publish(event);
         }
     }
 }
 
-impl State {
+impl Published {
     fn publish(&mut self, event: Event) {
         match event {
             Event::MessagePosted(message) => {

@@ -29,8 +29,9 @@
 //! - [`handshake`]: path, origin, client address and per-address limits;
 //! - [`host`]: which `Host` names the server answers to (DNS rebinding);
 //! - [`identity`]: from an address to a user id;
-//! - [`hub`]: the chat, its serialized history and the fan-out;
-//! - [`store`]: the durable history and the committer;
+//! - [`hub`]: the chat in one order, and the fan-out of what is published;
+//! - [`pipeline`]: apply → commit → publish, and the committer;
+//! - [`store`]: the durable history, a plain writer of events;
 //! - [`connection`]: one client, reader and writer;
 //! - [`shutdown`]: signals and the graceful stop.
 #![forbid(unsafe_code)]
@@ -46,6 +47,7 @@ pub mod identity;
 mod listener;
 pub mod metrics;
 pub mod pending;
+pub mod pipeline;
 pub mod shutdown;
 pub mod store;
 pub mod web;
@@ -57,14 +59,15 @@ use chat_core::{Chat, Timestamp};
 use clock::Clock;
 use handshake::{AddressLimits, Policy};
 use host::HostPolicy;
-use hub::Hub;
+use hub::{FanOut, Hub};
 use identity::Identity;
 use metrics::Metrics;
 use pending::PendingLimits;
+use pipeline::{Committer, Finished};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{Committer, Finished, Store, StoreError};
+use store::{Store, StoreError};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -128,7 +131,7 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     shared: Arc<Shared>,
-    committer: Option<Committer>,
+    committer: Committer,
 }
 
 impl Server {
@@ -184,36 +187,28 @@ impl Server {
                 Identity::from_key(config.identity, key)
             }
         };
-        let (commits, queue) = match store {
-            Some(_) => {
-                let (tx, rx) = mpsc::channel(config.commit_queue);
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
-        };
+        // One pipeline either way: apply → commit → publish. In memory, the
+        // writer writes nothing.
+        let (commits, queue) = mpsc::channel(config.commit_queue);
         let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(
-            chat,
-            config.max_lag,
-            commits,
-            Arc::clone(&metrics),
-            clock,
-        ));
+        let fanout = Arc::new(FanOut::new(&chat, config.max_lag, Arc::clone(&metrics)));
         let shutdown = CancellationToken::new();
-        let committer = match (store, queue) {
-            (Some(store), Some(queue)) => Some(
-                store::spawn_committer(
-                    store,
-                    queue,
-                    Arc::downgrade(&hub),
-                    Arc::clone(&metrics),
-                    config.max_store_outage,
-                    shutdown.clone(),
-                )
-                .map_err(StartError::Thread)?,
-            ),
-            _ => None,
+        let spawn = |writer| {
+            pipeline::spawn_committer(
+                writer,
+                queue,
+                Arc::clone(&fanout),
+                Arc::clone(&metrics),
+                config.max_store_outage,
+                shutdown.clone(),
+            )
         };
+        let committer = match store {
+            Some(store) => spawn(Box::new(store) as Box<dyn pipeline::EventWriter>),
+            None => spawn(Box::new(pipeline::Discard)),
+        }
+        .map_err(StartError::Thread)?;
+        let hub = Arc::new(Hub::new(chat, commits, clock, fanout));
         let shared = Shared {
             hub,
             policy: Policy {
@@ -310,10 +305,6 @@ impl Server {
         // With the connections gone, dropping the hub closes the commit
         // queue; the committer writes what is queued and stops.
         drop(shared);
-        let Some(committer) = committer else {
-            info!("stopped");
-            return Stopped::Gracefully;
-        };
         let outage = committer.stopped_the_server();
         let finished = committer.finish(deadline).await;
         if finished == Finished::GaveUp {

@@ -1,0 +1,209 @@
+//! The one path every event takes: **apply → commit → publish**.
+//!
+//! The [`Hub`](crate::hub::Hub) applies commands in one order and queues
+//! their events (a bounded queue: while it is full, senders wait). The
+//! committer thread here takes everything waiting, hands it to an
+//! [`EventWriter`], and once that returns publishes the batch to the
+//! [`FanOut`], where connections read it. With the default store the
+//! writer is SQLite, so nothing is shown before it is on disk; with
+//! `--in-memory` it is [`Discard`], a writer that writes nothing, and the
+//! path is otherwise the same.
+//!
+//! While writes fail the committer retries with backoff and publishes
+//! nothing; it never drops anything. Past `--max-store-outage` it stops the
+//! server, and at shutdown it gives up when told to.
+
+use crate::hub::FanOut;
+use crate::metrics::Metrics;
+use crate::store::StoreError;
+use chat_core::Event;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+/// Where applied events are written before they are published.
+pub trait EventWriter: Send + 'static {
+    /// Writes `events`, in order, as one unit; `Ok` means they are as
+    /// durable as this writer makes anything.
+    fn write(&mut self, events: &[Event]) -> Result<(), StoreError>;
+}
+
+/// The writer of `--in-memory`: writes nothing, never fails.
+#[derive(Debug, Default)]
+pub struct Discard;
+
+impl<W: EventWriter + ?Sized> EventWriter for Box<W> {
+    fn write(&mut self, events: &[Event]) -> Result<(), StoreError> {
+        (**self).write(events)
+    }
+}
+
+impl EventWriter for Discard {
+    fn write(&mut self, _: &[Event]) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// Most commands written in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// The longest wait between two attempts at a failing commit.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The running committer thread, as the server sees it.
+#[derive(Debug)]
+pub struct Committer {
+    /// Set when the server stops waiting: the committer abandons a commit
+    /// it cannot make instead of retrying forever.
+    give_up: Arc<AtomicBool>,
+    /// Set when the store failed for longer than allowed and the committer
+    /// stopped the server.
+    outage: Arc<AtomicBool>,
+    /// Resolves (with an error: the sender is dropped) when the thread ends.
+    done: oneshot::Receiver<()>,
+}
+
+/// How the committer's work ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Everything queued was written.
+    AllWritten,
+    /// It was still failing (or stuck in a write) when time ran out; what
+    /// it had not written was never shown to anyone.
+    GaveUp,
+}
+
+impl Committer {
+    /// Whether the committer stopped the server because the store had
+    /// failed for longer than allowed.
+    pub fn stopped_the_server(&self) -> bool {
+        self.outage.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the committer has written what was queued (the queue
+    /// closes when the hub is dropped), or until `deadline`. Past it, the
+    /// committer is told to give up; a commit stuck in the kernel is left
+    /// behind (the process exits around it, and SQLite's journal keeps the
+    /// database whole).
+    pub async fn finish(mut self, deadline: tokio::time::Instant) -> Finished {
+        if tokio::time::timeout_at(deadline, &mut self.done)
+            .await
+            .is_ok()
+        {
+            return if self.give_up.load(Ordering::Relaxed) {
+                Finished::GaveUp
+            } else {
+                Finished::AllWritten
+            };
+        }
+        self.give_up.store(true, Ordering::Relaxed);
+        // A retrying committer notices within one backoff step.
+        let _ = tokio::time::timeout(BACKOFF_STEP * 2, &mut self.done).await;
+        Finished::GaveUp
+    }
+}
+
+/// How often a backing-off committer checks whether to give up.
+const BACKOFF_STEP: Duration = Duration::from_millis(100);
+
+/// Starts the committer thread: it writes queued events in batches with
+/// `writer` (with the store: one transaction, one fsync, each), and
+/// publishes each batch to `fanout` once it is written. It ends when the
+/// hub, and with it the queue's sender, is gone, after writing what was
+/// queued, or when told to give up.
+///
+/// While commits fail it retries with backoff; nothing is published or
+/// dropped meanwhile. If they have failed for `max_outage`, it cancels
+/// `stop` (the server stops and exits non-zero: a supervisor should know)
+/// and keeps trying until the server gives up on it.
+pub fn spawn_committer(
+    writer: impl EventWriter,
+    queue: mpsc::Receiver<Vec<Event>>,
+    fanout: Arc<FanOut>,
+    metrics: Arc<Metrics>,
+    max_outage: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<Committer> {
+    let give_up = Arc::new(AtomicBool::new(false));
+    let (done_tx, done) = oneshot::channel::<()>();
+    let giving_up = Arc::clone(&give_up);
+    let outage = Arc::new(AtomicBool::new(false));
+    let out = Arc::clone(&outage);
+    std::thread::Builder::new()
+        .name("chat-store".into())
+        .spawn(move || {
+            // Declared first, dropped last: the writer (the store, and the
+            // data directory's lock) is released before `finish` hears of it.
+            let _done = done_tx;
+            let mut writer = writer;
+            let mut queue = queue;
+            while let Some(first) = queue.blocking_recv() {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                let commands = batch.len();
+                let started = Instant::now();
+                let mut backoff = Duration::from_millis(10);
+                // Nothing is published until it is on disk: on a failing
+                // disk, clients' messages wait (and the queue applies
+                // backpressure) rather than being lost.
+                let events: Vec<Event> = batch.into_iter().flatten().collect();
+                while let Err(e) = writer.write(&events) {
+                    metrics.store_failing.set(1);
+                    let failing_for = started.elapsed();
+                    if failing_for >= max_outage && !stop.is_cancelled() {
+                        error!(
+                            error = %e,
+                            failing_for = ?failing_for,
+                            "the store has failed for longer than --max-store-outage; stopping the server"
+                        );
+                        out.store(true, Ordering::Relaxed);
+                        stop.cancel();
+                    }
+                    error!(error = %e, retry_in = ?backoff, "commit failed; messages wait");
+                    if !sleep_unless(&giving_up, backoff) {
+                        let unwritten = commands + queue.len();
+                        error!(
+                            unwritten,
+                            "gave up on the store: {unwritten} accepted commands were not written; none of them was ever shown to anyone"
+                        );
+                        return;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                let took = started.elapsed();
+                metrics.store_failing.set(0);
+                metrics.store_commit.observe(took.as_secs_f64());
+                metrics.store_commit_commands.observe(commands as f64);
+                debug!(commands, ?took, "committed");
+                fanout.publish(events);
+            }
+        })?;
+    Ok(Committer {
+        give_up,
+        outage,
+        done,
+    })
+}
+
+/// Sleeps for `d` in short steps; false if told to give up meanwhile.
+fn sleep_unless(give_up: &AtomicBool, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    loop {
+        if give_up.load(Ordering::Relaxed) {
+            return false;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(BACKOFF_STEP));
+    }
+}
