@@ -16,14 +16,14 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 # Small limits so that each abuser meets its bound within a short run, and a
 # small history so that memory reaches its steady state during warm-up.
 RUST_LOG=warn ./target/release/chat-server --listen "127.0.0.1:$port" --in-memory \
-  --history-limit 500 --max-lag 256 --write-timeout 2s --handshake-timeout 2s \
+  --history-limit 500 --log-events 256 --write-timeout 2s --handshake-timeout 2s \
   --max-connections-per-ip 16 --message-rate 120 2>"${SOAK_SERVER_LOG:-/dev/null}" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 status=0
 ./target/release/chat-loadgen --url "ws://127.0.0.1:$port/ws" --server-pid "$server" \
-  --note="--history-limit 500 --max-lag 256 --write-timeout 2s --handshake-timeout 2s --max-connections-per-ip 16 --message-rate 120" \
+  --note="--history-limit 500 --log-events 256 --write-timeout 2s --handshake-timeout 2s --max-connections-per-ip 16 --message-rate 120" \
   soak --duration "$duration" --chatters 50 --send-every 1s --non-readers 3 --slowloris 10 --flood 40 --junk 2 --browsers 4 \
   || status=$?
 kill -TERM $server

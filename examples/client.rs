@@ -100,6 +100,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                     Ok(ServerFrame::ReactionUpdated(r)) => println!("~ {}", show(&r.message)),
                     Ok(ServerFrame::Error(e)) => println!("! {}", e.error),
+                    // Only sent to clients that opt in with `?sync`/`?since=`.
+                    Ok(ServerFrame::Sync(s)) => println!("- at position {} of epoch {}", s.position, s.epoch),
+                    Ok(ServerFrame::Reset(r)) => println!("- reset ({:?}): the full history follows", r.reason),
                     Err(e) => println!("! unreadable frame: {e}"),
                 },
                 Some(Ok(WsMessage::Close(frame))) => {

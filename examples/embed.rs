@@ -40,9 +40,7 @@ fn main() -> std::io::Result<()> {
         match parse(&line).and_then(|command| chat.handle(ctx, command)) {
             Ok(()) => {
                 while let Some(event) = chat.poll_event() {
-                    if let Some(frame) = event.into_frame() {
-                        writeln!(out, "{}", frame.encode())?;
-                    }
+                    writeln!(out, "{}", event.into_frame().encode())?;
                 }
             }
             Err(refusal) => writeln!(out, "{}", ServerFrame::error(&refusal).encode())?,

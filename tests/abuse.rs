@@ -385,7 +385,7 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_up() {
     const SENT: usize = 6_000;
     let mut config = test_config();
     config.message_rate = 1_000_000;
-    config.max_lag = 64;
+    config.log_events = 64;
     config.write_timeout = Duration::from_millis(500);
     config.history_limit = 100;
     let server = TestServer::start(config).await;

@@ -128,7 +128,7 @@ async fn own_outcomes(c: &mut Client, me: &str) -> (usize, usize) {
                 );
                 refused += 1;
             }
-            ServerFrame::Message(m) => panic!("unexpected message {m:?}"),
+            other => panic!("unexpected frame {other:?}"),
         }
     }
     (accepted.len(), refused)

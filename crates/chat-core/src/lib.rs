@@ -25,9 +25,7 @@
 //! match chat.handle(ctx, command) {
 //!     Ok(()) => {
 //!         while let Some(event) = chat.poll_event() {
-//!             if let Some(frame) = event.into_frame() {
-//!                 println!("broadcast {}", frame.encode());
-//!             }
+//!             println!("broadcast event {}: {}", event.position, event.frame().encode());
 //!         }
 //!     }
 //!     Err(refusal) => println!("to the sender only: {refusal}"),
@@ -43,8 +41,8 @@ mod rate_limit;
 mod validate;
 
 use chat_proto::{
-    AddReaction, ClientFrame, Message, ReactionAction, ReactionUpdated, Reactions, SendMessage,
-    ServerFrame, UserId, Uuid,
+    AddReaction, ClientFrame, Message, Position, ReactionAction, ReactionUpdated, Reactions,
+    SendMessage, ServerFrame, UserId, Uuid,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -140,25 +138,49 @@ pub struct Context {
     pub message_id: Uuid,
 }
 
-/// Something that happened, for the embedder to carry out.
+/// Something that happened, with its place in the chat's log.
+///
+/// Every accepted command makes exactly one event, and events are numbered
+/// in the order they happen: the first is at position 1, each next one is
+/// one further. A log of events is therefore gap-free, and "everything after
+/// position `n`" is exactly what a client that has seen `n` is missing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub struct Event {
+    /// Where the event stands in the log.
+    pub position: Position,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What an [`Event`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
     /// A message was accepted and appended to history. Broadcast it.
-    MessagePosted(Message),
+    MessagePosted {
+        /// The new message.
+        message: Message,
+        /// The oldest message, if the post pushed it out of the bounded
+        /// history. Nothing is broadcast for it; a store should delete it.
+        evicted: Option<Message>,
+    },
     /// A reaction was toggled. Broadcast it; it carries the whole message.
     ReactionUpdated(ReactionUpdated),
-    /// The oldest message left the bounded history. Nothing is broadcast;
-    /// a store should delete it.
-    MessageEvicted(Message),
 }
 
 impl Event {
-    /// The frame to broadcast for this event, if any.
-    pub fn into_frame(self) -> Option<ServerFrame> {
-        match self {
-            Event::MessagePosted(m) => Some(ServerFrame::Message(m)),
-            Event::ReactionUpdated(r) => Some(ServerFrame::ReactionUpdated(r)),
-            Event::MessageEvicted(_) => None,
+    /// The frame to broadcast for this event.
+    pub fn frame(&self) -> ServerFrame {
+        match &self.kind {
+            EventKind::MessagePosted { message, .. } => ServerFrame::Message(message.clone()),
+            EventKind::ReactionUpdated(r) => ServerFrame::ReactionUpdated(r.clone()),
+        }
+    }
+
+    /// The frame to broadcast for this event, taking it apart.
+    pub fn into_frame(self) -> ServerFrame {
+        match self.kind {
+            EventKind::MessagePosted { message, .. } => ServerFrame::Message(message),
+            EventKind::ReactionUpdated(r) => ServerFrame::ReactionUpdated(r),
         }
     }
 }
@@ -178,8 +200,10 @@ pub struct Chat {
     /// hour of frozen time (every message stamped alike, every rate window
     /// stuck open); the chat's time simply goes on from where it was.
     skew: u64,
+    /// The position of the latest event (0 before the first).
+    head: Position,
     /// Events not yet taken by [`Chat::poll_event`]. A command adds at most
-    /// two, so this stays tiny as long as the embedder drains it.
+    /// one, so this stays tiny as long as the embedder drains it.
     events: VecDeque<Event>,
 }
 
@@ -192,13 +216,15 @@ impl Chat {
             reaction_limiter: RateLimiter::new(config.reaction_rate),
             clock: Timestamp::default(),
             skew: 0,
+            head: Position::ZERO,
             events: VecDeque::with_capacity(4),
             config,
         }
     }
 
     /// Rebuilds a chat from a stored history, oldest first (as a store
-    /// wrote it from [`Event`]s).
+    /// wrote it from [`Event`]s), whose latest event was at `head`: the next
+    /// event is at `head` + 1.
     ///
     /// If there are more messages than `config.history_limit` (the limit was
     /// lowered since they were stored), the oldest are dropped and returned,
@@ -211,8 +237,10 @@ impl Chat {
     pub fn restore(
         config: Config,
         messages: impl IntoIterator<Item = Message>,
+        head: Position,
     ) -> (Chat, Vec<Message>) {
         let mut chat = Chat::new(config);
+        chat.head = head;
         let mut dropped = Vec::new();
         for message in messages {
             if chat.history.contains(&message.id) {
@@ -235,6 +263,12 @@ impl Chat {
     /// The message history, oldest first.
     pub fn history(&self) -> &History {
         &self.history
+    }
+
+    /// The position of the latest event (including any not yet polled);
+    /// [`Position::ZERO`] if there has been none.
+    pub fn head(&self) -> Position {
+        self.head
     }
 
     /// Applies one command. On success its events are queued for
@@ -273,10 +307,7 @@ impl Chat {
             reactions: Reactions::default(),
         };
         let evicted = self.history.push(message.clone());
-        self.events.push_back(Event::MessagePosted(message));
-        if let Some(old) = evicted {
-            self.events.push_back(Event::MessageEvicted(old));
-        }
+        self.emit(EventKind::MessagePosted { message, evicted });
         Ok(())
     }
 
@@ -300,8 +331,17 @@ impl Chat {
             action,
             message: message.clone(),
         };
-        self.events.push_back(Event::ReactionUpdated(update));
+        self.emit(EventKind::ReactionUpdated(update));
         Ok(())
+    }
+
+    /// Queues an event at the next position.
+    fn emit(&mut self, kind: EventKind) {
+        self.head = self.head.next();
+        self.events.push_back(Event {
+            position: self.head,
+            kind,
+        });
     }
 
     /// How many users each rate limiter remembers (messages, reactions).

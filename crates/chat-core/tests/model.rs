@@ -7,10 +7,12 @@
 //! rate limits, the emoji and reactor caps, evicted ids, a clock that jumps
 //! forwards and sometimes backwards, and reused message ids.
 
-use chat_core::{Chat, ChatError, Config, Context, Event, RateKind, RateLimit, Timestamp, Window};
+use chat_core::{
+    Chat, ChatError, Config, Context, Event, EventKind, RateKind, RateLimit, Timestamp, Window,
+};
 use chat_proto::{
-    AddReaction, ClientFrame, Message, ReactionAction, ReactionUpdated, Reactions, SendMessage,
-    UserId, Uuid,
+    AddReaction, ClientFrame, Message, Position, ReactionAction, ReactionUpdated, Reactions,
+    SendMessage, UserId, Uuid,
 };
 use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
@@ -85,6 +87,8 @@ struct Model {
     skew: u64,
     last_input_time: u64,
     next_id: u128,
+    /// The position of the latest event: each accepted command is one more.
+    head: u64,
     /// What the last command should have produced.
     outcome: Option<Result<Vec<Event>, ChatError>>,
 }
@@ -165,12 +169,11 @@ impl Model {
             reactions: vec![],
         };
         self.history.push(m.clone());
-        let mut events = vec![Event::MessagePosted(m.to_message())];
-        if self.history.len() > HISTORY {
-            let old = self.history.remove(0);
-            events.push(Event::MessageEvicted(old.to_message()));
-        }
-        Ok(events)
+        let evicted = (self.history.len() > HISTORY).then(|| self.history.remove(0).to_message());
+        Ok(vec![self.event(EventKind::MessagePosted {
+            message: m.to_message(),
+            evicted,
+        })])
     }
 
     fn react(&mut self, s: &Step, target: u128, emoji: &str) -> Result<Vec<Event>, ChatError> {
@@ -211,13 +214,23 @@ impl Model {
             }
         };
         self.reacts.push((s.user.clone(), self.clock));
-        Ok(vec![Event::ReactionUpdated(ReactionUpdated {
+        let update = ReactionUpdated {
             message_id: Uuid::from_u128(target),
             emoji: emoji.to_owned(),
             user_id: UserId::from(s.user.as_str()),
             action,
             message: m.to_message(),
-        })])
+        };
+        Ok(vec![self.event(EventKind::ReactionUpdated(update))])
+    }
+
+    /// The next event in the log.
+    fn event(&mut self, kind: EventKind) -> Event {
+        self.head += 1;
+        Event {
+            position: Position(self.head),
+            kind,
+        }
     }
 }
 
@@ -375,6 +388,7 @@ impl StateMachineTest for ChatUnderTest {
             "history order differs"
         );
         assert!(chat.history().len() <= HISTORY);
+        assert_eq!(chat.head(), Position(model.head), "head differs");
         for (i, m) in chat.history().iter().enumerate() {
             assert_eq!(chat.history().position(&m.id), Some(i));
             assert_eq!(chat.history().get(&m.id), Some(m));

@@ -1,8 +1,9 @@
 //! Every rule of the chat, through the public API, with its edges.
 
-use chat_core::{Chat, ChatError, Config, Context, Event, RateLimit, Timestamp};
+use chat_core::{Chat, ChatError, Config, Context, Event, EventKind, RateLimit, Timestamp};
 use chat_proto::{
-    AddReaction, ClientFrame, Message, ReactionAction, SendMessage, ServerFrame, UserId, Uuid,
+    AddReaction, ClientFrame, Message, Position, ReactionAction, SendMessage, ServerFrame, UserId,
+    Uuid,
 };
 use std::time::Duration;
 
@@ -68,8 +69,8 @@ impl Harness {
     }
 
     fn posted(&mut self, user: &str, text: &str) -> Message {
-        match self.send(user, text).expect("accepted").remove(0) {
-            Event::MessagePosted(m) => m,
+        match self.send(user, text).expect("accepted").remove(0).kind {
+            EventKind::MessagePosted { message, .. } => message,
             other => panic!("expected a posted message, got {other:?}"),
         }
     }
@@ -94,7 +95,17 @@ fn a_message_is_appended_and_its_event_carries_it_whole() {
         created_at: (T0 / 1000) as i64,
         reactions: Default::default(),
     };
-    assert_eq!(events, vec![Event::MessagePosted(expected.clone())]);
+    let posted = EventKind::MessagePosted {
+        message: expected.clone(),
+        evicted: None,
+    };
+    assert_eq!(
+        events,
+        vec![Event {
+            position: Position(1),
+            kind: posted
+        }]
+    );
     assert_eq!(h.chat.history().iter().collect::<Vec<_>>(), vec![&expected]);
     assert_eq!(h.chat.history().get(&expected.id), Some(&expected));
 }
@@ -103,8 +114,8 @@ fn a_message_is_appended_and_its_event_carries_it_whole() {
 fn missing_null_or_blank_name_is_anonymous() {
     let mut h = Harness::new(Config::default());
     for name in [None, Some(""), Some("  \t ")] {
-        let m = match h.send_named("u", "x", name).expect("ok").remove(0) {
-            Event::MessagePosted(m) => m,
+        let m = match h.send_named("u", "x", name).expect("ok").remove(0).kind {
+            EventKind::MessagePosted { message, .. } => message,
             e => panic!("{e:?}"),
         };
         assert_eq!(m.author_name, "Anonymous");
@@ -162,7 +173,7 @@ fn reaction_toggles_and_reports_the_full_message() {
     let mut h = Harness::new(Config::default());
     let m = h.posted("author", "hi");
     let events = h.react("u1", m.id, "👍").expect("add");
-    let Event::ReactionUpdated(up) = &events[0] else {
+    let EventKind::ReactionUpdated(up) = &events[0].kind else {
         panic!("{events:?}")
     };
     assert_eq!(up.action, ReactionAction::Added);
@@ -174,7 +185,7 @@ fn reaction_toggles_and_reports_the_full_message() {
     assert_eq!(&up.message, h.chat.history().get(&m.id).expect("held"));
 
     let events = h.react("u1", m.id, "👍").expect("remove");
-    let Event::ReactionUpdated(up) = &events[0] else {
+    let EventKind::ReactionUpdated(up) = &events[0].kind else {
         panic!("{events:?}")
     };
     assert_eq!(up.action, ReactionAction::Removed);
@@ -217,7 +228,7 @@ fn emoji_forms_are_one_reaction() {
     let m = h.posted("a", "hi");
     h.react("u1", m.id, "❤").expect("text form");
     let events = h.react("u1", m.id, "❤️").expect("emoji form");
-    let Event::ReactionUpdated(up) = &events[0] else {
+    let EventKind::ReactionUpdated(up) = &events[0].kind else {
         panic!()
     };
     assert_eq!(up.action, ReactionAction::Removed);
@@ -364,12 +375,17 @@ fn history_is_bounded_and_eviction_is_an_event() {
     h.send("u", "2").expect("ok");
     h.send("u", "3").expect("ok");
     let events = h.send("u", "4").expect("ok");
-    assert_eq!(events.len(), 2);
-    assert!(matches!(&events[0], Event::MessagePosted(m) if m.text == "4"));
-    assert!(matches!(&events[1], Event::MessageEvicted(m) if m.id == first.id));
-    assert!(
-        events[1].clone().into_frame().is_none(),
-        "nothing to broadcast"
+    assert_eq!(events.len(), 1, "one command, one event");
+    assert_eq!(events[0].position, Position(4));
+    let EventKind::MessagePosted { message, evicted } = &events[0].kind else {
+        panic!("{events:?}")
+    };
+    assert_eq!(message.text, "4");
+    assert_eq!(evicted.as_ref().map(|m| m.id), Some(first.id));
+    assert_eq!(
+        events[0].frame(),
+        ServerFrame::Message(message.clone()),
+        "the frame is the new message; the eviction is not broadcast"
     );
     let texts: Vec<&str> = h.chat.history().iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, ["2", "3", "4"]);
@@ -436,7 +452,7 @@ fn a_chat_restored_from_a_future_time_goes_on_from_it() {
     }
     let stored: Vec<Message> = earlier.chat.history().iter().cloned().collect();
     let newest = stored[2].created_at;
-    let (chat, _) = Chat::restore(Config::default(), stored);
+    let (chat, _) = Chat::restore(Config::default(), stored, earlier.chat.head());
     let mut h = Harness {
         chat,
         next_id: 100,
@@ -500,13 +516,29 @@ fn restore_rebuilds_the_same_history_and_continues() {
     h.react("v", m, "👍").expect("ok");
     h.react("w", m, "🎉").expect("ok");
     let stored: Vec<Message> = h.chat.history().iter().cloned().collect();
-    let (restored, dropped) = Chat::restore(cfg.clone(), stored.clone());
+    let (mut restored, dropped) = Chat::restore(cfg.clone(), stored.clone(), h.chat.head());
     assert!(dropped.is_empty());
+    assert_eq!(restored.head(), Position(9), "7 posts and 2 toggles");
     let again: Vec<Message> = restored.history().iter().cloned().collect();
     assert_eq!(
         format!("{again:?}"),
         format!("{stored:?}"),
         "same order, same reactions"
+    );
+    // The log goes on where it stopped.
+    let ctx = Context {
+        user: "v".into(),
+        now: Timestamp::from_unix_millis(T0),
+        message_id: Uuid::from_u128(1000),
+    };
+    let next = ClientFrame::SendMessage(SendMessage {
+        text: "next".into(),
+        author_name: None,
+    });
+    restored.handle(ctx, next).expect("ok");
+    assert_eq!(
+        restored.poll_event().map(|e| e.position),
+        Some(Position(10))
     );
 
     // A lower limit drops the oldest and says which.
@@ -514,13 +546,13 @@ fn restore_rebuilds_the_same_history_and_continues() {
         history_limit: 2,
         ..cfg
     };
-    let (restored, dropped) = Chat::restore(smaller, stored.clone());
+    let (restored, dropped) = Chat::restore(smaller, stored.clone(), Position(9));
     assert_eq!(restored.history().len(), 2);
     assert_eq!(dropped.len(), 3);
     assert_eq!(dropped[0].id, stored[0].id);
 
     // Time resumes from the newest message: it never runs backwards.
-    let (mut restored, _) = Chat::restore(Config::default(), stored.clone());
+    let (mut restored, _) = Chat::restore(Config::default(), stored.clone(), Position(9));
     let ctx = Context {
         user: "u".into(),
         now: Timestamp::from_unix_millis(0),

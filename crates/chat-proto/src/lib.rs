@@ -96,6 +96,94 @@ pub enum ServerFrame {
     ReactionUpdated(ReactionUpdated),
     /// The client's last frame was refused. Sent to that client only.
     Error(ErrorBody),
+    /// Where the client stands in the chat's log: every event up to
+    /// `position` has been sent to it. Sent only to clients that opted in
+    /// (`/ws?sync` or `/ws?since=...&epoch=...`): once the replay is done,
+    /// then after each batch of live events.
+    Sync(Sync),
+    /// The client's position cannot be resumed: it must drop every message
+    /// it shows, because the full history follows. Sent only to clients
+    /// that asked to resume, as their first frame.
+    Reset(Reset),
+}
+
+/// A place in the chat's one ordered log: the number of events applied
+/// before it and including it. The first event is at 1; `0` is the empty
+/// log. Positions have no gaps, so a client that has seen `n` needs
+/// exactly the events after `n`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(transparent)]
+pub struct Position(pub u64);
+
+impl Position {
+    /// The position of the empty log, before the first event.
+    pub const ZERO: Position = Position(0);
+
+    /// The position after this one.
+    pub const fn next(self) -> Position {
+        Position(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Which log a [`Position`] belongs to. A server's epoch changes when its
+/// history starts over (a new data directory, a restored backup, an
+/// in-memory server's restart), so a position from before is never taken
+/// for a current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Epoch(pub Uuid);
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The payload of a `sync` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Sync {
+    /// The log the position belongs to; send it back as `epoch=`.
+    pub epoch: Epoch,
+    /// Every event up to this one has been sent; send it back as `since=`.
+    pub position: Position,
+}
+
+/// The payload of a `reset` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Reset {
+    /// Why the client could not resume where it asked.
+    pub reason: ResetReason,
+}
+
+/// Why a resume became a full replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetReason {
+    /// The position belongs to another epoch: the history started over.
+    EpochChanged,
+    /// The events after the position are no longer kept.
+    Expired,
+    /// The position is ahead of every event in this epoch.
+    Ahead,
 }
 
 /// The identity of a user as it appears on the wire (`author_id`, `user_id`).

@@ -31,6 +31,13 @@ pub struct Config {
     #[arg(long, env = "CHAT_IN_MEMORY")]
     pub in_memory: bool,
 
+    /// Start a new epoch of the log: every client's position becomes stale,
+    /// and its next resume is a full replay. Use it once after restoring a
+    /// backup into the data directory, whose positions clients may have
+    /// seen go further. (A new data directory always starts a new epoch.)
+    #[arg(long, env = "CHAT_NEW_EPOCH")]
+    pub new_epoch: bool,
+
     /// Accepted commands waiting for their commit (to disk, or, with
     /// `--in-memory`, to the writer that writes nothing) before they are
     /// published; while full, senders wait (backpressure) instead of memory
@@ -107,11 +114,18 @@ pub struct Config {
     #[arg(long, env = "CHAT_SOCKET_SEND_BUFFER", default_value_t = 64 * 1024)]
     pub socket_send_buffer: usize,
 
-    /// How many live frames a client may fall behind before it is
-    /// disconnected with 1013 (it can reconnect and get the history again).
-    /// This is also the size of the one broadcast buffer all clients share.
-    #[arg(long, env = "CHAT_MAX_LAG", default_value_t = 4096)]
-    pub max_lag: usize,
+    /// How many of the latest events the server keeps (in memory, and in
+    /// the store) for clients to read from: a live client that fell behind
+    /// catches up from them, and a client reconnecting with `?since=`
+    /// resumes from them. A live client further behind is closed with
+    /// 1013; a resume from further back gets a `reset` and the full history.
+    #[arg(long, env = "CHAT_LOG_EVENTS", default_value_t = 100_000)]
+    pub log_events: usize,
+
+    /// The most bytes of frames those events may hold in memory; the
+    /// oldest go first (the newest is always kept).
+    #[arg(long, env = "CHAT_LOG_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub log_bytes: usize,
 
     /// How many replies meant for one client only (error frames) may wait
     /// for it; while full, the server stops reading from that client.
@@ -353,7 +367,8 @@ impl Config {
             ("--max-message-size", self.max_message_size),
             ("--read-buffer-size", self.read_buffer_size),
             ("--socket-send-buffer", self.socket_send_buffer),
-            ("--max-lag", self.max_lag),
+            ("--log-events", self.log_events),
+            ("--log-bytes", self.log_bytes),
             ("--reply-queue", self.reply_queue),
             ("--commit-queue", self.commit_queue),
         ];
@@ -481,7 +496,7 @@ mod tests {
         };
         assert!(c.validate().is_err());
         let c = Config {
-            max_lag: 0,
+            log_events: 0,
             ..Config::default()
         };
         assert!(c.validate().is_err());

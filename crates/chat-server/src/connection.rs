@@ -1,24 +1,29 @@
 //! One client connection, from handshake to close.
 //!
 //! After the handshake the socket is split. The **reader** decodes frames
-//! and applies them to the hub; refusals go into a small per-client reply
-//! queue. The **writer** first sends the history snapshot, then the shared
-//! live ring, the replies and pings. It coalesces: it takes everything that
-//! is ready, writes it into tungstenite's buffer, and flushes once.
+//! and submits them to the ordering point; refusals go into a small
+//! per-client reply queue. The **writer** first sends the history snapshot
+//! (or, resuming, nothing), then reads the shared log from its own cursor,
+//! with the replies and pings, and, for clients that opted in, a `sync`
+//! frame after each batch. It coalesces: it takes everything that is ready,
+//! writes it into tungstenite's buffer, and flushes once.
 //!
 //! The two run as one task (`select!`), so when either ends the other is
 //! dropped, and the connection closes with one reason and one close code.
-//! A client that reads too slowly cannot slow anyone else down: the ring
-//! moves on without it, and it is dropped once it is `--max-lag` frames
-//! behind or a write has waited `--write-timeout`.
+//! A client that reads slowly cannot slow anyone else down: the log does
+//! not wait for it, and it catches up from the log at its own pace. It is
+//! dropped only when a write has waited `--write-timeout` (its socket is
+//! then reset) or it fell further behind than the log holds.
 
 use crate::Shared;
 use crate::handshake::{Admitted, Refusal};
 use crate::http;
 use crate::hub::ApplyError;
+use crate::log::{Joined, Since};
 use crate::pending::PendingSlot;
+use crate::resume::{self, Resume};
 use chat_core::ChatError;
-use chat_proto::{DecodeError, ServerFrame};
+use chat_proto::{ClientFrame, DecodeError, Position, Reset, ServerFrame, Sync};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::fmt;
@@ -26,7 +31,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -228,11 +233,13 @@ async fn handshake(
 ) -> Result<(Ws, Admitted), String> {
     let request = &upgrade.head.request;
     let admitted = shared.policy.check(request, peer.ip()).and_then(|addr| {
+        let resume = resume::parse(request.uri().query()).map_err(Refusal::BadResume)?;
         let slot = shared.addresses.acquire(addr)?;
         Ok(Admitted {
             addr,
             user: shared.identity.user_id(addr),
             slot,
+            resume,
         })
     });
     let admitted = match admitted {
@@ -275,30 +282,50 @@ async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
     let reason = if shared.config.echo {
         echo_loop(&mut stream, &mut sink, shared).await
     } else {
-        let joined = shared.hub.join();
+        let (sync, since) = match admitted.resume {
+            Resume::Seed => (false, Since::Start),
+            Resume::Sync(since) => (true, since),
+        };
+        let joined = shared.log.join(since);
         let writer = Writer {
             sink: &mut sink,
             shared,
+            sync,
+            frames: Vec::with_capacity(MAX_BATCH),
         };
         tokio::select! {
             r = read_loop(&mut stream, admitted, shared, reply_tx) => r,
             r = writer.run(joined, &mut replies) => r,
         }
     };
+    let mut drained = true;
     if let Some(frame) = reason.close_frame() {
         // The closing handshake: send the replies still queued and our
         // close, then read until the client's close comes back (or it hangs
         // up), so the client reads our close frame before the TCP
         // connection goes away.
+        let mut sent = false;
         let handshake = async {
             while let Ok(reply) = replies.try_recv() {
                 sink.feed(Message::Text(reply)).await?;
             }
             sink.send(Message::Close(Some(frame))).await?;
+            sent = true;
             while let Some(Ok(_)) = stream.next().await {}
             Ok::<(), WsError>(())
         };
         let _ = timeout(CLOSE_TIMEOUT, handshake).await;
+        drained = sent;
+    }
+    if reason == CloseReason::Stalled || !drained {
+        // The socket does not drain: a graceful close would leave our FIN
+        // queued behind unsent data the peer never reads, and the kernel
+        // holding both until it gives up on its own (and then silently).
+        // Reset it instead: the peer learns at once that the connection
+        // is gone, and the kernel frees the buffer now.
+        if let Ok(ws) = sink.reunite(stream) {
+            let _ = socket2::SockRef::from(ws.get_ref()).set_linger(Some(Duration::ZERO));
+        }
     }
     reason
 }
@@ -345,10 +372,13 @@ async fn read_loop(
             Ok(Some(Ok(m))) => m,
         };
         let refusal = match message {
-            Message::Text(text) => match shared.hub.handle_text(&admitted.user, &text).await {
-                Ok(()) => None,
-                Err(ApplyError::Refused(refusal)) => Some(refusal),
-                Err(ApplyError::Stopping) => return CloseReason::Shutdown,
+            Message::Text(text) => match ClientFrame::decode(&text) {
+                Err(e) => Some(ChatError::from(e)),
+                Ok(command) => match shared.order.submit(&admitted.user, command).await {
+                    Ok(()) => None,
+                    Err(ApplyError::Refused(refusal)) => Some(refusal),
+                    Err(ApplyError::Stopping) => return CloseReason::Shutdown,
+                },
             },
             Message::Binary(_) => Some(ChatError::from(DecodeError::Binary)),
             // tungstenite answers pings and close frames itself; a close
@@ -401,22 +431,35 @@ impl RefusalBudget {
     }
 }
 
+/// The writing half: the history (or a resume's missed events), then the
+/// log as it grows, the replies and pings, in coalesced batches.
 struct Writer<'a> {
     sink: &'a mut SplitSink<Ws, Message>,
     shared: &'a Shared,
+    /// Whether the client opted in to `sync` frames.
+    sync: bool,
+    /// Frames read from the log, reused batch after batch.
+    frames: Vec<Utf8Bytes>,
 }
 
 impl Writer<'_> {
-    async fn run(
-        mut self,
-        joined: crate::hub::Joined,
-        replies: &mut mpsc::Receiver<Utf8Bytes>,
-    ) -> CloseReason {
-        let mut live = joined.live;
+    async fn run(mut self, joined: Joined, replies: &mut mpsc::Receiver<Utf8Bytes>) -> CloseReason {
+        let Joined {
+            reset,
+            history,
+            mut cursor,
+            mut head,
+        } = joined;
         let write_timeout = self.shared.config.write_timeout;
+        if let Some(reason) = reset {
+            let frame = ServerFrame::Reset(Reset { reason }).encode();
+            if let Err(e) = self.sink.feed(Message::text(frame)).await {
+                return CloseReason::from_write_error(e);
+            }
+        }
         // History first, in batches, each under the write timeout.
-        let history: Vec<&Utf8Bytes> = joined.history.iter().collect();
-        for batch in history.chunks(MAX_BATCH) {
+        let frames: Vec<&Utf8Bytes> = history.iter().collect();
+        for batch in frames.chunks(MAX_BATCH) {
             let write = async {
                 for frame in batch {
                     self.sink.feed(Message::Text((*frame).clone())).await?;
@@ -429,65 +472,98 @@ impl Writer<'_> {
                 Ok(Ok(())) => {}
             }
         }
+        drop(frames);
         drop(history);
-        drop(joined.history);
 
         let ping_every = self.shared.config.ping_interval;
         let mut ping = interval_at(Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let shutdown = self.shared.shutdown.clone();
+        // The position last announced in a `sync` frame.
+        let mut announced = None;
+        let mut extra = None;
         loop {
-            let first = tokio::select! {
+            // Seen before reading, so a publish after the read wakes us.
+            head.borrow_and_update();
+            let step = self.step(&mut cursor, &mut announced, extra.take(), replies);
+            let more = match timeout(write_timeout, step).await {
+                Err(_) => return CloseReason::Stalled,
+                Ok(Err(reason)) => return reason,
+                Ok(Ok(more)) => more,
+            };
+            if more {
+                continue;
+            }
+            extra = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return CloseReason::Shutdown,
                 reply = replies.recv() => match reply {
-                    Some(frame) => Message::Text(frame),
+                    Some(frame) => Some(Message::Text(frame)),
                     None => return CloseReason::PeerGone,
                 },
-                frame = live.recv() => match frame {
-                    Ok(frame) => Message::Text(frame),
-                    Err(broadcast::error::RecvError::Lagged(n)) => return CloseReason::Lagged(n),
-                    Err(broadcast::error::RecvError::Closed) => return CloseReason::Shutdown,
+                changed = head.changed() => match changed {
+                    Ok(()) => None,
+                    Err(_) => return CloseReason::Shutdown,
                 },
-                _ = ping.tick() => Message::Ping(Bytes::new()),
+                _ = ping.tick() => Some(Message::Ping(Bytes::new())),
             };
-            match timeout(write_timeout, self.batch(first, &mut live, replies)).await {
-                Err(_) => return CloseReason::Stalled,
-                Ok(Err(reason)) => return reason,
-                Ok(Ok(())) => {}
-            }
         }
     }
 
-    /// Writes `first` and everything else already waiting, then flushes once.
-    async fn batch(
+    /// Writes `extra`, the log's frames after `cursor` (at most a batch),
+    /// the waiting replies and, for a client that opted in, a `sync` frame
+    /// with the new cursor; then flushes once. True if the log may hold
+    /// more.
+    async fn step(
         &mut self,
-        first: Message,
-        live: &mut broadcast::Receiver<Utf8Bytes>,
+        cursor: &mut Position,
+        announced: &mut Option<Position>,
+        extra: Option<Message>,
         replies: &mut mpsc::Receiver<Utf8Bytes>,
-    ) -> Result<(), CloseReason> {
+    ) -> Result<bool, CloseReason> {
         let write_failed = CloseReason::from_write_error;
-        self.sink.feed(first).await.map_err(write_failed)?;
-        for _ in 1..MAX_BATCH {
-            match live.try_recv() {
-                Ok(frame) => self
-                    .sink
-                    .feed(Message::Text(frame))
-                    .await
-                    .map_err(write_failed)?,
-                Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                    return Err(CloseReason::Lagged(n));
-                }
-                Err(_) => break,
-            }
+        let mut fed = false;
+        if let Some(message) = extra {
+            self.sink.feed(message).await.map_err(write_failed)?;
+            fed = true;
+        }
+        self.frames.clear();
+        *cursor = self
+            .shared
+            .log
+            .read(*cursor, MAX_BATCH, &mut self.frames)
+            .map_err(|behind| CloseReason::Lagged(behind.missed))?;
+        let more = self.frames.len() == MAX_BATCH;
+        for frame in self.frames.drain(..) {
+            self.sink
+                .feed(Message::Text(frame))
+                .await
+                .map_err(write_failed)?;
+            fed = true;
         }
         while let Ok(frame) = replies.try_recv() {
             self.sink
                 .feed(Message::Text(frame))
                 .await
                 .map_err(write_failed)?;
+            fed = true;
         }
-        self.sink.flush().await.map_err(write_failed)
+        if self.sync && *announced != Some(*cursor) {
+            let sync = ServerFrame::Sync(Sync {
+                epoch: self.shared.log.epoch(),
+                position: *cursor,
+            });
+            self.sink
+                .feed(Message::text(sync.encode()))
+                .await
+                .map_err(write_failed)?;
+            *announced = Some(*cursor);
+            fed = true;
+        }
+        if fed {
+            self.sink.flush().await.map_err(write_failed)?;
+        }
+        Ok(more)
     }
 }
 

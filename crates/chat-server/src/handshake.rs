@@ -39,6 +39,9 @@ pub enum Refusal {
     BadUpgrade(&'static str),
     /// A `Sec-WebSocket-Version` other than 13.
     UnsupportedVersion,
+    /// A `/ws` query whose `since` or `epoch` cannot be used (see
+    /// [`crate::resume`]).
+    BadResume(&'static str),
     /// The `Origin` header is not in the allowed list.
     OriginNotAllowed,
     /// A trusted proxy sent an `X-Forwarded-For` that is not a list of
@@ -59,7 +62,9 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::NotFound => StatusCode::NOT_FOUND,
-            Refusal::BadHost | Refusal::BadUpgrade(_) => StatusCode::BAD_REQUEST,
+            Refusal::BadHost | Refusal::BadUpgrade(_) | Refusal::BadResume(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Refusal::HostNotAllowed => StatusCode::FORBIDDEN,
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::BodyNotAllowed => StatusCode::PAYLOAD_TOO_LARGE,
@@ -82,6 +87,7 @@ impl Refusal {
             Refusal::MethodNotAllowed => "method_not_allowed",
             Refusal::BodyNotAllowed => "body_not_allowed",
             Refusal::BadUpgrade(_) => "bad_upgrade",
+            Refusal::BadResume(_) => "bad_resume",
             Refusal::UnsupportedVersion => "unsupported_version",
             Refusal::OriginNotAllowed => "origin_not_allowed",
             Refusal::BadForwardedFor => "bad_forwarded_for",
@@ -102,7 +108,7 @@ impl fmt::Display for Refusal {
             }
             Refusal::MethodNotAllowed => "a WebSocket handshake is a GET",
             Refusal::BodyNotAllowed => "a WebSocket handshake has no body",
-            Refusal::BadUpgrade(why) => why,
+            Refusal::BadUpgrade(why) | Refusal::BadResume(why) => why,
             Refusal::UnsupportedVersion => "only WebSocket version 13 is supported",
             Refusal::OriginNotAllowed => "origin not allowed",
             Refusal::BadForwardedFor => "malformed X-Forwarded-For from a trusted proxy",
@@ -435,6 +441,8 @@ pub struct Admitted {
     pub user: UserId,
     /// Its place in the per-address limit.
     pub slot: AddressSlot,
+    /// Whether it opted in to positions, and where it resumes.
+    pub resume: crate::resume::Resume,
 }
 
 #[cfg(test)]

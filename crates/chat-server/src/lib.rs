@@ -29,8 +29,10 @@
 //! - [`handshake`]: path, origin, client address and per-address limits;
 //! - [`host`]: which `Host` names the server answers to (DNS rebinding);
 //! - [`identity`]: from an address to a user id;
-//! - [`hub`]: the chat in one order, and the fan-out of what is published;
+//! - [`hub`]: the ordering point, the chat applying commands in one order;
 //! - [`pipeline`]: apply → commit → publish, and the committer;
+//! - [`log`]: what is published: history, recent events, head;
+//! - [`resume`]: the `/ws` query (`?sync`, `?since=&epoch=`);
 //! - [`store`]: the durable history, a plain writer of events;
 //! - [`connection`]: one client, reader and writer;
 //! - [`shutdown`]: signals and the graceful stop.
@@ -45,9 +47,11 @@ pub mod http;
 pub mod hub;
 pub mod identity;
 mod listener;
+pub mod log;
 pub mod metrics;
 pub mod pending;
 pub mod pipeline;
+pub mod resume;
 pub mod shutdown;
 pub mod store;
 pub mod web;
@@ -56,11 +60,13 @@ pub use config::{Config, IdentityMode};
 pub use tokio_util::sync::CancellationToken;
 
 use chat_core::{Chat, Timestamp};
+use chat_proto::{Epoch, Uuid};
 use clock::Clock;
 use handshake::{AddressLimits, Policy};
 use host::HostPolicy;
-use hub::{FanOut, Hub};
+use hub::{Hub, Sequencer};
 use identity::Identity;
+use log::Log;
 use metrics::Metrics;
 use pending::PendingLimits;
 use pipeline::{Committer, Finished};
@@ -71,6 +77,7 @@ use store::{Store, StoreError};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
@@ -103,7 +110,10 @@ pub enum StartError {
 #[derive(Debug)]
 pub(crate) struct Shared {
     config: Config,
-    hub: Arc<Hub>,
+    /// Where commands are put in order.
+    order: Arc<dyn Sequencer>,
+    /// What has been published, for connections to read.
+    log: Arc<Log>,
     policy: Policy,
     /// Which `Host` every request must name.
     hosts: HostPolicy,
@@ -149,14 +159,28 @@ impl Server {
             info!("history is in memory only (--in-memory)");
             None
         } else {
-            let store = Store::open(&config.data_dir)?;
-            Some(store)
+            Some(Store::open(&config.data_dir, config.log_events)?)
         };
-        let chat = match &mut store {
-            None => Chat::new(config.chat()),
+        let retention = log::Retention {
+            events: config.log_events,
+            bytes: config.log_bytes,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let fresh_epoch = Epoch(Uuid::new_v4());
+        let (chat, log) = match &mut store {
+            None => {
+                let chat = Chat::new(config.chat());
+                let log = Log::new(&chat, fresh_epoch, [], retention, Arc::clone(&metrics));
+                (chat, log)
+            }
             Some(store) => {
                 let started = std::time::Instant::now();
-                let (chat, dropped) = Chat::restore(config.chat(), store.load()?);
+                if config.new_epoch {
+                    store.set_epoch(fresh_epoch)?;
+                    warn!(epoch = %fresh_epoch, "started a new epoch (--new-epoch): every client's next resume is a full replay");
+                }
+                let loaded = store.load(fresh_epoch)?;
+                let (chat, dropped) = Chat::restore(config.chat(), loaded.messages, loaded.head);
                 store.delete(&dropped)?;
                 let newest = chat.history().iter().last().map(|m| m.created_at);
                 let newest_ms = newest.map_or(0, |s| u64::try_from(s).unwrap_or(0) * 1000);
@@ -167,15 +191,23 @@ impl Server {
                          new messages are stamped on from it, so times never run backwards"
                     );
                 }
+                let recent = loaded
+                    .recent
+                    .into_iter()
+                    .map(|(position, frame)| (position, Utf8Bytes::from(frame)));
+                let log = Log::new(&chat, loaded.epoch, recent, retention, Arc::clone(&metrics));
                 info!(
                     path = %store.path().display(),
                     messages = chat.history().len(),
+                    epoch = %loaded.epoch,
+                    head = %loaded.head,
                     took = ?started.elapsed(),
                     "history restored"
                 );
-                chat
+                (chat, log)
             }
         };
+        let log = Arc::new(log);
         let identity = match (&config.identity_secret, &mut store) {
             (Some(secret), _) => Identity::new(config.identity, secret.expose()),
             (None, store) => {
@@ -190,14 +222,12 @@ impl Server {
         // One pipeline either way: apply → commit → publish. In memory, the
         // writer writes nothing.
         let (commits, queue) = mpsc::channel(config.commit_queue);
-        let metrics = Arc::new(Metrics::new());
-        let fanout = Arc::new(FanOut::new(&chat, config.max_lag, Arc::clone(&metrics)));
         let shutdown = CancellationToken::new();
         let spawn = |writer| {
             pipeline::spawn_committer(
                 writer,
                 queue,
-                Arc::clone(&fanout),
+                Arc::clone(&log),
                 Arc::clone(&metrics),
                 config.max_store_outage,
                 shutdown.clone(),
@@ -208,9 +238,10 @@ impl Server {
             None => spawn(Box::new(pipeline::Discard)),
         }
         .map_err(StartError::Thread)?;
-        let hub = Arc::new(Hub::new(chat, commits, clock, fanout));
+        let hub = Arc::new(Hub::new(chat, commits, clock));
         let shared = Shared {
-            hub,
+            order: hub,
+            log,
             policy: Policy {
                 trusted_proxies: config.trusted_proxies.clone(),
                 allowed_origins: config.allowed_origins.clone(),

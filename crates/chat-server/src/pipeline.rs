@@ -4,7 +4,7 @@
 //! their events (a bounded queue: while it is full, senders wait). The
 //! committer thread here takes everything waiting, hands it to an
 //! [`EventWriter`], and once that returns publishes the batch to the
-//! [`FanOut`], where connections read it. With the default store the
+//! [`Log`], where connections read it. With the default store the
 //! writer is SQLite, so nothing is shown before it is on disk; with
 //! `--in-memory` it is [`Discard`], a writer that writes nothing, and the
 //! path is otherwise the same.
@@ -13,7 +13,7 @@
 //! nothing; it never drops anything. Past `--max-store-outage` it stops the
 //! server, and at shutdown it gives up when told to.
 
-use crate::hub::FanOut;
+use crate::log::Log;
 use crate::metrics::Metrics;
 use crate::store::StoreError;
 use chat_core::Event;
@@ -21,14 +21,33 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
+/// An applied event with the frame clients receive for it, serialized
+/// once (on the committer's thread, not under the hub's lock) for the
+/// writer and for every reader.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The event, with its position.
+    pub event: Event,
+    /// Its frame, as sent.
+    pub frame: Utf8Bytes,
+}
+
+impl From<Event> for Entry {
+    fn from(event: Event) -> Self {
+        let frame = Utf8Bytes::from(event.frame().encode());
+        Entry { event, frame }
+    }
+}
+
 /// Where applied events are written before they are published.
 pub trait EventWriter: Send + 'static {
-    /// Writes `events`, in order, as one unit; `Ok` means they are as
+    /// Writes `entries`, in order, as one unit; `Ok` means they are as
     /// durable as this writer makes anything.
-    fn write(&mut self, events: &[Event]) -> Result<(), StoreError>;
+    fn write(&mut self, entries: &[Entry]) -> Result<(), StoreError>;
 }
 
 /// The writer of `--in-memory`: writes nothing, never fails.
@@ -36,13 +55,13 @@ pub trait EventWriter: Send + 'static {
 pub struct Discard;
 
 impl<W: EventWriter + ?Sized> EventWriter for Box<W> {
-    fn write(&mut self, events: &[Event]) -> Result<(), StoreError> {
-        (**self).write(events)
+    fn write(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        (**self).write(entries)
     }
 }
 
 impl EventWriter for Discard {
-    fn write(&mut self, _: &[Event]) -> Result<(), StoreError> {
+    fn write(&mut self, _: &[Entry]) -> Result<(), StoreError> {
         Ok(())
     }
 }
@@ -111,7 +130,7 @@ const BACKOFF_STEP: Duration = Duration::from_millis(100);
 
 /// Starts the committer thread: it writes queued events in batches with
 /// `writer` (with the store: one transaction, one fsync, each), and
-/// publishes each batch to `fanout` once it is written. It ends when the
+/// publishes each batch to `log` once it is written. It ends when the
 /// hub, and with it the queue's sender, is gone, after writing what was
 /// queued, or when told to give up.
 ///
@@ -122,7 +141,7 @@ const BACKOFF_STEP: Duration = Duration::from_millis(100);
 pub fn spawn_committer(
     writer: impl EventWriter,
     queue: mpsc::Receiver<Vec<Event>>,
-    fanout: Arc<FanOut>,
+    log: Arc<Log>,
     metrics: Arc<Metrics>,
     max_outage: Duration,
     stop: CancellationToken,
@@ -154,8 +173,8 @@ pub fn spawn_committer(
                 // Nothing is published until it is on disk: on a failing
                 // disk, clients' messages wait (and the queue applies
                 // backpressure) rather than being lost.
-                let events: Vec<Event> = batch.into_iter().flatten().collect();
-                while let Err(e) = writer.write(&events) {
+                let entries: Vec<Entry> = batch.into_iter().flatten().map(Entry::from).collect();
+                while let Err(e) = writer.write(&entries) {
                     metrics.store_failing.set(1);
                     let failing_for = started.elapsed();
                     if failing_for >= max_outage && !stop.is_cancelled() {
@@ -183,7 +202,7 @@ pub fn spawn_committer(
                 metrics.store_commit.observe(took.as_secs_f64());
                 metrics.store_commit_commands.observe(commands as f64);
                 debug!(commands, ?took, "committed");
-                fanout.publish(events);
+                log.publish(&entries);
             }
         })?;
     Ok(Committer {

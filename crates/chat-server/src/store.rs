@@ -9,18 +9,22 @@
 //! could take back.
 //!
 //! Because `chat-core` is deterministic, the stored messages (in order, with
-//! their reactions) are all it takes to rebuild the chat exactly.
+//! their reactions) are all it takes to rebuild the chat exactly. Beside
+//! them, in the same transactions, the store keeps the log's position (the
+//! `head`), its `epoch`, and the frames of the last `--log-events` events,
+//! so that after a restart, even a SIGKILL, clients resume exactly where
+//! they were.
 
-use crate::pipeline::EventWriter;
-use chat_core::Event;
-use chat_proto::{Message, Reactions, UserId, Uuid};
+use crate::pipeline::{Entry, EventWriter};
+use chat_core::EventKind;
+use chat_proto::{Epoch, Message, Position, Reactions, UserId, Uuid};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "chat.sqlite3";
@@ -144,14 +148,30 @@ mod private {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// How many of the latest events' frames are kept.
+    keep_events: u64,
     _lock: File,
+}
+
+/// What the store holds of the log, read at start.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Every stored message, oldest first.
+    pub messages: Vec<Message>,
+    /// The log's epoch (drawn when the database was created).
+    pub epoch: Epoch,
+    /// The position of the latest stored event.
+    pub head: Position,
+    /// The latest events' frames, oldest first, ending at `head`.
+    pub recent: Vec<(Position, String)>,
 }
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`, locks the directory,
     /// and brings the schema up to date. Never wipes anything: a database
     /// it cannot read is an error naming the file.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    /// It keeps the frames of the latest `keep_events` events.
+    pub fn open(dir: &Path, keep_events: usize) -> Result<Store, StoreError> {
         let dir_err = |source| StoreError::Dir {
             path: dir.to_owned(),
             source,
@@ -188,6 +208,7 @@ impl Store {
         let mut store = Store {
             conn,
             path,
+            keep_events: u64::try_from(keep_events).unwrap_or(u64::MAX),
             _lock: lock,
         };
         store.migrate()?;
@@ -237,11 +258,105 @@ impl Store {
                 )
                 .map_err(|e| self.sql(e))?;
         }
+        if version < 2 {
+            // The log: its head and epoch in `meta`, the latest events'
+            // frames in `events`. A database from before positions starts
+            // a new epoch at position 0: its clients never had one.
+            self.conn
+                .execute_batch(
+                    "BEGIN;
+                     CREATE TABLE events (
+                         position INTEGER PRIMARY KEY,
+                         frame    TEXT NOT NULL
+                     );
+                     INSERT OR IGNORE INTO meta (key, value) VALUES ('head', 0);
+                     PRAGMA user_version = 2;
+                     COMMIT;",
+                )
+                .map_err(|e| self.sql(e))?;
+        }
         Ok(())
     }
 
+    /// Everything stored, for the chat and its log to start from. The
+    /// epoch is drawn now (as `fresh`) if the database has none yet.
+    pub fn load(&mut self, fresh: Epoch) -> Result<Loaded, StoreError> {
+        let epoch = match self.meta_blob("epoch")? {
+            Some(bytes) => {
+                Epoch(Uuid::from_slice(&bytes).map_err(|e| self.corrupt(format!("epoch: {e}")))?)
+            }
+            None => {
+                self.set_epoch(fresh)?;
+                fresh
+            }
+        };
+        let head: i64 = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'head'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.sql(e))?;
+        let head = Position(u64::try_from(head).map_err(|_| self.corrupt(format!("head {head}")))?);
+        let recent = self.load_recent(head)?;
+        Ok(Loaded {
+            messages: self.load_messages()?,
+            epoch,
+            head,
+            recent,
+        })
+    }
+
+    /// Replaces the epoch (after a backup was restored into the data
+    /// directory, say): every client's position becomes stale and resumes
+    /// with a full replay.
+    pub fn set_epoch(&mut self, epoch: Epoch) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?1)",
+                params![epoch.0.as_bytes().as_slice()],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    fn meta_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+
+    fn corrupt(&self, detail: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            detail,
+        }
+    }
+
+    fn load_recent(&self, head: Position) -> Result<Vec<(Position, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT position, frame FROM events WHERE position > ?1 AND position <= ?2
+                 ORDER BY position",
+            )
+            .map_err(|e| self.sql(e))?;
+        let from = head.0.saturating_sub(self.keep_events);
+        let rows = stmt
+            .query_map(params![from as i64, head.0 as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(|e| self.sql(e))?;
+        let mut recent = Vec::new();
+        for row in rows {
+            let (position, frame) = row.map_err(|e| self.sql(e))?;
+            recent.push((Position(position as u64), frame));
+        }
+        Ok(recent)
+    }
+
     /// Every stored message, oldest first.
-    pub fn load(&self) -> Result<Vec<Message>, StoreError> {
+    fn load_messages(&self) -> Result<Vec<Message>, StoreError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -312,12 +427,14 @@ impl Store {
         }
     }
 
-    /// Writes a batch of events in one transaction; when this returns `Ok`,
-    /// they are on disk.
-    pub fn commit<'a>(
-        &mut self,
-        events: impl IntoIterator<Item = &'a Event>,
-    ) -> Result<(), StoreError> {
+    /// Writes a batch of events in one transaction, with their frames and
+    /// the new head, and forgets the frames that fell out of the kept
+    /// window; when this returns `Ok`, they are on disk.
+    pub fn commit(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let head = last.event.position.0 as i64;
         let path = self.path.clone();
         let sql = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -337,9 +454,22 @@ impl Store {
             let mut delete = tx
                 .prepare_cached("DELETE FROM messages WHERE id = ?1")
                 .map_err(sql)?;
-            for event in events {
-                match event {
-                    Event::MessagePosted(m) => {
+            let mut log = tx
+                .prepare_cached("INSERT INTO events (position, frame) VALUES (?1, ?2)")
+                .map_err(sql)?;
+            for entry in entries {
+                log.execute(params![entry.event.position.0 as i64, entry.frame.as_str()])
+                    .map_err(sql)?;
+                match &entry.event.kind {
+                    EventKind::MessagePosted {
+                        message: m,
+                        evicted,
+                    } => {
+                        if let Some(old) = evicted {
+                            delete
+                                .execute(params![old.id.as_bytes().as_slice()])
+                                .map_err(sql)?;
+                        }
                         insert
                             .execute(params![
                                 m.id.as_bytes().as_slice(),
@@ -351,7 +481,7 @@ impl Store {
                             ])
                             .map_err(sql)?;
                     }
-                    Event::ReactionUpdated(r) => {
+                    EventKind::ReactionUpdated(r) => {
                         update
                             .execute(params![
                                 r.message_id.as_bytes().as_slice(),
@@ -359,31 +489,42 @@ impl Store {
                             ])
                             .map_err(sql)?;
                     }
-                    Event::MessageEvicted(m) => {
-                        delete
-                            .execute(params![m.id.as_bytes().as_slice()])
-                            .map_err(sql)?;
-                    }
                 }
             }
+            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'head'")
+                .and_then(|mut s| s.execute([head]))
+                .map_err(sql)?;
+            let keep = i64::try_from(self.keep_events).unwrap_or(i64::MAX);
+            tx.prepare_cached("DELETE FROM events WHERE position <= ?1")
+                .and_then(|mut s| s.execute([head.saturating_sub(keep)]))
+                .map_err(sql)?;
         }
         tx.commit().map_err(sql)
     }
 
     /// Deletes messages (the ones a lowered history limit dropped).
     pub fn delete(&mut self, messages: &[Message]) -> Result<(), StoreError> {
-        let events: Vec<Event> = messages
-            .iter()
-            .cloned()
-            .map(Event::MessageEvicted)
-            .collect();
-        self.commit(&events)
+        let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        for m in messages {
+            tx.execute(
+                "DELETE FROM messages WHERE id = ?1",
+                params![m.id.as_bytes().as_slice()],
+            )
+            .map_err(|e| StoreError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        }
+        tx.commit().map_err(|e| self.sql(e))
     }
 }
 
 impl EventWriter for Store {
-    fn write(&mut self, events: &[Event]) -> Result<(), StoreError> {
-        self.commit(events)
+    fn write(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        self.commit(entries)
     }
 }
 
@@ -396,7 +537,13 @@ fn reactions_json(reactions: &Reactions) -> String {
 mod tests {
     use super::*;
     use chat_core::{Chat, Config, Context, Timestamp};
-    use chat_proto::{AddReaction, ClientFrame, SendMessage};
+    use chat_proto::{AddReaction, ClientFrame, SendMessage, ServerFrame};
+
+    const KEEP: usize = 100;
+
+    fn epoch(n: u128) -> Epoch {
+        Epoch(Uuid::from_u128(n))
+    }
 
     fn drive(chat: &mut Chat, store: &mut Store, n: u128, user: &str, cmd: ClientFrame) {
         let ctx = Context {
@@ -405,8 +552,10 @@ mod tests {
             message_id: Uuid::from_u128(n),
         };
         chat.handle(ctx, cmd).expect("accepted");
-        let events: Vec<Event> = std::iter::from_fn(|| chat.poll_event()).collect();
-        store.commit(&events).expect("commit");
+        let entries: Vec<Entry> = std::iter::from_fn(|| chat.poll_event())
+            .map(Entry::from)
+            .collect();
+        store.commit(&entries).expect("commit");
     }
 
     fn say(text: &str) -> ClientFrame {
@@ -432,7 +581,7 @@ mod tests {
         };
         let mut chat = Chat::new(cfg.clone());
         let expected = {
-            let mut store = Store::open(dir.path()).expect("open");
+            let mut store = Store::open(dir.path(), KEEP).expect("open");
             for i in 1..=4 {
                 drive(&mut chat, &mut store, i, "u1", say(&format!("m{i}")));
             }
@@ -443,24 +592,61 @@ mod tests {
             drive(&mut chat, &mut store, 14, "u2", react(3, "👍"));
             chat.history().iter().cloned().collect::<Vec<_>>()
         };
-        let store = Store::open(dir.path()).expect("reopen");
-        let loaded = store.load().expect("load");
-        assert_eq!(loaded.len(), 3, "the evicted message was deleted");
+        let mut store = Store::open(dir.path(), KEEP).expect("reopen");
+        let loaded = store.load(epoch(1)).expect("load");
+        assert_eq!(loaded.messages.len(), 3, "the evicted message was deleted");
         // Debug shows order, which `==` on maps ignores.
-        assert_eq!(format!("{loaded:?}"), format!("{expected:?}"));
-        let (restored, dropped) = Chat::restore(cfg, loaded);
+        assert_eq!(format!("{:?}", loaded.messages), format!("{expected:?}"));
+        assert_eq!(loaded.head, chat.head());
+        let (restored, dropped) = Chat::restore(cfg, loaded.messages, loaded.head);
         assert!(dropped.is_empty());
         assert_eq!(restored.history().len(), 3);
+        assert_eq!(restored.head(), Position(9), "4 posts and 5 toggles");
+    }
+
+    #[test]
+    fn the_log_s_head_epoch_and_latest_frames_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut chat = Chat::new(Config::default());
+        let mut sent = Vec::new();
+        {
+            let mut store = Store::open(dir.path(), 5).expect("open");
+            assert_eq!(store.load(epoch(1)).expect("load").head, Position::ZERO);
+            for i in 1..=8 {
+                drive(&mut chat, &mut store, i, "u1", say(&format!("m{i}")));
+                let m = chat.history().iter().last().expect("posted").clone();
+                sent.push(ServerFrame::Message(m).encode());
+            }
+        }
+        let mut store = Store::open(dir.path(), 5).expect("reopen");
+        let loaded = store.load(epoch(2)).expect("load");
+        assert_eq!(loaded.epoch, epoch(1), "the epoch drawn first is kept");
+        assert_eq!(loaded.head, Position(8));
+        let positions: Vec<u64> = loaded.recent.iter().map(|(p, _)| p.0).collect();
+        assert_eq!(positions, [4, 5, 6, 7, 8], "the latest 5, oldest first");
+        let frames: Vec<&str> = loaded.recent.iter().map(|(_, f)| f.as_str()).collect();
+        assert_eq!(
+            frames,
+            sent[3..].iter().map(String::as_str).collect::<Vec<_>>()
+        );
+
+        // A new epoch replaces the old one; nothing else changes.
+        store.set_epoch(epoch(3)).expect("new epoch");
+        drop(store);
+        let mut store = Store::open(dir.path(), 5).expect("reopen");
+        let loaded = store.load(epoch(4)).expect("load");
+        assert_eq!((loaded.epoch, loaded.head), (epoch(3), Position(8)));
+        assert_eq!(loaded.messages.len(), 8);
     }
 
     #[test]
     fn the_identity_key_is_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let first = Store::open(dir.path())
+        let first = Store::open(dir.path(), KEEP)
             .expect("open")
             .identity_key([7; 32])
             .expect("key");
-        let again = Store::open(dir.path())
+        let again = Store::open(dir.path(), KEEP)
             .expect("open")
             .identity_key([9; 32])
             .expect("key");
@@ -475,7 +661,7 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
         let parent = tempfile::tempdir().expect("tempdir");
         let dir = parent.path().join("data");
-        let mut store = Store::open(&dir).expect("open");
+        let mut store = Store::open(&dir, KEEP).expect("open");
         store
             .identity_key([1; 32])
             .expect("a write, so the WAL exists");
@@ -491,7 +677,7 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         std::fs::set_permissions(dir.join(DB_FILE), std::fs::Permissions::from_mode(0o644))
             .expect("chmod");
-        drop(Store::open(&dir).expect("reopen"));
+        drop(Store::open(&dir, KEEP).expect("reopen"));
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join(DB_FILE)), 0o600);
     }
@@ -499,8 +685,8 @@ mod tests {
     #[test]
     fn a_directory_in_use_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let _held = Store::open(dir.path()).expect("open");
-        let err = Store::open(dir.path()).expect_err("second open");
+        let _held = Store::open(dir.path(), KEEP).expect("open");
+        let err = Store::open(dir.path(), KEEP).expect_err("second open");
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
         assert!(err.to_string().contains(&dir.path().display().to_string()));
     }
@@ -508,12 +694,12 @@ mod tests {
     #[test]
     fn a_newer_schema_is_refused_and_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
-        drop(Store::open(dir.path()).expect("open"));
+        drop(Store::open(dir.path(), KEEP).expect("open"));
         let db = dir.path().join(DB_FILE);
         Connection::open(&db)
             .and_then(|c| c.pragma_update(None, "user_version", 99))
             .expect("bump version");
-        let err = Store::open(dir.path()).expect_err("too new");
+        let err = Store::open(dir.path(), KEEP).expect_err("too new");
         assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
         assert!(err.to_string().contains(DB_FILE));
         let v: i64 = Connection::open(&db)
@@ -528,7 +714,7 @@ mod tests {
         let db = dir.path().join(DB_FILE);
         let junk = vec![0x42u8; 8192];
         std::fs::write(&db, &junk).expect("write junk");
-        let err = Store::open(dir.path()).expect_err("corrupt");
+        let err = Store::open(dir.path(), KEEP).expect_err("corrupt");
         assert!(err.to_string().contains(DB_FILE), "{err}");
         assert_eq!(std::fs::read(&db).expect("read"), junk, "left as it was");
     }

@@ -6,9 +6,15 @@
 //! reactions must equal the last state any client saw, or a later one
 //! (toggles that were sent but not yet acknowledged may have been committed).
 //! Zero lost is the only pass.
+//!
+//! The chatting clients opt in to positions (`?sync`) and keep what they
+//! show across every kill: after each restart they resume with
+//! `?since=&epoch=` from their last `sync` frame, and what they show must
+//! then be exactly the replayed history, order and reactions included.
 
 use chat_proto::{
-    AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, UserId, Uuid,
+    AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, Sync, UserId,
+    Uuid,
 };
 mod binary;
 
@@ -51,6 +57,10 @@ fn decode(text: &str) -> ServerFrame {
 }
 
 async fn connect(port: u16, n: u8) -> Ws {
+    connect_to(port, n, "").await
+}
+
+async fn connect_to(port: u16, n: u8, query: &str) -> Ws {
     let socket = TcpSocket::new_v4().expect("socket");
     socket
         .bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)), 0))
@@ -59,9 +69,10 @@ async fn connect(port: u16, n: u8) -> Ws {
         .connect(SocketAddr::from(([127, 0, 0, 1], port)))
         .await
         .expect("connect");
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}/ws"), stream)
-        .await
-        .expect("handshake");
+    let (ws, _) =
+        tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}/ws{query}"), stream)
+            .await
+            .expect("handshake");
     ws
 }
 
@@ -84,6 +95,48 @@ fn ordered(m: &Message) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// What a client that opted in shows, kept across restarts.
+#[derive(Default)]
+struct View {
+    order: Vec<Uuid>,
+    messages: HashMap<Uuid, Message>,
+    /// The last `sync` frame.
+    at: Option<Sync>,
+}
+
+impl View {
+    /// Applies a frame as a careful client does: by id, so a frame seen
+    /// twice (received, then re-sent on resume) changes nothing.
+    fn apply(&mut self, frame: &ServerFrame) {
+        match frame {
+            ServerFrame::Message(m) => self.upsert(m),
+            ServerFrame::ReactionUpdated(r) => {
+                assert!(
+                    self.messages.contains_key(&r.message_id),
+                    "a reaction for a message this client never got: {r:?}"
+                );
+                self.upsert(&r.message);
+            }
+            ServerFrame::Sync(s) => self.at = Some(*s),
+            ServerFrame::Reset(r) => panic!("a resume within one epoch was reset: {r:?}"),
+            ServerFrame::Error(e) => panic!("unexpected refusal: {}", e.error),
+        }
+    }
+
+    fn upsert(&mut self, m: &Message) {
+        if self.messages.insert(m.id, m.clone()).is_none() {
+            self.order.push(m.id);
+        }
+    }
+
+    fn query(&self) -> String {
+        match &self.at {
+            Some(s) => format!("?since={}&epoch={}", s.position, s.epoch),
+            None => "?sync".into(),
+        }
+    }
+}
+
 /// What one client saw during one server lifetime.
 #[derive(Default)]
 struct Seen {
@@ -96,7 +149,7 @@ struct Seen {
     user: Option<UserId>,
 }
 
-async fn chat_until_killed(mut ws: Ws, seed: u64, n: u8) -> Seen {
+async fn chat_until_killed(mut ws: Ws, seed: u64, n: u8, mut view: View) -> (Seen, View) {
     let mut rng = Rng(seed | 1);
     let mut seen = Seen::default();
     let mut tick = tokio::time::interval(Duration::from_millis(3));
@@ -108,10 +161,12 @@ async fn chat_until_killed(mut ws: Ws, seed: u64, n: u8) -> Seen {
                 let Some(Ok(WsMessage::Text(text))) = frame else {
                     match frame {
                         Some(Ok(_)) => continue,
-                        _ => return seen, // killed
+                        _ => return (seen, view), // killed
                     }
                 };
-                match decode(&text) {
+                let frame = decode(&text);
+                view.apply(&frame);
+                match frame {
                     ServerFrame::Message(m) => {
                         if m.text.starts_with(&format!("c{n}-")) && seen.user.is_none() {
                             seen.user = Some(m.author_id.clone());
@@ -130,6 +185,7 @@ async fn chat_until_killed(mut ws: Ws, seed: u64, n: u8) -> Seen {
                         entry.1 = message;
                     }
                     ServerFrame::Error(e) => panic!("unexpected refusal: {}", e.error),
+                    ServerFrame::Sync(_) | ServerFrame::Reset(_) => {}
                 }
             }
             _ = tick.tick() => {
@@ -145,7 +201,7 @@ async fn chat_until_killed(mut ws: Ws, seed: u64, n: u8) -> Seen {
                     ClientFrame::AddReaction(AddReaction { message_id: id, emoji })
                 };
                 if ws.send(WsMessage::text(frame.encode())).await.is_err() {
-                    return seen;
+                    return (seen, view);
                 }
             }
         }
@@ -215,6 +271,8 @@ async fn sigkill_at_random_moments_loses_nothing() {
     let mut ever: HashMap<Uuid, Message> = HashMap::new();
     let mut checked_reactions = 0usize;
     let mut previous: Option<Ending> = None;
+    let mut views: Vec<View> = (0..CLIENTS).map(|_| View::default()).collect();
+    let mut resumed = 0usize;
 
     for kill in 0..=KILLS {
         let mut server = ServerProcess::start_on(
@@ -268,9 +326,50 @@ async fn sigkill_at_random_moments_loses_nothing() {
                 checked_reactions += 1;
             }
         }
+        // Each chatting client resumes from its last sync: afterwards it
+        // shows exactly the replayed history.
+        let mut sockets = Vec::new();
+        for (i, view) in views.iter_mut().enumerate() {
+            let n = 2 + i as u8;
+            let was = view.at;
+            let mut ws = connect_to(port, n, &view.query()).await;
+            loop {
+                let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("client {n}: no sync after resuming from {was:?}"));
+                let Some(Ok(WsMessage::Text(text))) = frame else {
+                    continue;
+                };
+                let frame = decode(&text);
+                view.apply(&frame);
+                if let ServerFrame::Sync(s) = frame {
+                    if let Some(was) = was {
+                        assert_eq!(s.epoch, was.epoch, "one data directory, one epoch");
+                        assert!(s.position >= was.position);
+                        resumed += 1;
+                    }
+                    break;
+                }
+            }
+            let shown: Vec<Uuid> = view.order.clone();
+            let history: Vec<Uuid> = replayed.iter().map(|m| m.id).collect();
+            assert_eq!(
+                shown, history,
+                "after kill {kill}: client {n} resumed to a different history"
+            );
+            for m in &replayed {
+                assert_eq!(
+                    ordered(&view.messages[&m.id]),
+                    ordered(m),
+                    "after kill {kill}: client {n} shows other reactions on {}",
+                    m.id
+                );
+            }
+            sockets.push(ws);
+        }
         if kill == KILLS {
             println!(
-                "crash test: {} messages and {checked_reactions} reaction states checked across {KILLS} SIGKILLs; 0 lost",
+                "crash test: {} messages and {checked_reactions} reaction states checked across {KILLS} SIGKILLs; 0 lost; {resumed} resumes each showed exactly the history",
                 ever.len()
             );
             let _ = server.kill();
@@ -280,9 +379,9 @@ async fn sigkill_at_random_moments_loses_nothing() {
 
         // Clients chat; the server dies at a random moment.
         let mut tasks = Vec::new();
-        for n in 2..2 + CLIENTS {
-            let ws = connect(port, n).await;
-            tasks.push(tokio::spawn(chat_until_killed(ws, rng.next(), n)));
+        for (i, (ws, view)) in sockets.into_iter().zip(views.drain(..)).enumerate() {
+            let n = 2 + i as u8;
+            tasks.push(tokio::spawn(chat_until_killed(ws, rng.next(), n, view)));
         }
         tokio::time::sleep(Duration::from_millis(150 + rng.below(600))).await;
         server.kill().expect("SIGKILL");
@@ -290,7 +389,8 @@ async fn sigkill_at_random_moments_loses_nothing() {
         let mut latest: HashMap<Uuid, (u64, Message)> = HashMap::new();
         let mut pending: HashMap<Uuid, Vec<(UserId, String)>> = HashMap::new();
         for t in tasks {
-            let s = t.await.expect("client task");
+            let (s, view) = t.await.expect("client task");
+            views.push(view);
             for m in &s.messages {
                 ever.entry(m.id).or_insert_with(|| m.clone());
             }

@@ -147,14 +147,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn asyncapi_lists_five_operations() {
+    fn asyncapi_lists_the_seed_s_five_operations_and_the_opt_in_two() {
         let doc = asyncapi();
         let messages = spec_messages(&doc);
         let names: Vec<&str> = messages.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(
             names.len(),
-            5,
-            "expected the seed's five operations, got {names:?}"
+            7,
+            "expected the seed's five operations and sync/reset, got {names:?}"
         );
         for name in [
             "send_message",
@@ -162,6 +162,8 @@ mod tests {
             "message",
             "reaction_updated",
             "error",
+            "sync",
+            "reset",
         ] {
             assert!(names.contains(&name), "{name} missing from {names:?}");
         }

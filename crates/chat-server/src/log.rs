@@ -1,0 +1,545 @@
+//! The published log: what every connection reads from.
+//!
+//! Each event the chat applies has a [`Position`]. Once its commit is done,
+//! the committer publishes it here, and it becomes visible in three views
+//! of the same log, updated together under one lock:
+//!
+//! - the **history**: every message held, as serialized `message` frames,
+//!   in chunks shared copy-on-write with the snapshots joining clients
+//!   take, so a join costs a few dozen pointer copies and no serialization;
+//! - the **recent events**: the last `--log-events` frames (at most
+//!   `--log-bytes`), by position. A live connection reads from them at its
+//!   own pace, and a reconnecting client resumes from them (`?since=`);
+//! - the **head**: the latest published position, in a `watch` channel
+//!   that wakes every writer once per publish.
+//!
+//! A connection is only ever behind, never lost: a writer that fell behind
+//! because the server was busy catches up from the recent events. Only one
+//! further behind than they reach is closed (1013), and resuming it is a
+//! reset. The frames are shared (`Utf8Bytes` is reference counted), so
+//! memory is one copy of the log, whatever the number of clients.
+//!
+//! Only published events are in the log, so no client sees anything that a
+//! crash could take back.
+
+use crate::metrics::Metrics;
+use crate::pipeline::Entry;
+use chat_core::{Chat, EventKind};
+use chat_proto::{Epoch, FixedState, Position, ResetReason, ServerFrame, Uuid};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Frames per chunk of the history.
+const CHUNK: usize = 256;
+
+/// The bounds of the recent events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// The most events kept (at least 1).
+    pub events: usize,
+    /// The most bytes of frames kept. The newest event is always kept.
+    pub bytes: usize,
+}
+
+/// The published log. Shared by the committer (which publishes) and every
+/// connection (which reads).
+#[derive(Debug)]
+pub struct Log {
+    epoch: Epoch,
+    state: RwLock<State>,
+    head: watch::Sender<Position>,
+}
+
+#[derive(Debug)]
+struct State {
+    history: History,
+    recent: Recent,
+    head: Position,
+    metrics: Arc<Metrics>,
+}
+
+/// Where a client asked to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// From the full history (no `since`).
+    Start,
+    /// After `position`, if it is still in `epoch`'s log.
+    Resume {
+        /// The log the position belongs to.
+        epoch: Epoch,
+        /// The last event the client has.
+        position: Position,
+    },
+}
+
+/// What a new connection starts from.
+#[derive(Debug)]
+pub struct Joined {
+    /// Why a resume became a full replay, if it did.
+    pub reset: Option<ResetReason>,
+    /// The full history to send first (none when resuming).
+    pub history: Snapshot,
+    /// The position the client is at once `history` is sent; what follows
+    /// is read from the log with [`Log::read`].
+    pub cursor: Position,
+    /// Wakes when the head moves.
+    pub head: watch::Receiver<Position>,
+}
+
+/// A reader asked for events the log no longer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Behind {
+    /// How many events it would have to skip.
+    pub missed: u64,
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    // Nothing under this lock panics; if something ever did, each event is
+    // applied to the state whole or not at all.
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Log {
+    /// The log of `chat` (as restored) in `epoch`, with the recent events
+    /// an earlier run kept (`recent`, oldest first, ending at the chat's
+    /// head; the oldest are dropped to fit `retention`).
+    pub fn new(
+        chat: &Chat,
+        epoch: Epoch,
+        recent: impl IntoIterator<Item = (Position, Utf8Bytes)>,
+        retention: Retention,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let mut history = History::default();
+        for message in chat.history().iter() {
+            history.push(message.id, encode(&ServerFrame::Message(message.clone())));
+        }
+        let head = chat.head();
+        let mut kept = Recent::new(retention, head);
+        for (position, frame) in recent {
+            kept.restore(position, frame);
+        }
+        kept.end_restore(head);
+        metrics.history_messages.set(history.len() as i64);
+        let (head_tx, _) = watch::channel(head);
+        Log {
+            epoch,
+            state: RwLock::new(State {
+                history,
+                recent: kept,
+                head,
+                metrics,
+            }),
+            head: head_tx,
+        }
+    }
+
+    /// The log's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The latest published position.
+    pub fn head(&self) -> Position {
+        *self.head.borrow()
+    }
+
+    /// Where a connection starts, decided under the lock so that nothing is
+    /// published between the history it gets and the cursor it reads on
+    /// from: no gap, no duplicate.
+    pub fn join(&self, since: Since) -> Joined {
+        let state = read(&self.state);
+        let resume = match since {
+            Since::Start => Err(None),
+            Since::Resume { epoch, .. } if epoch != self.epoch => {
+                Err(Some(ResetReason::EpochChanged))
+            }
+            Since::Resume { position, .. } if position > state.head => {
+                Err(Some(ResetReason::Ahead))
+            }
+            Since::Resume { position, .. } if !state.recent.reaches(position) => {
+                Err(Some(ResetReason::Expired))
+            }
+            Since::Resume { position, .. } => Ok(position),
+        };
+        let head = self.head.subscribe();
+        match resume {
+            Ok(position) => Joined {
+                reset: None,
+                history: Snapshot::default(),
+                cursor: position,
+                head,
+            },
+            Err(reset) => Joined {
+                reset,
+                history: state.history.snapshot(),
+                cursor: state.head,
+                head,
+            },
+        }
+    }
+
+    /// Appends to `out` the frames after `cursor`, at most `max`, and
+    /// returns the position of the last one appended (`cursor` if none).
+    pub fn read(
+        &self,
+        cursor: Position,
+        max: usize,
+        out: &mut Vec<Utf8Bytes>,
+    ) -> Result<Position, Behind> {
+        read(&self.state).recent.read(cursor, max, out)
+    }
+
+    /// Publishes committed entries, in order, and wakes the readers.
+    pub fn publish(&self, entries: &[Entry]) {
+        let Some(last) = entries.last() else {
+            return;
+        };
+        {
+            let mut state = write(&self.state);
+            for entry in entries {
+                state.publish(entry);
+            }
+            state
+                .metrics
+                .history_messages
+                .set(state.history.len() as i64);
+        }
+        self.head.send_replace(last.event.position);
+    }
+}
+
+impl State {
+    fn publish(&mut self, entry: &Entry) {
+        match &entry.event.kind {
+            EventKind::MessagePosted { message, evicted } => {
+                if evicted.is_some() {
+                    self.history.pop_front();
+                }
+                self.history.push(message.id, entry.frame.clone());
+                self.metrics.messages_accepted.inc();
+            }
+            EventKind::ReactionUpdated(update) => {
+                let replay = encode(&ServerFrame::Message(update.message.clone()));
+                self.history.set(&update.message_id, replay);
+                self.metrics.reactions_accepted.inc();
+            }
+        }
+        self.recent.push(entry.event.position, entry.frame.clone());
+        self.head = entry.event.position;
+    }
+}
+
+fn encode(frame: &ServerFrame) -> Utf8Bytes {
+    Utf8Bytes::from(frame.encode())
+}
+
+/// The last events, by position, within their [`Retention`].
+#[derive(Debug)]
+struct Recent {
+    frames: VecDeque<Utf8Bytes>,
+    /// The position just before `frames[0]`: a reader at it or after it
+    /// can be served.
+    base: Position,
+    bytes: usize,
+    retention: Retention,
+}
+
+impl Recent {
+    fn new(retention: Retention, head: Position) -> Self {
+        Recent {
+            frames: VecDeque::new(),
+            base: head,
+            bytes: 0,
+            retention,
+        }
+    }
+
+    /// Whether a reader at `position` can be served (`position` ≤ head is
+    /// checked by the caller).
+    fn reaches(&self, position: Position) -> bool {
+        position >= self.base
+    }
+
+    /// Takes back one event kept by an earlier run. They come oldest
+    /// first and end at the head the log was created with.
+    fn restore(&mut self, position: Position, frame: Utf8Bytes) {
+        let head = Position(self.base.0 + self.frames.len() as u64);
+        // The base was set to the head; rebuild it as the stored run
+        // began. A gap (which a store never writes) empties the window.
+        if self.frames.is_empty() {
+            self.base = Position(position.0.saturating_sub(1));
+        } else if position != head.next() {
+            self.frames.clear();
+            self.bytes = 0;
+            self.base = Position(position.0.saturating_sub(1));
+        }
+        self.push(position, frame);
+    }
+
+    /// Checks the restored events end at `head`; if they do not (a store
+    /// never writes that), none of them is served.
+    fn end_restore(&mut self, head: Position) {
+        if self.base.0 + self.frames.len() as u64 != head.0 {
+            self.frames.clear();
+            self.bytes = 0;
+            self.base = head;
+        }
+    }
+
+    fn push(&mut self, position: Position, frame: Utf8Bytes) {
+        debug_assert_eq!(position.0, self.base.0 + self.frames.len() as u64 + 1);
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+        while self.frames.len() > 1
+            && (self.frames.len() > self.retention.events || self.bytes > self.retention.bytes)
+        {
+            if let Some(old) = self.frames.pop_front() {
+                self.bytes -= old.len();
+                self.base = self.base.next();
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        cursor: Position,
+        max: usize,
+        out: &mut Vec<Utf8Bytes>,
+    ) -> Result<Position, Behind> {
+        if cursor < self.base {
+            return Err(Behind {
+                missed: self.base.0 - cursor.0,
+            });
+        }
+        let skip = (cursor.0 - self.base.0) as usize;
+        let before = out.len();
+        out.extend(self.frames.iter().skip(skip).take(max).cloned());
+        Ok(Position(cursor.0 + (out.len() - before) as u64))
+    }
+}
+
+/// The messages held, as frames, in chunks shared copy-on-write with
+/// outstanding snapshots, with an index by message id.
+#[derive(Debug, Default)]
+struct History {
+    chunks: VecDeque<Arc<Vec<Utf8Bytes>>>,
+    /// Ids in the same order as the frames.
+    ids: VecDeque<Uuid>,
+    /// Message id → sequence number; `first_seq` is the oldest held.
+    index: HashMap<Uuid, u64, FixedState>,
+    first_seq: u64,
+    /// Frames at the front of the first chunk that were evicted.
+    skip: usize,
+}
+
+impl History {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn push(&mut self, id: Uuid, frame: Utf8Bytes) {
+        if self.chunks.back().is_none_or(|c| c.len() == CHUNK) {
+            self.chunks.push_back(Arc::new(Vec::with_capacity(CHUNK)));
+        }
+        if let Some(last) = self.chunks.back_mut() {
+            Arc::make_mut(last).push(frame);
+            self.index
+                .insert(id, self.first_seq + self.ids.len() as u64);
+            self.ids.push_back(id);
+        }
+    }
+
+    fn set(&mut self, id: &Uuid, frame: Utf8Bytes) {
+        let Some(seq) = self.index.get(id) else {
+            return;
+        };
+        let i = self.skip + (seq - self.first_seq) as usize;
+        if let Some(chunk) = self.chunks.get_mut(i / CHUNK)
+            && let Some(slot) = Arc::make_mut(chunk).get_mut(i % CHUNK)
+        {
+            *slot = frame;
+        }
+    }
+
+    fn pop_front(&mut self) {
+        let Some(id) = self.ids.pop_front() else {
+            return;
+        };
+        self.index.remove(&id);
+        self.first_seq += 1;
+        self.skip += 1;
+        if self.skip == CHUNK {
+            self.chunks.pop_front();
+            self.skip = 0;
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            chunks: self.chunks.iter().cloned().collect(),
+            skip: self.skip,
+            len: self.len(),
+        }
+    }
+}
+
+/// An immutable view of the history frames at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    chunks: Vec<Arc<Vec<Utf8Bytes>>>,
+    skip: usize,
+    len: usize,
+}
+
+impl Snapshot {
+    /// How many frames the snapshot holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the snapshot holds no frame.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The frames, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Utf8Bytes> {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.iter())
+            .skip(self.skip)
+            .take(self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(s: &Snapshot) -> Vec<String> {
+        s.iter().map(|f| f.as_str().to_owned()).collect()
+    }
+
+    #[test]
+    fn history_tracks_push_set_and_evict_across_chunks() {
+        let mut log = History::default();
+        let mut model: VecDeque<(Uuid, String)> = VecDeque::new();
+        let mut snapshots = Vec::new();
+        let texts =
+            |m: &VecDeque<(Uuid, String)>| m.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>();
+        for i in 0..(CHUNK * 3 + 17) {
+            let id = Uuid::from_u128(i as u128);
+            log.push(id, Utf8Bytes::from(i.to_string()));
+            model.push_back((id, i.to_string()));
+            if i % 5 == 0 {
+                log.pop_front();
+                model.pop_front();
+            }
+            if i % 7 == 0 && !model.is_empty() {
+                let pos = i % model.len();
+                let id = model[pos].0;
+                log.set(&id, Utf8Bytes::from(format!("r{i}")));
+                model[pos].1 = format!("r{i}");
+            }
+            // An id that is not (or no longer) held changes nothing.
+            log.set(&Uuid::from_u128(u128::MAX), Utf8Bytes::from("x"));
+            if i % 97 == 0 {
+                snapshots.push((log.snapshot(), texts(&model)));
+            }
+        }
+        assert_eq!(frames(&log.snapshot()), texts(&model));
+        // Older snapshots were not changed by later writes.
+        for (snap, expected) in snapshots {
+            assert_eq!(frames(&snap), expected);
+            assert_eq!(snap.len(), snap.iter().count());
+        }
+    }
+
+    fn frame(p: u64) -> Utf8Bytes {
+        Utf8Bytes::from(format!("e{p:03}"))
+    }
+
+    fn read_all(recent: &Recent, cursor: u64) -> Result<Vec<String>, Behind> {
+        let mut out = Vec::new();
+        let mut at = Position(cursor);
+        loop {
+            let before = out.len();
+            at = recent.read(at, 3, &mut out)?;
+            if out.len() == before {
+                return Ok(out.iter().map(|f| f.as_str().to_owned()).collect());
+            }
+        }
+    }
+
+    #[test]
+    fn recent_events_serve_every_reader_they_reach_and_no_other() {
+        let retention = Retention {
+            events: 5,
+            bytes: usize::MAX,
+        };
+        let mut recent = Recent::new(retention, Position(10));
+        for p in 11..=20 {
+            recent.push(Position(p), frame(p));
+        }
+        // Positions 16..=20 are kept: a reader at 15 gets all five.
+        assert!(!recent.reaches(Position(14)));
+        assert!(recent.reaches(Position(15)));
+        for cursor in 15..=20 {
+            let expected: Vec<String> = (cursor + 1..=20)
+                .map(|p| frame(p).as_str().to_owned())
+                .collect();
+            assert_eq!(read_all(&recent, cursor), Ok(expected), "from {cursor}");
+        }
+        assert_eq!(
+            read_all(&recent, 12),
+            Err(Behind { missed: 3 }),
+            "12 → 15 is gone"
+        );
+    }
+
+    #[test]
+    fn recent_events_keep_within_their_bytes_but_always_the_newest() {
+        let retention = Retention {
+            events: 100,
+            bytes: 10,
+        };
+        let mut recent = Recent::new(retention, Position(0));
+        for p in 1..=4 {
+            recent.push(Position(p), frame(p)); // 4 bytes each
+        }
+        assert_eq!(recent.frames.len(), 2, "8 bytes fit, 12 do not");
+        assert_eq!(recent.base, Position(2));
+        recent.push(
+            Position(5),
+            Utf8Bytes::from("a frame larger than the bound"),
+        );
+        assert_eq!(recent.frames.len(), 1, "the newest stays");
+        assert_eq!(read_all(&recent, 4).map(|v| v.len()), Ok(1));
+    }
+
+    #[test]
+    fn restored_events_rebuild_the_window_as_stored() {
+        let retention = Retention {
+            events: 3,
+            bytes: usize::MAX,
+        };
+        let mut recent = Recent::new(retention, Position(9));
+        for p in 5..=9 {
+            recent.restore(Position(p), frame(p));
+        }
+        assert_eq!(recent.base, Position(6), "the oldest two did not fit");
+        assert_eq!(
+            read_all(&recent, 6),
+            Ok(vec!["e007".into(), "e008".into(), "e009".into()])
+        );
+        recent.push(Position(10), frame(10));
+        assert_eq!(read_all(&recent, 9), Ok(vec!["e010".into()]));
+    }
+}
