@@ -11,6 +11,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createServer } from "node:http";
+import { createServer as createTcpServer, connect as tcpConnect } from "node:net";
 import { mkdtempSync, mkdirSync, rmSync, createWriteStream } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -399,6 +400,109 @@ test("browsers sharing one address load the page in turn (a NAT)", async () => {
   }
 });
 
+/**
+ * A TCP relay in front of the server that the test can cut: `cut()` drops
+ * every connection through it and refuses new ones until `restore()`.
+ */
+async function relay() {
+  const open = new Set();
+  let refusing = false;
+  const tcp = createTcpServer((down) => {
+    if (refusing) return down.destroy();
+    const up = tcpConnect(port, "127.0.0.1");
+    for (const [from, to] of [[down, up], [up, down]]) {
+      from.on("error", () => to.destroy());
+      from.on("close", () => to.destroy());
+      from.pipe(to);
+    }
+    open.add(down).add(up);
+    down.on("close", () => {
+      open.delete(down);
+      open.delete(up);
+    });
+  });
+  await new Promise((r) => tcp.listen(0, "127.0.0.1", r));
+  return {
+    port: tcp.address().port,
+    cut() {
+      refusing = true;
+      for (const s of open) s.destroy();
+    },
+    restore() {
+      refusing = false;
+    },
+    close() {
+      tcp.close();
+      for (const s of open) s.destroy();
+    },
+  };
+}
+
+test("a page that lost its connection fetches only what it missed, once, in order", async () => {
+  const line = await relay();
+  // Every WebSocket the page opens, and the frame types each received.
+  const spy = `
+    window.__sockets = [];
+    const Native = window.WebSocket;
+    window.WebSocket = function (url, protocols) {
+      const ws = new Native(url, protocols);
+      const seen = { url, types: [] };
+      window.__sockets.push(seen);
+      ws.addEventListener("message", (e) => seen.types.push(JSON.parse(e.data).type));
+      return ws;
+    };
+    window.WebSocket.prototype = Native.prototype;
+    Object.assign(window.WebSocket, Native);
+  `;
+  const context = await browser.newContext({
+    viewport: { width: 1100, height: 700 },
+    extraHTTPHeaders: { "X-Forwarded-For": "198.51.100.30" },
+  });
+  await context.addInitScript(spy);
+  const away = await context.newPage();
+  away.on("pageerror", (e) => assert.fail(`page error: ${e.message}`));
+  await away.goto(`http://127.0.0.1:${line.port}/`);
+  await connected(away);
+  const sender = await open("198.51.100.31");
+  await eventually(async () => assert.deepEqual(await ids(away), await ids(sender)));
+
+  // The connection dies (a network blip, a phone asleep) and stays down.
+  line.cut();
+  await away.locator('#status[data-state="closed"]').waitFor();
+
+  // Meanwhile: new messages, a reaction on one of them and one on an
+  // older message.
+  for (const text of ["while away 1", "while away 2", "while away 3"]) await send(sender, text);
+  await message(sender, "while away 3").waitFor();
+  for (const [text, emoji] of [["while away 2", "👍"], ["hello from A", "🎉"]]) {
+    await message(sender, text).locator(".add-reaction").click();
+    await sender.locator("#picker button", { hasText: emoji }).click();
+    await eventually(async () => assert.deepEqual(await chip(sender, text, emoji), [1, true]));
+  }
+
+  line.restore();
+  await connected(away);
+  await message(away, "while away 3").waitFor();
+  await eventually(async () => assert.deepEqual(await chip(away, "hello from A", "🎉"), [1, false]));
+  assert.deepEqual(await ids(away), await ids(sender), "each message once, in order");
+  assert.deepEqual(await chip(away, "while away 2", "👍"), [1, false]);
+
+  // It resumed: it asked for what followed its last position and got just
+  // that (three messages, two reaction updates), not the whole history.
+  const sockets = await away.evaluate(() => window.__sockets);
+  assert.ok(sockets.length >= 2);
+  assert.match(sockets[0].url, /\/ws\?sync$/);
+  const resumed = sockets[sockets.length - 1];
+  assert.match(resumed.url, /\/ws\?since=\d+&epoch=[0-9a-f-]{36}$/);
+  assert.ok(!resumed.types.includes("reset"), `no reset: ${resumed.types}`);
+  assert.equal(resumed.types.filter((t) => t === "message").length, 3, `${resumed.types}`);
+  assert.equal(resumed.types.filter((t) => t === "reaction_updated").length, 2, `${resumed.types}`);
+  assert.equal(resumed.types[5], "sync");
+  await context.close();
+  await sender.context().close();
+  line.close();
+});
+
 test("after a server restart the page reconnects with the same history and no duplicates", async () => {
   const before = await ids(b);
   assert.ok(before.length > 10);
@@ -463,7 +567,7 @@ async function scripted(addr, script, init = null) {
   const page = await context.newPage();
   page.on("pageerror", (e) => assert.fail(`page error: ${e.message}`));
   let attempt = 0;
-  await page.routeWebSocket(/\/ws$/, (route) => script(route, attempt++));
+  await page.routeWebSocket(/\/ws(\?|$)/, (route) => script(route, attempt++));
   await page.goto(`http://127.0.0.1:${port}/`);
   return page;
 }

@@ -179,9 +179,22 @@ impl Server {
                     store.set_epoch(fresh_epoch)?;
                     warn!(epoch = %fresh_epoch, "started a new epoch (--new-epoch): every client's next resume is a full replay");
                 }
-                let loaded = store.load(fresh_epoch)?;
+                let mut loaded = store.load(fresh_epoch)?;
                 let (chat, dropped) = Chat::restore(config.chat(), loaded.messages, loaded.head);
                 store.delete(&dropped)?;
+                if !dropped.is_empty() {
+                    // The history changed outside the log (a lower
+                    // --history-limit): clients resuming would keep showing
+                    // what is gone, so they start over instead.
+                    let epoch = Epoch(Uuid::new_v4());
+                    store.set_epoch(epoch)?;
+                    loaded.epoch = epoch;
+                    warn!(
+                        dropped = dropped.len(),
+                        %epoch,
+                        "--history-limit is lower than the stored history: the oldest messages were deleted, and a new epoch started so that clients rebuild their lists"
+                    );
+                }
                 let newest = chat.history().iter().last().map(|m| m.created_at);
                 let newest_ms = newest.map_or(0, |s| u64::try_from(s).unwrap_or(0) * 1000);
                 if let Some(ahead) = clock.behind(Timestamp::from_unix_millis(newest_ms)) {

@@ -11,10 +11,6 @@ const PICKER_EMOJIS = ["👍", "❤️", "😂", "🎉", "😮", "😢", "🙏",
 const NOTICE_MS = 6000;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
-// After (re)connecting, the server replays the whole history first. Once no
-// `message` frame has come for this long, the replay is taken as done and
-// messages the server no longer has are removed from the list.
-const REPLAY_SETTLE_MS = 400;
 // Near enough to the bottom to keep following new messages.
 const STICK_PX = 48;
 // The most messages the page keeps (the server's default history is
@@ -48,7 +44,14 @@ let me = null; // this client's user id, from /whoami
 let socket = null;
 let connection = 0; // counts connections; marks which one saw a message
 let lastInStream = null; // id of the previous message frame on this connection
-let settleTimer = 0;
+// Where this page is in the server's log: the last `sync` frame's epoch and
+// position. A reconnect asks for what came after it (`?since=&epoch=`)
+// instead of the whole history.
+let synced = null;
+// Whether this connection replays the whole history (the first connection,
+// or after a `reset`): then, at its first `sync`, messages the replay did
+// not bring are dropped.
+let fullReplay = true;
 let retryTimer = 0;
 let attempts = 0;
 // Commands sent on this connection whose outcome has not come back: the
@@ -59,24 +62,30 @@ let sentTexts = [];
 let sentReactions = 0;
 let pickerFor = null; // the "add reaction" button the picker belongs to
 let stuck = true; // following the newest message (the reader has not scrolled up)
-let replaying = true; // the history replay of the current connection is under way
+let replaying = true; // what the connection sends before its first `sync` (a replay, or what was missed)
 let unread = 0; // live messages from others while the tab was hidden
 
 // ---- connection ----------------------------------------------------------
 
 function wsUrl() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  return scheme + "//" + location.host + "/ws";
+  const query = synced
+    ? `?since=${synced.position}&epoch=${encodeURIComponent(synced.epoch)}`
+    : "?sync";
+  return scheme + "//" + location.host + "/ws" + query;
 }
 
 function connect() {
   clearTimeout(retryTimer);
   setStatus("connecting", attempts ? "Reconnecting…" : "Connecting…");
   connection += 1;
-  lastInStream = null;
   sentTexts = [];
   sentReactions = 0;
   replaying = true;
+  fullReplay = synced === null;
+  // A resume continues the list where it ends; a replay rebuilds it from
+  // the top.
+  lastInStream = fullReplay ? null : lastShownId();
   const ws = new WebSocket(wsUrl());
   socket = ws;
   ws.addEventListener("open", () => {
@@ -85,8 +94,6 @@ function connect() {
     setStatus("open", "Connected");
     updateComposer();
     whoami();
-    // An empty history sends no frame at all: settle anyway.
-    scheduleSettle();
   });
   ws.addEventListener("message", (event) => {
     if (socket === ws) onFrame(event.data);
@@ -163,7 +170,6 @@ function flush() {
   const batch = inbox;
   inbox = [];
   const follow = stuck || atBottom();
-  let sawMessage = false;
   let ownNew = false;
   let othersNew = 0;
   for (const data of batch) {
@@ -176,7 +182,6 @@ function flush() {
     const body = frame && frame.data;
     switch (frame && frame.type) {
       case "message": {
-        sawMessage = true;
         const created = upsert(body, true);
         if (created && body.author_id === me) ownNew += 1;
         else if (created) othersNew += 1;
@@ -192,6 +197,18 @@ function flush() {
       case "error":
         onError(body && body.error);
         break;
+      case "reset":
+        // The server cannot resume where this page was: the whole history
+        // follows, and what it does not bring is dropped at the `sync`.
+        fullReplay = true;
+        lastInStream = null;
+        break;
+      case "sync":
+        if (body && typeof body.epoch === "string" && Number.isSafeInteger(body.position)) {
+          synced = { epoch: body.epoch, position: body.position };
+          if (replaying) endReplay();
+        }
+        break;
       default:
         break; // a newer server's frame: ignore it
     }
@@ -205,7 +222,6 @@ function flush() {
     unread += othersNew;
     document.title = `(${unread}) ${TITLE}`;
   }
-  if (sawMessage) scheduleSettle();
 }
 
 function onError(text) {
@@ -288,21 +304,28 @@ function announce(message) {
   ui.announcer.textContent = `${message.author_name}: ${message.text}`;
 }
 
-function scheduleSettle() {
-  clearTimeout(settleTimer);
-  const settling = connection;
-  settleTimer = setTimeout(() => {
-    if (settling !== connection || !socket) return;
-    // The replay is over: drop what the server no longer has.
-    for (const [id, entry] of messages) {
-      if (entry.seen !== settling) {
-        entry.el.remove();
-        messages.delete(id);
-      }
+/** The id of the last message in the list, if any. */
+function lastShownId() {
+  const last = ui.list.lastElementChild;
+  return last ? last.dataset.id : null;
+}
+
+/**
+ * The connection's first `sync`: what came before it was the replay (or,
+ * resuming, what the page missed). After a full replay, drop what the
+ * server no longer has.
+ */
+function endReplay() {
+  replaying = false;
+  if (!fullReplay) return;
+  fullReplay = false;
+  for (const [id, entry] of messages) {
+    if (entry.seen !== connection) {
+      entry.el.remove();
+      messages.delete(id);
     }
-    ui.empty.hidden = messages.size > 0;
-    replaying = false;
-  }, REPLAY_SETTLE_MS);
+  }
+  ui.empty.hidden = messages.size > 0;
 }
 
 // ---- rendering -----------------------------------------------------------
