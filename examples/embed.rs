@@ -7,16 +7,16 @@
 //!
 //! Run: `cargo run --example embed`
 
-use chat_core::{Chat, ChatError, Config, Context, Timestamp};
-use chat_proto::{ClientFrame, SendMessage, ServerFrame, Uuid};
+use chat_core::{Chat, Config, Context, Timestamp};
+use chat_proto::{ClientFrame, DecodeError, SendMessage, ServerFrame, Uuid};
 use std::io::{BufRead, Write};
 use std::time::SystemTime;
 
 /// Turns a typed line into a command: JSON frames as they are, anything
 /// else as the text of a new message.
-fn parse(line: &str) -> Result<ClientFrame, ChatError> {
+fn parse(line: &str) -> Result<ClientFrame, DecodeError> {
     if line.starts_with('{') {
-        Ok(ClientFrame::decode(line)?)
+        ClientFrame::decode(line)
     } else {
         Ok(ClientFrame::SendMessage(SendMessage {
             text: line.to_owned(),
@@ -37,13 +37,22 @@ fn main() -> std::io::Result<()> {
             now,
             message_id: Uuid::now_v7(),
         };
-        match parse(&line).and_then(|command| chat.handle(ctx, command)) {
-            Ok(()) => {
+        // A malformed frame and a refused command are both answered with an
+        // `error` frame, to the sender only.
+        let refusal = match parse(&line) {
+            Err(malformed) => Some(ServerFrame::error(&malformed)),
+            Ok(command) => chat
+                .handle(ctx, command)
+                .err()
+                .map(|refused| ServerFrame::error(&refused)),
+        };
+        match refusal {
+            Some(frame) => writeln!(out, "{}", frame.encode())?,
+            None => {
                 while let Some(event) = chat.poll_event() {
                     writeln!(out, "{}", event.into_frame().encode())?;
                 }
             }
-            Err(refusal) => writeln!(out, "{}", ServerFrame::error(&refusal).encode())?,
         }
     }
     Ok(())

@@ -9,7 +9,8 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use chat_server::handshake::{Origin, Policy, Request, check_upgrade};
+use chat_server::admission::{Origin, Policy};
+use chat_server::http::{Request, check_upgrade};
 use chat_server::host::HostPolicy;
 use libfuzzer_sys::fuzz_target;
 use std::net::IpAddr;

@@ -4,16 +4,12 @@
 //! server sends `err.to_string()` in an `error` frame; tests compare against
 //! the same `Display`.
 
-use chat_proto::DecodeError;
 use std::fmt;
 use thiserror::Error;
 
 /// Why a command was refused. `Display` is the exact text sent to the client.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ChatError {
-    /// The frame itself is malformed (see [`DecodeError`]).
-    #[error(transparent)]
-    Decode(#[from] DecodeError),
     /// The text is empty or only white space.
     #[error("message text cannot be empty")]
     EmptyText,
@@ -82,7 +78,6 @@ impl ChatError {
     /// logs: `invalid_format`, `rate_limited`, `text_too_long`, ...
     pub fn kind(&self) -> &'static str {
         match self {
-            ChatError::Decode(_) => "invalid_format",
             ChatError::EmptyText => "empty_text",
             ChatError::TextTooLong { .. } => "text_too_long",
             ChatError::ControlCharInText => "control_char_in_text",

@@ -3,11 +3,11 @@
 //! Each bound a client can push against is named here, so an operator can
 //! see and change all of them in `--help`, and so tests can shrink them.
 
-use crate::handshake::AllowedOrigin;
+use crate::admission::AllowedOrigin;
 use crate::host::PublicHost;
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityMode};
 use chat_core::RateLimit;
-use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser};
 use ipnet::IpNet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -285,15 +285,6 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(<redacted>)")
     }
-}
-
-/// How user ids are derived from client addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum IdentityMode {
-    /// A keyed hash of the address: stable, but reveals nothing.
-    Pseudonym,
-    /// The address itself (an IPv6 client's /64).
-    RawIp,
 }
 
 impl Default for Config {

@@ -16,17 +16,19 @@
 //! then reset) or it fell further behind than the log holds.
 
 use crate::Shared;
-use crate::handshake::{Admitted, Refusal};
+use crate::admission::Admitted;
+use crate::close::CloseReason;
+use crate::echo;
 use crate::http;
+use crate::http::Refusal;
 use crate::hub::ApplyError;
+use crate::limits::AddressSlot;
 use crate::log::{Joined, Since};
-use crate::pending::PendingSlot;
-use crate::resume::{self, Resume};
+use crate::resume::Resume;
 use chat_core::ChatError;
 use chat_proto::{ClientFrame, DecodeError, Position, Reset, ServerFrame, Sync};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,10 +36,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::http::header;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 use tracing::{debug, error, info};
 
@@ -50,132 +51,13 @@ const MAX_BATCH: usize = 256;
 /// How long the server waits for its close frame to be written.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Why a connection ended. Each reason has its close code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client sent a close frame (answered by tungstenite).
-    ClientClosed,
-    /// The TCP connection ended without a close frame.
-    PeerGone,
-    /// Nothing arrived within the idle timeout.
-    IdleTimeout,
-    /// A frame or message exceeded the size limit.
-    TooBig,
-    /// A text frame was not UTF-8.
-    InvalidUtf8,
-    /// The client broke the WebSocket protocol.
-    Protocol,
-    /// The client sent more refused frames than allowed in a window.
-    TooManyRefusals,
-    /// The client fell further behind the live ring than allowed.
-    Lagged(u64),
-    /// A write batch did not finish within the write timeout.
-    Stalled,
-    /// The server is shutting down.
-    Shutdown,
-    /// The server could not carry out a write that was not the client's
-    /// fault (for example a frame larger than its write buffer).
-    ServerError(String),
-}
-
-impl CloseReason {
-    /// The close frame the server sends, if it sends one.
-    pub fn close_frame(&self) -> Option<CloseFrame> {
-        let (code, reason) = match self {
-            CloseReason::ClientClosed | CloseReason::PeerGone => return None,
-            CloseReason::IdleTimeout => (CloseCode::Policy, "idle timeout"),
-            CloseReason::TooManyRefusals => (CloseCode::Policy, "too many refused frames"),
-            CloseReason::TooBig => (CloseCode::Size, "message too big"),
-            CloseReason::InvalidUtf8 => (CloseCode::Invalid, "invalid UTF-8"),
-            // tungstenite's words for the 1002 it sends itself (a close
-            // frame with a code the RFC does not allow), so every 1002 reads alike.
-            CloseReason::Protocol => (CloseCode::Protocol, "Protocol violation"),
-            CloseReason::Lagged(_) | CloseReason::Stalled => {
-                (CloseCode::Again, "too slow, reconnect")
-            }
-            CloseReason::Shutdown => (CloseCode::Away, "server shutting down"),
-            CloseReason::ServerError(_) => (CloseCode::Error, "internal error"),
-        };
-        Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        })
-    }
-
-    /// Why a write failed. Only an I/O error or a connection already
-    /// closed is the peer's doing; anything else (a frame the write buffer
-    /// cannot take, a frame tungstenite will not encode) is the server's,
-    /// and must not pass for a client that went away.
-    fn from_write_error(err: WsError) -> Self {
-        match err {
-            WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => {
-                CloseReason::PeerGone
-            }
-            WsError::Protocol(ProtocolError::SendAfterClosing) => CloseReason::ClientClosed,
-            other => CloseReason::ServerError(other.to_string()),
-        }
-    }
-
-    fn from_read_error(err: &WsError) -> Self {
-        match err {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooBig,
-            WsError::Capacity(_) => CloseReason::TooBig,
-            WsError::Utf8(_) => CloseReason::InvalidUtf8,
-            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::PeerGone,
-            WsError::Protocol(_) => CloseReason::Protocol,
-            WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::ClientClosed,
-            _ => CloseReason::PeerGone,
-        }
-    }
-
-    /// A short stable name, for metrics labels.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            CloseReason::ClientClosed => "client_closed",
-            CloseReason::PeerGone => "peer_gone",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::TooBig => "too_big",
-            CloseReason::InvalidUtf8 => "invalid_utf8",
-            CloseReason::Protocol => "protocol_error",
-            CloseReason::TooManyRefusals => "too_many_refusals",
-            CloseReason::Lagged(_) => "lagged",
-            CloseReason::Stalled => "stalled",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::ServerError(_) => "server_error",
-        }
-    }
-
-    /// Whether the client was dropped for reading too slowly.
-    pub fn is_slow_client(&self) -> bool {
-        matches!(self, CloseReason::Lagged(_) | CloseReason::Stalled)
-    }
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CloseReason::ClientClosed => f.write_str("client closed"),
-            CloseReason::PeerGone => f.write_str("peer gone"),
-            CloseReason::IdleTimeout => f.write_str("idle timeout"),
-            CloseReason::TooBig => f.write_str("message too big"),
-            CloseReason::InvalidUtf8 => f.write_str("invalid utf-8"),
-            CloseReason::Protocol => f.write_str("protocol error"),
-            CloseReason::TooManyRefusals => f.write_str("too many refused frames"),
-            CloseReason::Lagged(n) => write!(f, "lagged by {n} frames"),
-            CloseReason::Stalled => f.write_str("write stalled"),
-            CloseReason::Shutdown => f.write_str("server shutdown"),
-            CloseReason::ServerError(e) => write!(f, "server error: {e}"),
-        }
-    }
-}
-
 /// Serves one accepted TCP connection until it closes. `permit` is its
 /// place under the server's connection limit.
 pub(crate) async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
-    pending: Option<PendingSlot>,
+    pending: Option<AddressSlot>,
     shared: Arc<Shared>,
 ) {
     let _permit = permit;
@@ -223,8 +105,8 @@ pub(crate) async fn refuse(
     debug!(%peer, "refused: server full");
 }
 
-/// The chat's part of the handshake: path, origin and client address, then
-/// the per-address limit; then the 101, and the socket is a WebSocket.
+/// The chat's part of the handshake ([`crate::admission`]), then the 101,
+/// and the socket is a WebSocket.
 async fn handshake(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -232,17 +114,7 @@ async fn handshake(
     upgrade: Box<http::Upgrade>,
 ) -> Result<(Ws, Admitted), String> {
     let request = &upgrade.head.request;
-    let admitted = shared.policy.check(request, peer.ip()).and_then(|addr| {
-        let resume = resume::parse(request.uri().query()).map_err(Refusal::BadResume)?;
-        let slot = shared.addresses.acquire(addr)?;
-        Ok(Admitted {
-            addr,
-            user: shared.identity.user_id(addr),
-            slot,
-            resume,
-        })
-    });
-    let admitted = match admitted {
+    let admitted = match shared.admission.admit(request, peer.ip()) {
         Ok(admitted) => admitted,
         Err(refusal) => {
             if refusal == Refusal::OriginNotAllowed {
@@ -280,7 +152,7 @@ async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
     let (mut sink, mut stream) = ws.split();
     let (reply_tx, mut replies) = mpsc::channel(shared.config.reply_queue);
     let reason = if shared.config.echo {
-        echo_loop(&mut stream, &mut sink, shared).await
+        echo::run(&mut stream, &mut sink, shared).await
     } else {
         let (sync, since) = match admitted.resume {
             Resume::Seed => (false, Since::Start),
@@ -330,33 +202,6 @@ async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
     reason
 }
 
-/// Conformance mode (`--echo`): every data message goes straight back,
-/// through the same handshake, limits, timeouts and close handling as chat.
-async fn echo_loop(
-    stream: &mut SplitStream<Ws>,
-    sink: &mut SplitSink<Ws, Message>,
-    shared: &Shared,
-) -> CloseReason {
-    loop {
-        let message = tokio::select! {
-            () = shared.shutdown.cancelled() => return CloseReason::Shutdown,
-            next = timeout(shared.config.idle_timeout, stream.next()) => match next {
-                Err(_) => return CloseReason::IdleTimeout,
-                Ok(None) => return CloseReason::ClientClosed,
-                Ok(Some(Err(e))) => return CloseReason::from_read_error(&e),
-                Ok(Some(Ok(m))) => m,
-            },
-        };
-        if let Message::Text(_) | Message::Binary(_) = message {
-            match timeout(shared.config.write_timeout, sink.send(message)).await {
-                Err(_) => return CloseReason::Stalled,
-                Ok(Err(e)) => return CloseReason::from_write_error(e),
-                Ok(Ok(())) => {}
-            }
-        }
-    }
-}
-
 async fn read_loop(
     stream: &mut SplitStream<Ws>,
     admitted: &Admitted,
@@ -371,23 +216,24 @@ async fn read_loop(
             Ok(Some(Err(e))) => return CloseReason::from_read_error(&e),
             Ok(Some(Ok(m))) => m,
         };
+        // Decoded here, so that only commands reach the ordering point.
         let refusal = match message {
             Message::Text(text) => match ClientFrame::decode(&text) {
-                Err(e) => Some(ChatError::from(e)),
+                Err(e) => Some(Refused::Malformed(e)),
                 Ok(command) => match shared.order.submit(&admitted.user, command).await {
                     Ok(()) => None,
-                    Err(ApplyError::Refused(refusal)) => Some(refusal),
+                    Err(ApplyError::Refused(refusal)) => Some(Refused::Rule(refusal)),
                     Err(ApplyError::Stopping) => return CloseReason::Shutdown,
                 },
             },
-            Message::Binary(_) => Some(ChatError::from(DecodeError::Binary)),
+            Message::Binary(_) => Some(Refused::Malformed(DecodeError::Binary)),
             // tungstenite answers pings and close frames itself; a close
             // ends the stream on the next read.
             Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => None,
         };
         if let Some(refusal) = refusal {
             debug!(user = %admitted.user, %refusal, "refused");
-            shared.metrics.frame_refused(&refusal);
+            shared.metrics.frame_refused(refusal.kind());
             if !refusals.take() {
                 return CloseReason::TooManyRefusals;
             }
@@ -397,6 +243,27 @@ async fn read_loop(
             if replies.send(frame).await.is_err() {
                 return CloseReason::PeerGone;
             }
+        }
+    }
+}
+
+/// Why a client's frame was refused; its `Display` is the wire text.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// Not a well-formed frame.
+    #[error(transparent)]
+    Malformed(DecodeError),
+    /// Against the chat's rules.
+    #[error(transparent)]
+    Rule(ChatError),
+}
+
+impl Refused {
+    /// A short stable name, for metrics labels.
+    fn kind(&self) -> &'static str {
+        match self {
+            Refused::Malformed(_) => "invalid_format",
+            Refused::Rule(e) => e.kind(),
         }
     }
 }
@@ -564,30 +431,5 @@ impl Writer<'_> {
             self.sink.flush().await.map_err(write_failed)?;
         }
         Ok(more)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io;
-
-    #[test]
-    fn only_the_peer_s_failures_pass_for_a_gone_peer() {
-        let reset = WsError::Io(io::Error::from(io::ErrorKind::ConnectionReset));
-        assert_eq!(CloseReason::from_write_error(reset), CloseReason::PeerGone);
-        let full = WsError::WriteBufferFull(Box::new(Message::text("x")));
-        let reason = CloseReason::from_write_error(full);
-        assert_eq!(reason.kind(), "server_error");
-        let frame = reason.close_frame().expect("the server says why");
-        assert_eq!(frame.code, CloseCode::Error, "1011");
-        let capacity = WsError::Capacity(CapacityError::MessageTooLong {
-            size: 2,
-            max_size: 1,
-        });
-        assert_eq!(
-            CloseReason::from_write_error(capacity).kind(),
-            "server_error"
-        );
     }
 }

@@ -16,7 +16,7 @@
 //! those; one listening on any other address accepts every `Host` (it
 //! cannot know the names users type) and says so loudly at start.
 
-use crate::handshake::{Refusal, Request};
+use crate::http::{Refusal, Request};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;

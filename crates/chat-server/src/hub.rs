@@ -24,7 +24,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokio::sync::mpsc;
 
 /// Puts clients' commands in the chat's one order.
-pub trait Sequencer: Send + Sync + std::fmt::Debug {
+pub(crate) trait Sequencer: Send + Sync + std::fmt::Debug {
     /// Applies `command` for `user`. `Ok` means it was accepted and its
     /// event will be published once committed (the client sees it then,
     /// like everyone else); a refusal is for that client alone.
@@ -37,7 +37,7 @@ pub trait Sequencer: Send + Sync + std::fmt::Debug {
 
 /// The chat, applying commands in one order in this process.
 #[derive(Debug)]
-pub struct Hub {
+pub(crate) struct Hub {
     chat: Mutex<Chat>,
     /// Where applied events wait for their commit, in the order applied.
     commits: mpsc::Sender<Vec<Event>>,
@@ -47,7 +47,7 @@ pub struct Hub {
 
 /// Why a command was not applied.
 #[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
+pub(crate) enum ApplyError {
     /// The chat refused it; tell the client.
     #[error(transparent)]
     Refused(#[from] ChatError),
@@ -66,7 +66,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Hub {
     /// A hub around `chat` (empty, or restored from a store) whose applied
     /// events go to `commits`, stamped with `clock`'s time.
-    pub fn new(chat: Chat, commits: mpsc::Sender<Vec<Event>>, clock: Clock) -> Self {
+    pub(crate) fn new(chat: Chat, commits: mpsc::Sender<Vec<Event>>, clock: Clock) -> Self {
         Hub {
             chat: Mutex::new(chat),
             commits,
@@ -77,7 +77,11 @@ impl Hub {
     /// Applies one command for `user`, stamping it with the time and a new
     /// message id. Accepted events are committed, then published; a refusal
     /// is returned for that client alone.
-    pub async fn apply(&self, user: &UserId, command: ClientFrame) -> Result<(), ApplyError> {
+    pub(crate) async fn apply(
+        &self,
+        user: &UserId,
+        command: ClientFrame,
+    ) -> Result<(), ApplyError> {
         // Take a place in the commit queue first: while the disk is behind,
         // this waits, and nothing is applied that could not be queued.
         let permit = self

@@ -16,11 +16,20 @@
 //!   proxy is the client: everything left of it was written by the client
 //!   and can be forged.
 
-use crate::config::IdentityMode;
 use chat_proto::UserId;
+use clap::ValueEnum;
 use ipnet::IpNet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// How user ids are derived from client addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdentityMode {
+    /// A keyed hash of the address: stable, but reveals nothing.
+    Pseudonym,
+    /// The address itself (an IPv6 client's /64).
+    RawIp,
+}
 
 /// The part of an address that identifies one user: an IPv4 address or an
 /// IPv6 /64.

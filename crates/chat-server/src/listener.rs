@@ -10,6 +10,7 @@
 //! gets an HTTP 503 rather than a reset, but only while the small pool of
 //! refusal slots lasts; past that, sockets are closed at once.
 
+use crate::http::Refusal;
 use crate::{Shared, connection};
 use std::io;
 use std::sync::Arc;
@@ -46,13 +47,14 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, task
         };
         // One address may not hold many connections that have not yet
         // said what they want; a trusted proxy speaks for many clients.
-        let pending = if shared.policy.trusts(peer.ip()) {
+        let pending = if shared.admission.policy.trusts(peer.ip()) {
             None
         } else {
             match shared.pending.acquire(peer.ip()) {
                 Ok(slot) => Some(slot),
-                Err(refusal) => {
-                    shared.metrics.handshake_refused(&refusal);
+                Err(_full) => {
+                    let refusal = Refusal::TooManyPendingFromAddress;
+                    shared.metrics.handshake_refused(refusal.kind());
                     debug!(%peer, %refusal, "closing at once");
                     continue;
                 }

@@ -23,8 +23,7 @@
 //! crash could take back.
 
 use crate::metrics::Metrics;
-use crate::pipeline::Entry;
-use chat_core::{Chat, EventKind};
+use chat_core::{Chat, Event, EventKind};
 use chat_proto::{Epoch, FixedState, Position, ResetReason, ServerFrame, Uuid};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -34,9 +33,27 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 /// Frames per chunk of the history.
 const CHUNK: usize = 256;
 
+/// An applied event with the frame clients receive for it, serialized
+/// once (on the committer's thread, not under the hub's lock) for the
+/// writer and for every reader.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    /// The event, with its position.
+    pub(crate) event: Event,
+    /// Its frame, as sent.
+    pub(crate) frame: Utf8Bytes,
+}
+
+impl From<Event> for Entry {
+    fn from(event: Event) -> Self {
+        let frame = Utf8Bytes::from(event.frame().encode());
+        Entry { event, frame }
+    }
+}
+
 /// The bounds of the recent events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
+pub(crate) struct Retention {
     /// The most events kept (at least 1).
     pub events: usize,
     /// The most bytes of frames kept. The newest event is always kept.
@@ -46,7 +63,7 @@ pub struct Retention {
 /// The published log. Shared by the committer (which publishes) and every
 /// connection (which reads).
 #[derive(Debug)]
-pub struct Log {
+pub(crate) struct Log {
     epoch: Epoch,
     state: RwLock<State>,
     head: watch::Sender<Position>,
@@ -62,7 +79,7 @@ struct State {
 
 /// Where a client asked to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Since {
+pub(crate) enum Since {
     /// From the full history (no `since`).
     Start,
     /// After `position`, if it is still in `epoch`'s log.
@@ -76,7 +93,7 @@ pub enum Since {
 
 /// What a new connection starts from.
 #[derive(Debug)]
-pub struct Joined {
+pub(crate) struct Joined {
     /// Why a resume became a full replay, if it did.
     pub reset: Option<ResetReason>,
     /// The full history to send first (none when resuming).
@@ -90,7 +107,7 @@ pub struct Joined {
 
 /// A reader asked for events the log no longer holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Behind {
+pub(crate) struct Behind {
     /// How many events it would have to skip.
     pub missed: u64,
 }
@@ -109,7 +126,7 @@ impl Log {
     /// The log of `chat` (as restored) in `epoch`, with the recent events
     /// an earlier run kept (`recent`, oldest first, ending at the chat's
     /// head; the oldest are dropped to fit `retention`).
-    pub fn new(
+    pub(crate) fn new(
         chat: &Chat,
         epoch: Epoch,
         recent: impl IntoIterator<Item = (Position, Utf8Bytes)>,
@@ -141,19 +158,14 @@ impl Log {
     }
 
     /// The log's epoch.
-    pub fn epoch(&self) -> Epoch {
+    pub(crate) fn epoch(&self) -> Epoch {
         self.epoch
-    }
-
-    /// The latest published position.
-    pub fn head(&self) -> Position {
-        *self.head.borrow()
     }
 
     /// Where a connection starts, decided under the lock so that nothing is
     /// published between the history it gets and the cursor it reads on
     /// from: no gap, no duplicate.
-    pub fn join(&self, since: Since) -> Joined {
+    pub(crate) fn join(&self, since: Since) -> Joined {
         let state = read(&self.state);
         let resume = match since {
             Since::Start => Err(None),
@@ -187,7 +199,7 @@ impl Log {
 
     /// Appends to `out` the frames after `cursor`, at most `max`, and
     /// returns the position of the last one appended (`cursor` if none).
-    pub fn read(
+    pub(crate) fn read(
         &self,
         cursor: Position,
         max: usize,
@@ -197,7 +209,7 @@ impl Log {
     }
 
     /// Publishes committed entries, in order, and wakes the readers.
-    pub fn publish(&self, entries: &[Entry]) {
+    pub(crate) fn publish(&self, entries: &[Entry]) {
         let Some(last) = entries.last() else {
             return;
         };
@@ -392,7 +404,7 @@ impl History {
 
 /// An immutable view of the history frames at one moment.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     chunks: Vec<Arc<Vec<Utf8Bytes>>>,
     skip: usize,
     len: usize,
@@ -400,17 +412,13 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// How many frames the snapshot holds.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.len
     }
 
-    /// Whether the snapshot holds no frame.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The frames, oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = &Utf8Bytes> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Utf8Bytes> {
         self.chunks
             .iter()
             .flat_map(|c| c.iter())
@@ -541,5 +549,240 @@ mod tests {
         );
         recent.push(Position(10), frame(10));
         assert_eq!(read_all(&recent, 9), Ok(vec!["e010".into()]));
+    }
+
+    // ---- the log as a whole: joins and resumes, no sockets ----------------
+
+    use chat_core::{Config, Context, Timestamp};
+    use chat_proto::{AddReaction, ClientFrame, SendMessage};
+
+    const EPOCH: Epoch = Epoch(Uuid::from_u128(7));
+
+    /// A chat driven through `n` commands (posts, and reactions to older
+    /// messages), with the entries it produced.
+    fn drive(n: u64) -> (Chat, Vec<Entry>) {
+        let mut chat = Chat::new(Config {
+            history_limit: 8,
+            ..Config::default()
+        });
+        let mut entries = Vec::new();
+        let mut posted = Vec::new();
+        for i in 0..n {
+            let ctx = Context {
+                user: format!("u{}", i % 3).as_str().into(),
+                now: Timestamp::from_unix_millis(1_700_000_000_000 + i),
+                message_id: Uuid::from_u128(1000 + u128::from(i)),
+            };
+            let command = if i % 3 == 2 && !posted.is_empty() {
+                ClientFrame::AddReaction(AddReaction {
+                    message_id: posted[(i as usize / 3) % posted.len()],
+                    emoji: "👍".into(),
+                })
+            } else {
+                posted.push(ctx.message_id);
+                ClientFrame::SendMessage(SendMessage {
+                    text: format!("m{i}"),
+                    author_name: None,
+                })
+            };
+            if chat.handle(ctx, command).is_ok() {
+                entries.extend(std::iter::from_fn(|| chat.poll_event()).map(Entry::from));
+            }
+        }
+        (chat, entries)
+    }
+
+    fn log_of(events: usize) -> Log {
+        let chat = Chat::new(Config {
+            history_limit: 8,
+            ..Config::default()
+        });
+        let retention = Retention {
+            events,
+            bytes: usize::MAX,
+        };
+        Log::new(&chat, EPOCH, [], retention, Arc::new(Metrics::new()))
+    }
+
+    /// Whether all `n` events are published.
+    fn joined_all(log: &Log, n: usize) -> bool {
+        log.join(Since::Start).cursor.0 == n as u64
+    }
+
+    fn read_from(log: &Log, mut cursor: Position) -> Vec<Utf8Bytes> {
+        let mut out = Vec::new();
+        loop {
+            let before = out.len();
+            cursor = log.read(cursor, 4, &mut out).expect("held");
+            if out.len() == before {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn a_resume_from_every_position_gets_exactly_the_events_after_it() {
+        let (_, entries) = drive(40);
+        let log = log_of(1000);
+        log.publish(&entries);
+        let head = entries.len() as u64;
+        for p in 0..=head {
+            let joined = log.join(Since::Resume {
+                epoch: EPOCH,
+                position: Position(p),
+            });
+            assert_eq!(joined.reset, None, "from {p}");
+            assert_eq!(joined.history.len(), 0, "a resume sends no history");
+            let expected: Vec<Utf8Bytes> = entries[p as usize..]
+                .iter()
+                .map(|e| e.frame.clone())
+                .collect();
+            assert_eq!(read_from(&log, joined.cursor), expected, "from {p}");
+        }
+        let reset = |since| log.join(since).reset;
+        let other = Epoch(Uuid::from_u128(8));
+        assert_eq!(
+            reset(Since::Resume {
+                epoch: other,
+                position: Position(1)
+            }),
+            Some(ResetReason::EpochChanged)
+        );
+        assert_eq!(
+            reset(Since::Resume {
+                epoch: EPOCH,
+                position: Position(head + 1)
+            }),
+            Some(ResetReason::Ahead)
+        );
+    }
+
+    #[test]
+    fn a_resume_older_than_the_log_reaches_is_a_reset_with_the_history() {
+        let (chat, entries) = drive(40);
+        let log = log_of(10);
+        log.publish(&entries);
+        let head = entries.len() as u64;
+        let joined = log.join(Since::Resume {
+            epoch: EPOCH,
+            position: Position(head - 11),
+        });
+        assert_eq!(joined.reset, Some(ResetReason::Expired));
+        assert_eq!(joined.cursor, Position(head));
+        let history: Vec<String> = joined.history.iter().map(|f| f.to_string()).collect();
+        let expected: Vec<String> = chat
+            .history()
+            .iter()
+            .map(|m| ServerFrame::Message(m.clone()).encode())
+            .collect();
+        assert_eq!(
+            history, expected,
+            "the history as it is now, reactions included"
+        );
+        let kept = log.join(Since::Resume {
+            epoch: EPOCH,
+            position: Position(head - 10),
+        });
+        assert_eq!(kept.reset, None, "the last 10 are kept");
+        // A live reader that fell as far behind is told how far.
+        let mut out = Vec::new();
+        assert_eq!(
+            log.read(Position(head - 12), 4, &mut out),
+            Err(Behind { missed: 2 })
+        );
+    }
+
+    #[test]
+    fn a_join_gets_the_history_then_exactly_what_follows_while_publishing_goes_on() {
+        // Messages only, no eviction: what a joiner must end up with is
+        // every message once, in order, split anywhere between its
+        // history and what it reads after its cursor.
+        let (_, entries) = {
+            let mut chat = Chat::new(Config {
+                history_limit: 100_000,
+                message_rate: chat_core::RateLimit::per_minute(1_000_000),
+                ..Config::default()
+            });
+            let mut entries = Vec::new();
+            for i in 0..3000u64 {
+                let ctx = Context {
+                    user: "u".into(),
+                    now: Timestamp::from_unix_millis(1_700_000_000_000 + i),
+                    message_id: Uuid::from_u128(u128::from(i) + 1),
+                };
+                let say = ClientFrame::SendMessage(SendMessage {
+                    text: format!("m{i}"),
+                    author_name: None,
+                });
+                chat.handle(ctx, say).expect("accepted");
+                entries.extend(std::iter::from_fn(|| chat.poll_event()).map(Entry::from));
+            }
+            (chat, entries)
+        };
+        let all: Vec<Utf8Bytes> = entries.iter().map(|e| e.frame.clone()).collect();
+        let chat = Chat::new(Config {
+            history_limit: 100_000,
+            ..Config::default()
+        });
+        let retention = Retention {
+            events: 100_000,
+            bytes: usize::MAX,
+        };
+        let log = Arc::new(Log::new(
+            &chat,
+            EPOCH,
+            [],
+            retention,
+            Arc::new(Metrics::new()),
+        ));
+        let publisher = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for batch in entries.chunks(3) {
+                    log.publish(batch);
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let joiner = |log: Arc<Log>, all: Arc<Vec<Utf8Bytes>>| {
+            let (mut joins, mut midway) = (0, 0);
+            while !joined_all(&log, all.len()) || joins < 50 {
+                let joined = log.join(Since::Start);
+                if joined.cursor.0 > 0 && joined.cursor.0 < all.len() as u64 {
+                    midway += 1;
+                }
+                let mut seen: Vec<Utf8Bytes> = joined.history.iter().cloned().collect();
+                assert_eq!(
+                    seen.len() as u64,
+                    joined.cursor.0,
+                    "history up to the cursor"
+                );
+                // Then what follows, as far as it is published by now.
+                let mut cursor = joined.cursor;
+                loop {
+                    let next = log.read(cursor, 64, &mut seen).expect("kept");
+                    if next == cursor {
+                        break;
+                    }
+                    cursor = next;
+                }
+                assert!(
+                    seen[..] == all[..seen.len()],
+                    "join {joins}: a gap or a duplicate"
+                );
+                joins += 1;
+            }
+            midway
+        };
+        let all = Arc::new(all);
+        let joiners: Vec<_> = (0..2)
+            .map(|_| {
+                let (log, all) = (Arc::clone(&log), Arc::clone(&all));
+                std::thread::spawn(move || joiner(log, all))
+            })
+            .collect();
+        let midway: usize = joiners.into_iter().map(|j| j.join().expect("joiner")).sum();
+        publisher.join().expect("publisher");
+        assert!(midway > 0, "no join happened while publishing");
     }
 }

@@ -5,9 +5,7 @@
 //! until a scrape. Label values are all `&'static str` or status codes, so
 //! no client can grow the label sets.
 
-use crate::connection::CloseReason;
-use crate::handshake::Refusal;
-use chat_core::ChatError;
+use crate::close::CloseReason;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -16,19 +14,19 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 /// The `Content-Type` of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// A reason label: why a connection closed, a handshake or frame was
 /// refused.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Reason {
+pub(crate) struct Reason {
     /// A short stable name, e.g. `rate_limited` or `too_slow`.
     pub reason: &'static str,
 }
 
 /// A route label for plain HTTP responses.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Response {
+pub(crate) struct Response {
     /// Which route answered (`page`, `healthz`, `metrics`, `whoami`,
     /// `asset`, `not_found`, or `bad_request` for unparsable requests).
     pub route: &'static str,
@@ -38,7 +36,7 @@ pub struct Response {
 
 /// Every metric the server keeps.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// WebSocket connections open now (past the handshake).
     pub connections_open: Gauge,
@@ -77,7 +75,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Creates and registers every metric, all at zero.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("chat");
         let m = Metrics {
             connections_open: Gauge::default(),
@@ -165,27 +163,27 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts a WebSocket handshake refused with an HTTP error.
-    pub fn handshake_refused(&self, refusal: &Refusal) {
-        let reason = refusal.kind();
+    /// Counts a WebSocket handshake refused with an HTTP error, by the
+    /// refusal's short name.
+    pub(crate) fn handshake_refused(&self, reason: &'static str) {
         self.handshakes_refused
             .get_or_create(&Reason { reason })
             .inc();
     }
 
-    /// Counts a client frame answered with an `error` frame.
-    pub fn frame_refused(&self, refusal: &ChatError) {
-        let reason = refusal.kind();
+    /// Counts a client frame answered with an `error` frame, by the
+    /// refusal's short name.
+    pub(crate) fn frame_refused(&self, reason: &'static str) {
         self.frames_refused.get_or_create(&Reason { reason }).inc();
     }
 
     /// Counts a WebSocket connection past its handshake.
-    pub fn connection_opened(&self) {
+    pub(crate) fn connection_opened(&self) {
         self.connections_open.inc();
     }
 
     /// Counts a WebSocket connection's end, and a slow client's drop.
-    pub fn connection_closed(&self, why: &CloseReason) {
+    pub(crate) fn connection_closed(&self, why: &CloseReason) {
         self.connections_open.dec();
         let reason = why.kind();
         self.connections_closed
@@ -197,14 +195,14 @@ impl Metrics {
     }
 
     /// Counts a plain HTTP response.
-    pub fn http_response(&self, route: &'static str, code: u16) {
+    pub(crate) fn http_response(&self, route: &'static str, code: u16) {
         self.http_responses
             .get_or_create(&Response { route, code })
             .inc();
     }
 
     /// The text a scrape returns.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -222,8 +220,8 @@ mod tests {
         m.connection_opened();
         m.connection_opened();
         m.connection_closed(&CloseReason::Stalled);
-        m.frame_refused(&ChatError::MessageNotFound);
-        m.handshake_refused(&Refusal::ServerFull);
+        m.frame_refused("message_not_found");
+        m.handshake_refused("server_full");
         m.store_commit.observe(0.003);
         m.http_response("healthz", 200);
         let text = m.encode();

@@ -13,55 +13,34 @@
 //! nothing; it never drops anything. Past `--max-store-outage` it stops the
 //! server, and at shutdown it gives up when told to.
 
-use crate::log::Log;
+use crate::log::{Entry, Log};
 use crate::metrics::Metrics;
-use crate::store::StoreError;
 use chat_core::Event;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-/// An applied event with the frame clients receive for it, serialized
-/// once (on the committer's thread, not under the hub's lock) for the
-/// writer and for every reader.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    /// The event, with its position.
-    pub event: Event,
-    /// Its frame, as sent.
-    pub frame: Utf8Bytes,
-}
-
-impl From<Event> for Entry {
-    fn from(event: Event) -> Self {
-        let frame = Utf8Bytes::from(event.frame().encode());
-        Entry { event, frame }
-    }
-}
-
 /// Where applied events are written before they are published.
-pub trait EventWriter: Send + 'static {
+pub(crate) trait EventWriter: Send + 'static {
+    /// Why a write failed.
+    type Error: std::fmt::Display;
+
     /// Writes `entries`, in order, as one unit; `Ok` means they are as
     /// durable as this writer makes anything.
-    fn write(&mut self, entries: &[Entry]) -> Result<(), StoreError>;
+    fn write(&mut self, entries: &[Entry]) -> Result<(), Self::Error>;
 }
 
 /// The writer of `--in-memory`: writes nothing, never fails.
 #[derive(Debug, Default)]
-pub struct Discard;
-
-impl<W: EventWriter + ?Sized> EventWriter for Box<W> {
-    fn write(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
-        (**self).write(entries)
-    }
-}
+pub(crate) struct Discard;
 
 impl EventWriter for Discard {
-    fn write(&mut self, _: &[Entry]) -> Result<(), StoreError> {
+    type Error = std::convert::Infallible;
+
+    fn write(&mut self, _: &[Entry]) -> Result<(), Self::Error> {
         Ok(())
     }
 }
@@ -74,7 +53,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The running committer thread, as the server sees it.
 #[derive(Debug)]
-pub struct Committer {
+pub(crate) struct Committer {
     /// Set when the server stops waiting: the committer abandons a commit
     /// it cannot make instead of retrying forever.
     give_up: Arc<AtomicBool>,
@@ -87,7 +66,7 @@ pub struct Committer {
 
 /// How the committer's work ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finished {
+pub(crate) enum Finished {
     /// Everything queued was written.
     AllWritten,
     /// It was still failing (or stuck in a write) when time ran out; what
@@ -98,7 +77,7 @@ pub enum Finished {
 impl Committer {
     /// Whether the committer stopped the server because the store had
     /// failed for longer than allowed.
-    pub fn stopped_the_server(&self) -> bool {
+    pub(crate) fn stopped_the_server(&self) -> bool {
         self.outage.load(Ordering::Relaxed)
     }
 
@@ -107,7 +86,7 @@ impl Committer {
     /// committer is told to give up; a commit stuck in the kernel is left
     /// behind (the process exits around it, and SQLite's journal keeps the
     /// database whole).
-    pub async fn finish(mut self, deadline: tokio::time::Instant) -> Finished {
+    pub(crate) async fn finish(mut self, deadline: tokio::time::Instant) -> Finished {
         if tokio::time::timeout_at(deadline, &mut self.done)
             .await
             .is_ok()
@@ -128,6 +107,22 @@ impl Committer {
 /// How often a backing-off committer checks whether to give up.
 const BACKOFF_STEP: Duration = Duration::from_millis(100);
 
+/// What the committer works between: the queue it takes events from, the
+/// log it publishes them to, and how long a failing writer may fail.
+#[derive(Debug)]
+pub(crate) struct Pipe {
+    /// Applied events, in order.
+    pub(crate) queue: mpsc::Receiver<Vec<Event>>,
+    /// Where written events are published.
+    pub(crate) log: Arc<Log>,
+    /// Where commits are counted and timed.
+    pub(crate) metrics: Arc<Metrics>,
+    /// How long writes may fail before the server is stopped.
+    pub(crate) max_outage: Duration,
+    /// Cancelled to stop the server.
+    pub(crate) stop: CancellationToken,
+}
+
 /// Starts the committer thread: it writes queued events in batches with
 /// `writer` (with the store: one transaction, one fsync, each), and
 /// publishes each batch to `log` once it is written. It ends when the
@@ -138,14 +133,14 @@ const BACKOFF_STEP: Duration = Duration::from_millis(100);
 /// dropped meanwhile. If they have failed for `max_outage`, it cancels
 /// `stop` (the server stops and exits non-zero: a supervisor should know)
 /// and keeps trying until the server gives up on it.
-pub fn spawn_committer(
-    writer: impl EventWriter,
-    queue: mpsc::Receiver<Vec<Event>>,
-    log: Arc<Log>,
-    metrics: Arc<Metrics>,
-    max_outage: Duration,
-    stop: CancellationToken,
-) -> std::io::Result<Committer> {
+pub(crate) fn spawn_committer(writer: impl EventWriter, pipe: Pipe) -> std::io::Result<Committer> {
+    let Pipe {
+        queue,
+        log,
+        metrics,
+        max_outage,
+        stop,
+    } = pipe;
     let give_up = Arc::new(AtomicBool::new(false));
     let (done_tx, done) = oneshot::channel::<()>();
     let giving_up = Arc::clone(&give_up);
@@ -224,5 +219,117 @@ fn sleep_unless(give_up: &AtomicBool, d: Duration) -> bool {
             return true;
         }
         std::thread::sleep(left.min(BACKOFF_STEP));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::hub::Hub;
+    use crate::log::{Retention, Since};
+    use chat_core::{Chat, Config};
+    use chat_proto::{ClientFrame, Epoch, Position, SendMessage, ServerFrame, Uuid};
+    use std::sync::{Condvar, Mutex};
+
+    /// A writer that records what it wrote and holds every write until the
+    /// test opens its gate.
+    #[derive(Clone, Default)]
+    struct Gated {
+        written: Arc<Mutex<Vec<u64>>>,
+        open: Arc<(Mutex<bool>, Condvar)>,
+    }
+
+    impl Gated {
+        fn open(&self) {
+            let (open, changed) = &*self.open;
+            *open.lock().expect("gate") = true;
+            changed.notify_all();
+        }
+    }
+
+    impl EventWriter for Gated {
+        type Error = std::convert::Infallible;
+
+        fn write(&mut self, entries: &[Entry]) -> Result<(), Self::Error> {
+            let (open, changed) = &*self.open;
+            let mut open = open.lock().expect("gate");
+            while !*open {
+                open = changed.wait(open).expect("gate");
+            }
+            let mut written = self.written.lock().expect("written");
+            written.extend(entries.iter().map(|e| e.event.position.0));
+            Ok(())
+        }
+    }
+
+    fn say(text: &str) -> ClientFrame {
+        ClientFrame::SendMessage(SendMessage {
+            text: text.into(),
+            author_name: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn nothing_is_published_before_its_commit_and_the_order_is_the_applied_one() {
+        let chat = Chat::new(Config::default());
+        let metrics = Arc::new(Metrics::new());
+        let retention = Retention {
+            events: 100,
+            bytes: usize::MAX,
+        };
+        let log = Arc::new(Log::new(
+            &chat,
+            Epoch(Uuid::from_u128(1)),
+            [],
+            retention,
+            Arc::clone(&metrics),
+        ));
+        let (commits, queue) = mpsc::channel(16);
+        let writer = Gated::default();
+        let pipe = Pipe {
+            queue,
+            log: Arc::clone(&log),
+            metrics,
+            max_outage: Duration::from_secs(60),
+            stop: CancellationToken::new(),
+        };
+        let committer = spawn_committer(writer.clone(), pipe).expect("thread");
+        let hub = Hub::new(chat, commits, Clock::system());
+        for text in ["one", "two", "three"] {
+            hub.apply(&"u".into(), say(text)).await.expect("accepted");
+        }
+        // Applied, not written: nothing is visible to a joining client.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let joined = log.join(Since::Start);
+        assert_eq!(joined.cursor, Position(0));
+        assert_eq!(joined.history.iter().count(), 0);
+        assert!(writer.written.lock().expect("written").is_empty());
+
+        writer.open();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let published = loop {
+            let joined = log.join(Since::Start);
+            if joined.cursor == Position(3) {
+                break joined;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never published");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(*writer.written.lock().expect("written"), [1, 2, 3]);
+        let texts: Vec<String> = published
+            .history
+            .iter()
+            .map(|f| match ServerFrame::decode(f).expect("frame") {
+                ServerFrame::Message(m) => m.text,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, ["one", "two", "three"], "in the order applied");
+        drop(hub);
+        let finished = committer
+            .finish(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+        assert_eq!(finished, Finished::AllWritten);
     }
 }

@@ -19,7 +19,7 @@ use chat_proto::{Epoch, Position, Uuid};
 
 /// What a client asked for with its `/ws` query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
+pub(crate) enum Resume {
     /// The seed protocol: no `sync` or `reset` frames.
     Seed,
     /// Opted in: `sync` frames, starting where `Since` says.
@@ -27,7 +27,7 @@ pub enum Resume {
 }
 
 /// Reads the query of a `/ws` request.
-pub fn parse(query: Option<&str>) -> Result<Resume, &'static str> {
+pub(crate) fn parse(query: Option<&str>) -> Result<Resume, &'static str> {
     let mut sync = false;
     let mut since = None;
     let mut epoch = None;

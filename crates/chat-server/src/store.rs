@@ -15,7 +15,8 @@
 //! so that after a restart, even a SIGKILL, clients resume exactly where
 //! they were.
 
-use crate::pipeline::{Entry, EventWriter};
+use crate::log::Entry;
+use crate::pipeline::EventWriter;
 use chat_core::EventKind;
 use chat_proto::{Epoch, Message, Position, Reactions, UserId, Uuid};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -430,7 +431,7 @@ impl Store {
     /// Writes a batch of events in one transaction, with their frames and
     /// the new head, and forgets the frames that fell out of the kept
     /// window; when this returns `Ok`, they are on disk.
-    pub fn commit(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+    pub(crate) fn commit(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         let Some(last) = entries.last() else {
             return Ok(());
         };
@@ -523,6 +524,8 @@ impl Store {
 }
 
 impl EventWriter for Store {
+    type Error = StoreError;
+
     fn write(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         self.commit(entries)
     }

@@ -1,123 +1,27 @@
-//! Deciding whether a WebSocket handshake may proceed, and who it is.
+//! Admission: whether a well-formed WebSocket upgrade may join the chat,
+//! and who it is.
 //!
-//! Every refusal here is an HTTP error response during the handshake; the
-//! connection never reaches the chat. The checks are plain functions of the
-//! request so they can be tested (and fuzzed) without sockets.
+//! The form of the upgrade (RFC 6455) is checked by the HTTP layer
+//! ([`crate::http`]); here come the chat's own rules: the path, the
+//! browser's origin, the client's address (through trusted proxies), the
+//! `/ws` query ([`crate::resume`]) and the per-address limit. Every refusal
+//! is an HTTP error response; the connection never reaches the chat. The
+//! checks are plain functions of the request, so they can be tested (and
+//! fuzzed) without sockets.
 
-use crate::identity::{self, AddrKey};
+use crate::identity::{self, Identity};
+use crate::limits::{AddressLimits, AddressSlot};
+use crate::resume::{self, Resume};
 use chat_proto::UserId;
 use ipnet::IpNet;
-use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-/// The HTTP request of a WebSocket handshake, as the checks see it.
-pub use tokio_tungstenite::tungstenite::handshake::server::Request;
+use crate::http::{Refusal, Request, WS_PATH};
 use tokio_tungstenite::tungstenite::http::uri::Authority;
-use tokio_tungstenite::tungstenite::http::{HeaderValue, Method, StatusCode, Uri, Version, header};
-
-/// The only path that upgrades.
-pub const WS_PATH: &str = "/ws";
-
-/// Why a handshake (or, for the `Host` checks, any request) was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// The path is not [`WS_PATH`].
-    NotFound,
-    /// No `Host`, two, or one that is not a host.
-    BadHost,
-    /// The `Host` is not one this server answers to (see [`crate::host`]).
-    HostNotAllowed,
-    /// An upgrade with a method other than `GET`.
-    MethodNotAllowed,
-    /// An upgrade with a body.
-    BodyNotAllowed,
-    /// An upgrade that is not HTTP/1.1, lacks `Connection: upgrade`, or has
-    /// no valid `Sec-WebSocket-Key`.
-    BadUpgrade(&'static str),
-    /// A `Sec-WebSocket-Version` other than 13.
-    UnsupportedVersion,
-    /// A `/ws` query whose `since` or `epoch` cannot be used (see
-    /// [`crate::resume`]).
-    BadResume(&'static str),
-    /// The `Origin` header is not in the allowed list.
-    OriginNotAllowed,
-    /// A trusted proxy sent an `X-Forwarded-For` that is not a list of
-    /// addresses.
-    BadForwardedFor,
-    /// The client's address already has the most connections allowed.
-    TooManyFromAddress,
-    /// The TCP peer already has the most connections still in their
-    /// request phase. Such a connection is closed at once, without a
-    /// response.
-    TooManyPendingFromAddress,
-    /// The server is at its connection limit.
-    ServerFull,
-}
-
-impl Refusal {
-    /// The HTTP status sent for this refusal.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Refusal::NotFound => StatusCode::NOT_FOUND,
-            Refusal::BadHost | Refusal::BadUpgrade(_) | Refusal::BadResume(_) => {
-                StatusCode::BAD_REQUEST
-            }
-            Refusal::HostNotAllowed => StatusCode::FORBIDDEN,
-            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::BodyNotAllowed => StatusCode::PAYLOAD_TOO_LARGE,
-            Refusal::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
-            Refusal::OriginNotAllowed => StatusCode::FORBIDDEN,
-            Refusal::BadForwardedFor => StatusCode::BAD_REQUEST,
-            Refusal::TooManyFromAddress | Refusal::TooManyPendingFromAddress => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
-            Refusal::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-
-    /// A short stable name, for metrics labels.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Refusal::NotFound => "not_found",
-            Refusal::BadHost => "bad_host",
-            Refusal::HostNotAllowed => "host_not_allowed",
-            Refusal::MethodNotAllowed => "method_not_allowed",
-            Refusal::BodyNotAllowed => "body_not_allowed",
-            Refusal::BadUpgrade(_) => "bad_upgrade",
-            Refusal::BadResume(_) => "bad_resume",
-            Refusal::UnsupportedVersion => "unsupported_version",
-            Refusal::OriginNotAllowed => "origin_not_allowed",
-            Refusal::BadForwardedFor => "bad_forwarded_for",
-            Refusal::TooManyFromAddress => "too_many_from_address",
-            Refusal::TooManyPendingFromAddress => "too_many_pending_from_address",
-            Refusal::ServerFull => "server_full",
-        }
-    }
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Refusal::NotFound => "not found: the chat is at /ws",
-            Refusal::BadHost => "a request needs exactly one well-formed Host header",
-            Refusal::HostNotAllowed => {
-                "host not allowed: this server answers to the names given with --public-host"
-            }
-            Refusal::MethodNotAllowed => "a WebSocket handshake is a GET",
-            Refusal::BodyNotAllowed => "a WebSocket handshake has no body",
-            Refusal::BadUpgrade(why) | Refusal::BadResume(why) => why,
-            Refusal::UnsupportedVersion => "only WebSocket version 13 is supported",
-            Refusal::OriginNotAllowed => "origin not allowed",
-            Refusal::BadForwardedFor => "malformed X-Forwarded-For from a trusted proxy",
-            Refusal::TooManyFromAddress => "too many connections from your address",
-            Refusal::TooManyPendingFromAddress => "too many unfinished requests from your address",
-            Refusal::ServerFull => "server at its connection limit, try again later",
-        })
-    }
-}
+use tokio_tungstenite::tungstenite::http::{HeaderValue, Uri, header};
 
 /// A web origin as browsers send it in `Origin`: scheme, host and port,
 /// compared without regard to case and with default ports made explicit
@@ -222,82 +126,6 @@ impl fmt::Display for AllowedOrigin {
     }
 }
 
-/// A `Sec-WebSocket-Key` that passed [`check_upgrade`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpgradeKey(String);
-
-impl UpgradeKey {
-    /// The `Sec-WebSocket-Accept` value that answers it (RFC 6455, 4.2.2).
-    pub fn accept(&self) -> String {
-        tokio_tungstenite::tungstenite::handshake::derive_accept_key(self.0.as_bytes())
-    }
-}
-
-/// Whether the request asks to become a WebSocket: its `Upgrade` header
-/// lists `websocket` (among possibly others, such as `h2c`).
-pub fn wants_websocket(request: &Request) -> bool {
-    header_tokens(request, header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket"))
-}
-
-/// The comma-separated tokens of every `name` header, trimmed.
-fn header_tokens<'a>(
-    request: &'a Request,
-    name: header::HeaderName,
-) -> impl Iterator<Item = &'a str> + 'a {
-    request
-        .headers()
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-}
-
-/// Checks an upgrade request against RFC 6455 (section 4.2.1), so that every
-/// malformed handshake gets its own HTTP status rather than a silent close.
-/// Header lists may be split over lines or hold other tokens
-/// (`Connection: keep-alive, Upgrade`; `Upgrade: h2c, websocket`), as
-/// proxies send them. The path and body are checked before this.
-pub fn check_upgrade(request: &Request) -> Result<UpgradeKey, Refusal> {
-    if request.method() != Method::GET {
-        return Err(Refusal::MethodNotAllowed);
-    }
-    if request.version() != Version::HTTP_11 {
-        return Err(Refusal::BadUpgrade("a WebSocket handshake needs HTTP/1.1"));
-    }
-    if !header_tokens(request, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade")) {
-        return Err(Refusal::BadUpgrade(
-            "a WebSocket handshake needs Connection: Upgrade",
-        ));
-    }
-    let mut versions = request
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_VERSION)
-        .iter();
-    match (versions.next(), versions.next()) {
-        (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
-        _ => return Err(Refusal::UnsupportedVersion),
-    }
-    let mut keys = request.headers().get_all(header::SEC_WEBSOCKET_KEY).iter();
-    let key = match (keys.next(), keys.next()) {
-        (Some(key), None) => key.to_str().ok().map(str::trim),
-        _ => None,
-    };
-    // A key is 16 random bytes in base64: 22 characters and "==".
-    let well_formed = |k: &&str| {
-        k.len() == 24
-            && k.ends_with("==")
-            && k[..22]
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
-    };
-    key.filter(well_formed)
-        .map(|k| UpgradeKey(k.to_owned()))
-        .ok_or(Refusal::BadUpgrade(
-            "a WebSocket handshake needs one Sec-WebSocket-Key of 16 bytes in base64",
-        ))
-}
-
 /// The handshake rules that do not change while the server runs.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -366,83 +194,64 @@ impl Policy {
     }
 }
 
-/// Counts open connections per client address.
+/// The chat's rules for joining, with what they need: the policy, how
+/// addresses become user ids, and the per-address connection limit.
 #[derive(Debug)]
-pub struct AddressLimits {
-    max: usize,
-    open: Mutex<HashMap<AddrKey, usize>>,
+pub(crate) struct Admission {
+    /// Path, origin and proxy rules.
+    pub policy: Policy,
+    /// From an address to a user id.
+    pub identity: Identity,
+    /// Open WebSocket connections per address (`--max-connections-per-ip`).
+    open: Arc<AddressLimits>,
 }
 
-/// One counted connection; dropping it frees the slot.
-#[derive(Debug)]
-pub struct AddressSlot {
-    limits: Arc<AddressLimits>,
-    key: AddrKey,
-}
-
-impl AddressLimits {
-    /// At most `max` connections per address.
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(AddressLimits {
-            max,
-            open: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Takes a slot for `ip`, or refuses when its address is full.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<AddressSlot, Refusal> {
-        let key = AddrKey::from(ip);
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = open.entry(key).or_insert(0);
-        if *count >= self.max {
-            if *count == 0 {
-                open.remove(&key);
-            }
-            return Err(Refusal::TooManyFromAddress);
+impl Admission {
+    /// The rules, with at most `max_per_address` connections per address.
+    pub(crate) fn new(policy: Policy, identity: Identity, max_per_address: usize) -> Self {
+        Admission {
+            policy,
+            identity,
+            open: AddressLimits::new(max_per_address),
         }
-        *count += 1;
-        Ok(AddressSlot {
-            limits: Arc::clone(self),
-            key,
-        })
     }
 
-    /// How many addresses have a connection open.
-    pub fn addresses(&self) -> usize {
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut open = self
-            .limits
+    /// Whether a well-formed upgrade from `peer` may join, and as whom:
+    /// path and origin, the client's address, the `/ws` query, then a place
+    /// under the per-address limit.
+    pub(crate) fn admit(&self, request: &Request, peer: IpAddr) -> Result<Admitted, Refusal> {
+        let addr = self.policy.check(request, peer)?;
+        let resume = resume::parse(request.uri().query()).map_err(Refusal::BadResume)?;
+        let slot = self
             .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = open.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.key);
-            }
-        }
+            .acquire(addr)
+            .map_err(|_| Refusal::TooManyFromAddress)?;
+        Ok(Admitted {
+            addr,
+            user: self.identity.user_id(addr),
+            _slot: slot,
+            resume,
+        })
+    }
+
+    /// The user id of whoever sent `request` from `peer` (for `/whoami`).
+    pub(crate) fn user_id(&self, request: &Request, peer: IpAddr) -> Result<UserId, Refusal> {
+        let addr = self.policy.client_addr(request, peer)?;
+        Ok(self.identity.user_id(addr))
     }
 }
 
 /// A client that passed the handshake checks.
 #[derive(Debug)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     /// The client's address (after `X-Forwarded-For`, if trusted).
     pub addr: IpAddr,
     /// Its user id.
     pub user: UserId,
-    /// Its place in the per-address limit.
-    pub slot: AddressSlot,
+    /// Its place in the per-address limit, held until the connection ends.
+    pub _slot: AddressSlot,
     /// Whether it opted in to positions, and where it resumes.
-    pub resume: crate::resume::Resume,
+    pub resume: Resume,
 }
 
 #[cfg(test)]
@@ -598,28 +407,5 @@ mod tests {
             p.check(&request("/ws", &bad), proxy),
             Err(Refusal::BadForwardedFor)
         );
-    }
-
-    #[test]
-    fn address_limits_count_and_release() {
-        let limits = AddressLimits::new(2);
-        let a: IpAddr = "192.0.2.1".parse().expect("ip");
-        let s1 = limits.acquire(a).expect("1");
-        let s2 = limits.acquire(a).expect("2");
-        assert_eq!(
-            limits.acquire(a).expect_err("3"),
-            Refusal::TooManyFromAddress
-        );
-        // Same /64 is the same address.
-        let v6a: IpAddr = "2001:db8::1".parse().expect("ip");
-        let v6b: IpAddr = "2001:db8::2".parse().expect("ip");
-        let _x = limits.acquire(v6a).expect("v6 1");
-        let _y = limits.acquire(v6b).expect("v6 2");
-        assert!(limits.acquire(v6a).is_err());
-        drop(s1);
-        let _s3 = limits.acquire(a).expect("freed");
-        drop(s2);
-        drop(_s3);
-        assert_eq!(limits.addresses(), 1, "empty entries are removed");
     }
 }

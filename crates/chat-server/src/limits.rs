@@ -1,7 +1,12 @@
-//! Connections per address that are still in their request phase
-//! (`--max-pending-per-ip`).
+//! Places per client address, for the two per-address limits:
 //!
-//! A connection holds a place from accept until its WebSocket handshake
+//! - `--max-connections-per-ip`: WebSocket connections open per address
+//!   (a place is held from admission until the connection closes);
+//! - `--max-pending-per-ip`: connections per TCP peer still in their
+//!   request phase.
+//!
+//! Both are [`AddressLimits`]; only the second lets places go idle. For it,
+//! a connection holds a place from accept until its WebSocket handshake
 //! completes or its plain HTTP exchange ends, so one address cannot fill
 //! every `--max-connections` slot with sockets that never say what they
 //! want. A keep-alive HTTP connection waiting for its next request is the
@@ -13,7 +18,6 @@
 //! Connections that have not yet had an answer are never evicted, so silent
 //! sockets still meet the limit.
 
-use crate::handshake::Refusal;
 use crate::identity::AddrKey;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -21,9 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-/// Places per address for connections in their request phase.
+/// At most so many places per address (an IPv6 /64 is one address).
 #[derive(Debug)]
-pub struct PendingLimits {
+pub(crate) struct AddressLimits {
     max: usize,
     addresses: Mutex<HashMap<AddrKey, Places>>,
     /// The next slot's id; ids only tell idle entries apart, and are never
@@ -41,20 +45,24 @@ struct Places {
     idle: VecDeque<(u64, CancellationToken)>,
 }
 
+/// Every place of the address is taken (by connections that are not idle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Full;
+
 /// A connection's place. Dropping it frees the place, unless a newcomer
 /// took it over.
 #[derive(Debug)]
-pub struct PendingSlot {
-    limits: Arc<PendingLimits>,
+pub(crate) struct AddressSlot {
+    limits: Arc<AddressLimits>,
     key: AddrKey,
     id: u64,
     evicted: CancellationToken,
 }
 
-impl PendingLimits {
-    /// At most `max` connections per address in their request phase.
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(PendingLimits {
+impl AddressLimits {
+    /// At most `max` places per address.
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(AddressLimits {
             max,
             addresses: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
@@ -71,7 +79,7 @@ impl PendingLimits {
     /// place of the address's longest-idle keep-alive connection (which is
     /// told to close). Refuses when every place is held by a connection
     /// that is not idle.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<PendingSlot, Refusal> {
+    pub(crate) fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<AddressSlot, Full> {
         let key = AddrKey::from(ip);
         let mut addresses = self.lock();
         let places = addresses.entry(key).or_default();
@@ -85,9 +93,9 @@ impl PendingLimits {
             if places.taken == 0 {
                 addresses.remove(&key);
             }
-            return Err(Refusal::TooManyPendingFromAddress);
+            return Err(Full);
         }
-        Ok(PendingSlot {
+        Ok(AddressSlot {
             limits: Arc::clone(self),
             key,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -95,17 +103,18 @@ impl PendingLimits {
         })
     }
 
-    /// How many addresses hold places (for tests and leaks).
-    pub fn addresses(&self) -> usize {
+    /// How many addresses hold places.
+    #[cfg(test)]
+    pub(crate) fn addresses(&self) -> usize {
         self.lock().len()
     }
 }
 
-impl PendingSlot {
+impl AddressSlot {
     /// The connection has answered a request and now waits for the next
     /// one on a kept-alive connection: a newcomer from the same address
     /// may take its place, which [`evicted`](Self::evicted) then reports.
-    pub fn idle(&self) {
+    pub(crate) fn idle(&self) {
         let mut addresses = self.limits.lock();
         if let Some(places) = addresses.get_mut(&self.key)
             && !self.evicted.is_cancelled()
@@ -119,7 +128,7 @@ impl PendingSlot {
     /// place. False if a newcomer took the place first; the connection
     /// must then close without answering (a client resends a request that
     /// got no answer on a reused connection).
-    pub fn busy(&self) -> bool {
+    pub(crate) fn busy(&self) -> bool {
         let mut addresses = self.limits.lock();
         if self.evicted.is_cancelled() {
             return false;
@@ -131,12 +140,12 @@ impl PendingSlot {
     }
 
     /// Resolves when a newcomer has taken this connection's place.
-    pub fn evicted(&self) -> WaitForCancellationFuture<'_> {
+    pub(crate) fn evicted(&self) -> WaitForCancellationFuture<'_> {
         self.evicted.cancelled()
     }
 }
 
-impl Drop for PendingSlot {
+impl Drop for AddressSlot {
     fn drop(&mut self) {
         let mut addresses = self.limits.lock();
         let Some(places) = addresses.get_mut(&self.key) else {
@@ -172,14 +181,31 @@ mod tests {
     }
 
     #[test]
+    fn address_limits_count_and_release() {
+        let limits = AddressLimits::new(2);
+        let a: IpAddr = "192.0.2.1".parse().expect("ip");
+        let s1 = limits.acquire(a).expect("1");
+        let s2 = limits.acquire(a).expect("2");
+        assert_eq!(limits.acquire(a).expect_err("3"), Full);
+        // Same /64 is the same address.
+        let v6a: IpAddr = "2001:db8::1".parse().expect("ip");
+        let v6b: IpAddr = "2001:db8::2".parse().expect("ip");
+        let _x = limits.acquire(v6a).expect("v6 1");
+        let _y = limits.acquire(v6b).expect("v6 2");
+        assert!(limits.acquire(v6a).is_err());
+        drop(s1);
+        let _s3 = limits.acquire(a).expect("freed");
+        drop(s2);
+        drop(_s3);
+        assert_eq!(limits.addresses(), 1, "empty entries are removed");
+    }
+
+    #[test]
     fn busy_connections_meet_the_limit() {
-        let limits = PendingLimits::new(2);
+        let limits = AddressLimits::new(2);
         let a = limits.acquire(ip("192.0.2.1")).expect("first");
         let _b = limits.acquire(ip("192.0.2.1")).expect("second");
-        assert_eq!(
-            limits.acquire(ip("192.0.2.1")).err(),
-            Some(Refusal::TooManyPendingFromAddress)
-        );
+        assert_eq!(limits.acquire(ip("192.0.2.1")).err(), Some(Full));
         let _other = limits.acquire(ip("192.0.2.2")).expect("another address");
         drop(a);
         let _c = limits.acquire(ip("192.0.2.1")).expect("a freed place");
@@ -187,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_newcomer_takes_the_longest_idle_place() {
-        let limits = PendingLimits::new(2);
+        let limits = AddressLimits::new(2);
         let first = limits.acquire(ip("192.0.2.1")).expect("first");
         let second = limits.acquire(ip("192.0.2.1")).expect("second");
         second.idle();
@@ -204,7 +230,7 @@ mod tests {
         assert!(fired(first.evicted()));
         assert_eq!(
             limits.acquire(ip("192.0.2.1")).err(),
-            Some(Refusal::TooManyPendingFromAddress),
+            Some(Full),
             "no idle place left"
         );
         drop(newcomer);
@@ -213,7 +239,7 @@ mod tests {
 
     #[test]
     fn a_busy_connection_is_not_evicted() {
-        let limits = PendingLimits::new(1);
+        let limits = AddressLimits::new(1);
         let only = limits.acquire(ip("192.0.2.1")).expect("only");
         only.idle();
         only.idle();
@@ -224,8 +250,8 @@ mod tests {
 
     #[test]
     fn every_place_is_freed_exactly_once() {
-        let limits = PendingLimits::new(2);
-        let mut held: Vec<PendingSlot> = Vec::new();
+        let limits = AddressLimits::new(2);
+        let mut held: Vec<AddressSlot> = Vec::new();
         for round in 0..60 {
             let slot = match limits.acquire(ip("2001:db8::1")) {
                 Ok(slot) => slot,
@@ -281,13 +307,13 @@ mod tests {
         #[test]
         fn places_follow_the_model(ops in proptest::collection::vec(op(), 1..200)) {
             const MAX: usize = 3;
-            let limits = PendingLimits::new(MAX);
+            let limits = AddressLimits::new(MAX);
             let addrs = [ip("192.0.2.1"), ip("2001:db8::1")];
-            let mut live: Vec<(u8, PendingSlot, State)> = Vec::new();
+            let mut live: Vec<(u8, AddressSlot, State)> = Vec::new();
             for (step, op) in ops.into_iter().enumerate() {
                 match op {
                     Op::Acquire(a) => {
-                        let holding = |live: &Vec<(u8, PendingSlot, State)>| {
+                        let holding = |live: &Vec<(u8, AddressSlot, State)>| {
                             live.iter().filter(|(x, _, s)| *x == a && *s != State::Evicted).count()
                         };
                         let longest_idle = live
@@ -310,7 +336,7 @@ mod tests {
                                 live.push((a, slot, State::Busy));
                             }
                             Err(refusal) => {
-                                proptest::prop_assert_eq!(refusal, Refusal::TooManyPendingFromAddress);
+                                proptest::prop_assert_eq!(refusal, Full);
                                 proptest::prop_assert!(full && longest_idle.is_none(), "refused with room");
                             }
                         }

@@ -1,0 +1,106 @@
+//! Why a request (a page, or a WebSocket handshake) was refused, and the
+//! HTTP answer for each reason.
+
+use std::fmt;
+use tokio_tungstenite::tungstenite::http::StatusCode;
+
+/// The only path that upgrades.
+pub const WS_PATH: &str = "/ws";
+
+/// Why a handshake (or, for the `Host` checks, any request) was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The path is not [`WS_PATH`].
+    NotFound,
+    /// No `Host`, two, or one that is not a host.
+    BadHost,
+    /// The `Host` is not one this server answers to (see [`crate::host`]).
+    HostNotAllowed,
+    /// An upgrade with a method other than `GET`.
+    MethodNotAllowed,
+    /// An upgrade with a body.
+    BodyNotAllowed,
+    /// An upgrade that is not HTTP/1.1, lacks `Connection: upgrade`, or has
+    /// no valid `Sec-WebSocket-Key`.
+    BadUpgrade(&'static str),
+    /// A `Sec-WebSocket-Version` other than 13.
+    UnsupportedVersion,
+    /// A `/ws` query whose `since` or `epoch` cannot be used (see
+    /// [`crate::resume`]).
+    BadResume(&'static str),
+    /// The `Origin` header is not in the allowed list.
+    OriginNotAllowed,
+    /// A trusted proxy sent an `X-Forwarded-For` that is not a list of
+    /// addresses.
+    BadForwardedFor,
+    /// The client's address already has the most connections allowed.
+    TooManyFromAddress,
+    /// The TCP peer already has the most connections still in their
+    /// request phase. Such a connection is closed at once, without a
+    /// response.
+    TooManyPendingFromAddress,
+    /// The server is at its connection limit.
+    ServerFull,
+}
+
+impl Refusal {
+    /// The HTTP status sent for this refusal.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::NotFound => StatusCode::NOT_FOUND,
+            Refusal::BadHost | Refusal::BadUpgrade(_) | Refusal::BadResume(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Refusal::HostNotAllowed => StatusCode::FORBIDDEN,
+            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::BodyNotAllowed => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
+            Refusal::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Refusal::BadForwardedFor => StatusCode::BAD_REQUEST,
+            Refusal::TooManyFromAddress | Refusal::TooManyPendingFromAddress => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Refusal::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A short stable name, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::NotFound => "not_found",
+            Refusal::BadHost => "bad_host",
+            Refusal::HostNotAllowed => "host_not_allowed",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::BodyNotAllowed => "body_not_allowed",
+            Refusal::BadUpgrade(_) => "bad_upgrade",
+            Refusal::BadResume(_) => "bad_resume",
+            Refusal::UnsupportedVersion => "unsupported_version",
+            Refusal::OriginNotAllowed => "origin_not_allowed",
+            Refusal::BadForwardedFor => "bad_forwarded_for",
+            Refusal::TooManyFromAddress => "too_many_from_address",
+            Refusal::TooManyPendingFromAddress => "too_many_pending_from_address",
+            Refusal::ServerFull => "server_full",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refusal::NotFound => "not found: the chat is at /ws",
+            Refusal::BadHost => "a request needs exactly one well-formed Host header",
+            Refusal::HostNotAllowed => {
+                "host not allowed: this server answers to the names given with --public-host"
+            }
+            Refusal::MethodNotAllowed => "a WebSocket handshake is a GET",
+            Refusal::BodyNotAllowed => "a WebSocket handshake has no body",
+            Refusal::BadUpgrade(why) | Refusal::BadResume(why) => why,
+            Refusal::UnsupportedVersion => "only WebSocket version 13 is supported",
+            Refusal::OriginNotAllowed => "origin not allowed",
+            Refusal::BadForwardedFor => "malformed X-Forwarded-For from a trusted proxy",
+            Refusal::TooManyFromAddress => "too many connections from your address",
+            Refusal::TooManyPendingFromAddress => "too many unfinished requests from your address",
+            Refusal::ServerFull => "server at its connection limit, try again later",
+        })
+    }
+}
