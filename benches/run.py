@@ -7,6 +7,7 @@ each, and prints the medians as a Markdown table.
     python3 benches/run.py --runs 5 --only fanout,saturate
     python3 benches/run.py --quick        # small, for a smoke test
     python3 benches/run.py --only sweep   # the fan-out sweep (one run, minutes)
+    python3 benches/run.py --only reconnect   # resume with ?since= against a full replay
 
 The reaction storm and the soak have their own commands, given with their
 tables in BENCHMARKS.md.
@@ -84,6 +85,15 @@ SWEEP = ["fanout", "--clients", "1000", "--senders", "50", "--rate", "225", "--d
 DURABLE = {
     "saturate-senders": ["saturate", "--clients", "200", "--senders", "200", "--in-flight", "4", "--duration", "10s"],
 }
+# Reconnecting after a blip, resuming with ?since= against a plain /ws that
+# replays the whole history: our server only (the seed protocol has no
+# positions), in memory and durable.
+RECONNECT = {
+    "reconnect": ["reconnect", "--clients", "1000", "--history", "10000", "--prefill-senders", "200", "--missed", "100"],
+}
+RECONNECT_QUICK = {
+    "reconnect": ["reconnect", "--clients", "100", "--history", "1000", "--prefill-senders", "20", "--missed", "20"],
+}
 DURABLE_QUICK = {
     "saturate-senders": ["saturate", "--clients", "50", "--senders", "50", "--in-flight", "4", "--duration", "3s", "--warmup", "1s"],
 }
@@ -156,6 +166,17 @@ METRICS = {
     "connect": [("all clients have history (s)", "all_have_history_s", "{:.2f}"),
                 ("per client p50 (s)", "per_client_s.p50", "{:.2f}"), ("per client max (s)", "per_client_s.max", "{:.2f}"),
                 ("history frames/s", "history_frames_per_s", "{:,.0f}"), ("failures", "failures", "{:.0f}")],
+    "reconnect": [("since: all caught up (s)", "since.all_caught_up_s", "{:.2f}"),
+                  ("full: all caught up (s)", "full.all_caught_up_s", "{:.2f}"),
+                  ("since: bytes per client", "since.bytes_per_client", "{:,.0f}"),
+                  ("full: bytes per client", "full.bytes_per_client", "{:,.0f}"),
+                  ("since: server CPU (s)", "since.server_cpu_s", "{:.2f}"),
+                  ("full: server CPU (s)", "full.server_cpu_s", "{:.2f}"),
+                  ("full / since: bytes", "full_over_since.bytes", "{:.1f}×"),
+                  ("full / since: time", "full_over_since.time", "{:.1f}×"),
+                  ("full / since: server CPU", "full_over_since.server_cpu", "{:.1f}×"),
+                  ("resets (since)", "since.resets", "{:.0f}"),
+                  ("failures", "since.failures", "{:.0f}")],
     "idle": [("server bytes per idle connection", "server_bytes_per_connection", "{:,.0f}"),
              ("failures", "failures", "{:.0f}")],
 }
@@ -181,6 +202,10 @@ def main():
     servers = args.servers.split(",")
     raw = {}
     plan = [(scen, scen_args, servers) for scen, scen_args in chosen.items()]
+    if not args.only or "reconnect" in args.only.split(","):
+        reconnect = RECONNECT_QUICK if args.quick else RECONNECT
+        plan += [(scen, scen_args, ["chat-server", "chat-server-durable"]) for scen, scen_args in reconnect.items()]
+        chosen.update(reconnect)
     if not args.only or "durable" in args.only:
         durable = DURABLE_QUICK if args.quick else DURABLE
         plan += [(scen, scen_args, ["chat-server-durable", "chat-server"]) for scen, scen_args in durable.items()]

@@ -80,6 +80,23 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         prefill_senders: usize,
     },
+    /// K clients holding H messages drop their connections, M messages are
+    /// sent, and they reconnect: once resuming with `?since=`, once with a
+    /// plain `/ws` (the whole history). Bytes, time and server CPU of each.
+    Reconnect {
+        /// Clients that drop and reconnect.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Messages to put in history first (the server's rate limit must allow it).
+        #[arg(long, default_value_t = 10_000)]
+        history: usize,
+        /// Addresses the history is sent from.
+        #[arg(long, default_value_t = 200)]
+        prefill_senders: usize,
+        /// Messages sent while the clients are away.
+        #[arg(long, default_value_t = 100)]
+        missed: usize,
+    },
     /// Ordinary clients chat while abusers attack; samples the server's
     /// memory and descriptors and checks that nothing was lost.
     Soak {
@@ -246,6 +263,27 @@ async fn main() -> std::process::ExitCode {
                     Err(e) => json!({ "error": e }),
                 };
             ("connect", params, results)
+        }
+        Scenario::Reconnect {
+            clients,
+            history,
+            prefill_senders,
+            missed,
+        } => {
+            let params = json!({"clients": clients, "history": history, "prefill_senders": prefill_senders, "missed": missed});
+            let r = chat_loadgen::reconnect::Reconnect {
+                clients: *clients,
+                history: *history,
+                missed: *missed,
+                parallel: cli.connect_parallel,
+                server_pid: cli.server_pid,
+            };
+            let results =
+                match scenario::prefill(&target, *history, *prefill_senders, &progress).await {
+                    Ok(_) => chat_loadgen::reconnect::run(&target, &r, &progress).await,
+                    Err(e) => json!({ "error": e }),
+                };
+            ("reconnect", params, results)
         }
         Scenario::Soak {
             duration,
