@@ -65,7 +65,16 @@ fn query(at: &LastSync) -> String {
 /// `r.history` messages.
 pub async fn run(target: &Target, r: &Reconnect, progress: &Arc<Progress>) -> Value {
     // Everyone connects with `?sync` and reads the history to its sync.
-    let first = match rejoin(target, r, vec![None; r.clients], Mode::Since, None, progress).await {
+    let first = match rejoin(
+        target,
+        r,
+        vec![None; r.clients],
+        Mode::Since,
+        None,
+        progress,
+    )
+    .await
+    {
         Ok(first) => first,
         Err(e) => return json!({ "error": format!("first connect: {e}") }),
     };

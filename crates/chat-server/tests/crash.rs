@@ -102,6 +102,9 @@ struct View {
     messages: HashMap<Uuid, Message>,
     /// The last `sync` frame.
     at: Option<Sync>,
+    /// Whether a `reset` is the right answer now (a new epoch).
+    expect_reset: bool,
+    resets: usize,
 }
 
 impl View {
@@ -118,7 +121,17 @@ impl View {
                 self.upsert(&r.message);
             }
             ServerFrame::Sync(s) => self.at = Some(*s),
-            ServerFrame::Reset(r) => panic!("a resume within one epoch was reset: {r:?}"),
+            ServerFrame::Reset(r) => {
+                assert!(
+                    self.expect_reset,
+                    "a resume within one epoch was reset: {r:?}"
+                );
+                assert_eq!(r.reason, chat_proto::ResetReason::EpochChanged);
+                // Drop everything shown: the full history follows.
+                self.order.clear();
+                self.messages.clear();
+                self.resets += 1;
+            }
             ServerFrame::Error(e) => panic!("unexpected refusal: {}", e.error),
         }
     }
@@ -374,6 +387,40 @@ async fn sigkill_at_random_moments_loses_nothing() {
             );
             let _ = server.kill();
             let _ = server.wait();
+            // Restored from a backup, say: a new epoch. Every client's
+            // position is stale; resuming, each is reset and then shows
+            // exactly the history.
+            let mut server = ServerProcess::start_on(dir.path(), port, &["--new-epoch"]);
+            let replayed = history(port, ever.len()).await;
+            for (i, view) in views.iter_mut().enumerate() {
+                let n = 2 + i as u8;
+                let old = view.at.expect("synced").epoch;
+                view.expect_reset = true;
+                let mut ws = connect_to(port, n, &view.query()).await;
+                let sync = loop {
+                    let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                        .await
+                        .expect("a sync after the reset");
+                    let Some(Ok(WsMessage::Text(text))) = frame else {
+                        continue;
+                    };
+                    let frame = decode(&text);
+                    view.apply(&frame);
+                    if let ServerFrame::Sync(s) = frame {
+                        break s;
+                    }
+                };
+                assert_eq!(view.resets, 1, "client {n}: one reset");
+                assert_ne!(sync.epoch, old, "a new epoch");
+                let shown: Vec<Uuid> = view.order.clone();
+                let history: Vec<Uuid> = replayed.iter().map(|m| m.id).collect();
+                assert_eq!(shown, history, "client {n}: after the reset, the history");
+            }
+            let _ = server.kill();
+            let _ = server.wait();
+            println!(
+                "crash test: after --new-epoch, every client was reset to exactly the history"
+            );
             break;
         }
 
