@@ -391,15 +391,7 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_up() {
     let server = TestServer::start(config).await;
 
     // Its kernel receive buffer is tiny, so the server's writes back up fast.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket
-        .bind("127.0.0.9:0".parse().expect("addr"))
-        .expect("bind");
-    let stream = socket.connect(server.addr).await.expect("connect");
-    let (slow, _) = tokio_tungstenite::client_async(server.url("/ws"), stream)
-        .await
-        .expect("handshake");
+    let mut slow = server.tight_client(9, "/ws").await;
 
     let mut reader = server.client(3).await;
     let mut sender = server.client(2).await;
@@ -418,7 +410,6 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_up() {
 
     // The slow client was cut off: when it finally reads, it finds fewer
     // than all messages and then the end of the connection.
-    let mut slow = support::Client { ws: slow };
     let mut got = 0;
     let close = loop {
         match slow.next().await {

@@ -225,16 +225,7 @@ async fn a_client_far_behind_catches_up_from_the_log() {
     config.history_limit = 100;
     let server = TestServer::start(config).await;
 
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket
-        .bind("127.0.0.9:0".parse().expect("addr"))
-        .expect("bind");
-    let stream = socket.connect(server.addr).await.expect("connect");
-    let (behind, _) = tokio_tungstenite::client_async(server.url("/ws?sync"), stream)
-        .await
-        .expect("handshake");
-    let mut behind = Client { ws: behind };
+    let mut behind = server.tight_client(9, "/ws?sync").await;
 
     let mut sender = server.client(2).await;
     let text = "😀".repeat(100);
@@ -280,15 +271,7 @@ async fn a_socket_that_does_not_drain_is_reset_within_the_write_timeout() {
     let write_timeout = config.write_timeout;
     let server = TestServer::start(config).await;
 
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket
-        .bind("127.0.0.9:0".parse().expect("addr"))
-        .expect("bind");
-    let stream = socket.connect(server.addr).await.expect("connect");
-    let (mute, _) = tokio_tungstenite::client_async(server.url("/ws"), stream)
-        .await
-        .expect("handshake");
+    let mut mute = server.tight_client(9, "/ws").await;
 
     // Enough to fill its receive window and the server's send buffer.
     let mut sender = server.client(2).await;
@@ -304,7 +287,7 @@ async fn a_socket_that_does_not_drain_is_reset_within_the_write_timeout() {
     let filled = Instant::now();
     let bound = write_timeout + CLOSE_TIMEOUT + Duration::from_secs(1);
     loop {
-        match mute.get_ref().take_error() {
+        match mute.ws.get_ref().take_error() {
             Ok(Some(e)) => {
                 assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
                 break;
@@ -319,7 +302,6 @@ async fn a_socket_that_does_not_drain_is_reset_within_the_write_timeout() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Reading now finds what was buffered, then the end.
-    let mut mute = Client { ws: mute };
     while let Some(Ok(_)) = mute.ws.next().await {}
     server.still_serves().await;
     server.shutdown().await;

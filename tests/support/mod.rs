@@ -112,6 +112,21 @@ impl TestServer {
         }
     }
 
+    /// A client from `127.0.0.<n>` on `path` whose kernel receive buffer
+    /// is 4 KiB: once it stops reading, the server's writes back up fast.
+    pub async fn tight_client(&self, n: u8, path: &str) -> Client {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        socket
+            .bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)), 0))
+            .expect("bind loopback source");
+        let stream = socket.connect(self.addr).await.expect("tcp connect");
+        let (ws, _) = tokio_tungstenite::client_async(self.url(path), stream)
+            .await
+            .expect("handshake");
+        Client { ws }
+    }
+
     /// A client from `127.0.0.<n>`: a distinct user per `n`.
     pub async fn client(&self, n: u8) -> Client {
         self.try_client(n, "/ws", &[]).await.expect("handshake")

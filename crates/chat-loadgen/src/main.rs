@@ -46,6 +46,20 @@ struct Cli {
     scenario: Scenario,
 }
 
+/// Many clients and a long history, put there first.
+#[derive(Debug, Args)]
+struct CrowdArgs {
+    /// Clients connecting at once.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Messages to put in history first (the server's rate limit must allow it).
+    #[arg(long, default_value_t = 10_000)]
+    history: usize,
+    /// Addresses the history is sent from.
+    #[arg(long, default_value_t = 200)]
+    prefill_senders: usize,
+}
+
 #[derive(Debug, Subcommand)]
 enum Scenario {
     /// C clients receive while S of them send at a fixed total rate (open loop).
@@ -70,29 +84,15 @@ enum Scenario {
     },
     /// K clients connect at once to a server holding H messages.
     Connect {
-        /// Clients connecting at once.
-        #[arg(long, default_value_t = 1000)]
-        clients: usize,
-        /// Messages to put in history first (the server's rate limit must allow it).
-        #[arg(long, default_value_t = 10_000)]
-        history: usize,
-        /// Addresses the history is sent from.
-        #[arg(long, default_value_t = 200)]
-        prefill_senders: usize,
+        #[command(flatten)]
+        crowd: CrowdArgs,
     },
     /// K clients holding H messages drop their connections, M messages are
     /// sent, and they reconnect: once resuming with `?since=`, once with a
     /// plain `/ws` (the whole history). Bytes, time and server CPU of each.
     Reconnect {
-        /// Clients that drop and reconnect.
-        #[arg(long, default_value_t = 1000)]
-        clients: usize,
-        /// Messages to put in history first (the server's rate limit must allow it).
-        #[arg(long, default_value_t = 10_000)]
-        history: usize,
-        /// Addresses the history is sent from.
-        #[arg(long, default_value_t = 200)]
-        prefill_senders: usize,
+        #[command(flatten)]
+        crowd: CrowdArgs,
         /// Messages sent while the clients are away.
         #[arg(long, default_value_t = 100)]
         missed: usize,
@@ -249,9 +249,12 @@ async fn main() -> std::process::ExitCode {
             ("saturate", params, results)
         }
         Scenario::Connect {
-            clients,
-            history,
-            prefill_senders,
+            crowd:
+                CrowdArgs {
+                    clients,
+                    history,
+                    prefill_senders,
+                },
         } => {
             let params =
                 json!({"clients": clients, "history": history, "prefill_senders": prefill_senders});
@@ -265,9 +268,12 @@ async fn main() -> std::process::ExitCode {
             ("connect", params, results)
         }
         Scenario::Reconnect {
-            clients,
-            history,
-            prefill_senders,
+            crowd:
+                CrowdArgs {
+                    clients,
+                    history,
+                    prefill_senders,
+                },
             missed,
         } => {
             let params = json!({"clients": clients, "history": history, "prefill_senders": prefill_senders, "missed": missed});
