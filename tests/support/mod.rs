@@ -3,6 +3,8 @@
 //! schemas in `asyncapi.yaml`.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod nats;
+
 use chat_proto::{
     AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, Uuid,
 };

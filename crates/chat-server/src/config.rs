@@ -31,6 +31,31 @@ pub struct Config {
     #[arg(long, env = "CHAT_IN_MEMORY")]
     pub in_memory: bool,
 
+    // --- Cluster -----------------------------------------------------------
+    /// Run as one node of a cluster ordered by this NATS server's
+    /// JetStream (for example `nats://127.0.0.1:4222`). Without it, the
+    /// server is a single node with its own store.
+    #[arg(long, env = "CHAT_CLUSTER")]
+    pub cluster: Option<String>,
+
+    /// The JetStream stream that orders the chat (cluster mode).
+    #[arg(long, env = "CHAT_CLUSTER_STREAM", default_value = "chat")]
+    pub cluster_stream: String,
+
+    /// JetStream replicas of that stream: 1, or 3 on a NATS cluster of
+    /// three or more servers (cluster mode).
+    #[arg(long, env = "CHAT_CLUSTER_REPLICAS", default_value_t = 1)]
+    pub cluster_replicas: usize,
+
+    /// The most bytes the stream keeps; the oldest entries go first
+    /// (cluster mode).
+    #[arg(long, env = "CHAT_CLUSTER_MAX_BYTES", default_value_t = 1 << 30)]
+    pub cluster_max_bytes: i64,
+
+    /// This node's name in the cluster (default: a random one per start).
+    #[arg(long, env = "CHAT_NODE_ID")]
+    pub node_id: Option<String>,
+
     /// Start a new epoch of the log: every client's position becomes stale,
     /// and its next resume is a full replay. Use it once after restoring a
     /// backup into the data directory, whose positions clients may have
@@ -367,6 +392,19 @@ impl Config {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
             }
+        }
+        if self.cluster.is_some()
+            && self.identity_secret.is_none()
+            && self.identity == IdentityMode::Pseudonym
+        {
+            return Err(
+                "--cluster needs --identity-secret (the same on every node), so that every node \
+                 gives one address the same user id; or --identity raw-ip"
+                    .into(),
+            );
+        }
+        if self.cluster.is_some() && !(1..=5).contains(&self.cluster_replicas) {
+            return Err("--cluster-replicas must be 1 to 5".into());
         }
         if self.max_request_head < MIN_REQUEST_HEAD {
             return Err(format!(

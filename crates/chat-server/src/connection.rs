@@ -224,6 +224,7 @@ async fn read_loop(
                     Ok(()) => None,
                     Err(ApplyError::Refused(refusal)) => Some(Refused::Rule(refusal)),
                     Err(ApplyError::Stopping) => return CloseReason::Shutdown,
+                    Err(ApplyError::Unavailable) => Some(Refused::Unavailable),
                 },
             },
             Message::Binary(_) => Some(Refused::Malformed(DecodeError::Binary)),
@@ -234,7 +235,8 @@ async fn read_loop(
         if let Some(refusal) = refusal {
             debug!(user = %admitted.user, %refusal, "refused");
             shared.metrics.frame_refused(refusal.kind());
-            if !refusals.take() {
+            // Only the client's own mistakes count against its budget.
+            if !matches!(refusal, Refused::Unavailable) && !refusals.take() {
                 return CloseReason::TooManyRefusals;
             }
             let frame = Utf8Bytes::from(ServerFrame::error(&refusal).encode());
@@ -256,7 +258,14 @@ enum Refused {
     /// Against the chat's rules.
     #[error(transparent)]
     Rule(ChatError),
+    /// Not the client's doing: the ordering point could not take it.
+    #[error("{UNAVAILABLE}")]
+    Unavailable,
 }
+
+/// The wire text of [`Refused::Unavailable`].
+pub(crate) const UNAVAILABLE: &str =
+    "the chat is unavailable: your last message or reaction was not taken; send it again";
 
 impl Refused {
     /// A short stable name, for metrics labels.
@@ -264,6 +273,7 @@ impl Refused {
         match self {
             Refused::Malformed(_) => "invalid_format",
             Refused::Rule(e) => e.kind(),
+            Refused::Unavailable => "unavailable",
         }
     }
 }
@@ -431,5 +441,24 @@ impl Writer<'_> {
             self.sink.flush().await.map_err(write_failed)?;
         }
         Ok(more)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unavailable_text_is_documented_in_asyncapi() {
+        let doc = chat_testkit::asyncapi();
+        let description = doc
+            .pointer("/components/schemas/ErrorFrame/properties/data/properties/error/description")
+            .and_then(|d| d.as_str())
+            .expect("the error text's description");
+        assert!(
+            description.contains(&format!("- \"{UNAVAILABLE}\"")),
+            "asyncapi.yaml does not list {UNAVAILABLE:?}"
+        );
+        assert_eq!(Refused::Unavailable.to_string(), UNAVAILABLE);
     }
 }

@@ -54,6 +54,10 @@ pub(crate) enum ApplyError {
     /// The server is stopping and no longer commits.
     #[error("server stopping")]
     Stopping,
+    /// The ordering point could not take the command (the cluster's log is
+    /// unreachable); it was not applied, and may be sent again.
+    #[error("the chat is unavailable")]
+    Unavailable,
 }
 
 /// Recovers a lock whose holder panicked: nothing under it panics, and if

@@ -22,6 +22,7 @@
 //! - `server`: binding, running and stopping the server;
 //! - [`config`]: every setting and bound;
 //! - [`clock`]: the time commands are stamped with;
+//! - [`cluster`]: cluster mode, an ordering point on NATS JetStream;
 //! - `listener`: the accept loop and the connection limit;
 //! - [`http`]: HTTP/1 on the same port: the codec, the keep-alive loop, the
 //!   routes (the page, health, metrics, whoami), the upgrade's form and the
@@ -45,6 +46,7 @@
 pub mod admission;
 pub mod clock;
 mod close;
+pub mod cluster;
 pub mod config;
 mod connection;
 mod echo;

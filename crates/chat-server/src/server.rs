@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::http::WS_PATH;
 use crate::listener;
-use crate::{log, pipeline};
+use crate::{cluster, log, pipeline};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, Policy};
@@ -49,6 +49,9 @@ pub enum StartError {
     /// The durable store could not be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The cluster could not be joined.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     /// The committer thread could not be started.
     #[error("cannot start the store's committer thread: {0}")]
     Thread(std::io::Error),
@@ -102,7 +105,12 @@ impl Server {
     /// the host's clock (tests start servers at chosen times with it).
     pub async fn bind_with_clock(config: Config, clock: Clock) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
-        let mut store = if config.in_memory {
+        let mut store = if config.cluster.is_some() {
+            info!(
+                "cluster mode: the history lives in the JetStream stream; this node keeps it in memory"
+            );
+            None
+        } else if config.in_memory {
             info!("history is in memory only (--in-memory)");
             None
         } else {
@@ -114,6 +122,22 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::new());
         let fresh_epoch = Epoch(Uuid::new_v4());
+        let cluster = match &config.cluster {
+            None => None,
+            Some(url) => {
+                let settings = cluster::Settings {
+                    url: url.clone(),
+                    stream: config.cluster_stream.clone(),
+                    replicas: config.cluster_replicas,
+                    max_bytes: config.cluster_max_bytes,
+                    node: config.node_id.clone().unwrap_or_else(|| {
+                        format!("node-{}", &Uuid::new_v4().simple().to_string()[..8])
+                    }),
+                };
+                Some(cluster::connect(&settings).await?)
+            }
+        };
+        let fresh_epoch = cluster.as_ref().map_or(fresh_epoch, |c| c.epoch);
         let (chat, log) = match &mut store {
             None => {
                 let chat = Chat::new(config.chat());
@@ -195,9 +219,17 @@ impl Server {
             None => pipeline::spawn_committer(pipeline::Discard, pipe),
         }
         .map_err(StartError::Thread)?;
-        let hub = Arc::new(Hub::new(chat, commits, clock));
+        let order: Arc<dyn Sequencer> = match cluster {
+            None => Arc::new(Hub::new(chat, commits, clock)),
+            Some(cluster) => {
+                let started = std::time::Instant::now();
+                let sequencer = cluster.start(chat, commits, shutdown.clone()).await?;
+                info!(took = ?started.elapsed(), head = %log.join(log::Since::Start).cursor, "caught up with the cluster's stream");
+                Arc::new(sequencer)
+            }
+        };
         let shared = Shared {
-            order: hub,
+            order,
             log,
             admission: Admission::new(
                 Policy {

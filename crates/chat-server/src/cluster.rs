@@ -1,0 +1,503 @@
+//! Cluster mode (`--cluster nats://HOST:PORT`): several servers, one chat,
+//! ordered by one NATS JetStream stream (state-machine replication).
+//!
+//! A node that receives a command wraps it in an [`Envelope`] (origin node,
+//! request id, the user as this node judged it, the command) and publishes
+//! it to the stream, with `Nats-Msg-Id` set so that a retry is stored once.
+//! Every node reads the whole stream in order with its own ordered consumer
+//! and applies each entry to its own `chat-core`, with a context derived
+//! from the entry alone: the time is the stream's timestamp, the new
+//! message's id is made from the stream sequence, the user comes from the
+//! envelope. Every node therefore computes the same state, the same events
+//! and the same positions. The origin node hands the outcome of its own
+//! entries (accepted, or refused) back to the connection that sent them.
+//!
+//! This is the first step: nodes keep no local store (a node that starts
+//! reads the stream from its first entry, and does not accept connections
+//! until it has applied what was there), and the stream is bounded by size.
+
+use crate::hub::{ApplyError, Sequencer};
+use async_nats::jetstream::{self, consumer, stream};
+use chat_core::{Chat, Context, Event, Timestamp};
+use chat_proto::{ClientFrame, Epoch, UserId, Uuid};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+/// The envelope format this build writes and applies. A node that meets
+/// another stops applying rather than diverge from the nodes that know it.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// How long a node waits for JetStream to acknowledge a command, and then
+/// for its own apply of it.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One command in the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// [`ENVELOPE_VERSION`] when written.
+    pub v: u32,
+    /// The node the client is connected to.
+    pub node: String,
+    /// That node's run (a fresh id each start), so request ids of two runs
+    /// never meet.
+    pub boot: Uuid,
+    /// The command's number on that node's run.
+    pub request: u64,
+    /// Who sent it, as the origin node judged it (from the address or a
+    /// trusted proxy).
+    pub user: UserId,
+    /// The command.
+    pub command: ClientFrame,
+}
+
+/// Why the cluster could not be joined.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    /// NATS could not be reached.
+    #[error("cannot reach NATS at {url}: {detail}")]
+    Connect {
+        /// The URL given with `--cluster`.
+        url: String,
+        /// What the client said.
+        detail: String,
+    },
+    /// The stream could not be created or read.
+    #[error("JetStream stream {stream}: {detail}")]
+    Stream {
+        /// The stream's name.
+        stream: String,
+        /// What JetStream said.
+        detail: String,
+    },
+}
+
+/// How to join the cluster.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The NATS server.
+    pub url: String,
+    /// The stream that orders the chat.
+    pub stream: String,
+    /// JetStream replicas of the stream.
+    pub replicas: usize,
+    /// The most bytes the stream keeps.
+    pub max_bytes: i64,
+    /// This node's name.
+    pub node: String,
+}
+
+/// The cluster's ordering point: publishes commands and waits for their
+/// outcome from this node's own apply.
+#[derive(Debug)]
+pub struct ClusterSequencer {
+    js: jetstream::Context,
+    subject: String,
+    node: String,
+    boot: Uuid,
+    next_request: AtomicU64,
+    /// Outcomes awaited by this node's connections, by request.
+    waiting: Arc<Waiting>,
+    /// False once the applier stopped (an entry it cannot apply).
+    applying: watch::Receiver<bool>,
+}
+
+type Waiting = Mutex<HashMap<u64, oneshot::Sender<Result<(), chat_core::ChatError>>>>;
+
+/// A connection to the cluster's stream, before anything is applied.
+#[derive(Debug)]
+pub struct Connected {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    subject: String,
+    node: String,
+    /// The stream's epoch (the same on every node).
+    pub epoch: Epoch,
+    /// The last entry in the stream when this node joined.
+    last_sequence: u64,
+}
+
+fn subject(stream: &str) -> String {
+    format!("{stream}.commands")
+}
+
+/// Connects to NATS and creates the stream if needed.
+pub async fn connect(settings: &Settings) -> Result<Connected, ClusterError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("chat-server {}", settings.node))
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(settings.url.as_str());
+    // `retry_on_initial_connect` would wait for ever; a node that cannot
+    // reach NATS at start says so instead.
+    let client = tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .map_err(|_| ClusterError::Connect {
+            url: settings.url.clone(),
+            detail: "no answer within 10 s".into(),
+        })?
+        .map_err(|e| ClusterError::Connect {
+            url: settings.url.clone(),
+            detail: e.to_string(),
+        })?;
+    let js = jetstream::new(client);
+    let stream_err = |e: &dyn std::fmt::Display| ClusterError::Stream {
+        stream: settings.stream.clone(),
+        detail: e.to_string(),
+    };
+    let subject = subject(&settings.stream);
+    let mut stream = js
+        .get_or_create_stream(stream::Config {
+            name: settings.stream.clone(),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            max_bytes: settings.max_bytes,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| stream_err(&e))?;
+    let info = stream.info().await.map_err(|e| stream_err(&e))?;
+    let epoch = epoch_of(&settings.stream, info.created.unix_timestamp_nanos());
+    let last_sequence = info.state.last_sequence;
+    Ok(Connected {
+        js,
+        stream,
+        subject,
+        node: settings.node.clone(),
+        epoch,
+        last_sequence,
+    })
+}
+
+impl Connected {
+    /// Starts applying the stream: every entry, in order, goes through
+    /// `chat`, and its events to `commits`, until `stop` is cancelled.
+    /// Returns the node's sequencer once everything in the stream at the
+    /// moment of joining is applied.
+    pub async fn start(
+        self,
+        mut chat: Chat,
+        commits: mpsc::Sender<Vec<Event>>,
+        stop: CancellationToken,
+    ) -> Result<ClusterSequencer, ClusterError> {
+        let name = self.stream.cached_info().config.name.clone();
+        let stream_err = |e: &dyn std::fmt::Display| ClusterError::Stream {
+            stream: name.clone(),
+            detail: e.to_string(),
+        };
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| stream_err(&e))?;
+        let mut entries = consumer.messages().await.map_err(|e| stream_err(&e))?;
+        let boot = Uuid::new_v4();
+        let waiting: Arc<Waiting> = Arc::default();
+        let (applying_tx, applying) = watch::channel(true);
+        let (caught_up_tx, caught_up) = oneshot::channel();
+        let caught_up_to = self.last_sequence;
+        let node = self.node.clone();
+        {
+            let waiting = Arc::clone(&waiting);
+            let node = node.clone();
+            tokio::spawn(async move {
+                let mut caught_up_tx = Some(caught_up_tx);
+                if caught_up_to == 0
+                    && let Some(tx) = caught_up_tx.take()
+                {
+                    let _ = tx.send(());
+                }
+                loop {
+                    let entry = tokio::select! {
+                        () = stop.cancelled() => return,
+                        entry = entries.next() => match entry {
+                            Some(entry) => entry,
+                            None => return,
+                        },
+                    };
+                    let entry = match entry {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            warn!(error = %e, "reading the stream failed; the ordered consumer resumes");
+                            continue;
+                        }
+                    };
+                    let Ok(info) = entry.info() else {
+                        warn!("a stream entry without its metadata; skipped");
+                        continue;
+                    };
+                    let seq = info.stream_sequence;
+                    let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
+                        .unwrap_or(0);
+                    match apply(&mut chat, seq, ms, &entry.payload) {
+                        Applied::Done {
+                            origin,
+                            outcome,
+                            events,
+                        } => {
+                            if !events.is_empty() && commits.send(events).await.is_err() {
+                                return; // the server is stopping
+                            }
+                            if let Some((n, b, request)) = origin
+                                && n == node
+                                && b == boot
+                            {
+                                let waiter = waiting
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .remove(&request);
+                                if let Some(waiter) = waiter {
+                                    let _ = waiter.send(outcome);
+                                }
+                            }
+                        }
+                        Applied::Skipped(why) => {
+                            warn!(seq, %why, "a stream entry that is not a command was skipped, on every node alike");
+                        }
+                        Applied::Unknown(v) => {
+                            error!(
+                                seq,
+                                version = v,
+                                "the stream holds an envelope of version {v}, which this build does not know; \
+                                 this node stops applying rather than diverge from the others: upgrade it"
+                            );
+                            let _ = applying_tx.send(false);
+                            return;
+                        }
+                    }
+                    if seq >= caught_up_to
+                        && let Some(tx) = caught_up_tx.take()
+                    {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+        }
+        let _ = caught_up.await;
+        Ok(ClusterSequencer {
+            js: self.js,
+            subject: self.subject,
+            node,
+            boot,
+            next_request: AtomicU64::new(0),
+            waiting,
+            applying,
+        })
+    }
+}
+
+/// The epoch of a stream: the same on every node, new when the stream is
+/// recreated.
+fn epoch_of(stream: &str, created_nanos: i128) -> Epoch {
+    let name = blake3::hash(stream.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&name.as_bytes()[..8]);
+    bytes[8..].copy_from_slice(&(created_nanos as u64).to_be_bytes());
+    Epoch(Uuid::from_bytes(bytes))
+}
+
+/// What applying one stream entry did.
+enum Applied {
+    Done {
+        origin: Option<(String, Uuid, u64)>,
+        outcome: Result<(), chat_core::ChatError>,
+        events: Vec<Event>,
+    },
+    /// Not an envelope: skipped, on every node alike.
+    Skipped(String),
+    /// An envelope of a version this build does not know.
+    Unknown(u32),
+}
+
+/// Applies the entry at stream sequence `seq`, stored at `ms`, to `chat`.
+/// Everything it uses comes from the entry, so every node computes the
+/// same thing.
+fn apply(chat: &mut Chat, seq: u64, ms: u64, payload: &[u8]) -> Applied {
+    #[derive(Deserialize)]
+    struct Versioned {
+        v: u32,
+    }
+    match serde_json::from_slice::<Versioned>(payload) {
+        Ok(Versioned {
+            v: ENVELOPE_VERSION,
+        }) => {}
+        Ok(Versioned { v }) => return Applied::Unknown(v),
+        Err(e) => return Applied::Skipped(e.to_string()),
+    }
+    let envelope: Envelope = match serde_json::from_slice(payload) {
+        Ok(envelope) => envelope,
+        Err(e) => return Applied::Skipped(e.to_string()),
+    };
+    let ctx = Context {
+        user: envelope.user,
+        now: Timestamp::from_unix_millis(ms),
+        message_id: message_id(seq, ms),
+    };
+    let outcome = chat.handle(ctx, envelope.command);
+    let events = std::iter::from_fn(|| chat.poll_event()).collect();
+    Applied::Done {
+        origin: Some((envelope.node, envelope.boot, envelope.request)),
+        outcome,
+        events,
+    }
+}
+
+/// The id of a message posted by the entry at stream sequence `seq`: a
+/// UUIDv7 whose time is the entry's and whose other bits are the sequence,
+/// unique within the stream and the same on every node.
+fn message_id(seq: u64, ms: u64) -> Uuid {
+    let mut rest = [0u8; 10];
+    rest[..8].copy_from_slice(&seq.to_be_bytes());
+    uuid::Builder::from_unix_timestamp_millis(ms, &rest).into_uuid()
+}
+
+impl ClusterSequencer {
+    async fn submit_inner(&self, user: &UserId, command: ClientFrame) -> Result<(), ApplyError> {
+        if !*self.applying.borrow() {
+            return Err(ApplyError::Stopping);
+        }
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let envelope = Envelope {
+            v: ENVELOPE_VERSION,
+            node: self.node.clone(),
+            boot: self.boot,
+            request,
+            user: user.clone(),
+            command,
+        };
+        // An envelope is a tree of strings and numbers: it always encodes.
+        let payload = serde_json::to_vec(&envelope).expect("envelopes serialize");
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(request, tx);
+        let forget = || {
+            self.waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&request);
+        };
+        let id = format!("{}/{}/{}", self.node, self.boot, request);
+        let publish = async {
+            let message = jetstream::message::PublishMessage::build()
+                .payload(payload.into())
+                .message_id(id);
+            self.js
+                .send_publish(self.subject.clone(), message)
+                .await?
+                .await
+        };
+        match tokio::time::timeout(SUBMIT_TIMEOUT, publish).await {
+            Ok(Ok(_ack)) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "JetStream did not take a command");
+                forget();
+                return Err(ApplyError::Unavailable);
+            }
+            Err(_) => {
+                forget();
+                return Err(ApplyError::Unavailable);
+            }
+        }
+        match tokio::time::timeout(SUBMIT_TIMEOUT, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(refusal))) => Err(ApplyError::Refused(refusal)),
+            Ok(Err(_)) | Err(_) => {
+                forget();
+                Err(ApplyError::Unavailable)
+            }
+        }
+    }
+}
+
+impl Sequencer for ClusterSequencer {
+    fn submit<'a>(
+        &'a self,
+        user: &'a UserId,
+        command: ClientFrame,
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        Box::pin(self.submit_inner(user, command))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_core::Config;
+    use chat_proto::SendMessage;
+
+    fn envelope(text: &str) -> Vec<u8> {
+        serde_json::to_vec(&Envelope {
+            v: ENVELOPE_VERSION,
+            node: "a".into(),
+            boot: Uuid::from_u128(1),
+            request: 0,
+            user: "u".into(),
+            command: ClientFrame::SendMessage(SendMessage {
+                text: text.into(),
+                author_name: None,
+            }),
+        })
+        .expect("encodes")
+    }
+
+    #[test]
+    fn the_same_entries_give_every_node_the_same_chat() {
+        let entries: Vec<(u64, u64, Vec<u8>)> = vec![
+            (1, 1_700_000_000_000, envelope("one")),
+            (2, 1_700_000_000_005, b"junk from elsewhere".to_vec()),
+            (3, 1_699_000_000_000, envelope("two")),
+            (4, 1_700_000_001_000, envelope("")),
+        ];
+        let run = || {
+            let mut chat = Chat::new(Config::default());
+            let mut log = Vec::new();
+            for (seq, ms, payload) in &entries {
+                match apply(&mut chat, *seq, *ms, payload) {
+                    Applied::Done {
+                        outcome, events, ..
+                    } => {
+                        log.push(format!("{outcome:?} {events:?}"));
+                    }
+                    Applied::Skipped(_) => log.push("skipped".into()),
+                    Applied::Unknown(v) => log.push(format!("unknown {v}")),
+                }
+            }
+            (log, chat.head())
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a, b);
+        assert_eq!(a.0[1], "skipped");
+        assert!(a.0[3].starts_with("Err(EmptyText)"), "{}", a.0[3]);
+        assert_eq!(a.1, chat_proto::Position(2));
+    }
+
+    #[test]
+    fn an_unknown_envelope_version_stops_the_node() {
+        let mut chat = Chat::new(Config::default());
+        let newer = br#"{"v":2,"anything":"else"}"#;
+        assert!(matches!(apply(&mut chat, 1, 0, newer), Applied::Unknown(2)));
+    }
+
+    #[test]
+    fn message_ids_come_from_the_stream_position() {
+        assert_eq!(message_id(7, 1000), message_id(7, 1000));
+        assert_ne!(message_id(7, 1000), message_id(8, 1000));
+        assert_eq!(message_id(7, 1000).get_version_num(), 7);
+    }
+}
