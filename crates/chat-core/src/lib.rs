@@ -50,7 +50,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use error::{ChatError, RateKind, Window};
 pub use history::History;
-pub use rate_limit::{RateLimit, RateLimiter};
+pub use rate_limit::{LimiterSnapshot, RateLimit, RateLimiter};
 
 /// The chat's bounds and limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +185,31 @@ impl Event {
     }
 }
 
+/// Everything a [`Chat`] holds, as plain data: history with reactions,
+/// both rate limiters' memory, the chat's own clock, and the log's head.
+///
+/// A chat rebuilt from it with the same [`Config`]
+/// ([`Chat::from_snapshot`]) goes on exactly as the one it was taken from:
+/// the same commands give the same events. That is what lets a node that
+/// joins a replicated chat late start from another node's snapshot instead
+/// of the whole log. (A store's messages alone are not enough for that:
+/// they leave out the rate limiters.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatSnapshot {
+    /// The history, oldest first.
+    pub messages: Vec<Message>,
+    /// Who sent messages when, within the window.
+    pub message_limiter: LimiterSnapshot,
+    /// Who toggled reactions when, within the window.
+    pub reaction_limiter: LimiterSnapshot,
+    /// The chat's own time.
+    pub clock: Timestamp,
+    /// How far the chat's time runs ahead of its input, in ms.
+    pub skew: u64,
+    /// The position of the latest event.
+    pub head: Position,
+}
+
 /// The chat room's state: history, reactions and rate limits.
 #[derive(Debug, Clone)]
 pub struct Chat {
@@ -253,6 +278,39 @@ impl Chat {
             dropped.extend(chat.history.push(message));
         }
         (chat, dropped)
+    }
+
+    /// Everything the chat holds, as data. Take it between commands, once
+    /// every event has been polled (events not yet polled are not in it).
+    pub fn snapshot(&self) -> ChatSnapshot {
+        debug_assert!(self.events.is_empty(), "snapshot with events unpolled");
+        ChatSnapshot {
+            messages: self.history.iter().cloned().collect(),
+            message_limiter: self.message_limiter.snapshot(),
+            reaction_limiter: self.reaction_limiter.snapshot(),
+            clock: self.clock,
+            skew: self.skew,
+            head: self.head,
+        }
+    }
+
+    /// The chat a [`snapshot`](Self::snapshot) was taken of, with `config`
+    /// (which must be the one it ran with, or it goes on differently).
+    pub fn from_snapshot(config: Config, snapshot: ChatSnapshot) -> Chat {
+        let mut chat = Chat::new(config);
+        for message in snapshot.messages {
+            // Within its own limit when it was taken; a lower limit drops
+            // the oldest, as restore does.
+            let _ = chat.history.push(message);
+        }
+        chat.message_limiter =
+            RateLimiter::from_snapshot(chat.config.message_rate, snapshot.message_limiter);
+        chat.reaction_limiter =
+            RateLimiter::from_snapshot(chat.config.reaction_rate, snapshot.reaction_limiter);
+        chat.clock = snapshot.clock;
+        chat.skew = snapshot.skew;
+        chat.head = snapshot.head;
+        chat
     }
 
     /// The chat's configuration.

@@ -14,6 +14,7 @@
 
 use crate::Timestamp;
 use chat_proto::{FixedState, UserId};
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
@@ -38,6 +39,17 @@ impl RateLimit {
     pub(crate) fn window_ms(&self) -> u64 {
         u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX)
     }
+}
+
+/// What a [`RateLimiter`] remembers, as plain data (see
+/// [`ChatSnapshot`](crate::ChatSnapshot)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimiterSnapshot {
+    /// Each user's accepted actions still remembered, in ms, oldest first;
+    /// users in order of id.
+    pub users: Vec<(UserId, Vec<u64>)>,
+    /// When idle users are next swept out, in ms.
+    pub next_sweep_ms: u64,
 }
 
 /// Tracks each user's accepted actions against one [`RateLimit`].
@@ -105,6 +117,32 @@ impl RateLimiter {
     /// How many users the limiter currently remembers.
     pub fn tracked_users(&self) -> usize {
         self.users.len()
+    }
+
+    /// What the limiter remembers, as data, users in a fixed order.
+    pub fn snapshot(&self) -> LimiterSnapshot {
+        let mut users: Vec<(UserId, Vec<u64>)> = self
+            .users
+            .iter()
+            .map(|(user, times)| (user.clone(), times.iter().copied().collect()))
+            .collect();
+        users.sort_by(|a, b| a.0.cmp(&b.0));
+        LimiterSnapshot {
+            users,
+            next_sweep_ms: self.next_sweep_ms,
+        }
+    }
+
+    /// A limiter for `limit` that remembers what `snapshot` says.
+    pub fn from_snapshot(limit: RateLimit, snapshot: LimiterSnapshot) -> Self {
+        let mut limiter = RateLimiter::new(limit);
+        limiter.next_sweep_ms = snapshot.next_sweep_ms;
+        limiter.users = snapshot
+            .users
+            .into_iter()
+            .map(|(user, times)| (user, times.into_iter().collect()))
+            .collect();
+        limiter
     }
 
     fn in_window(&self, t: u64, now: Timestamp) -> bool {
