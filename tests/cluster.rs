@@ -193,14 +193,19 @@ async fn a_client_resumes_on_another_node() {
     }
     let path = format!("/ws?since={}&epoch={}", at.position, at.epoch);
     let mut back = b.try_client(3, &path, &[]).await.expect("ws");
-    let (missed, sync) = until_sync(&mut back).await;
-    let texts: Vec<String> = missed
-        .iter()
-        .map(|f| match f {
-            ServerFrame::Message(m) => m.text.clone(),
-            other => panic!("a resume on another node: {other:?}"),
-        })
-        .collect();
+    // Node b may not have applied the last one yet: it follows, live.
+    let mut texts = Vec::new();
+    let mut sync = at;
+    while sync.position.0 < at.position.0 + 2 {
+        let (missed, next) = until_sync(&mut back).await;
+        for f in missed {
+            match f {
+                ServerFrame::Message(m) => texts.push(m.text),
+                other => panic!("a resume on another node: {other:?}"),
+            }
+        }
+        sync = next;
+    }
     assert_eq!(texts, ["away 1", "away 2"]);
     assert_eq!(sync.position, Position(at.position.0 + 2));
     let _: Epoch = sync.epoch;
@@ -233,6 +238,144 @@ async fn junk_in_the_stream_is_skipped_by_every_node_alike() {
     let (history, sync) = until_sync(&mut on_b).await;
     assert_eq!(history, got);
     assert_eq!(sync.position, Position(1), "junk takes no position");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Names of the snapshots in the stream's object store.
+async fn snapshots(js: &async_nats::jetstream::Context, stream: &str) -> Vec<String> {
+    let Ok(store) = js.get_object_store(format!("{stream}-snapshots")).await else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    if let Ok(mut list) = store.list().await {
+        while let Some(Ok(info)) = futures_util::StreamExt::next(&mut list).await {
+            names.push(info.name);
+        }
+    }
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot() {
+    let nats = NatsServer::start();
+    let mut config = node(&nats, "a");
+    config.cluster_snapshot_every = 5;
+    config.message_rate = 4;
+    let a = TestServer::start(config.clone()).await;
+    // Twelve entries: user .2 reaches its limit, others chat, a reaction.
+    let mut limited = a.client(2).await;
+    for i in 0..4 {
+        limited.say(&format!("limited {i}")).await;
+        limited.message().await;
+    }
+    let mut first = None;
+    for i in 0..7u8 {
+        let mut other = a.client(10 + i).await;
+        other.say(&format!("other {i}")).await;
+        // Its own echo, after the history.
+        loop {
+            let m = other.message().await;
+            if m.text == format!("other {i}") {
+                first.get_or_insert(m.id);
+                break;
+            }
+        }
+        if i == 6 {
+            other.react(first.expect("posted"), "🎉").await;
+            other.reaction().await;
+        }
+    }
+    let history_a: Vec<chat_proto::Message> = {
+        let mut w = a.try_client(9, "/ws?sync", &[]).await.expect("ws");
+        let (frames, sync) = until_sync(&mut w).await;
+        assert_eq!(sync.position, Position(12));
+        frames
+            .into_iter()
+            .map(|f| match f {
+                ServerFrame::Message(m) => m,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+
+    // The stream forgets its first ten entries; a snapshot after the
+    // tenth is kept.
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !snapshots(&js, "chat")
+        .await
+        .contains(&format!("after-{:020}", 10))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no snapshot after entry 10"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stream = js.get_stream("chat").await.expect("stream");
+    stream.purge().sequence(11).await.expect("purge");
+
+    // A new node computes the same chat: the same history, the same
+    // reactions, and the same rate limit for user .2.
+    let b = TestServer::start(Config {
+        node_id: Some("b".into()),
+        ..config.clone()
+    })
+    .await;
+    let mut w = b.try_client(9, "/ws?sync", &[]).await.expect("ws");
+    let (frames, sync) = until_sync(&mut w).await;
+    assert_eq!(sync.position, Position(12));
+    let history_b: Vec<chat_proto::Message> = frames
+        .into_iter()
+        .map(|f| match f {
+            ServerFrame::Message(m) => m,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(format!("{history_b:?}"), format!("{history_a:?}"));
+    let mut limited_on_b = b.client(2).await;
+    limited_on_b.say("a fifth in the minute").await;
+    let refusal = loop {
+        match limited_on_b.frame().await {
+            ServerFrame::Message(m) => assert_ne!(m.text, "a fifth in the minute"),
+            ServerFrame::Error(e) => break e.error,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        refusal,
+        "Rate limit exceeded. Maximum 4 messages per minute."
+    );
+
+    // Without a snapshot that covers what the stream dropped, a node
+    // refuses to start, and says why.
+    let mut lost = config;
+    lost.cluster_stream = "other".into();
+    lost.cluster_snapshot_every = 1_000_000;
+    let c = TestServer::start(lost.clone()).await;
+    let mut s = c.client(4).await;
+    for i in 0..3 {
+        s.say(&format!("s{i}")).await;
+        s.message().await;
+    }
+    c.shutdown().await;
+    js.get_stream("other")
+        .await
+        .expect("stream")
+        .purge()
+        .sequence(3)
+        .await
+        .expect("purge");
+    let err = chat_server::Server::bind(lost)
+        .await
+        .expect_err("cannot catch up");
+    assert!(
+        err.to_string().contains("no longer holds entries 1..2"),
+        "{err}"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -17,8 +17,8 @@
 //! until it has applied what was there), and the stream is bounded by size.
 
 use crate::hub::{ApplyError, Sequencer};
-use async_nats::jetstream::{self, consumer, stream};
-use chat_core::{Chat, Context, Event, Timestamp};
+use async_nats::jetstream::{self, consumer, object_store, stream};
+use chat_core::{Chat, ChatSnapshot, Context, Event, Timestamp};
 use chat_proto::{ClientFrame, Epoch, UserId, Uuid};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -55,8 +55,37 @@ pub struct Envelope {
     /// Who sent it, as the origin node judged it (from the address or a
     /// trusted proxy).
     pub user: UserId,
+    /// The fingerprint of the origin node's chat rules ([`rules_of`]):
+    /// nodes with other rules would compute another chat from the same
+    /// log, so a node that meets other rules stops applying.
+    pub rules: String,
     /// The command.
     pub command: ClientFrame,
+}
+
+/// A snapshot of the chat after applying the stream up to `seq`, as kept
+/// in the stream's object store: a node that joins after the stream has
+/// dropped its oldest entries starts from it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    seq: u64,
+    rules: String,
+    chat: ChatSnapshot,
+}
+
+/// The fingerprint of a chat's rules: the same rules, the same chat from
+/// the same log.
+pub fn rules_of(config: &chat_core::Config) -> String {
+    let hash = blake3::hash(format!("{config:?}").as_bytes());
+    hash.to_hex()[..16].to_owned()
+}
+
+/// How many snapshots the object store keeps.
+const SNAPSHOTS_KEPT: usize = 3;
+
+/// An object's name for the snapshot after entry `seq` (sorts by `seq`).
+fn snapshot_name(seq: u64) -> String {
+    format!("after-{seq:020}")
 }
 
 /// Why the cluster could not be joined.
@@ -93,6 +122,10 @@ pub struct Settings {
     pub max_bytes: i64,
     /// This node's name.
     pub node: String,
+    /// Every how many entries a snapshot is stored.
+    pub snapshot_every: u64,
+    /// The chat's rules on this node.
+    pub rules: chat_core::Config,
 }
 
 /// The cluster's ordering point: publishes commands and waits for their
@@ -108,12 +141,13 @@ pub struct ClusterSequencer {
     waiting: Arc<Waiting>,
     /// False once the applier stopped (an entry it cannot apply).
     applying: watch::Receiver<bool>,
+    /// This node's rules fingerprint.
+    rules: String,
 }
 
 type Waiting = Mutex<HashMap<u64, oneshot::Sender<Result<(), chat_core::ChatError>>>>;
 
 /// A connection to the cluster's stream, before anything is applied.
-#[derive(Debug)]
 pub struct Connected {
     js: jetstream::Context,
     stream: stream::Stream,
@@ -123,6 +157,16 @@ pub struct Connected {
     pub epoch: Epoch,
     /// The last entry in the stream when this node joined.
     last_sequence: u64,
+    /// The first entry the stream still holds.
+    first_sequence: u64,
+    /// Where snapshots are kept.
+    snapshots: object_store::ObjectStore,
+    /// The newest snapshot with this node's rules, if any.
+    snapshot: Option<Stored>,
+    snapshot_every: u64,
+    rules: String,
+    /// The entry the chat given to [`start`](Self::start) has applied.
+    start_after: u64,
 }
 
 fn subject(stream: &str) -> String {
@@ -170,6 +214,38 @@ pub async fn connect(settings: &Settings) -> Result<Connected, ClusterError> {
     let info = stream.info().await.map_err(|e| stream_err(&e))?;
     let epoch = epoch_of(&settings.stream, info.created.unix_timestamp_nanos());
     let last_sequence = info.state.last_sequence;
+    let first_sequence = info.state.first_sequence;
+    let bucket = format!("{}-snapshots", settings.stream);
+    let snapshots = match js.get_object_store(&bucket).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_object_store(object_store::Config {
+                bucket: bucket.clone(),
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| stream_err(&e))?,
+    };
+    let rules = rules_of(&settings.rules);
+    let snapshot = newest_snapshot(&snapshots, &rules)
+        .await
+        .map_err(|e| stream_err(&e))?;
+    // A stream that dropped entries can be caught up with only from a
+    // snapshot taken at or after the last one dropped.
+    let from = snapshot.as_ref().map_or(0, |s| s.seq);
+    if first_sequence > from + 1 && last_sequence >= first_sequence {
+        return Err(ClusterError::Stream {
+            stream: settings.stream.clone(),
+            detail: format!(
+                "it no longer holds entries {}..{} and no snapshot after them exists in {bucket}; \
+                 this node cannot compute the chat",
+                from + 1,
+                first_sequence - 1
+            ),
+        });
+    }
     Ok(Connected {
         js,
         stream,
@@ -177,10 +253,98 @@ pub async fn connect(settings: &Settings) -> Result<Connected, ClusterError> {
         node: settings.node.clone(),
         epoch,
         last_sequence,
+        first_sequence,
+        snapshots,
+        snapshot,
+        snapshot_every: settings.snapshot_every,
+        rules,
+        start_after: 0,
     })
 }
 
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected")
+            .field("node", &self.node)
+            .field("epoch", &self.epoch)
+            .field("first_sequence", &self.first_sequence)
+            .field("last_sequence", &self.last_sequence)
+            .field("start_after", &self.start_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The newest snapshot with `rules` in `store`.
+async fn newest_snapshot(
+    store: &object_store::ObjectStore,
+    rules: &str,
+) -> Result<Option<Stored>, String> {
+    let mut names = Vec::new();
+    let mut list = store.list().await.map_err(|e| e.to_string())?;
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| e.to_string())?;
+        if !info.deleted && info.name.starts_with("after-") {
+            names.push(info.name);
+        }
+    }
+    names.sort();
+    for name in names.iter().rev() {
+        let mut object = store.get(name).await.map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        match serde_json::from_slice::<Stored>(&bytes) {
+            Ok(stored) if stored.rules == rules => return Ok(Some(stored)),
+            Ok(_) => warn!(%name, "a snapshot taken under other chat rules; not used"),
+            Err(e) => warn!(%name, error = %e, "an unreadable snapshot; not used"),
+        }
+    }
+    Ok(None)
+}
+
+/// Stores the snapshot taken after entry `seq` (unless another node
+/// already did: they are the same), and forgets all but the newest few.
+async fn store_snapshot(store: object_store::ObjectStore, stored: Stored) {
+    let name = snapshot_name(stored.seq);
+    if store.info(&name).await.is_ok() {
+        return;
+    }
+    // A chat snapshot is strings, numbers and maps with string keys.
+    let bytes = serde_json::to_vec(&stored).expect("snapshots serialize");
+    if let Err(e) = store.put(name.as_str(), &mut bytes.as_slice()).await {
+        warn!(error = %e, seq = stored.seq, "storing a snapshot failed; the next one will try again");
+        return;
+    }
+    let mut names = Vec::new();
+    if let Ok(mut list) = store.list().await {
+        while let Some(Ok(info)) = list.next().await {
+            if !info.deleted && info.name.starts_with("after-") {
+                names.push(info.name);
+            }
+        }
+    }
+    names.sort();
+    let old = names.len().saturating_sub(SNAPSHOTS_KEPT);
+    for name in &names[..old] {
+        let _ = store.delete(name).await;
+    }
+}
+
 impl Connected {
+    /// The chat this node starts from, with `config`: the newest snapshot,
+    /// or an empty chat.
+    pub fn initial_chat(&mut self, config: chat_core::Config) -> Chat {
+        match self.snapshot.take() {
+            Some(stored) => {
+                let chat = Chat::from_snapshot(config, stored.chat);
+                self.start_after = stored.seq;
+                chat
+            }
+            None => Chat::new(config),
+        }
+    }
+
     /// Starts applying the stream: every entry, in order, goes through
     /// `chat`, and its events to `commits`, until `stop` is cancelled.
     /// Returns the node's sequencer once everything in the stream at the
@@ -199,7 +363,9 @@ impl Connected {
         let consumer = self
             .stream
             .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: (self.start_after + 1).max(self.first_sequence),
+                },
                 ..Default::default()
             })
             .await
@@ -211,12 +377,17 @@ impl Connected {
         let (caught_up_tx, caught_up) = oneshot::channel();
         let caught_up_to = self.last_sequence;
         let node = self.node.clone();
+        let rules = self.rules.clone();
+        let snapshots = self.snapshots.clone();
+        let every = self.snapshot_every.max(1);
+        let start_after = self.start_after;
         {
             let waiting = Arc::clone(&waiting);
             let node = node.clone();
+            let rules = rules.clone();
             tokio::spawn(async move {
                 let mut caught_up_tx = Some(caught_up_tx);
-                if caught_up_to == 0
+                if caught_up_to <= start_after
                     && let Some(tx) = caught_up_tx.take()
                 {
                     let _ = tx.send(());
@@ -243,7 +414,7 @@ impl Connected {
                     let seq = info.stream_sequence;
                     let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
                         .unwrap_or(0);
-                    match apply(&mut chat, seq, ms, &entry.payload) {
+                    match apply(&mut chat, &rules, seq, ms, &entry.payload) {
                         Applied::Done {
                             origin,
                             outcome,
@@ -268,6 +439,18 @@ impl Connected {
                         Applied::Skipped(why) => {
                             warn!(seq, %why, "a stream entry that is not a command was skipped, on every node alike");
                         }
+                        Applied::OtherRules(theirs) => {
+                            error!(
+                                seq,
+                                theirs = %theirs,
+                                ours = %rules,
+                                "the stream holds a command from a node with other chat rules (limits, history size); \
+                                 applying it here would compute another chat, so this node stops: \
+                                 give every node the same rules"
+                            );
+                            let _ = applying_tx.send(false);
+                            return;
+                        }
                         Applied::Unknown(v) => {
                             error!(
                                 seq,
@@ -278,6 +461,14 @@ impl Connected {
                             let _ = applying_tx.send(false);
                             return;
                         }
+                    }
+                    if seq % every == 0 {
+                        let stored = Stored {
+                            seq,
+                            rules: rules.clone(),
+                            chat: chat.snapshot(),
+                        };
+                        tokio::spawn(store_snapshot(snapshots.clone(), stored));
                     }
                     if seq >= caught_up_to
                         && let Some(tx) = caught_up_tx.take()
@@ -296,6 +487,7 @@ impl Connected {
             next_request: AtomicU64::new(0),
             waiting,
             applying,
+            rules,
         })
     }
 }
@@ -321,12 +513,14 @@ enum Applied {
     Skipped(String),
     /// An envelope of a version this build does not know.
     Unknown(u32),
+    /// An envelope from a node with other chat rules.
+    OtherRules(String),
 }
 
 /// Applies the entry at stream sequence `seq`, stored at `ms`, to `chat`.
 /// Everything it uses comes from the entry, so every node computes the
 /// same thing.
-fn apply(chat: &mut Chat, seq: u64, ms: u64, payload: &[u8]) -> Applied {
+fn apply(chat: &mut Chat, rules: &str, seq: u64, ms: u64, payload: &[u8]) -> Applied {
     #[derive(Deserialize)]
     struct Versioned {
         v: u32,
@@ -342,6 +536,9 @@ fn apply(chat: &mut Chat, seq: u64, ms: u64, payload: &[u8]) -> Applied {
         Ok(envelope) => envelope,
         Err(e) => return Applied::Skipped(e.to_string()),
     };
+    if envelope.rules != rules {
+        return Applied::OtherRules(envelope.rules);
+    }
     let ctx = Context {
         user: envelope.user,
         now: Timestamp::from_unix_millis(ms),
@@ -377,6 +574,7 @@ impl ClusterSequencer {
             boot: self.boot,
             request,
             user: user.clone(),
+            rules: self.rules.clone(),
             command,
         };
         // An envelope is a tree of strings and numbers: it always encodes.
@@ -448,6 +646,7 @@ mod tests {
             boot: Uuid::from_u128(1),
             request: 0,
             user: "u".into(),
+            rules: "r".into(),
             command: ClientFrame::SendMessage(SendMessage {
                 text: text.into(),
                 author_name: None,
@@ -468,7 +667,7 @@ mod tests {
             let mut chat = Chat::new(Config::default());
             let mut log = Vec::new();
             for (seq, ms, payload) in &entries {
-                match apply(&mut chat, *seq, *ms, payload) {
+                match apply(&mut chat, "r", *seq, *ms, payload) {
                     Applied::Done {
                         outcome, events, ..
                     } => {
@@ -476,6 +675,7 @@ mod tests {
                     }
                     Applied::Skipped(_) => log.push("skipped".into()),
                     Applied::Unknown(v) => log.push(format!("unknown {v}")),
+                    Applied::OtherRules(r) => log.push(format!("rules {r}")),
                 }
             }
             (log, chat.head())
@@ -491,7 +691,26 @@ mod tests {
     fn an_unknown_envelope_version_stops_the_node() {
         let mut chat = Chat::new(Config::default());
         let newer = br#"{"v":2,"anything":"else"}"#;
-        assert!(matches!(apply(&mut chat, 1, 0, newer), Applied::Unknown(2)));
+        assert!(matches!(
+            apply(&mut chat, "r", 1, 0, newer),
+            Applied::Unknown(2)
+        ));
+    }
+
+    #[test]
+    fn a_command_from_a_node_with_other_rules_stops_the_node() {
+        let mut chat = Chat::new(Config::default());
+        assert!(matches!(
+            apply(&mut chat, "other rules", 1, 0, &envelope("hi")),
+            Applied::OtherRules(r) if r == "r"
+        ));
+        assert_eq!(chat.head(), chat_proto::Position(0), "nothing applied");
+        let strict = Config {
+            history_limit: 10,
+            ..Config::default()
+        };
+        assert_ne!(rules_of(&strict), rules_of(&Config::default()));
+        assert_eq!(rules_of(&Config::default()), rules_of(&Config::default()));
     }
 
     #[test]

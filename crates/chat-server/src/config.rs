@@ -52,6 +52,12 @@ pub struct Config {
     #[arg(long, env = "CHAT_CLUSTER_MAX_BYTES", default_value_t = 1 << 30)]
     pub cluster_max_bytes: i64,
 
+    /// Every how many stream entries a snapshot of the chat is stored in
+    /// the stream's object store, for nodes that join after the stream
+    /// has dropped its oldest entries (cluster mode).
+    #[arg(long, env = "CHAT_CLUSTER_SNAPSHOT_EVERY", default_value_t = 1000)]
+    pub cluster_snapshot_every: u64,
+
     /// This node's name in the cluster (default: a random one per start).
     #[arg(long, env = "CHAT_NODE_ID")]
     pub node_id: Option<String>,

@@ -48,6 +48,11 @@ type Ws = WebSocketStream<TcpStream>;
 /// its writer from noticing shutdown or pings.
 const MAX_BATCH: usize = 256;
 
+/// How long a node of a cluster waits to apply a resuming client's
+/// position before answering it (past it: a `reset`, as for a position
+/// ahead of the log).
+const RESUME_WAIT: Duration = Duration::from_secs(5);
+
 /// How long the server waits for its close frame to be written.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -158,6 +163,14 @@ async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
             Resume::Seed => (false, Since::Start),
             Resume::Sync(since) => (true, since),
         };
+        if shared.config.cluster.is_some()
+            && let Since::Resume { epoch, position } = since
+            && epoch == shared.log.epoch()
+        {
+            // Another node may have shown the client more than this one has
+            // applied yet: wait for it, within a bound, before deciding.
+            shared.log.wait_for(position, RESUME_WAIT).await;
+        }
         let joined = shared.log.join(since);
         let writer = Writer {
             sink: &mut sink,

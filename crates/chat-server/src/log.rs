@@ -197,6 +197,16 @@ impl Log {
         }
     }
 
+    /// Waits, at most `bound`, until the log has published `position`.
+    /// In a cluster, a client may resume on a node that has not yet
+    /// applied what it saw on another; its position is not "ahead" then,
+    /// only early.
+    pub(crate) async fn wait_for(&self, position: Position, bound: std::time::Duration) {
+        let mut head = self.head.subscribe();
+        let reached = head.wait_for(|head| *head >= position);
+        let _ = tokio::time::timeout(bound, reached).await;
+    }
+
     /// Appends to `out` the frames after `cursor`, at most `max`, and
     /// returns the position of the last one appended (`cursor` if none).
     pub(crate) fn read(
@@ -784,5 +794,29 @@ mod tests {
         let midway: usize = joiners.into_iter().map(|j| j.join().expect("joiner")).sum();
         publisher.join().expect("publisher");
         assert!(midway > 0, "no join happened while publishing");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_position_ends_when_it_is_published_or_at_the_bound() {
+        let (_, entries) = drive(3);
+        let log = Arc::new(log_of(100));
+        let later = {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                log.publish(&entries);
+            })
+        };
+        let started = std::time::Instant::now();
+        log.wait_for(Position(3), std::time::Duration::from_secs(10))
+            .await;
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(log.join(Since::Start).cursor, Position(3));
+        later.await.expect("publisher");
+        // Never published: it gives up at the bound.
+        let started = std::time::Instant::now();
+        log.wait_for(Position(99), std::time::Duration::from_millis(100))
+            .await;
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100));
     }
 }

@@ -122,7 +122,7 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::new());
         let fresh_epoch = Epoch(Uuid::new_v4());
-        let cluster = match &config.cluster {
+        let mut cluster = match &config.cluster {
             None => None,
             Some(url) => {
                 let settings = cluster::Settings {
@@ -133,6 +133,8 @@ impl Server {
                     node: config.node_id.clone().unwrap_or_else(|| {
                         format!("node-{}", &Uuid::new_v4().simple().to_string()[..8])
                     }),
+                    snapshot_every: config.cluster_snapshot_every,
+                    rules: config.chat(),
                 };
                 Some(cluster::connect(&settings).await?)
             }
@@ -140,7 +142,10 @@ impl Server {
         let fresh_epoch = cluster.as_ref().map_or(fresh_epoch, |c| c.epoch);
         let (chat, log) = match &mut store {
             None => {
-                let chat = Chat::new(config.chat());
+                let chat = match &mut cluster {
+                    Some(cluster) => cluster.initial_chat(config.chat()),
+                    None => Chat::new(config.chat()),
+                };
                 let log = Log::new(&chat, fresh_epoch, [], retention, Arc::clone(&metrics));
                 (chat, log)
             }
