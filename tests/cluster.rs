@@ -379,3 +379,26 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_rules_refuse_alone_never_reaches_the_stream() {
+    let nats = NatsServer::start();
+    let a = TestServer::start(node(&nats, "a")).await;
+    let mut c = a.client(2).await;
+    c.say("one that counts").await;
+    c.message().await;
+    for junk in [String::new(), "x".repeat(501), " \u{200b} ".into()] {
+        c.say(&junk).await;
+        let error = c.error().await;
+        assert!(error.starts_with("message "), "{error}");
+    }
+    c.send_text(r#"{"type":"add_reaction","data":{"message_id":"00000000-0000-0000-0000-000000000000","emoji":"no"}}"#)
+        .await;
+    assert_eq!(c.error().await, "emoji must be a single emoji");
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("chat").await.expect("stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(info.state.messages, 1, "only the message that counts");
+    a.shutdown().await;
+}

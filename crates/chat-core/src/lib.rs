@@ -71,6 +71,20 @@ pub struct Config {
     pub reaction_rate: RateLimit,
 }
 
+impl Config {
+    /// The refusal `command` gets under these rules whatever the chat's
+    /// state (see [`Chat::check`]).
+    pub fn check(&self, command: &ClientFrame) -> Result<(), ChatError> {
+        match command {
+            ClientFrame::SendMessage(m) => {
+                validate::text(self, &m.text)?;
+                validate::author_name(self, m.author_name.as_deref()).map(drop)
+            }
+            ClientFrame::AddReaction(r) => validate::emoji(&r.emoji).map(drop),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -337,6 +351,17 @@ impl Chat {
             ClientFrame::SendMessage(m) => self.send_message(ctx, m),
             ClientFrame::AddReaction(r) => self.add_reaction(ctx, r),
         }
+    }
+
+    /// The refusal `command` gets whatever the chat's state: a text, name
+    /// or emoji against the rules. `Ok` does not mean it will be accepted
+    /// (the rate limit, a missing message); an `Err` is exactly what
+    /// [`handle`](Self::handle) would answer, at any time, in any state.
+    ///
+    /// A node of a replicated chat uses it to refuse such commands itself,
+    /// without putting them in the shared log.
+    pub fn check(&self, command: &ClientFrame) -> Result<(), ChatError> {
+        self.config.check(command)
     }
 
     /// Takes the next event, oldest first.

@@ -570,3 +570,50 @@ fn restore_rebuilds_the_same_history_and_continues() {
     let last = restored.history().iter().last().expect("held");
     assert_eq!(last.created_at, stored.last().expect("held").created_at);
 }
+
+#[test]
+fn check_refuses_exactly_what_handle_refuses_whatever_the_state() {
+    let mut h = Harness::new(Config {
+        message_rate: RateLimit::per_minute(1),
+        ..Config::default()
+    });
+    let posted = h.posted("u", "first");
+    let commands = [
+        ClientFrame::SendMessage(SendMessage {
+            text: String::new(),
+            author_name: None,
+        }),
+        ClientFrame::SendMessage(SendMessage {
+            text: "x".repeat(501),
+            author_name: None,
+        }),
+        ClientFrame::SendMessage(SendMessage {
+            text: "ok".into(),
+            author_name: Some("n".repeat(51)),
+        }),
+        ClientFrame::AddReaction(AddReaction {
+            message_id: posted.id,
+            emoji: "not an emoji".into(),
+        }),
+    ];
+    for command in commands {
+        let checked = h.chat.check(&command).expect_err("refused alone");
+        // `u` is over its limit and the message exists: the command's own
+        // fault still comes first.
+        let ctx = h.ctx("u");
+        assert_eq!(h.chat.handle(ctx, command), Err(checked));
+    }
+    // What only the state refuses passes the check.
+    let over_the_limit = ClientFrame::SendMessage(SendMessage {
+        text: "second".into(),
+        author_name: None,
+    });
+    assert_eq!(h.chat.check(&over_the_limit), Ok(()));
+    let ctx = h.ctx("u");
+    assert!(h.chat.handle(ctx, over_the_limit).is_err());
+    let missing = ClientFrame::AddReaction(AddReaction {
+        message_id: Uuid::from_u128(999_999),
+        emoji: "👍".into(),
+    });
+    assert_eq!(h.chat.check(&missing), Ok(()));
+}

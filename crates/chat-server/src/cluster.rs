@@ -143,6 +143,9 @@ pub struct ClusterSequencer {
     applying: watch::Receiver<bool>,
     /// This node's rules fingerprint.
     rules: String,
+    /// This node's rules, to refuse what they refuse whatever the state
+    /// without publishing it.
+    config: chat_core::Config,
 }
 
 type Waiting = Mutex<HashMap<u64, oneshot::Sender<Result<(), chat_core::ChatError>>>>;
@@ -378,6 +381,7 @@ impl Connected {
         let caught_up_to = self.last_sequence;
         let node = self.node.clone();
         let rules = self.rules.clone();
+        let config = chat.config().clone();
         let snapshots = self.snapshots.clone();
         let every = self.snapshot_every.max(1);
         let start_after = self.start_after;
@@ -488,6 +492,7 @@ impl Connected {
             waiting,
             applying,
             rules,
+            config,
         })
     }
 }
@@ -567,6 +572,10 @@ impl ClusterSequencer {
         if !*self.applying.borrow() {
             return Err(ApplyError::Stopping);
         }
+        // What the rules refuse whatever the state never reaches the
+        // stream: every node's apply would refuse it the same way, so junk
+        // costs the stream nothing.
+        self.config.check(&command)?;
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let envelope = Envelope {
             v: ENVELOPE_VERSION,
