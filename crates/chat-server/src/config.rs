@@ -52,6 +52,12 @@ pub struct Config {
     #[arg(long, env = "CHAT_CLUSTER_MAX_BYTES", default_value_t = 1 << 30)]
     pub cluster_max_bytes: i64,
 
+    /// How long a node waits for JetStream to confirm a command, and then
+    /// for its own apply of it, before telling the client the chat is
+    /// unavailable (cluster mode).
+    #[arg(long, env = "CHAT_CLUSTER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub cluster_timeout: Duration,
+
     /// Every how many stream entries a snapshot of the chat is stored in
     /// the stream's object store, for nodes that join after the stream
     /// has dropped its oldest entries (cluster mode).

@@ -277,8 +277,7 @@ enum Refused {
 }
 
 /// The wire text of [`Refused::Unavailable`].
-pub(crate) const UNAVAILABLE: &str =
-    "the chat is unavailable: your last message or reaction was not taken; send it again";
+pub(crate) const UNAVAILABLE: &str = "the chat is unavailable: your last message or reaction was not confirmed, and shows up only if it was taken";
 
 impl Refused {
     /// A short stable name, for metrics labels.

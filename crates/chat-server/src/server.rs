@@ -133,6 +133,7 @@ impl Server {
                     node: config.node_id.clone().unwrap_or_else(|| {
                         format!("node-{}", &Uuid::new_v4().simple().to_string()[..8])
                     }),
+                    timeout: config.cluster_timeout,
                     snapshot_every: config.cluster_snapshot_every,
                     rules: config.chat(),
                 };
