@@ -7,7 +7,7 @@ mod support;
 use chat_proto::{Epoch, Position, ServerFrame, Sync};
 use chat_server::Config;
 use support::nats::NatsServer;
-use support::{Client, TestServer, test_config};
+use support::{TestServer, test_config};
 
 fn node(nats: &NatsServer, name: &str) -> Config {
     Config {
@@ -15,29 +15,6 @@ fn node(nats: &NatsServer, name: &str) -> Config {
         node_id: Some(name.into()),
         ..test_config()
     }
-}
-
-/// Reads frames until a `sync`; returns the frames before it and the sync.
-async fn until_sync(c: &mut Client) -> (Vec<ServerFrame>, Sync) {
-    let mut frames = Vec::new();
-    loop {
-        match c.frame().await {
-            ServerFrame::Sync(s) => return (frames, s),
-            other => frames.push(other),
-        }
-    }
-}
-
-/// Reads a `?sync` client's frames (skipping `sync`s) until it has `n`.
-async fn frames(c: &mut Client, n: usize) -> Vec<ServerFrame> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        match c.frame().await {
-            ServerFrame::Sync(_) => {}
-            other => out.push(other),
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +26,7 @@ async fn nodes_share_one_chat_in_one_order_with_the_same_positions() {
     let mut watchers = Vec::new();
     for server in [&a, &b, &c] {
         let mut w = server.try_client(9, "/ws?sync", &[]).await.expect("ws");
-        let (history, sync) = until_sync(&mut w).await;
+        let (history, sync) = w.until_sync().await;
         assert!(history.is_empty());
         assert_eq!(sync.position, Position(0));
         watchers.push((w, sync.epoch));
@@ -73,7 +50,7 @@ async fn nodes_share_one_chat_in_one_order_with_the_same_positions() {
 
     let mut seen = Vec::new();
     for (w, _) in &mut watchers {
-        seen.push(frames(w, 5).await);
+        seen.push(w.frames_but_syncs(5).await);
     }
     assert_eq!(seen[0], seen[1], "node a and node b differ");
     assert_eq!(seen[0], seen[2], "node a and node c differ");
@@ -88,7 +65,7 @@ async fn nodes_share_one_chat_in_one_order_with_the_same_positions() {
     // same history.
     let d = TestServer::start(node(&nats, "d")).await;
     let mut late = d.try_client(9, "/ws?sync", &[]).await.expect("ws");
-    let (history, sync) = until_sync(&mut late).await;
+    let (history, sync) = late.until_sync().await;
     assert_eq!(
         sync,
         Sync {
@@ -184,7 +161,7 @@ async fn a_client_resumes_on_another_node() {
     sender.message().await;
 
     let mut c = a.try_client(3, "/ws?sync", &[]).await.expect("ws");
-    let (_, at) = until_sync(&mut c).await;
+    let (_, at) = c.until_sync().await;
     drop(c);
     // While it is away (its node died, say), more is said.
     for text in ["away 1", "away 2"] {
@@ -197,7 +174,7 @@ async fn a_client_resumes_on_another_node() {
     let mut texts = Vec::new();
     let mut sync = at;
     while sync.position.0 < at.position.0 + 2 {
-        let (missed, next) = until_sync(&mut back).await;
+        let (missed, next) = back.until_sync().await;
         for f in missed {
             match f {
                 ServerFrame::Message(m) => texts.push(m.text),
@@ -218,7 +195,7 @@ async fn junk_in_the_stream_is_skipped_by_every_node_alike() {
     let nats = NatsServer::start();
     let a = TestServer::start(node(&nats, "a")).await;
     let mut on_a = a.try_client(2, "/ws?sync", &[]).await.expect("ws");
-    until_sync(&mut on_a).await;
+    on_a.until_sync().await;
     // Something else publishes to the chat's subject.
     let client = async_nats::connect(nats.url()).await.expect("nats");
     let js = async_nats::jetstream::new(client);
@@ -230,12 +207,12 @@ async fn junk_in_the_stream_is_skipped_by_every_node_alike() {
             .expect("ack");
     }
     on_a.say("after the junk").await;
-    let got = frames(&mut on_a, 1).await;
+    let got = on_a.frames_but_syncs(1).await;
     assert!(matches!(&got[0], ServerFrame::Message(m) if m.text == "after the junk"));
     // A node that reads the same stream from the start agrees.
     let b = TestServer::start(node(&nats, "b")).await;
     let mut on_b = b.try_client(3, "/ws?sync", &[]).await.expect("ws");
-    let (history, sync) = until_sync(&mut on_b).await;
+    let (history, sync) = on_b.until_sync().await;
     assert_eq!(history, got);
     assert_eq!(sync.position, Position(1), "junk takes no position");
     a.shutdown().await;
@@ -289,7 +266,7 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
     }
     let history_a: Vec<chat_proto::Message> = {
         let mut w = a.try_client(9, "/ws?sync", &[]).await.expect("ws");
-        let (frames, sync) = until_sync(&mut w).await;
+        let (frames, sync) = w.until_sync().await;
         assert_eq!(sync.position, Position(12));
         frames
             .into_iter()
@@ -326,7 +303,7 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
     })
     .await;
     let mut w = b.try_client(9, "/ws?sync", &[]).await.expect("ws");
-    let (frames, sync) = until_sync(&mut w).await;
+    let (frames, sync) = w.until_sync().await;
     assert_eq!(sync.position, Position(12));
     let history_b: Vec<chat_proto::Message> = frames
         .into_iter()
@@ -410,9 +387,9 @@ async fn while_nats_is_gone_commands_are_refused_reads_go_on_and_nothing_confirm
     config.cluster_timeout = std::time::Duration::from_millis(1500);
     let a = TestServer::start(config).await;
     let mut c = a.try_client(2, "/ws?sync", &[]).await.expect("ws");
-    until_sync(&mut c).await;
+    c.until_sync().await;
     c.say("before").await;
-    let before = frames(&mut c, 1).await;
+    let before = c.frames_but_syncs(1).await;
 
     nats.kill();
     c.say("during").await;
@@ -426,7 +403,7 @@ async fn while_nats_is_gone_commands_are_refused_reads_go_on_and_nothing_confirm
     assert!(refusal.starts_with("the chat is unavailable"), "{refusal}");
     // Reads go on: a new client gets what the node has applied.
     let mut reader = a.try_client(3, "/ws?sync", &[]).await.expect("ws");
-    let (history, _) = until_sync(&mut reader).await;
+    let (history, _) = reader.until_sync().await;
     assert_eq!(history, before);
 
     // NATS comes back (the same store): the node reconnects, and what was
@@ -457,7 +434,7 @@ async fn while_nats_is_gone_commands_are_refused_reads_go_on_and_nothing_confirm
     };
     let b = TestServer::start(node(&nats, "b")).await;
     let mut late = b.try_client(4, "/ws?sync", &[]).await.expect("ws");
-    let (history, _) = until_sync(&mut late).await;
+    let (history, _) = late.until_sync().await;
     let texts: Vec<String> = history
         .iter()
         .map(|f| match f {

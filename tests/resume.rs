@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 use support::{Client, TestServer, say, test_config};
 use tokio_tungstenite::tungstenite;
 
-/// Reads frames until a `sync`; returns the frames before it and the sync.
-async fn until_sync(c: &mut Client) -> (Vec<ServerFrame>, Sync) {
-    let mut frames = Vec::new();
-    loop {
-        match c.frame().await {
-            ServerFrame::Sync(s) => return (frames, s),
-            other => frames.push(other),
-        }
-    }
-}
-
 fn resume_path(since: u64, epoch: Epoch) -> String {
     format!("/ws?since={since}&epoch={epoch}")
 }
@@ -51,7 +40,7 @@ async fn a_resume_from_any_position_gets_exactly_what_followed() {
     // event, in order, and never a `sync` or `reset`.
     let mut seed = server.client(2).await;
     let mut watcher = server.try_client(3, "/ws?sync", &[]).await.expect("ws");
-    let (history, start) = until_sync(&mut watcher).await;
+    let (history, start) = watcher.until_sync().await;
     assert!(history.is_empty());
     assert_eq!(start.position, Position(0), "an empty log is at 0");
     let epoch = start.epoch;
@@ -76,7 +65,7 @@ async fn a_resume_from_any_position_gets_exactly_what_followed() {
     let mut got = Vec::new();
     let mut last = Position(0);
     while last.0 < head {
-        let (frames, sync) = until_sync(&mut watcher).await;
+        let (frames, sync) = watcher.until_sync().await;
         assert_eq!(sync.epoch, epoch);
         assert_eq!(sync.position.0, last.0 + frames.len() as u64, "no gap");
         got.extend(frames);
@@ -89,7 +78,7 @@ async fn a_resume_from_any_position_gets_exactly_what_followed() {
             .try_client(4, &resume_path(since, epoch), &[])
             .await
             .expect("resume");
-        let (frames, sync) = until_sync(&mut c).await;
+        let (frames, sync) = c.until_sync().await;
         assert_eq!(frames, all[since as usize..], "resuming after {since}");
         assert_eq!(
             sync,
@@ -101,7 +90,7 @@ async fn a_resume_from_any_position_gets_exactly_what_followed() {
         if since == head {
             // Then live, each event followed by its position.
             seed.say("live").await;
-            let (frames, sync) = until_sync(&mut c).await;
+            let (frames, sync) = c.until_sync().await;
             assert!(matches!(&frames[..], [ServerFrame::Message(m)] if m.text == "live"));
             assert_eq!(sync.position, Position(head + 1));
         }
@@ -119,7 +108,7 @@ async fn a_resume_that_cannot_be_honoured_is_a_reset_then_the_full_history() {
     config.log_events = 3;
     let server = TestServer::start(config.clone()).await;
     let mut c = server.try_client(2, "/ws?sync", &[]).await.expect("ws");
-    let epoch = until_sync(&mut c).await.1.epoch;
+    let epoch = c.until_sync().await.1.epoch;
     let posted = post(&mut c, 6, "m").await;
 
     let full = |reason| {
@@ -137,7 +126,7 @@ async fn a_resume_that_cannot_be_honoured_is_a_reset_then_the_full_history() {
         .try_client(3, &resume_path(3, epoch), &[])
         .await
         .expect("ws");
-    assert_eq!(until_sync(&mut ok).await, (posted[3..].to_vec(), at_head));
+    assert_eq!(ok.until_sync().await, (posted[3..].to_vec(), at_head));
     let cases = [
         (resume_path(2, epoch), ResetReason::Expired),
         (resume_path(0, epoch), ResetReason::Expired),
@@ -150,7 +139,7 @@ async fn a_resume_that_cannot_be_honoured_is_a_reset_then_the_full_history() {
     ];
     for (path, reason) in cases {
         let mut c = server.try_client(3, &path, &[]).await.expect("ws");
-        assert_eq!(until_sync(&mut c).await, (full(reason), at_head), "{path}");
+        assert_eq!(c.until_sync().await, (full(reason), at_head), "{path}");
     }
     server.shutdown().await;
 
@@ -161,7 +150,7 @@ async fn a_resume_that_cannot_be_honoured_is_a_reset_then_the_full_history() {
         .try_client(2, &resume_path(0, epoch), &[])
         .await
         .expect("ws");
-    let (frames, sync) = until_sync(&mut c).await;
+    let (frames, sync) = c.until_sync().await;
     assert_eq!(
         frames,
         [ServerFrame::Reset(chat_proto::Reset {
@@ -241,7 +230,7 @@ async fn a_client_far_behind_catches_up_from_the_log() {
     let mut texts = Vec::new();
     let mut last = Position(0);
     while last.0 < SENT as u64 {
-        let (frames, sync) = until_sync(&mut behind).await;
+        let (frames, sync) = behind.until_sync().await;
         for f in frames {
             match f {
                 ServerFrame::Message(m) => texts.push(m.text),

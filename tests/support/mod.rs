@@ -242,6 +242,31 @@ impl Client {
         }
     }
 
+    /// For a client that opted in (`?sync`, `?since=`): reads frames until
+    /// a `sync`, and returns the frames before it and the sync.
+    pub async fn until_sync(&mut self) -> (Vec<ServerFrame>, chat_proto::Sync) {
+        let mut frames = Vec::new();
+        loop {
+            match self.frame().await {
+                ServerFrame::Sync(s) => return (frames, s),
+                other => frames.push(other),
+            }
+        }
+    }
+
+    /// For a client that opted in: the next `n` frames that are not
+    /// `sync`s.
+    pub async fn frames_but_syncs(&mut self, n: usize) -> Vec<ServerFrame> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.frame().await {
+                ServerFrame::Sync(_) => {}
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
     /// Reads until the connection closes; returns the close frame, if any.
     pub async fn closed(&mut self) -> Option<CloseFrame> {
         loop {

@@ -395,13 +395,14 @@ impl Connected {
     /// Starts applying the stream: every entry, in order, goes through
     /// `chat`, and its events to `commits`, until `stop` is cancelled.
     /// Returns the node's sequencer once everything in the stream at the
-    /// moment of joining is applied.
+    /// moment of joining is applied, with the position that reached (its
+    /// events may still be on their way to the log).
     pub async fn start(
         self,
         mut chat: Chat,
         commits: mpsc::Sender<Vec<Event>>,
         stop: CancellationToken,
-    ) -> Result<ClusterSequencer, ClusterError> {
+    ) -> Result<(ClusterSequencer, chat_proto::Position), ClusterError> {
         let name = self.stream.cached_info().config.name.clone();
         let stream_err = |e: &dyn std::fmt::Display| ClusterError::Stream {
             stream: name.clone(),
@@ -434,7 +435,7 @@ impl Connected {
                 if caught_up_to <= start_after
                     && let Some(tx) = caught_up_tx.take()
                 {
-                    let _ = tx.send(());
+                    let _ = tx.send(chat.head());
                 }
                 // The entry to apply next.
                 let mut next = first;
@@ -536,13 +537,15 @@ impl Connected {
                     if seq >= caught_up_to
                         && let Some(tx) = caught_up_tx.take()
                     {
-                        let _ = tx.send(());
+                        let _ = tx.send(chat.head());
                     }
                 }
             });
         }
-        let _ = caught_up.await;
-        Ok(ClusterSequencer {
+        // The head once caught up; an applier that ended first (an entry
+        // it cannot apply) leaves the chat where it stopped.
+        let head = caught_up.await.unwrap_or_default();
+        let sequencer = ClusterSequencer {
             js: self.js,
             subject: self.subject,
             node,
@@ -553,7 +556,8 @@ impl Connected {
             rules,
             config,
             timeout: self.timeout,
-        })
+        };
+        Ok((sequencer, head))
     }
 }
 

@@ -29,6 +29,10 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+/// How long a cluster node waits, once caught up, for its committer to
+/// publish what it applied before it serves anyway.
+const CATCH_UP_PUBLISH_WAIT: Duration = Duration::from_secs(60);
+
 /// Why the server could not start.
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -229,8 +233,11 @@ impl Server {
             None => Arc::new(Hub::new(chat, commits, clock)),
             Some(cluster) => {
                 let started = std::time::Instant::now();
-                let sequencer = cluster.start(chat, commits, shutdown.clone()).await?;
-                info!(took = ?started.elapsed(), head = %log.join(log::Since::Start).cursor, "caught up with the cluster's stream");
+                let (sequencer, head) = cluster.start(chat, commits, shutdown.clone()).await?;
+                // Serve only once what was applied is published too, so
+                // the first client sees all of it.
+                log.wait_for(head, CATCH_UP_PUBLISH_WAIT).await;
+                info!(took = ?started.elapsed(), %head, "caught up with the cluster's stream");
                 Arc::new(sequencer)
             }
         };
