@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How long a cluster node takes to catch up: a node fills the stream with
 # 10,000 messages (through chat-loadgen), then a second node starts, and we
-# time from its spawn to it accepting connections (it binds only once it
+# time from its spawn to its /healthz answering 200 (it serves only once it
 # has applied and published everything the stream held). Twice: reading
 # the whole stream (snapshots off), and from the newest snapshot (the
 # default, one every 1,000 entries). Needs nats-server on PATH.
@@ -14,6 +14,21 @@ runs=${2:-3}
 cargo build --release -q -p chat-server -p chat-loadgen
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.01; done; return 1; }
+# A node binds at once and answers /healthz 503 while it catches up.
+wait_serving() {
+  python3 - "$1" <<'PY'
+import sys, time, urllib.request, urllib.error
+url = f"http://127.0.0.1:{sys.argv[1]}/healthz"
+for _ in range(6000):
+    try:
+        if urllib.request.urlopen(url, timeout=1).status == 200:
+            sys.exit(0)
+    except (urllib.error.URLError, ConnectionError, OSError):
+        pass
+    time.sleep(0.005)
+sys.exit(1)
+PY
+}
 flags=(--identity raw-ip --message-rate 1000000 --max-connections-per-ip 1000 --history-limit "$messages")
 for mode in "whole stream:1000000000" "from a snapshot:1000"; do
   label=${mode%%:*}; every=${mode##*:}
@@ -33,7 +48,7 @@ for mode in "whole stream:1000000000" "from a snapshot:1000"; do
     start=$(date +%s.%N)
     RUST_LOG=warn target/release/chat-server --listen "127.0.0.1:$bport" --cluster "nats://127.0.0.1:$nport" \
       --cluster-snapshot-every "$every" "${flags[@]}" 2>/dev/null & b=$!
-    wait_port "$bport"
+    wait_serving "$bport"
     end=$(date +%s.%N)
     times+=("$(python3 -c "print(round($end - $start, 3))")")
     kill "$a" "$b" "$nats"; wait "$a" "$b" "$nats" 2>/dev/null || true

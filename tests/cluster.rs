@@ -9,6 +9,26 @@ use chat_server::Config;
 use support::nats::NatsServer;
 use support::{TestServer, test_config};
 
+/// A node, once it serves (it binds at once, and answers 503 while it
+/// catches up with the stream).
+async fn start(config: Config) -> TestServer {
+    let server = TestServer::start(config).await;
+    serving(&server).await;
+    server
+}
+
+/// Waits until `server` takes WebSocket connections.
+async fn serving(server: &TestServer) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server.try_client(250, "/ws", &[]).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 fn node(nats: &NatsServer, name: &str) -> Config {
     Config {
         cluster: Some(nats.url()),
@@ -20,9 +40,9 @@ fn node(nats: &NatsServer, name: &str) -> Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_one_chat_in_one_order_with_the_same_positions() {
     let nats = NatsServer::start();
-    let a = TestServer::start(node(&nats, "a")).await;
-    let b = TestServer::start(node(&nats, "b")).await;
-    let c = TestServer::start(node(&nats, "c")).await;
+    let a = start(node(&nats, "a")).await;
+    let b = start(node(&nats, "b")).await;
+    let c = start(node(&nats, "c")).await;
     let mut watchers = Vec::new();
     for server in [&a, &b, &c] {
         let mut w = server.try_client(9, "/ws?sync", &[]).await.expect("ws");
@@ -63,7 +83,7 @@ async fn nodes_share_one_chat_in_one_order_with_the_same_positions() {
 
     // A node that starts later catches up before it serves: it shows the
     // same history.
-    let d = TestServer::start(node(&nats, "d")).await;
+    let d = start(node(&nats, "d")).await;
     let mut late = d.try_client(9, "/ws?sync", &[]).await.expect("ws");
     let (history, sync) = late.until_sync().await;
     assert_eq!(
@@ -96,17 +116,17 @@ async fn the_rate_limit_is_exact_across_nodes() {
     let mut config = node(&nats, "x");
     config.message_rate = 6;
     let nodes = [
-        TestServer::start(Config {
+        start(Config {
             node_id: Some("a".into()),
             ..config.clone()
         })
         .await,
-        TestServer::start(Config {
+        start(Config {
             node_id: Some("b".into()),
             ..config.clone()
         })
         .await,
-        TestServer::start(Config {
+        start(Config {
             node_id: Some("c".into()),
             ..config
         })
@@ -154,8 +174,8 @@ async fn the_rate_limit_is_exact_across_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_node() {
     let nats = NatsServer::start();
-    let a = TestServer::start(node(&nats, "a")).await;
-    let b = TestServer::start(node(&nats, "b")).await;
+    let a = start(node(&nats, "a")).await;
+    let b = start(node(&nats, "b")).await;
     let mut sender = a.client(2).await;
     sender.say("before").await;
     sender.message().await;
@@ -193,7 +213,7 @@ async fn a_client_resumes_on_another_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_in_the_stream_is_skipped_by_every_node_alike() {
     let nats = NatsServer::start();
-    let a = TestServer::start(node(&nats, "a")).await;
+    let a = start(node(&nats, "a")).await;
     let mut on_a = a.try_client(2, "/ws?sync", &[]).await.expect("ws");
     on_a.until_sync().await;
     // Something else publishes to the chat's subject.
@@ -210,7 +230,7 @@ async fn junk_in_the_stream_is_skipped_by_every_node_alike() {
     let got = on_a.frames_but_syncs(1).await;
     assert!(matches!(&got[0], ServerFrame::Message(m) if m.text == "after the junk"));
     // A node that reads the same stream from the start agrees.
-    let b = TestServer::start(node(&nats, "b")).await;
+    let b = start(node(&nats, "b")).await;
     let mut on_b = b.try_client(3, "/ws?sync", &[]).await.expect("ws");
     let (history, sync) = on_b.until_sync().await;
     assert_eq!(history, got);
@@ -240,7 +260,7 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
     let mut config = node(&nats, "a");
     config.cluster_snapshot_every = 5;
     config.message_rate = 4;
-    let a = TestServer::start(config.clone()).await;
+    let a = start(config.clone()).await;
     // Twelve entries: user .2 reaches its limit, others chat, a reaction.
     let mut limited = a.client(2).await;
     for i in 0..4 {
@@ -297,7 +317,7 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
 
     // A new node computes the same chat: the same history, the same
     // reactions, and the same rate limit for user .2.
-    let b = TestServer::start(Config {
+    let b = start(Config {
         node_id: Some("b".into()),
         ..config.clone()
     })
@@ -332,7 +352,7 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
     let mut lost = config;
     lost.cluster_stream = "other".into();
     lost.cluster_snapshot_every = 1_000_000;
-    let c = TestServer::start(lost.clone()).await;
+    let c = start(lost.clone()).await;
     let mut s = c.client(4).await;
     for i in 0..3 {
         s.say(&format!("s{i}")).await;
@@ -360,7 +380,7 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_rules_refuse_alone_never_reaches_the_stream() {
     let nats = NatsServer::start();
-    let a = TestServer::start(node(&nats, "a")).await;
+    let a = start(node(&nats, "a")).await;
     let mut c = a.client(2).await;
     c.say("one that counts").await;
     c.message().await;
@@ -385,7 +405,7 @@ async fn while_nats_is_gone_commands_are_refused_reads_go_on_and_nothing_confirm
     let mut nats = NatsServer::start();
     let mut config = node(&nats, "a");
     config.cluster_timeout = std::time::Duration::from_millis(1500);
-    let a = TestServer::start(config).await;
+    let a = start(config).await;
     let mut c = a.try_client(2, "/ws?sync", &[]).await.expect("ws");
     c.until_sync().await;
     c.say("before").await;
@@ -432,7 +452,7 @@ async fn while_nats_is_gone_commands_are_refused_reads_go_on_and_nothing_confirm
             "never accepted again"
         );
     };
-    let b = TestServer::start(node(&nats, "b")).await;
+    let b = start(node(&nats, "b")).await;
     let mut late = b.try_client(4, "/ws?sync", &[]).await.expect("ws");
     let (history, _) = late.until_sync().await;
     let texts: Vec<String> = history
@@ -444,6 +464,82 @@ async fn while_nats_is_gone_commands_are_refused_reads_go_on_and_nothing_confirm
         .collect();
     assert_eq!(texts.first().map(String::as_str), Some("before"));
     assert_eq!(texts.last(), Some(&after));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `GET /healthz`: the status and the body.
+async fn healthz(server: &TestServer) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("tcp");
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.expect("response");
+    let status = response[9..12].parse().expect("a status");
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_meets_an_unknown_envelope_stops_and_says_so() {
+    let nats = NatsServer::start();
+    let a = start(node(&nats, "a")).await;
+    assert_eq!(healthz(&a).await, (200, "ok\n".to_owned()));
+    let mut c = a.client(2).await;
+    c.say("before").await;
+    c.message().await;
+    // A newer build's envelope arrives.
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    js.publish(
+        "chat.commands",
+        br#"{"v":2,"what":"the future"}"#.to_vec().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = healthz(&a).await;
+        if status != 200 {
+            break (status, body);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still healthy");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503);
+    assert!(body.contains("version this build does not know"), "{body}");
+    // It takes no command, and no new connection, and says why.
+    c.say("after").await;
+    assert!(c.error().await.starts_with("the chat is unavailable"));
+    match a.try_client(3, "/ws", &[]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+        }
+        other => panic!("a stopped node took a connection: {:?}", other.is_ok()),
+    }
+    // A node that starts on this stream stops at the same entry.
+    let b = TestServer::start(node(&nats, "b")).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, body) = healthz(&b).await;
+        assert_eq!(status, 503, "{body}");
+        if body.contains("version this build does not know") {
+            break;
+        }
+        assert!(body.contains("catching up"), "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "never stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -16,7 +16,8 @@
 //! reads the stream from its first entry, and does not accept connections
 //! until it has applied what was there), and the stream is bounded by size.
 
-use crate::hub::{ApplyError, Sequencer};
+use crate::hub::{ApplyError, Health, Sequencer};
+use crate::log::Log;
 use async_nats::jetstream::{self, consumer, object_store, stream};
 use chat_core::{Chat, ChatSnapshot, Context, Event, Timestamp};
 use chat_proto::{ClientFrame, Epoch, UserId, Uuid};
@@ -75,6 +76,12 @@ pub fn rules_of(config: &chat_core::Config) -> String {
     let hash = blake3::hash(format!("{config:?}").as_bytes());
     hash.to_hex()[..16].to_owned()
 }
+
+/// Why a node stopped applying: an envelope of a version it does not know.
+const STOPPED_VERSION: &str = "stopped applying the cluster's stream: it holds an envelope of a version this build does not know; upgrade this node";
+
+/// Why a node stopped applying: a command from a node with other rules.
+const STOPPED_RULES: &str = "stopped applying the cluster's stream: it holds a command from a node with other chat rules; give every node the same rules";
 
 /// How many snapshots the object store keeps.
 const SNAPSHOTS_KEPT: usize = 3;
@@ -138,8 +145,8 @@ pub struct ClusterSequencer {
     next_request: AtomicU64,
     /// Outcomes awaited by this node's connections, by request.
     waiting: Arc<Waiting>,
-    /// False once the applier stopped (an entry it cannot apply).
-    applying: watch::Receiver<bool>,
+    /// Catching up, serving, or stopped (an entry it cannot apply).
+    health: watch::Receiver<Health>,
     /// This node's rules fingerprint.
     rules: String,
     /// This node's rules, to refuse what they refuse whatever the state
@@ -393,16 +400,18 @@ impl Connected {
     }
 
     /// Starts applying the stream: every entry, in order, goes through
-    /// `chat`, and its events to `commits`, until `stop` is cancelled.
-    /// Returns the node's sequencer once everything in the stream at the
-    /// moment of joining is applied, with the position that reached (its
-    /// events may still be on their way to the log).
-    pub async fn start(
+    /// `chat`, and its events to `commits` (and from there to `log`),
+    /// until `stop` is cancelled. The node's sequencer is
+    /// [`Health::CatchingUp`] until everything the stream held when it
+    /// joined is applied and published to `log`, then
+    /// [`Health::Serving`].
+    pub(crate) async fn start(
         self,
         mut chat: Chat,
         commits: mpsc::Sender<Vec<Event>>,
         stop: CancellationToken,
-    ) -> Result<(ClusterSequencer, chat_proto::Position), ClusterError> {
+        log: Arc<Log>,
+    ) -> Result<ClusterSequencer, ClusterError> {
         let name = self.stream.cached_info().config.name.clone();
         let stream_err = |e: &dyn std::fmt::Display| ClusterError::Stream {
             stream: name.clone(),
@@ -417,8 +426,25 @@ impl Connected {
         reconnected.borrow_and_update();
         let boot = Uuid::new_v4();
         let waiting: Arc<Waiting> = Arc::default();
-        let (applying_tx, applying) = watch::channel(true);
-        let (caught_up_tx, caught_up) = oneshot::channel();
+        let (health_tx, health) = watch::channel(Health::CatchingUp);
+        let health_tx = Arc::new(health_tx);
+        // Serving once the head reached while catching up is published.
+        let (caught_up_tx, caught_up) = oneshot::channel::<chat_proto::Position>();
+        {
+            let health_tx = Arc::clone(&health_tx);
+            tokio::spawn(async move {
+                if let Ok(head) = caught_up.await {
+                    log.wait_for(head, Duration::from_secs(3600)).await;
+                    health_tx.send_if_modified(|h| {
+                        let catching_up = *h == Health::CatchingUp;
+                        if catching_up {
+                            *h = Health::Serving;
+                        }
+                        catching_up
+                    });
+                }
+            });
+        }
         let caught_up_to = self.last_sequence;
         let node = self.node.clone();
         let rules = self.rules.clone();
@@ -512,7 +538,7 @@ impl Connected {
                                  applying it here would compute another chat, so this node stops: \
                                  give every node the same rules"
                             );
-                            let _ = applying_tx.send(false);
+                            let _ = health_tx.send(Health::Stopped(STOPPED_RULES));
                             return;
                         }
                         Applied::Unknown(v) => {
@@ -522,7 +548,7 @@ impl Connected {
                                 "the stream holds an envelope of version {v}, which this build does not know; \
                                  this node stops applying rather than diverge from the others: upgrade it"
                             );
-                            let _ = applying_tx.send(false);
+                            let _ = health_tx.send(Health::Stopped(STOPPED_VERSION));
                             return;
                         }
                     }
@@ -542,22 +568,18 @@ impl Connected {
                 }
             });
         }
-        // The head once caught up; an applier that ended first (an entry
-        // it cannot apply) leaves the chat where it stopped.
-        let head = caught_up.await.unwrap_or_default();
-        let sequencer = ClusterSequencer {
+        Ok(ClusterSequencer {
             js: self.js,
             subject: self.subject,
             node,
             boot,
             next_request: AtomicU64::new(0),
             waiting,
-            applying,
+            health,
             rules,
             config,
             timeout: self.timeout,
-        };
-        Ok((sequencer, head))
+        })
     }
 }
 
@@ -632,9 +654,14 @@ fn message_id(seq: u64, ms: u64) -> Uuid {
 }
 
 impl ClusterSequencer {
+    /// Follows the node's health.
+    pub fn watch_health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
     async fn submit_inner(&self, user: &UserId, command: ClientFrame) -> Result<(), ApplyError> {
-        if !*self.applying.borrow() {
-            return Err(ApplyError::Stopping);
+        if *self.health.borrow() != Health::Serving {
+            return Err(ApplyError::Unavailable);
         }
         // What the rules refuse whatever the state never reaches the
         // stream: every node's apply would refuse it the same way, so junk
@@ -697,6 +724,10 @@ impl ClusterSequencer {
 }
 
 impl Sequencer for ClusterSequencer {
+    fn health(&self) -> Health {
+        *self.health.borrow()
+    }
+
     fn submit<'a>(
         &'a self,
         user: &'a UserId,

@@ -119,7 +119,11 @@ async fn handshake(
     upgrade: Box<http::Upgrade>,
 ) -> Result<(Ws, Admitted), String> {
     let request = &upgrade.head.request;
-    let admitted = match shared.admission.admit(request, peer.ip()) {
+    let admitted = match shared.not_serving() {
+        Some(why) => Err(Refusal::NotServing(why)),
+        None => shared.admission.admit(request, peer.ip()),
+    };
+    let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => {
             if refusal == Refusal::OriginNotAllowed {

@@ -23,8 +23,26 @@ use futures_util::future::BoxFuture;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokio::sync::mpsc;
 
+/// Whether the ordering point can take commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Taking commands; the node serves.
+    Serving,
+    /// Still applying what its log held when it started: not yet serving.
+    CatchingUp,
+    /// It stopped applying, for the reason given, and will not go on by
+    /// itself.
+    Stopped(&'static str),
+}
+
 /// Puts clients' commands in the chat's one order.
 pub(crate) trait Sequencer: Send + Sync + std::fmt::Debug {
+    /// Whether it takes commands now (`/healthz`, and new connections,
+    /// follow it).
+    fn health(&self) -> Health {
+        Health::Serving
+    }
+
     /// Applies `command` for `user`. `Ok` means it was accepted and its
     /// event will be published once committed (the client sees it then,
     /// like everyone else); a refusal is for that client alone.

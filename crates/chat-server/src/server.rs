@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{Admission, Policy};
 use crate::clock::Clock;
 use crate::host::HostPolicy;
-use crate::hub::{Hub, Sequencer};
+use crate::hub::{Health, Hub, Sequencer};
 use crate::identity::Identity;
 use crate::limits::AddressLimits;
 use crate::log::Log;
@@ -28,10 +28,6 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
-
-/// How long a cluster node waits, once caught up, for its committer to
-/// publish what it applied before it serves anyway.
-const CATCH_UP_PUBLISH_WAIT: Duration = Duration::from_secs(60);
 
 /// Why the server could not start.
 #[derive(Debug, Error)]
@@ -78,6 +74,21 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
 }
+
+impl Shared {
+    /// Why the node does not serve now, if it does not: catching up with
+    /// its cluster, or stopped applying.
+    pub(crate) fn not_serving(&self) -> Option<&'static str> {
+        match self.order.health() {
+            Health::Serving => None,
+            Health::CatchingUp => Some(CATCHING_UP),
+            Health::Stopped(why) => Some(why),
+        }
+    }
+}
+
+/// What `/healthz` and a refused handshake say while a cluster node catches up.
+const CATCHING_UP: &str = "catching up with the cluster's stream; not serving yet";
 
 /// How [`Server::run`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,11 +244,20 @@ impl Server {
             None => Arc::new(Hub::new(chat, commits, clock)),
             Some(cluster) => {
                 let started = std::time::Instant::now();
-                let (sequencer, head) = cluster.start(chat, commits, shutdown.clone()).await?;
-                // Serve only once what was applied is published too, so
-                // the first client sees all of it.
-                log.wait_for(head, CATCH_UP_PUBLISH_WAIT).await;
-                info!(took = ?started.elapsed(), %head, "caught up with the cluster's stream");
+                let sequencer = cluster
+                    .start(chat, commits, shutdown.clone(), Arc::clone(&log))
+                    .await?;
+                let mut health = sequencer.watch_health();
+                tokio::spawn(async move {
+                    let _ = health.wait_for(|h| *h != Health::CatchingUp).await;
+                    let now = *health.borrow();
+                    match now {
+                        Health::Serving => {
+                            info!(took = ?started.elapsed(), "caught up with the cluster's stream: serving")
+                        }
+                        other => error!(?other, "not serving"),
+                    }
+                });
                 Arc::new(sequencer)
             }
         };

@@ -41,6 +41,9 @@ pub enum Refusal {
     TooManyPendingFromAddress,
     /// The server is at its connection limit.
     ServerFull,
+    /// The node does not serve yet (catching up with its cluster), or no
+    /// more (it stopped applying); the text says which.
+    NotServing(&'static str),
 }
 
 impl Refusal {
@@ -60,7 +63,7 @@ impl Refusal {
             Refusal::TooManyFromAddress | Refusal::TooManyPendingFromAddress => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Refusal::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::ServerFull | Refusal::NotServing(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -80,6 +83,7 @@ impl Refusal {
             Refusal::TooManyFromAddress => "too_many_from_address",
             Refusal::TooManyPendingFromAddress => "too_many_pending_from_address",
             Refusal::ServerFull => "server_full",
+            Refusal::NotServing(_) => "not_serving",
         }
     }
 }
@@ -94,7 +98,7 @@ impl fmt::Display for Refusal {
             }
             Refusal::MethodNotAllowed => "a WebSocket handshake is a GET",
             Refusal::BodyNotAllowed => "a WebSocket handshake has no body",
-            Refusal::BadUpgrade(why) | Refusal::BadResume(why) => why,
+            Refusal::BadUpgrade(why) | Refusal::BadResume(why) | Refusal::NotServing(why) => why,
             Refusal::UnsupportedVersion => "only WebSocket version 13 is supported",
             Refusal::OriginNotAllowed => "origin not allowed",
             Refusal::BadForwardedFor => "malformed X-Forwarded-For from a trusted proxy",

@@ -42,6 +42,10 @@ pub(crate) fn route(
                 );
                 return ("healthz", no_store(reply));
             }
+            if let Some(why) = shared.not_serving() {
+                let reply = text(StatusCode::SERVICE_UNAVAILABLE, &format!("{why}\n"));
+                return ("healthz", no_store(reply));
+            }
             ("healthz", no_store(text(StatusCode::OK, "ok\n")))
         }
         "/metrics" => {
