@@ -543,3 +543,87 @@ async fn a_node_that_meets_an_unknown_envelope_stops_and_says_so() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A client from `127.0.0.<n>` through nginx.
+async fn via(nginx: &support::nginx::Nginx, n: u8, path: &str) -> support::Client {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, n], 0)))
+        .expect("bind");
+    let stream = socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], nginx.port)))
+        .await
+        .expect("connect to nginx");
+    let (ws, _) = tokio_tungstenite::client_async(nginx.url(path), stream)
+        .await
+        .expect("handshake through nginx");
+    support::Client { ws }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_nginx_a_node_goes_away_and_its_clients_resume_on_another() {
+    let nats = NatsServer::start();
+    let proxied = |name: &str| Config {
+        trusted_proxies: vec!["127.0.0.1/32".parse().expect("net")],
+        ..node(&nats, name)
+    };
+    let a = start(proxied("a")).await;
+    // Node b's port is known before it starts, so nginx can list it.
+    let b_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let nginx = support::nginx::Nginx::start(&[a.addr, b_port]);
+
+    // With only node a up, everyone lands there.
+    let mut x = via(&nginx, 2, "/ws?sync").await;
+    x.until_sync().await;
+    let mut sender = via(&nginx, 3, "/ws").await;
+    sender.say("before").await;
+    sender.message().await;
+    let (seen, at) = x.until_sync().await;
+    assert!(matches!(&seen[..], [ServerFrame::Message(m)] if m.text == "before"));
+    let b = start(Config {
+        listen: b_port,
+        ..proxied("b")
+    })
+    .await;
+
+    // Node a goes away (a deploy, say): its clients are closed...
+    a.shutdown().await;
+    let close = x.closed().await;
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1001));
+    // ...while, through nginx and so on node b, the chat goes on.
+    let mut other = via(&nginx, 4, "/ws").await;
+    for text in ["while a was gone 1", "while a was gone 2"] {
+        other.say(text).await;
+        loop {
+            if other.message().await.text == text {
+                break;
+            }
+        }
+    }
+    // The client comes back through nginx, lands on node b, and resumes.
+    let path = format!("/ws?since={}&epoch={}", at.position, at.epoch);
+    let mut back = via(&nginx, 2, &path).await;
+    let mut texts = Vec::new();
+    let mut sync = at;
+    while sync.position.0 < at.position.0 + 2 {
+        let (frames, next) = back.until_sync().await;
+        for f in frames {
+            match f {
+                ServerFrame::Message(m) => {
+                    assert_eq!(
+                        m.author_id.as_str(),
+                        "127.0.0.4",
+                        "the address nginx forwarded"
+                    );
+                    texts.push(m.text);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        sync = next;
+    }
+    assert_eq!(texts, ["while a was gone 1", "while a was gone 2"]);
+    b.shutdown().await;
+}
