@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "target" / "release"
 NODE_PEER = ROOT / "benches" / "peers" / "node-ws"
+BUN_PEER = ROOT / "benches" / "peers" / "bun"
 RESULTS = ROOT / "benches" / "results"
 
 OUR_FLAGS = ["--message-rate", "1000000", "--reaction-rate", "1000000",
@@ -50,6 +51,13 @@ SERVERS = {
         "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--data-dir", "{datadir}"] + OUR_FLAGS,
         "env": {"RUST_LOG": "warn"},
         "note": OUR_NOTE + " --data-dir (durable, the default)",
+    },
+    # µWebSockets as Bun ships it: Bun.serve with one topic and
+    # server.publish, the way its documentation writes a chat.
+    "bun": {
+        "cmd": [str(BUN_PEER / "node_modules" / ".bin" / "bun"), str(BUN_PEER / "server.js")],
+        "env": {"PORT": "{port}", "MESSAGE_RATE": "1000000"},
+        "note": "MESSAGE_RATE=1000000 (Bun, uWebSockets underneath; version in its start-up line)",
     },
     "node-ws": {
         "cmd": ["node", str(NODE_PEER / "server.js")],
@@ -146,6 +154,10 @@ def loadgen(port, pid, args, note):
 
 
 def pick(result, path):
+    if path == "cpu_per_frame_us":
+        # Derived: the server's CPU (cores) over the frames it delivered.
+        cores, frames = pick(result, "cpu_cores.server"), pick(result, "delivered_frames_per_s")
+        return cores / frames * 1e6 if cores and frames else None
     v = result.get("results", {})
     for key in path.split("."):
         v = v.get(key) if isinstance(v, dict) else None
@@ -154,11 +166,13 @@ def pick(result, path):
 
 METRICS = {
     "fanout": [("delivered frames/s", "delivered_frames_per_s", "{:,.0f}"),
+               ("**server CPU per delivered frame (µs)**", "cpu_per_frame_us", "{:.2f}"),
                ("p50 ms", "latency_ms.p50", "{:.2f}"), ("p99 ms", "latency_ms.p99", "{:.2f}"),
                ("p99.9 ms", "latency_ms.p99_9", "{:.2f}"), ("max ms", "latency_ms.max", "{:.2f}"),
                ("frames lost", "frames_lost", "{:.0f}"),
                ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}")],
     "saturate": [("delivered frames/s", "delivered_frames_per_s", "{:,.0f}"),
+                 ("**server CPU per delivered frame (µs)**", "cpu_per_frame_us", "{:.2f}"),
                  ("messages sent/s", "send_rate_per_s", "{:,.0f}"),
                  ("p50 ms", "latency_ms.p50", "{:.1f}"), ("p99 ms", "latency_ms.p99", "{:.1f}"),
                  ("frames lost", "frames_lost", "{:.0f}"),
@@ -177,7 +191,7 @@ METRICS = {
                   ("full / since: server CPU", "full_over_since.server_cpu", "{:.1f}×"),
                   ("resets (since)", "since.resets", "{:.0f}"),
                   ("failures", "since.failures", "{:.0f}")],
-    "idle": [("server bytes per idle connection", "server_bytes_per_connection", "{:,.0f}"),
+    "idle": [("**server bytes per idle connection**", "server_bytes_per_connection", "{:,.0f}"),
              ("failures", "failures", "{:.0f}")],
 }
 
@@ -191,11 +205,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="")
-    ap.add_argument("--servers", default="chat-server,node-ws")
+    ap.add_argument("--servers", default="chat-server,bun,node-ws")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "chat-server", "-p", "chat-loadgen"], cwd=ROOT, check=True)
-    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_PEER, check=True)
+    for peer in (NODE_PEER, BUN_PEER):
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=peer, check=True)
     chosen = scenarios(args.quick)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
