@@ -4,7 +4,7 @@
 
 mod support;
 
-use chat_proto::{Epoch, Position, ServerFrame, Sync};
+use chat_proto::{Position, ServerFrame, Sync};
 use chat_server::Config;
 use support::nats::NatsServer;
 use support::{TestServer, test_config};
@@ -205,7 +205,6 @@ async fn a_client_resumes_on_another_node() {
     }
     assert_eq!(texts, ["away 1", "away 2"]);
     assert_eq!(sync.position, Position(at.position.0 + 2));
-    let _: Epoch = sync.epoch;
     a.shutdown().await;
     b.shutdown().await;
 }
