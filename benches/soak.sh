@@ -4,8 +4,9 @@
 # address and junk senders attack, and plain HTTP clients load the page,
 # /whoami and /metrics (with an oversized head now and then). Passes only if
 # the chatters lost nothing, every HTTP answer was right, the server's memory
-# and file descriptors stayed flat after warm-up, every abuser was refused or
-# dropped, and the server still answers at the end.
+# stayed flat after warm-up and its file descriptors went back to their idle
+# count once the clients left, every abuser was refused or dropped, and the
+# server still answers at the end.
 #
 # Usage: benches/soak.sh [duration, default 10m]   (CI runs it for 60s)
 set -euo pipefail
