@@ -376,6 +376,116 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
     b.shutdown().await;
 }
 
+/// Every message in a `?sync` replay from `server`, and where it ends.
+async fn history(server: &TestServer) -> (Vec<chat_proto::Message>, Sync) {
+    let mut w = server.try_client(9, "/ws?sync", &[]).await.expect("ws");
+    let (frames, sync) = w.until_sync().await;
+    let messages = frames
+        .into_iter()
+        .map(|f| match f {
+            ServerFrame::Message(m) => m,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    (messages, sync)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_its_data_dir_resumes_from_its_own_snapshot() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let config = Config {
+        in_memory: false,
+        data_dir: dir.path().to_owned(),
+        // No snapshot in the cluster's object store: only the node's own,
+        // written when it stops.
+        cluster_snapshot_every: 1_000_000,
+        message_rate: 3,
+        ..node(&nats, "a")
+    };
+    let a = start(config.clone()).await;
+    let mut limited = a.client(2).await;
+    for i in 0..3 {
+        limited.say(&format!("limited {i}")).await;
+        limited.message().await;
+    }
+    let mut other = a.client(3).await;
+    other.say("other").await;
+    let first = loop {
+        let m = other.message().await;
+        if m.text == "other" {
+            break m;
+        }
+    };
+    other.react(first.id, "🎉").await;
+    other.reaction().await;
+    let (before, at) = history(&a).await;
+    assert_eq!(at.position, Position(5));
+    a.shutdown().await;
+
+    // The stream forgets everything the node applied: only its own
+    // snapshot can give the chat back.
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    assert!(snapshots(&js, "chat").await.is_empty());
+    js.get_stream("chat")
+        .await
+        .expect("stream")
+        .purge()
+        .sequence(6)
+        .await
+        .expect("purge");
+
+    let a = start(config.clone()).await;
+    let (after, at_after) = history(&a).await;
+    assert_eq!(at_after, at, "the same epoch and position");
+    assert_eq!(format!("{after:?}"), format!("{before:?}"));
+    // The rate limit went on too, and the chat goes on from position 5.
+    let mut limited = a.client(2).await;
+    limited.say("a fourth in the minute").await;
+    loop {
+        match limited.frame().await {
+            ServerFrame::Message(m) => assert_ne!(m.text, "a fourth in the minute"),
+            ServerFrame::Error(e) => {
+                assert_eq!(
+                    e.error,
+                    "Rate limit exceeded. Maximum 3 messages per minute."
+                );
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut w = a
+        .try_client(
+            9,
+            &format!("/ws?since={}&epoch={}", at.position, at.epoch),
+            &[],
+        )
+        .await
+        .expect("ws");
+    let mut again = a.client(4).await;
+    again.say("after the restart").await;
+    match w.frame().await {
+        ServerFrame::Sync(s) => assert_eq!(s.position, Position(5)),
+        other => panic!("{other:?}"),
+    }
+    match w.frame().await {
+        ServerFrame::Message(m) => assert_eq!(m.text, "after the restart"),
+        other => panic!("{other:?}"),
+    }
+
+    // A second node cannot use the same directory while the first runs.
+    let err = chat_server::Server::bind(Config {
+        node_id: Some("b".into()),
+        ..config
+    })
+    .await
+    .expect_err("the directory is locked");
+    assert!(err.to_string().contains("in use"), "{err}");
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_rules_refuse_alone_never_reaches_the_stream() {
     let nats = NatsServer::start();

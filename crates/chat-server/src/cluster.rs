@@ -12,12 +12,16 @@
 //! and the same positions. The origin node hands the outcome of its own
 //! entries (accepted, or refused) back to the connection that sent them.
 //!
-//! This is the first step: nodes keep no local store (a node that starts
-//! reads the stream from its first entry, and does not accept connections
-//! until it has applied what was there), and the stream is bounded by size.
+//! A node starts from the newest snapshot it can find of the stream's
+//! chat, its own (in its data directory, written every
+//! `--cluster-snapshot-every` entries and when it stops) or the cluster's
+//! (in the stream's object store), then applies the stream from there on.
+//! It does not serve until it has applied what the stream held when it
+//! joined.
 
 use crate::hub::{ApplyError, Health, Sequencer};
 use crate::log::Log;
+use crate::store::DataDir;
 use async_nats::jetstream::{self, consumer, object_store, stream};
 use chat_core::{Chat, ChatSnapshot, Context, Event, Timestamp};
 use chat_proto::{ClientFrame, Epoch, UserId, Uuid};
@@ -30,6 +34,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
@@ -61,13 +66,39 @@ pub struct Envelope {
 }
 
 /// A snapshot of the chat after applying the stream up to `seq`, as kept
-/// in the stream's object store: a node that joins after the stream has
-/// dropped its oldest entries starts from it.
+/// in the stream's object store (a node that joins after the stream has
+/// dropped its oldest entries starts from it) and in each node's data
+/// directory (a node that restarts starts from it).
 #[derive(Debug, Serialize, Deserialize)]
 struct Stored {
+    /// The stream's epoch: a snapshot of a deleted and recreated stream
+    /// (whose snapshot bucket or data directory outlived it) is not used.
+    epoch: Epoch,
     seq: u64,
     rules: String,
     chat: ChatSnapshot,
+}
+
+impl Stored {
+    /// Whether a node of `rules` may start from this snapshot of the
+    /// stream with `epoch`, whose last entry is `last_sequence`.
+    fn fits(&self, epoch: Epoch, rules: &str, last_sequence: u64) -> Result<(), &'static str> {
+        if self.epoch != epoch {
+            Err("a snapshot of another stream (deleted and recreated since)")
+        } else if self.rules != rules {
+            Err("a snapshot taken under other chat rules")
+        } else if self.seq > last_sequence {
+            Err("a snapshot ahead of the stream")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The file in a node's data directory that holds its own snapshot of
+/// `stream`'s chat.
+fn local_snapshot_file(stream: &str) -> String {
+    format!("cluster-{stream}.snapshot.json")
 }
 
 /// The fingerprint of a chat's rules: the same rules, the same chat from
@@ -132,6 +163,8 @@ pub struct Settings {
     pub snapshot_every: u64,
     /// The chat's rules on this node.
     pub rules: chat_core::Config,
+    /// Where this node keeps its own snapshot (none with `--in-memory`).
+    pub local: Option<Arc<DataDir>>,
 }
 
 /// The cluster's ordering point: publishes commands and waits for their
@@ -171,7 +204,10 @@ pub struct Connected {
     first_sequence: u64,
     /// Where snapshots are kept.
     snapshots: object_store::ObjectStore,
-    /// The newest snapshot with this node's rules, if any.
+    /// Where this node keeps its own.
+    local: Option<Arc<DataDir>>,
+    /// The newest snapshot, this node's or the cluster's, it can start
+    /// from, if any.
     snapshot: Option<Stored>,
     snapshot_every: u64,
     rules: String,
@@ -264,13 +300,34 @@ pub async fn connect(settings: &Settings) -> Result<Connected, ClusterError> {
             .map_err(|e| stream_err(&e))?,
     };
     let rules = rules_of(&settings.rules);
-    let snapshot = newest_snapshot(&snapshots, &rules)
+    let shared = newest_snapshot(&snapshots, epoch, &rules, last_sequence)
         .await
         .map_err(|e| stream_err(&e))?;
+    let own = match &settings.local {
+        Some(dir) => own_snapshot(dir, &settings.stream, epoch, &rules, last_sequence).await,
+        None => None,
+    };
+    let snapshot = match (own, shared) {
+        (Some(own), Some(shared)) if shared.seq > own.seq => Some(shared),
+        (Some(own), _) => {
+            tracing::info!(after = own.seq, "starting from this node's own snapshot");
+            Some(own)
+        }
+        (None, shared) => shared,
+    };
+    if let Some(s) = &snapshot {
+        tracing::info!(
+            after = s.seq,
+            last = last_sequence,
+            "applying the stream from a snapshot"
+        );
+    }
     // A stream that dropped entries can be caught up with only from a
     // snapshot taken at or after the last one dropped.
+    // (A stream that dropped every entry it had is empty, with its first
+    // sequence past its last.)
     let from = snapshot.as_ref().map_or(0, |s| s.seq);
-    if first_sequence > from + 1 && last_sequence >= first_sequence {
+    if first_sequence > from + 1 && last_sequence > from {
         return Err(ClusterError::Stream {
             stream: settings.stream.clone(),
             detail: format!(
@@ -290,6 +347,7 @@ pub async fn connect(settings: &Settings) -> Result<Connected, ClusterError> {
         last_sequence,
         first_sequence,
         snapshots,
+        local: settings.local.clone(),
         snapshot,
         snapshot_every: settings.snapshot_every,
         rules,
@@ -328,10 +386,12 @@ async fn read_from(stream: &stream::Stream, first: u64) -> Result<consumer::pull
     consumer.messages().await.map_err(|e| e.to_string())
 }
 
-/// The newest snapshot with `rules` in `store`.
+/// The newest snapshot in `store` that a node of `rules` may start from.
 async fn newest_snapshot(
     store: &object_store::ObjectStore,
+    epoch: Epoch,
     rules: &str,
+    last_sequence: u64,
 ) -> Result<Option<Stored>, String> {
     let mut names = Vec::new();
     let mut list = store.list().await.map_err(|e| e.to_string())?;
@@ -349,12 +409,69 @@ async fn newest_snapshot(
             .await
             .map_err(|e| e.to_string())?;
         match serde_json::from_slice::<Stored>(&bytes) {
-            Ok(stored) if stored.rules == rules => return Ok(Some(stored)),
-            Ok(_) => warn!(%name, "a snapshot taken under other chat rules; not used"),
+            Ok(stored) => match stored.fits(epoch, rules, last_sequence) {
+                Ok(()) => return Ok(Some(stored)),
+                Err(why) => warn!(%name, "{why}; not used"),
+            },
             Err(e) => warn!(%name, error = %e, "an unreadable snapshot; not used"),
         }
     }
     Ok(None)
+}
+
+/// This node's own snapshot of `stream`'s chat in `dir`, if it has one it
+/// may start from. One it cannot use is said and ignored: the cluster's
+/// snapshots and the stream still hold the chat.
+async fn own_snapshot(
+    dir: &Arc<DataDir>,
+    stream: &str,
+    epoch: Epoch,
+    rules: &str,
+    last_sequence: u64,
+) -> Option<Stored> {
+    let name = local_snapshot_file(stream);
+    let dir = Arc::clone(dir);
+    let read = {
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || dir.read(&name))
+    };
+    let bytes = match read.await {
+        Ok(Ok(Some(bytes))) => bytes,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            warn!(file = %name, error = %e, "this node's snapshot cannot be read; not used");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    match serde_json::from_slice::<Stored>(&bytes) {
+        Ok(stored) => match stored.fits(epoch, rules, last_sequence) {
+            Ok(()) => Some(stored),
+            Err(why) => {
+                warn!(file = %name, "{why}; not used");
+                None
+            }
+        },
+        Err(e) => {
+            warn!(file = %name, error = %e, "this node's snapshot is unreadable; not used");
+            None
+        }
+    }
+}
+
+/// Replaces this node's own snapshot with `stored`, on disk when it
+/// returns.
+fn write_own_snapshot(dir: &DataDir, stream: &str, stored: &Stored) {
+    // A chat snapshot is strings, numbers and maps with string keys.
+    let bytes = serde_json::to_vec(stored).expect("snapshots serialize");
+    if let Err(e) = dir.replace(&local_snapshot_file(stream), &bytes) {
+        warn!(
+            dir = %dir.path().display(),
+            error = %e,
+            seq = stored.seq,
+            "writing this node's snapshot failed; a restart catches up from an older one"
+        );
+    }
 }
 
 /// Stores the snapshot taken after entry `seq` (unless another node
@@ -404,20 +521,23 @@ impl Connected {
     /// until `stop` is cancelled. The node's sequencer is
     /// [`Health::CatchingUp`] until everything the stream held when it
     /// joined is applied and published to `log`, then
-    /// [`Health::Serving`].
+    /// [`Health::Serving`]. The task that applies ends once `stop` is
+    /// cancelled and this node's own snapshot of what it applied is on
+    /// disk (with a data directory).
     pub(crate) async fn start(
         self,
         mut chat: Chat,
         commits: mpsc::Sender<Vec<Event>>,
         stop: CancellationToken,
         log: Arc<Log>,
-    ) -> Result<ClusterSequencer, ClusterError> {
+    ) -> Result<(ClusterSequencer, JoinHandle<()>), ClusterError> {
         let name = self.stream.cached_info().config.name.clone();
         let stream_err = |e: &dyn std::fmt::Display| ClusterError::Stream {
             stream: name.clone(),
             detail: e.to_string(),
         };
         let first = (self.start_after + 1).max(self.first_sequence);
+        let stream_name = name.clone();
         let mut entries = read_from(&self.stream, first)
             .await
             .map_err(|e| stream_err(&e))?;
@@ -452,11 +572,16 @@ impl Connected {
         let snapshots = self.snapshots.clone();
         let every = self.snapshot_every.max(1);
         let start_after = self.start_after;
-        {
+        let epoch = self.epoch;
+        let local = self.local.clone();
+        let applier = {
             let waiting = Arc::clone(&waiting);
             let node = node.clone();
             let rules = rules.clone();
             tokio::spawn(async move {
+                // This node's own snapshot is written off the runtime;
+                // the write under way, if any.
+                let mut writing: Option<JoinHandle<()>> = None;
                 let mut caught_up_tx = Some(caught_up_tx);
                 if caught_up_to <= start_after
                     && let Some(tx) = caught_up_tx.take()
@@ -467,7 +592,28 @@ impl Connected {
                 let mut next = first;
                 loop {
                     let entry = tokio::select! {
-                        () = stop.cancelled() => return,
+                        () = stop.cancelled() => {
+                            // What this node applied, for its next start.
+                            if let Some(w) = writing.take() {
+                                let _ = w.await;
+                            }
+                            if let Some(dir) = &local
+                                && next > 1
+                            {
+                                let stored = Stored {
+                                    epoch,
+                                    seq: next - 1,
+                                    rules: rules.clone(),
+                                    chat: chat.snapshot(),
+                                };
+                                let dir = Arc::clone(dir);
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    write_own_snapshot(&dir, &stream_name, &stored);
+                                })
+                                .await;
+                            }
+                            return;
+                        }
                         changed = reconnected.changed() => {
                             if changed.is_err() {
                                 return;
@@ -554,10 +700,28 @@ impl Connected {
                     }
                     if seq % every == 0 {
                         let stored = Stored {
+                            epoch,
                             seq,
                             rules: rules.clone(),
                             chat: chat.snapshot(),
                         };
+                        // This node's own, unless the last is still being
+                        // written (the next one will be).
+                        if let Some(dir) = &local
+                            && writing.as_ref().is_none_or(JoinHandle::is_finished)
+                        {
+                            let dir = Arc::clone(dir);
+                            let own = Stored {
+                                epoch,
+                                seq,
+                                rules: rules.clone(),
+                                chat: stored.chat.clone(),
+                            };
+                            let stream_name = stream_name.clone();
+                            writing = Some(tokio::task::spawn_blocking(move || {
+                                write_own_snapshot(&dir, &stream_name, &own);
+                            }));
+                        }
                         tokio::spawn(store_snapshot(snapshots.clone(), stored));
                     }
                     if seq >= caught_up_to
@@ -566,9 +730,9 @@ impl Connected {
                         let _ = tx.send(chat.head());
                     }
                 }
-            });
-        }
-        Ok(ClusterSequencer {
+            })
+        };
+        let sequencer = ClusterSequencer {
             js: self.js,
             subject: self.subject,
             node,
@@ -579,7 +743,8 @@ impl Connected {
             rules,
             config,
             timeout: self.timeout,
-        })
+        };
+        Ok((sequencer, applier))
     }
 }
 
@@ -815,6 +980,24 @@ mod tests {
         };
         assert_ne!(rules_of(&strict), rules_of(&Config::default()));
         assert_eq!(rules_of(&Config::default()), rules_of(&Config::default()));
+    }
+
+    #[test]
+    fn a_snapshot_fits_only_its_stream_its_rules_and_what_the_stream_holds() {
+        let epoch = epoch_of("chat", 1);
+        let stored = Stored {
+            epoch,
+            seq: 10,
+            rules: "r".into(),
+            chat: Chat::new(Config::default()).snapshot(),
+        };
+        assert_eq!(stored.fits(epoch, "r", 10), Ok(()));
+        assert!(
+            stored.fits(epoch_of("chat", 2), "r", 10).is_err(),
+            "a recreated stream"
+        );
+        assert!(stored.fits(epoch, "other", 10).is_err(), "other rules");
+        assert!(stored.fits(epoch, "r", 9).is_err(), "ahead of the stream");
     }
 
     #[test]

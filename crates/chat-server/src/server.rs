@@ -16,7 +16,7 @@ use crate::limits::AddressLimits;
 use crate::log::Log;
 use crate::metrics::Metrics;
 use crate::pipeline::{Committer, Finished};
-use crate::store::{Store, StoreError};
+use crate::store::{DataDir, Store, StoreError};
 use chat_core::{Chat, Timestamp};
 use chat_proto::{Epoch, Uuid};
 use std::net::SocketAddr;
@@ -25,6 +25,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -107,6 +108,8 @@ pub struct Server {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     committer: Committer,
+    /// A cluster node's task that applies the stream.
+    applier: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -120,9 +123,17 @@ impl Server {
     /// the host's clock (tests start servers at chosen times with it).
     pub async fn bind_with_clock(config: Config, clock: Clock) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
+        // A cluster node keeps only its own snapshot of the chat in its
+        // data directory; the history lives in the stream.
+        let own_dir = if config.cluster.is_some() && !config.in_memory {
+            Some(Arc::new(DataDir::lock(&config.data_dir)?))
+        } else {
+            None
+        };
         let mut store = if config.cluster.is_some() {
             info!(
-                "cluster mode: the history lives in the JetStream stream; this node keeps it in memory"
+                dir = ?own_dir.as_ref().map(|d| d.path().display().to_string()),
+                "cluster mode: the history lives in the JetStream stream; this node keeps it in memory, and its own snapshot in its data directory"
             );
             None
         } else if config.in_memory {
@@ -151,6 +162,7 @@ impl Server {
                     timeout: config.cluster_timeout,
                     snapshot_every: config.cluster_snapshot_every,
                     rules: config.chat(),
+                    local: own_dir.clone(),
                 };
                 Some(cluster::connect(&settings).await?)
             }
@@ -240,13 +252,15 @@ impl Server {
             None => pipeline::spawn_committer(pipeline::Discard, pipe),
         }
         .map_err(StartError::Thread)?;
+        let mut applier = None;
         let order: Arc<dyn Sequencer> = match cluster {
             None => Arc::new(Hub::new(chat, commits, clock)),
             Some(cluster) => {
                 let started = std::time::Instant::now();
-                let sequencer = cluster
+                let (sequencer, applying) = cluster
                     .start(chat, commits, shutdown.clone(), Arc::clone(&log))
                     .await?;
+                applier = Some(applying);
                 let mut health = sequencer.watch_health();
                 tokio::spawn(async move {
                     let _ = health.wait_for(|h| *h != Health::CatchingUp).await;
@@ -296,6 +310,7 @@ impl Server {
             local_addr,
             shared: Arc::new(shared),
             committer,
+            applier,
         })
     }
 
@@ -320,6 +335,7 @@ impl Server {
             local_addr,
             shared,
             committer,
+            applier,
         } = self;
         if shared.hosts.accepts_any() {
             warn!(
@@ -355,6 +371,14 @@ impl Server {
             warn!(
                 left = tasks.len(),
                 "connections still open after the grace period"
+            );
+        }
+        // A cluster node stops applying and writes its own snapshot.
+        if let Some(applier) = applier
+            && tokio::time::timeout_at(deadline, applier).await.is_err()
+        {
+            warn!(
+                "this node's snapshot was not written within the grace period; its next start catches up from an older one"
             );
         }
         // With the connections gone, dropping the hub closes the commit

@@ -144,6 +144,71 @@ mod private {
     }
 }
 
+/// A data directory, private to this user and locked for this process:
+/// a second server given the same directory refuses to start.
+#[derive(Debug)]
+pub struct DataDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl DataDir {
+    /// Creates `dir` if missing (0700), and takes its lock.
+    pub fn lock(dir: &Path) -> Result<DataDir, StoreError> {
+        let dir_err = |source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        };
+        private::create_dir(dir).map_err(dir_err)?;
+        let lock = private::create_file(&dir.join(LOCK_FILE)).map_err(dir_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    path: dir.to_owned(),
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(dir_err(e)),
+        }
+        Ok(DataDir {
+            path: dir.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The contents of the file `name`, or `None` if there is none.
+    pub fn read(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.path.join(name)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the file `name` with `bytes`, whole or not at all, and on
+    /// disk when it returns: written to a temporary file, synced, renamed
+    /// over the old one, and the directory synced. A crash at any moment
+    /// leaves the old file or the new one.
+    pub fn replace(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let path = self.path.join(name);
+        let temporary = self.path.join(format!("{name}.new"));
+        {
+            let mut file = private::create_file(&temporary)?;
+            file.set_len(0)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&temporary, &path)?;
+        File::open(&self.path)?.sync_all()
+    }
+}
+
 /// The open database, holding the data directory's lock.
 #[derive(Debug)]
 pub struct Store {
@@ -151,7 +216,7 @@ pub struct Store {
     path: PathBuf,
     /// How many of the latest events' frames are kept.
     keep_events: u64,
-    _lock: File,
+    _dir: DataDir,
 }
 
 /// What the store holds of the log, read at start.
@@ -177,17 +242,7 @@ impl Store {
             path: dir.to_owned(),
             source,
         };
-        private::create_dir(dir).map_err(dir_err)?;
-        let lock = private::create_file(&dir.join(LOCK_FILE)).map_err(dir_err)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked {
-                    path: dir.to_owned(),
-                });
-            }
-            Err(TryLockError::Error(e)) => return Err(dir_err(e)),
-        }
+        let locked = DataDir::lock(dir)?;
         let path = dir.join(DB_FILE);
         let sql = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -210,7 +265,7 @@ impl Store {
             conn,
             path,
             keep_events: u64::try_from(keep_events).unwrap_or(u64::MAX),
-            _lock: lock,
+            _dir: locked,
         };
         store.migrate()?;
         Ok(store)
