@@ -6,7 +6,7 @@ mod support;
 
 use chat_proto::{Position, ServerFrame, Sync};
 use chat_server::Config;
-use support::nats::NatsServer;
+use support::nats::{NatsCluster, NatsServer};
 use support::{TestServer, test_config};
 
 /// A node, once it serves (it binds at once, and answers 503 while it
@@ -735,4 +735,110 @@ async fn behind_nginx_a_node_goes_away_and_its_clients_resume_on_another() {
     }
     assert_eq!(texts, ["while a was gone 1", "while a was gone 2"]);
     b.shutdown().await;
+}
+
+/// Waits until the JetStream of the NATS cluster behind `url` has its
+/// leader and can hold a stream with `replicas` replicas.
+async fn jetstream_ready(url: &str, replicas: usize) {
+    let client = async_nats::connect(url).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let made = js
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: "probe".into(),
+                subjects: vec!["probe".into()],
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await;
+        if made.is_ok() {
+            js.delete_stream("probe").await.expect("delete the probe");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "JetStream never became ready: {made:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Says `text` until the node confirms it: a refusal ("the chat is
+/// unavailable") is retried with a new text, since the refused one may
+/// still be taken. Returns the confirmed text.
+async fn say_until_confirmed(client: &mut support::Client, text: &str) -> String {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    for attempt in 0.. {
+        assert!(tokio::time::Instant::now() < deadline, "never confirmed");
+        let attempt_text = format!("{text} (attempt {attempt})");
+        client.say(&attempt_text).await;
+        loop {
+            match client.frame().await {
+                ServerFrame::Message(m) if m.text == attempt_text => return attempt_text,
+                ServerFrame::Message(_) => {}
+                ServerFrame::Error(e) => {
+                    assert!(e.error.starts_with("the chat is unavailable"), "{e:?}");
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_three_replicas_the_chat_outlives_a_nats_server() {
+    let mut nats = NatsCluster::start(3);
+    jetstream_ready(&nats.url(0), 3).await;
+    let urls: Vec<String> = (0..3).map(|i| nats.url(i)).collect();
+    let on = |i: usize, name: &str| Config {
+        cluster: Some(urls[i].clone()),
+        node_id: Some(name.into()),
+        cluster_replicas: 3,
+        ..test_config()
+    };
+    // Node a talks to NATS server 0, node b to server 1.
+    let a = start(on(0, "a")).await;
+    let b = start(on(1, "b")).await;
+    let mut sender = a.client(2).await;
+    let mut confirmed = Vec::new();
+    for i in 0..5 {
+        confirmed.push(say_until_confirmed(&mut sender, &format!("before {i}")).await);
+    }
+
+    // Node a's own NATS server dies. The stream still has a majority
+    // (2 of 3); node a's client moves to a server it learned of.
+    nats.kill(0);
+    for i in 0..5 {
+        confirmed.push(say_until_confirmed(&mut sender, &format!("after {i}")).await);
+    }
+
+    // Every confirmed message is on node b, in the order confirmed.
+    let (on_b, _) = history(&b).await;
+    let texts_b: Vec<&str> = on_b.iter().map(|m| m.text.as_str()).collect();
+    let mut at = 0;
+    for text in &confirmed {
+        let found = texts_b[at..]
+            .iter()
+            .position(|t| t == text)
+            .unwrap_or_else(|| panic!("{text:?} is missing on node b: {texts_b:?}"));
+        at += found + 1;
+    }
+    // Node a agrees.
+    let (on_a, at_a) = history(&a).await;
+    assert_eq!(format!("{on_a:?}"), format!("{on_b:?}"));
+
+    // The dead server comes back; a node that joins through it computes
+    // the same chat.
+    nats.restart(0);
+    let c = start(on(0, "c")).await;
+    let (on_c, at_c) = history(&c).await;
+    assert_eq!(at_c, at_a);
+    assert_eq!(format!("{on_c:?}"), format!("{on_b:?}"));
+    for server in [a, b, c] {
+        server.shutdown().await;
+    }
 }

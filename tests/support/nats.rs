@@ -16,10 +16,17 @@ pub struct NatsServer {
 }
 
 fn spawn(bin: &PathBuf, port: u16, store: &std::path::Path) -> Child {
+    spawn_with(bin, port, store, &[])
+}
+
+/// `nats-server` with JetStream on `port`, its store in `store`, and
+/// `extra` arguments (a cluster's).
+fn spawn_with(bin: &PathBuf, port: u16, store: &std::path::Path, extra: &[String]) -> Child {
     let child = Command::new(bin)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
         .arg("-sd")
         .arg(store)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -38,15 +45,23 @@ fn spawn(bin: &PathBuf, port: u16, store: &std::path::Path) -> Child {
     child
 }
 
+fn bin() -> PathBuf {
+    std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 impl NatsServer {
     pub fn start() -> NatsServer {
-        let bin = std::env::var_os("NATS_SERVER_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("nats-server"));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let bin = bin();
+        let port = free_port();
         let store = tempfile::tempdir().expect("store dir");
         let child = spawn(&bin, port, store.path());
         NatsServer {
@@ -78,5 +93,86 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Three `nats-server`s routed into one NATS cluster with JetStream, each
+/// on its own ports with its own store, so a stream can have 3 replicas
+/// and one server can be killed and restarted.
+pub struct NatsCluster {
+    servers: Vec<Member>,
+    bin: PathBuf,
+}
+
+struct Member {
+    child: Option<Child>,
+    port: u16,
+    args: Vec<String>,
+    store: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    pub fn start(size: usize) -> NatsCluster {
+        let bin = bin();
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let all_routes = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let servers = routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let args = vec![
+                    "-n".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "test".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{route}"),
+                    "--routes".into(),
+                    all_routes.clone(),
+                ];
+                let port = free_port();
+                let store = tempfile::tempdir().expect("store dir");
+                let child = spawn_with(&bin, port, store.path(), &args);
+                Member {
+                    child: Some(child),
+                    port,
+                    args,
+                    store,
+                }
+            })
+            .collect();
+        NatsCluster { servers, bin }
+    }
+
+    /// Server `i`'s client URL.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.servers[i].port)
+    }
+
+    /// SIGKILL server `i`, as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts server `i` again with its ports and store.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        let m = &mut self.servers[i];
+        m.child = Some(spawn_with(&self.bin, m.port, m.store.path(), &m.args));
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
     }
 }
