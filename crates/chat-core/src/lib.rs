@@ -427,6 +427,43 @@ impl Chat {
         });
     }
 
+    /// The chat's time: that of the latest command (see [`Chat`]'s clock).
+    pub fn now(&self) -> Timestamp {
+        self.clock
+    }
+
+    /// The chat's time that a command at the embedder's `now` would get,
+    /// without applying anything.
+    pub fn time_at(&self, now: Timestamp) -> Timestamp {
+        Timestamp(now.0.saturating_add(self.skew)).max(self.clock)
+    }
+
+    /// The chat time before which every `kind` command from `user` is
+    /// refused, whatever is applied first: `Some` once the user has used
+    /// up the allowance in this state. Such a command is refused by the
+    /// rate limit, with [`rate_limited`](Self::rate_limited), unless a
+    /// rule checked before it refuses it first (a bad text, a reaction to a
+    /// message that is gone).
+    ///
+    /// A node of a replicated chat uses it to refuse, without putting them
+    /// in the shared log, commands that the log is sure to refuse: the
+    /// node's state may be behind the log's, but later commands only use up
+    /// more of the allowance, so the answer can only grow.
+    pub fn refused_until(&self, kind: RateKind, user: &UserId) -> Option<Timestamp> {
+        match kind {
+            RateKind::Messages => self.message_limiter.refused_until(user),
+            RateKind::Reactions => self.reaction_limiter.refused_until(user),
+        }
+    }
+
+    /// The refusal of the rate limit for `kind` in this chat's rules.
+    pub fn rate_limited(&self, kind: RateKind) -> ChatError {
+        match kind {
+            RateKind::Messages => rate_limited(kind, self.config.message_rate),
+            RateKind::Reactions => rate_limited(kind, self.config.reaction_rate),
+        }
+    }
+
     /// How many users each rate limiter remembers (messages, reactions).
     /// Bounded by the users active within the last two windows.
     pub fn rate_limited_users(&self) -> (usize, usize) {

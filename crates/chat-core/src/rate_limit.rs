@@ -90,6 +90,25 @@ impl RateLimiter {
         }
     }
 
+    /// The time before which every action of `user` is refused, however
+    /// many more are accepted first: `Some` once the user has used up the
+    /// allowance (at a later time, or after more accepted actions, the
+    /// answer is the same or later), `None` while they have some left.
+    /// `check(user, now)` is `false` exactly when `now` is before it.
+    pub fn refused_until(&self, user: &UserId) -> Option<Timestamp> {
+        let max = self.limit.max as usize;
+        if max == 0 {
+            return Some(Timestamp(u64::MAX));
+        }
+        let times = self.users.get(user)?;
+        if times.len() < max {
+            return None;
+        }
+        times
+            .front()
+            .map(|&t| Timestamp(t.saturating_add(self.window_ms)))
+    }
+
     /// Counts an accepted action by `user` at `now`.
     ///
     /// Call only after [`check`](Self::check) allowed it; refused attempts
@@ -209,6 +228,32 @@ mod tests {
             .filter(|&ms| take(&mut l, &u, ms))
             .count();
         assert_eq!(accepted, 60, "one window allows exactly 60");
+    }
+
+    #[test]
+    fn refused_until_says_exactly_when_check_refuses() {
+        let mut l = RateLimiter::new(RateLimit::per_minute(3));
+        let u = UserId::from("u");
+        for ms in [0, 10_000, 20_000] {
+            assert_eq!(l.refused_until(&u), None);
+            assert!(take(&mut l, &u, ms));
+        }
+        assert_eq!(l.refused_until(&u), Some(at(60_000)));
+        for ms in [20_000, 59_999, 60_000, 60_001] {
+            assert_eq!(
+                l.check(&u, at(ms)),
+                l.refused_until(&u).is_none_or(|t| at(ms) >= t),
+                "at {ms}"
+            );
+        }
+        assert!(take(&mut l, &u, 60_000));
+        assert_eq!(
+            l.refused_until(&u),
+            Some(at(70_000)),
+            "later, never earlier"
+        );
+        let none = RateLimiter::new(RateLimit::per_minute(0));
+        assert_eq!(none.refused_until(&u), Some(at(u64::MAX)));
     }
 
     #[test]

@@ -2,92 +2,27 @@
 //! from: that is what lets a node of a replicated chat start from another
 //! node's snapshot instead of the whole log.
 
-use chat_core::{Chat, ChatSnapshot, Config, Context, RateLimit, Timestamp};
-use chat_proto::{AddReaction, ClientFrame, SendMessage, Uuid};
+use chat_core::{Chat, ChatSnapshot, Context, Timestamp};
+use chat_proto::{ClientFrame, SendMessage, Uuid};
 use proptest::prelude::*;
 
-#[derive(Debug, Clone)]
-enum Step {
-    Send {
-        user: u8,
-        dt: i64,
-    },
-    React {
-        user: u8,
-        dt: i64,
-        target: usize,
-        emoji: u8,
-    },
-}
+mod common;
 
-fn step() -> impl Strategy<Value = Step> {
-    // Mostly forwards, sometimes a step back (the chat absorbs it).
-    let dt = prop_oneof![8 => 0i64..20_000, 1 => -30_000i64..0];
-    prop_oneof![
-        (0u8..4, dt.clone()).prop_map(|(user, dt)| Step::Send { user, dt }),
-        (0u8..4, dt, any::<usize>(), 0u8..3).prop_map(|(user, dt, target, emoji)| Step::React {
-            user,
-            dt,
-            target,
-            emoji
-        }),
-    ]
-}
-
-fn config() -> Config {
-    Config {
-        history_limit: 5,
-        max_reactors_per_emoji: 3,
-        message_rate: RateLimit::per_minute(4),
-        reaction_rate: RateLimit::per_minute(3),
-        ..Config::default()
-    }
-}
+use common::{command, config, step};
 
 /// Applies `steps` from `start`, numbering ids from `first_id`; returns
 /// what each did, as text.
-fn run(chat: &mut Chat, steps: &[Step], mut now: i64, first_id: u128) -> (Vec<String>, i64) {
+fn run(
+    chat: &mut Chat,
+    steps: &[common::Step],
+    mut now: i64,
+    first_id: u128,
+) -> (Vec<String>, i64) {
     let mut trace = Vec::new();
     for (i, s) in steps.iter().enumerate() {
-        let (user, dt, command) = match s {
-            Step::Send { user, dt } => (
-                *user,
-                *dt,
-                ClientFrame::SendMessage(SendMessage {
-                    text: format!("m{i}"),
-                    author_name: None,
-                }),
-            ),
-            Step::React {
-                user,
-                dt,
-                target,
-                emoji,
-            } => {
-                let ids: Vec<Uuid> = chat.history().iter().map(|m| m.id).collect();
-                let id = if ids.is_empty() {
-                    Uuid::from_u128(0)
-                } else {
-                    ids[target % ids.len()]
-                };
-                let emoji = ["👍", "🎉", "❤️"][*emoji as usize];
-                (
-                    *user,
-                    *dt,
-                    ClientFrame::AddReaction(AddReaction {
-                        message_id: id,
-                        emoji: emoji.into(),
-                    }),
-                )
-            }
-        };
-        now = (now + dt).max(0);
-        let ctx = Context {
-            user: format!("u{user}").as_str().into(),
-            now: Timestamp::from_unix_millis(now as u64),
-            message_id: Uuid::from_u128(first_id + i as u128),
-        };
-        let outcome = chat.handle(ctx, command);
+        let (ctx, cmd, next) = command(chat, s, i, now, first_id + i as u128);
+        now = next;
+        let outcome = chat.handle(ctx, cmd);
         trace.push(format!("{outcome:?}"));
         while let Some(e) = chat.poll_event() {
             trace.push(format!("{e:?}"));
