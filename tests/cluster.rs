@@ -390,6 +390,22 @@ async fn history(server: &TestServer) -> (Vec<chat_proto::Message>, Sync) {
     (messages, sync)
 }
 
+/// [`history`] once `server` has applied the stream up to `position`.
+async fn history_from(server: &TestServer, position: Position) -> (Vec<chat_proto::Message>, Sync) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (messages, sync) = history(server).await;
+        if sync.position >= position {
+            return (messages, sync);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached {position}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_with_its_data_dir_resumes_from_its_own_snapshot() {
     let nats = NatsServer::start();
@@ -510,6 +526,58 @@ async fn what_the_rules_refuse_alone_never_reaches_the_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_out_of_allowance_is_refused_by_every_node_without_the_stream() {
+    let nats = NatsServer::start();
+    let config = Config {
+        message_rate: 3,
+        ..node(&nats, "a")
+    };
+    let a = start(config.clone()).await;
+    let b = start(Config {
+        node_id: Some("b".into()),
+        ..config
+    })
+    .await;
+    let mut on_a = a.client(2).await;
+    for i in 0..3 {
+        on_a.say(&format!("m{i}")).await;
+        on_a.message().await;
+    }
+    // Node b learns of it from the stream.
+    let mut w = b.try_client(9, "/ws?sync", &[]).await.expect("ws");
+    while w.until_sync().await.1.position < Position(3) {}
+    // The same user floods both nodes: every message is refused, as the
+    // stream would refuse it, and none reaches the stream.
+    let mut on_b = b.client(2).await;
+    for _ in 0..3 {
+        on_b.message().await; // the history
+    }
+    for i in 0..30 {
+        let c = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        c.say(&format!("flood {i}")).await;
+        assert_eq!(
+            c.error().await,
+            "Rate limit exceeded. Maximum 3 messages per minute."
+        );
+    }
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("chat").await.expect("stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(info.state.messages, 3, "only the three accepted");
+    // Another user is not held back by it.
+    let mut other = a.client(3).await;
+    other.say("someone else").await;
+    loop {
+        if other.message().await.text == "someone else" {
+            break;
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_nats_is_gone_commands_are_refused_reads_go_on_and_nothing_confirmed_is_lost() {
     let mut nats = NatsServer::start();
     let mut config = node(&nats, "a");
@@ -610,7 +678,7 @@ async fn a_node_that_meets_an_unknown_envelope_stops_and_says_so() {
     let js = async_nats::jetstream::new(client);
     js.publish(
         "chat.commands",
-        br#"{"v":2,"what":"the future"}"#.to_vec().into(),
+        br#"{"v":3,"what":"the future"}"#.to_vec().into(),
     )
     .await
     .expect("publish")
@@ -816,8 +884,11 @@ async fn with_three_replicas_the_chat_outlives_a_nats_server() {
         confirmed.push(say_until_confirmed(&mut sender, &format!("after {i}")).await);
     }
 
-    // Every confirmed message is on node b, in the order confirmed.
-    let (on_b, _) = history(&b).await;
+    // Every confirmed message is on node b (once it has applied what
+    // node a has), in the order confirmed.
+    let (on_a, at_a) = history(&a).await;
+    let (on_b, at_b) = history_from(&b, at_a.position).await;
+    assert_eq!(at_b, at_a);
     let texts_b: Vec<&str> = on_b.iter().map(|m| m.text.as_str()).collect();
     let mut at = 0;
     for text in &confirmed {
@@ -827,15 +898,13 @@ async fn with_three_replicas_the_chat_outlives_a_nats_server() {
             .unwrap_or_else(|| panic!("{text:?} is missing on node b: {texts_b:?}"));
         at += found + 1;
     }
-    // Node a agrees.
-    let (on_a, at_a) = history(&a).await;
     assert_eq!(format!("{on_a:?}"), format!("{on_b:?}"));
 
     // The dead server comes back; a node that joins through it computes
     // the same chat.
     nats.restart(0);
     let c = start(on(0, "c")).await;
-    let (on_c, at_c) = history(&c).await;
+    let (on_c, at_c) = history_from(&c, at_a.position).await;
     assert_eq!(at_c, at_a);
     assert_eq!(format!("{on_c:?}"), format!("{on_b:?}"));
     for server in [a, b, c] {

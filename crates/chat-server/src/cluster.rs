@@ -23,7 +23,7 @@ use crate::hub::{ApplyError, Health, Sequencer};
 use crate::log::Log;
 use crate::store::DataDir;
 use async_nats::jetstream::{self, consumer, object_store, stream};
-use chat_core::{Chat, ChatSnapshot, Context, Event, Timestamp};
+use chat_core::{Chat, ChatSnapshot, Context, Event, RateKind, Timestamp};
 use chat_proto::{ClientFrame, Epoch, UserId, Uuid};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -31,16 +31,20 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-/// The envelope format this build writes and applies. A node that meets
-/// another stops applying rather than diverge from the nodes that know it.
-pub const ENVELOPE_VERSION: u32 = 1;
+/// The envelope format this build writes. A node that meets one it does
+/// not know stops applying rather than diverge from the nodes that know it.
+/// Version 2 added [`Envelope::deadline`]; this build applies 1 and 2.
+pub const ENVELOPE_VERSION: u32 = 2;
+
+/// The oldest envelope format this build applies.
+const OLDEST_ENVELOPE_VERSION: u32 = 1;
 
 /// One command in the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +67,117 @@ pub struct Envelope {
     pub rules: String,
     /// The command.
     pub command: ClientFrame,
+    /// The latest chat time, in ms, at which the command may be applied
+    /// (version 2 on): one the stream stamps later is not applied by any
+    /// node, and its sender is told the chat was unavailable. Bounding when
+    /// a command can take effect is what lets the origin node refuse alone
+    /// what the stream is sure to refuse (see [`ClusterSequencer`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+}
+
+/// What became of a command in the stream.
+#[derive(Debug)]
+enum Outcome {
+    /// Applied: accepted, or refused by the chat's rules.
+    Applied(Result<(), chat_core::ChatError>),
+    /// Stamped after its deadline: no node applied it.
+    Expired,
+}
+
+/// What this node's connections need of its chat to refuse, without the
+/// stream, what the stream is sure to refuse: the chat's time after the
+/// last entry applied, and the users whose allowance that entry and the
+/// ones before used up.
+#[derive(Debug)]
+struct View {
+    /// The chat's time after the last entry applied...
+    clock: Timestamp,
+    /// ...and when this node applied it.
+    applied_at: Instant,
+    /// Users out of allowance: until when messages and reactions are
+    /// refused ([`Chat::refused_until`]). Only users who used up a limit
+    /// within the last window are here, and those whose times have all
+    /// passed are swept out once per window.
+    refused: HashMap<UserId, [Option<Timestamp>; 2]>,
+    /// When the next sweep is due (chat time).
+    next_sweep: Timestamp,
+    /// How long an entry in `refused` can matter.
+    window_ms: u64,
+}
+
+impl View {
+    fn new(chat: &Chat) -> View {
+        let config = chat.config();
+        View {
+            clock: chat.now(),
+            applied_at: Instant::now(),
+            refused: HashMap::new(),
+            next_sweep: Timestamp::default(),
+            window_ms: u64::try_from(
+                config
+                    .message_rate
+                    .window
+                    .max(config.reaction_rate.window)
+                    .as_millis(),
+            )
+            .unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Takes in what applying an entry of `user`'s did to `chat`.
+    fn applied(&mut self, chat: &Chat, user: Option<&UserId>) {
+        self.clock = chat.now();
+        self.applied_at = Instant::now();
+        if let Some(user) = user {
+            let until = [RateKind::Messages, RateKind::Reactions]
+                .map(|kind| chat.refused_until(kind, user));
+            if until == [None, None] {
+                self.refused.remove(user);
+            } else {
+                self.refused.insert(user.clone(), until);
+            }
+        }
+        if self.clock >= self.next_sweep {
+            let now = self.clock;
+            self.refused
+                .retain(|_, until| until.iter().flatten().any(|t| *t > now));
+            self.next_sweep =
+                Timestamp::from_unix_millis(now.as_millis().saturating_add(self.window_ms));
+        }
+    }
+
+    /// A deadline for a command sent now: the chat's time now, as well as
+    /// this node can tell, plus `grace`. The later of two estimates: the
+    /// chat's time at the last entry plus the time since, and this host's
+    /// clock. A late estimate only makes the deadline lenient; the check
+    /// stays sound whatever it is, because every node enforces the
+    /// deadline the envelope carries.
+    fn deadline(&self, grace: Duration) -> u64 {
+        let since = u64::try_from(self.applied_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let grace = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.clock
+            .as_millis()
+            .saturating_add(since)
+            .max(wall)
+            .saturating_add(grace)
+    }
+
+    /// Whether `user`'s `kind` command, applied at `deadline` at the
+    /// latest, is sure to be refused by the rate limit.
+    fn refuses(&self, user: &UserId, kind: RateKind, deadline: u64) -> bool {
+        let slot = match kind {
+            RateKind::Messages => 0,
+            RateKind::Reactions => 1,
+        };
+        self.refused
+            .get(user)
+            .and_then(|until| until[slot])
+            .is_some_and(|until| deadline < until.as_millis())
+    }
 }
 
 /// A snapshot of the chat after applying the stream up to `seq`, as kept
@@ -185,10 +300,15 @@ pub struct ClusterSequencer {
     /// This node's rules, to refuse what they refuse whatever the state
     /// without publishing it.
     config: chat_core::Config,
+    /// This node's chat as far as its connections need it, to refuse
+    /// without publishing what the stream is sure to refuse.
+    view: Arc<Mutex<View>>,
+    /// The rate limits' refusals (messages, reactions).
+    rate_limited: [chat_core::ChatError; 2],
     timeout: Duration,
 }
 
-type Waiting = Mutex<HashMap<u64, oneshot::Sender<Result<(), chat_core::ChatError>>>>;
+type Waiting = Mutex<HashMap<u64, oneshot::Sender<Outcome>>>;
 
 /// A connection to the cluster's stream, before anything is applied.
 pub struct Connected {
@@ -574,7 +694,13 @@ impl Connected {
         let start_after = self.start_after;
         let epoch = self.epoch;
         let local = self.local.clone();
+        let view = Arc::new(Mutex::new(View::new(&chat)));
+        let rate_limited = [
+            chat.rate_limited(RateKind::Messages),
+            chat.rate_limited(RateKind::Reactions),
+        ];
         let applier = {
+            let view = Arc::clone(&view);
             let waiting = Arc::clone(&waiting);
             let node = node.clone();
             let rules = rules.clone();
@@ -653,9 +779,13 @@ impl Connected {
                     match apply(&mut chat, &rules, seq, ms, &entry.payload) {
                         Applied::Done {
                             origin,
+                            user,
                             outcome,
                             events,
                         } => {
+                            view.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .applied(&chat, user.as_ref());
                             if !events.is_empty() && commits.send(events).await.is_err() {
                                 return; // the server is stopping
                             }
@@ -742,6 +872,8 @@ impl Connected {
             health,
             rules,
             config,
+            view,
+            rate_limited,
             timeout: self.timeout,
         };
         Ok((sequencer, applier))
@@ -762,7 +894,9 @@ fn epoch_of(stream: &str, created_nanos: i128) -> Epoch {
 enum Applied {
     Done {
         origin: Option<(String, Uuid, u64)>,
-        outcome: Result<(), chat_core::ChatError>,
+        /// Whose command it was, if it was applied.
+        user: Option<UserId>,
+        outcome: Outcome,
         events: Vec<Event>,
     },
     /// Not an envelope: skipped, on every node alike.
@@ -782,9 +916,7 @@ fn apply(chat: &mut Chat, rules: &str, seq: u64, ms: u64, payload: &[u8]) -> App
         v: u32,
     }
     match serde_json::from_slice::<Versioned>(payload) {
-        Ok(Versioned {
-            v: ENVELOPE_VERSION,
-        }) => {}
+        Ok(Versioned { v }) if (OLDEST_ENVELOPE_VERSION..=ENVELOPE_VERSION).contains(&v) => {}
         Ok(Versioned { v }) => return Applied::Unknown(v),
         Err(e) => return Applied::Skipped(e.to_string()),
     }
@@ -792,19 +924,36 @@ fn apply(chat: &mut Chat, rules: &str, seq: u64, ms: u64, payload: &[u8]) -> App
         Ok(envelope) => envelope,
         Err(e) => return Applied::Skipped(e.to_string()),
     };
+    if envelope.v >= 2 && envelope.deadline.is_none() {
+        return Applied::Skipped("an envelope of version 2 without its deadline".into());
+    }
     if envelope.rules != rules {
         return Applied::OtherRules(envelope.rules);
     }
+    let origin = Some((envelope.node, envelope.boot, envelope.request));
+    let now = Timestamp::from_unix_millis(ms);
+    if envelope
+        .deadline
+        .is_some_and(|deadline| chat.time_at(now).as_millis() > deadline)
+    {
+        return Applied::Done {
+            origin,
+            user: None,
+            outcome: Outcome::Expired,
+            events: Vec::new(),
+        };
+    }
     let ctx = Context {
-        user: envelope.user,
-        now: Timestamp::from_unix_millis(ms),
+        user: envelope.user.clone(),
+        now,
         message_id: message_id(seq, ms),
     };
     let outcome = chat.handle(ctx, envelope.command);
     let events = std::iter::from_fn(|| chat.poll_event()).collect();
     Applied::Done {
-        origin: Some((envelope.node, envelope.boot, envelope.request)),
-        outcome,
+        origin,
+        user: Some(envelope.user),
+        outcome: Outcome::Applied(outcome),
         events,
     }
 }
@@ -832,6 +981,26 @@ impl ClusterSequencer {
         // stream: every node's apply would refuse it the same way, so junk
         // costs the stream nothing.
         self.config.check(&command)?;
+        // A user out of allowance at this node's position, until after the
+        // command's deadline, is refused here too: the stream can only
+        // have used up more of it, and no node applies the command after
+        // its deadline. Anything less sure is published and decided there.
+        let kind = match command {
+            ClientFrame::SendMessage(_) => RateKind::Messages,
+            ClientFrame::AddReaction(_) => RateKind::Reactions,
+        };
+        let deadline = {
+            let view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
+            let deadline = view.deadline(self.timeout);
+            if view.refuses(user, kind, deadline) {
+                let refusal = match kind {
+                    RateKind::Messages => &self.rate_limited[0],
+                    RateKind::Reactions => &self.rate_limited[1],
+                };
+                return Err(ApplyError::Refused(refusal.clone()));
+            }
+            deadline
+        };
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let envelope = Envelope {
             v: ENVELOPE_VERSION,
@@ -841,6 +1010,7 @@ impl ClusterSequencer {
             user: user.clone(),
             rules: self.rules.clone(),
             command,
+            deadline: Some(deadline),
         };
         // An envelope is a tree of strings and numbers: it always encodes.
         let payload = serde_json::to_vec(&envelope).expect("envelopes serialize");
@@ -878,8 +1048,9 @@ impl ClusterSequencer {
             }
         }
         match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(refusal))) => Err(ApplyError::Refused(refusal)),
+            Ok(Ok(Outcome::Applied(Ok(())))) => Ok(()),
+            Ok(Ok(Outcome::Applied(Err(refusal)))) => Err(ApplyError::Refused(refusal)),
+            Ok(Ok(Outcome::Expired)) => Err(ApplyError::Unavailable),
             Ok(Err(_)) | Err(_) => {
                 forget();
                 Err(ApplyError::Unavailable)
@@ -909,6 +1080,10 @@ mod tests {
     use chat_proto::SendMessage;
 
     fn envelope(text: &str) -> Vec<u8> {
+        envelope_by(text, Some(u64::MAX))
+    }
+
+    fn envelope_by(text: &str, deadline: Option<u64>) -> Vec<u8> {
         serde_json::to_vec(&Envelope {
             v: ENVELOPE_VERSION,
             node: "a".into(),
@@ -920,6 +1095,7 @@ mod tests {
                 text: text.into(),
                 author_name: None,
             }),
+            deadline,
         })
         .expect("encodes")
     }
@@ -938,10 +1114,16 @@ mod tests {
             for (seq, ms, payload) in &entries {
                 match apply(&mut chat, "r", *seq, *ms, payload) {
                     Applied::Done {
-                        outcome, events, ..
+                        outcome: Outcome::Applied(outcome),
+                        events,
+                        ..
                     } => {
                         log.push(format!("{outcome:?} {events:?}"));
                     }
+                    Applied::Done {
+                        outcome: Outcome::Expired,
+                        ..
+                    } => log.push("expired".into()),
                     Applied::Skipped(_) => log.push("skipped".into()),
                     Applied::Unknown(v) => log.push(format!("unknown {v}")),
                     Applied::OtherRules(r) => log.push(format!("rules {r}")),
@@ -959,10 +1141,10 @@ mod tests {
     #[test]
     fn an_unknown_envelope_version_stops_the_node() {
         let mut chat = Chat::new(Config::default());
-        let newer = br#"{"v":2,"anything":"else"}"#;
+        let newer = br#"{"v":3,"anything":"else"}"#;
         assert!(matches!(
             apply(&mut chat, "r", 1, 0, newer),
-            Applied::Unknown(2)
+            Applied::Unknown(3)
         ));
     }
 
@@ -980,6 +1162,74 @@ mod tests {
         };
         assert_ne!(rules_of(&strict), rules_of(&Config::default()));
         assert_eq!(rules_of(&Config::default()), rules_of(&Config::default()));
+    }
+
+    #[test]
+    fn a_command_stamped_after_its_deadline_is_applied_by_no_node() {
+        let t = 1_700_000_000_000u64;
+        let mut chat = Chat::new(Config::default());
+        let on_time = apply(&mut chat, "r", 1, t, &envelope_by("on time", Some(t)));
+        assert!(matches!(
+            on_time,
+            Applied::Done {
+                outcome: Outcome::Applied(Ok(())),
+                ..
+            }
+        ));
+        let late = apply(&mut chat, "r", 2, t + 1, &envelope_by("late", Some(t)));
+        assert!(matches!(
+            late,
+            Applied::Done {
+                outcome: Outcome::Expired,
+                ref events,
+                ..
+            } if events.is_empty()
+        ));
+        assert_eq!(chat.head(), chat_proto::Position(1), "nothing applied");
+        // Version 1 had no deadline: still applied as it was.
+        let mut v1: serde_json::Value =
+            serde_json::from_slice(&envelope_by("from v1", None)).expect("json");
+        v1["v"] = 1.into();
+        let v1 = serde_json::to_vec(&v1).expect("json");
+        assert!(matches!(
+            apply(&mut chat, "r", 3, t + 2, &v1),
+            Applied::Done {
+                outcome: Outcome::Applied(Ok(())),
+                ..
+            }
+        ));
+        // Version 2 without one is not a command.
+        assert!(matches!(
+            apply(&mut chat, "r", 4, t + 3, &envelope_by("no deadline", None)),
+            Applied::Skipped(_)
+        ));
+    }
+
+    #[test]
+    fn the_view_refuses_only_until_the_limit_frees() {
+        let config = Config {
+            message_rate: chat_core::RateLimit::per_minute(2),
+            ..Config::default()
+        };
+        let t = 1_700_000_000_000u64;
+        let mut chat = Chat::new(config);
+        let mut view = View::new(&chat);
+        let u = UserId::from("u");
+        for (seq, ms) in [(1, t), (2, t + 1_000)] {
+            let mut e: Envelope =
+                serde_json::from_slice(&envelope_by("x", Some(u64::MAX))).expect("json");
+            e.user = u.clone();
+            let payload = serde_json::to_vec(&e).expect("json");
+            let Applied::Done { user, .. } = apply(&mut chat, "r", seq, ms, &payload) else {
+                panic!("applied")
+            };
+            view.applied(&chat, user.as_ref());
+        }
+        // The first message leaves the window at t + 60 s.
+        assert!(view.refuses(&u, RateKind::Messages, t + 59_999));
+        assert!(!view.refuses(&u, RateKind::Messages, t + 60_000));
+        assert!(!view.refuses(&u, RateKind::Reactions, t + 1_000));
+        assert!(!view.refuses(&UserId::from("v"), RateKind::Messages, t + 1_000));
     }
 
     #[test]
