@@ -15,8 +15,11 @@ async fn main() -> ExitCode {
         .init();
     let config = Config::parse();
     // With a store the pseudonym key is kept there; only an in-memory
-    // server forgets it.
-    if config.identity_secret.is_none() && config.in_memory {
+    // server forgets it. Raw addresses need no key.
+    if config.identity_secret.is_none()
+        && config.in_memory
+        && config.identity == chat_server::IdentityMode::Pseudonym
+    {
         tracing::warn!(
             "--in-memory without --identity-secret: user ids will change when the server restarts"
         );
