@@ -46,6 +46,13 @@ SERVERS = {
         "env": {"RUST_LOG": "warn"},
         "note": OUR_NOTE + " --in-memory",
     },
+    # The same on one thread (--threads 1), like Bun's one event loop: the
+    # least CPU per delivered frame on a machine the load generator shares.
+    "chat-server-1t": {
+        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory", "--threads", "1"] + OUR_FLAGS,
+        "env": {"RUST_LOG": "warn"},
+        "note": OUR_NOTE + " --in-memory --threads 1",
+    },
     # The default: every message committed (fsync) before it is broadcast.
     "chat-server-durable": {
         "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--data-dir", "{datadir}"] + OUR_FLAGS,
@@ -77,6 +84,7 @@ def scenarios(quick):
         }
     return {
         "fanout": ["fanout", "--clients", "1000", "--senders", "50", "--rate", "100", "--duration", "10s"],
+        "fanout500": ["fanout", "--clients", "1000", "--senders", "50", "--rate", "500", "--duration", "10s"],
         "saturate": ["saturate", "--clients", "1000", "--senders", "50", "--in-flight", "4", "--duration", "10s"],
         "connect": ["connect", "--clients", "1000", "--history", "10000", "--prefill-senders", "200"],
         "idle": ["idle", "--clients", "10000"],
@@ -205,7 +213,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="")
-    ap.add_argument("--servers", default="chat-server,bun,node-ws")
+    ap.add_argument("--servers", default="chat-server,chat-server-1t,bun,node-ws")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "chat-server", "-p", "chat-loadgen"], cwd=ROOT, check=True)
@@ -225,9 +233,11 @@ def main():
         durable = DURABLE_QUICK if args.quick else DURABLE
         plan += [(scen, scen_args, ["chat-server-durable", "chat-server"]) for scen, scen_args in durable.items()]
         chosen.update(durable)
+    # Interleaved: run 1 of every server, then run 2 of every server, ...,
+    # so a slow minute of this shared machine falls on all of them alike.
     for scen, scen_args, on in plan:
-        for server in on:
-            for run in range(args.runs):
+        for run in range(args.runs):
+            for server in on:
                 proc, port = start(server)
                 try:
                     r = loadgen(port, proc.pid, scen_args, SERVERS[server]["note"])
@@ -273,14 +283,23 @@ def main():
             continue
         names = list(by_server)
         print(f"### {scen}: `chat-loadgen {' '.join(chosen[scen])}`\n")
-        print("| metric (median of %d) | %s |%s" % (args.runs, " | ".join(names), " ratio |" if len(names) == 2 else ""))
-        print("|---|%s%s" % ("---|" * len(names), "---|" if len(names) == 2 else ""))
-        metric_set = METRICS[scen.split("-")[0]]
+        # Against the peer to beat: each of ours over Bun's.
+        ours = [n for n in names if n.startswith("chat-server")] if "bun" in names and len(names) > 2 else []
+        extra = "".join(f" {n} / bun |" for n in ours) if ours else (" ratio |" if len(names) == 2 else "")
+        print("| metric (median of %d) | %s |%s" % (args.runs, " | ".join(names), extra))
+        print("|---|%s%s" % ("---|" * len(names), "---|" * (len(ours) or (1 if len(names) == 2 else 0))))
+        # "fanout500" is the fan-out at another rate.
+        metric_set = METRICS[scen.split("-")[0].rstrip("0123456789")]
         for label, path, fmt in metric_set:
             meds = [median([pick(r, path) for r in by_server[s]]) for s in names]
             cells = [fmt.format(m) if m is not None else "-" for m in meds]
             ratio = ""
-            if len(names) == 2:
+            if ours:
+                bun = meds[names.index("bun")]
+                for n in ours:
+                    a = meds[names.index(n)]
+                    ratio += " %.2f× |" % (a / bun) if a and bun else " - |"
+            elif len(names) == 2:
                 a, b = meds
                 ratio = " %.2f× |" % (a / b) if a and b else " - |"
             print(f"| {label} | {' | '.join(cells)} |{ratio}")

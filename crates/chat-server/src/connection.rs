@@ -1,12 +1,14 @@
 //! One client connection, from handshake to close.
 //!
-//! After the handshake the socket is split. The **reader** decodes frames
-//! and submits them to the ordering point; refusals go into a small
-//! per-client reply queue. The **writer** first sends the history snapshot
-//! (or, resuming, nothing), then reads the shared log from its own cursor,
-//! with the replies and pings, and, for clients that opted in, a `sync`
-//! frame after each batch. It coalesces: it takes everything that is ready,
-//! writes it into tungstenite's buffer, and flushes once.
+//! After the handshake the socket is split ([`crate::wire`]). The
+//! **reader** is tungstenite: it decodes frames, and the reader loop
+//! submits them to the ordering point; refusals go into a small per-client
+//! reply queue. The **writer** first sends the history snapshot (or,
+//! resuming, nothing), then reads the shared log from its own cursor, with
+//! the replies, pings and tungstenite's own answers (pongs, close frames),
+//! and, for clients that opted in, a `sync` frame after each batch. It
+//! coalesces: it queues everything that is ready, as frames framed once
+//! for every client, and hands them to the kernel in one `writev`.
 //!
 //! The two run as one task (`select!`), so when either ends the other is
 //! dropped, and the connection closes with one reason and one close code.
@@ -25,24 +27,25 @@ use crate::hub::ApplyError;
 use crate::limits::AddressSlot;
 use crate::log::{Joined, Since};
 use crate::resume::Resume;
+use crate::wire::{self, Frame, Inbound, Outbound};
 use chat_core::ChatError;
 use chat_proto::{ClientFrame, DecodeError, Position, Reset, ServerFrame, Sync};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::http::header;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tracing::{debug, error, info};
 
-type Ws = WebSocketStream<TcpStream>;
+/// The reading side, as tungstenite runs it.
+pub(crate) type Ws = WebSocketStream<Inbound>;
 
 /// Most frames written between two flushes, so one busy client cannot keep
 /// its writer from noticing shutdown or pings.
@@ -71,12 +74,22 @@ pub(crate) async fn serve(
     // Bound what the kernel holds for a client that stops reading.
     let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
     // Plain HTTP requests are answered first; a well-formed WebSocket
-    // upgrade comes back here with its head still unread.
-    let upgrade = match http::serve(&mut stream, peer.ip(), pending.as_ref(), &shared).await {
+    // upgrade comes back here with its head still unread. The request and
+    // handshake phases run boxed: their futures are larger than the
+    // connection's (parsers, timeouts), and boxed they are freed once
+    // done instead of sizing every connection's task for its whole life.
+    let upgrade = match Box::pin(http::serve(
+        &mut stream,
+        peer.ip(),
+        pending.as_ref(),
+        &shared,
+    ))
+    .await
+    {
         http::Next::Upgrade(upgrade) => upgrade,
         http::Next::Done => return,
     };
-    let (ws, admitted) = match handshake(stream, peer, &shared, upgrade).await {
+    let (ws, out, admitted) = match Box::pin(handshake(stream, peer, &shared, upgrade)).await {
         Ok(done) => done,
         Err(why) => {
             debug!(%peer, %why, "handshake refused");
@@ -88,7 +101,7 @@ pub(crate) async fn serve(
     let user = admitted.user.clone();
     info!(user = %user, %peer, client = %admitted.addr, "connection opened");
     shared.metrics.connection_opened();
-    let reason = run(ws, &admitted, &shared).await;
+    let reason = run(ws, out, &admitted, &shared).await;
     shared.metrics.connection_closed(&reason);
     if let CloseReason::ServerError(_) = reason {
         error!(user = %user, %peer, reason = %reason, "connection closed by a server-side error");
@@ -117,7 +130,7 @@ async fn handshake(
     peer: SocketAddr,
     shared: &Shared,
     upgrade: Box<http::Upgrade>,
-) -> Result<(Ws, Admitted), String> {
+) -> Result<(Ws, Outbound, Admitted), String> {
     let request = &upgrade.head.request;
     let admitted = match shared.not_serving() {
         Some(why) => Err(Refusal::NotServing(why)),
@@ -151,17 +164,20 @@ async fn handshake(
         Ok(Err(e)) => return Err(e.to_string()),
         Ok(Ok(())) => {}
     }
+    let (inbound, out) = wire::split(
+        stream,
+        shared.config.outbox_bound(),
+        shared.config.reply_queue,
+    );
     let ws =
-        WebSocketStream::from_raw_socket(stream, Role::Server, Some(shared.config.websocket()))
+        WebSocketStream::from_raw_socket(inbound, Role::Server, Some(shared.config.websocket()))
             .await;
-    Ok((ws, admitted))
+    Ok((ws, out, admitted))
 }
 
-async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
-    let (mut sink, mut stream) = ws.split();
-    let (reply_tx, mut replies) = mpsc::channel(shared.config.reply_queue);
+async fn run(mut ws: Ws, mut out: Outbound, admitted: &Admitted, shared: &Shared) -> CloseReason {
     let reason = if shared.config.echo {
-        echo::run(&mut stream, &mut sink, shared).await
+        Box::pin(echo::run(&mut ws, &mut out, shared)).await
     } else {
         let (sync, since) = match admitted.resume {
             Resume::Seed => (false, Since::Start),
@@ -176,54 +192,62 @@ async fn run(ws: Ws, admitted: &Admitted, shared: &Shared) -> CloseReason {
             shared.log.wait_for(position, RESUME_WAIT).await;
         }
         let joined = shared.log.join(since);
+        let replies = out.outbox();
         let writer = Writer {
-            sink: &mut sink,
+            out: &mut out,
             shared,
             sync,
-            frames: Vec::with_capacity(MAX_BATCH),
         };
         tokio::select! {
-            r = read_loop(&mut stream, admitted, shared, reply_tx) => r,
-            r = writer.run(joined, &mut replies) => r,
+            r = read_loop(&mut ws, admitted, shared, &replies) => r,
+            r = writer.run(joined) => r,
         }
     };
-    let mut drained = true;
-    if let Some(frame) = reason.close_frame() {
-        // The closing handshake: send the replies still queued and our
-        // close, then read until the client's close comes back (or it hangs
-        // up), so the client reads our close frame before the TCP
-        // connection goes away.
-        let mut sent = false;
-        let handshake = async {
-            while let Ok(reply) = replies.try_recv() {
-                sink.feed(Message::Text(reply)).await?;
-            }
-            sink.send(Message::Close(Some(frame))).await?;
-            sent = true;
-            while let Some(Ok(_)) = stream.next().await {}
-            Ok::<(), WsError>(())
-        };
-        let _ = timeout(CLOSE_TIMEOUT, handshake).await;
-        drained = sent;
-    }
+    // Boxed: only a closing connection needs room for the handshake.
+    let drained = Box::pin(close(&mut ws, &mut out, &reason)).await;
     if reason == CloseReason::Stalled || !drained {
         // The socket does not drain: a graceful close would leave our FIN
         // queued behind unsent data the peer never reads, and the kernel
         // holding both until it gives up on its own (and then silently).
         // Reset it instead: the peer learns at once that the connection
         // is gone, and the kernel frees the buffer now.
-        if let Ok(ws) = sink.reunite(stream) {
-            let _ = socket2::SockRef::from(ws.get_ref()).set_linger(Some(Duration::ZERO));
-        }
+        let _ = socket2::SockRef::from(out.socket()).set_linger(Some(Duration::ZERO));
     }
     reason
 }
 
+/// Ends the connection for `reason`, and says whether everything was
+/// written (false: reset the socket).
+async fn close(ws: &mut Ws, out: &mut Outbound, reason: &CloseReason) -> bool {
+    let Some(frame) = reason.close_frame() else {
+        // The client closed (tungstenite answered it) or is gone: send
+        // what tungstenite wrote, if the socket takes it.
+        let _ = timeout(CLOSE_TIMEOUT, out.flush()).await;
+        return true;
+    };
+    // The closing handshake: send the replies still queued and our close,
+    // then read until the client's close comes back (or it hangs up), so
+    // the client reads our close frame before the TCP connection goes away.
+    let mut sent = false;
+    let handshake = async {
+        // The replies still waiting go first (the flush takes them).
+        out.push_outbox();
+        // tungstenite frames our close (and knows it was sent).
+        ws.close(Some(frame)).await?;
+        out.flush().await?;
+        sent = true;
+        while let Some(Ok(_)) = ws.next().await {}
+        Ok::<(), WsError>(())
+    };
+    let _ = timeout(CLOSE_TIMEOUT, handshake).await;
+    sent
+}
+
 async fn read_loop(
-    stream: &mut SplitStream<Ws>,
+    stream: &mut Ws,
     admitted: &Admitted,
     shared: &Shared,
-    replies: mpsc::Sender<Utf8Bytes>,
+    replies: &wire::Outbox,
 ) -> CloseReason {
     let mut refusals = RefusalBudget::new(shared.config.max_refusals);
     loop {
@@ -256,12 +280,10 @@ async fn read_loop(
             if !matches!(refusal, Refused::Unavailable) && !refusals.take() {
                 return CloseReason::TooManyRefusals;
             }
-            let frame = Utf8Bytes::from(ServerFrame::error(&refusal).encode());
+            let frame = Frame::text(ServerFrame::error(&refusal).encode());
             // A full queue means the client is not reading its replies:
             // stop reading from it until it does (or the writer gives up).
-            if replies.send(frame).await.is_err() {
-                return CloseReason::PeerGone;
-            }
+            replies.reply(frame).await;
         }
     }
 }
@@ -327,16 +349,19 @@ impl RefusalBudget {
 /// The writing half: the history (or a resume's missed events), then the
 /// log as it grows, the replies and pings, in coalesced batches.
 struct Writer<'a> {
-    sink: &'a mut SplitSink<Ws, Message>,
+    out: &'a mut Outbound,
     shared: &'a Shared,
     /// Whether the client opted in to `sync` frames.
     sync: bool,
-    /// Frames read from the log, reused batch after batch.
-    frames: Vec<Utf8Bytes>,
+}
+
+/// A write that failed: the client's socket is gone.
+fn write_failed(e: std::io::Error) -> CloseReason {
+    CloseReason::from_write_error(WsError::Io(e))
 }
 
 impl Writer<'_> {
-    async fn run(mut self, joined: Joined, replies: &mut mpsc::Receiver<Utf8Bytes>) -> CloseReason {
+    async fn run(mut self, joined: Joined) -> CloseReason {
         let Joined {
             reset,
             history,
@@ -345,23 +370,18 @@ impl Writer<'_> {
         } = joined;
         let write_timeout = self.shared.config.write_timeout;
         if let Some(reason) = reset {
-            let frame = ServerFrame::Reset(Reset { reason }).encode();
-            if let Err(e) = self.sink.feed(Message::text(frame)).await {
-                return CloseReason::from_write_error(e);
-            }
+            let frame = Frame::text(ServerFrame::Reset(Reset { reason }).encode());
+            self.out.push(frame.into_wire());
         }
         // History first, in batches, each under the write timeout.
-        let frames: Vec<&Utf8Bytes> = history.iter().collect();
-        for batch in frames.chunks(MAX_BATCH) {
-            let write = async {
-                for frame in batch {
-                    self.sink.feed(Message::Text((*frame).clone())).await?;
-                }
-                self.sink.flush().await
-            };
-            match timeout(write_timeout, write).await {
+        let mut frames = history.iter().peekable();
+        while frames.peek().is_some() || !self.out.is_empty() {
+            for frame in frames.by_ref().take(MAX_BATCH) {
+                self.out.push(frame.wire().clone());
+            }
+            match timeout(write_timeout, self.out.flush()).await {
                 Err(_) => return CloseReason::Stalled,
-                Ok(Err(e)) => return CloseReason::from_write_error(e),
+                Ok(Err(e)) => return write_failed(e),
                 Ok(Ok(())) => {}
             }
         }
@@ -378,7 +398,7 @@ impl Writer<'_> {
         loop {
             // Seen before reading, so a publish after the read wakes us.
             head.borrow_and_update();
-            let step = self.step(&mut cursor, &mut announced, extra.take(), replies);
+            let step = self.step(&mut cursor, &mut announced, extra.take());
             let more = match timeout(write_timeout, step).await {
                 Err(_) => return CloseReason::Stalled,
                 Ok(Err(reason)) => return reason,
@@ -390,72 +410,48 @@ impl Writer<'_> {
             extra = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return CloseReason::Shutdown,
-                reply = replies.recv() => match reply {
-                    Some(frame) => Some(Message::Text(frame)),
-                    None => return CloseReason::PeerGone,
-                },
                 changed = head.changed() => match changed {
                     Ok(()) => None,
                     Err(_) => return CloseReason::Shutdown,
                 },
-                _ = ping.tick() => Some(Message::Ping(Bytes::new())),
+                // A reply, or tungstenite answered a ping or a close.
+                () = self.out.outbox_ready() => None,
+                _ = ping.tick() => Some(wire::ping()),
             };
         }
     }
 
-    /// Writes `extra`, the log's frames after `cursor` (at most a batch),
+    /// Queues `extra`, the log's frames after `cursor` (at most a batch),
     /// the waiting replies and, for a client that opted in, a `sync` frame
-    /// with the new cursor; then flushes once. True if the log may hold
+    /// with the new cursor; then writes them all. True if the log may hold
     /// more.
     async fn step(
         &mut self,
         cursor: &mut Position,
         announced: &mut Option<Position>,
-        extra: Option<Message>,
-        replies: &mut mpsc::Receiver<Utf8Bytes>,
+        extra: Option<Bytes>,
     ) -> Result<bool, CloseReason> {
-        let write_failed = CloseReason::from_write_error;
-        let mut fed = false;
-        if let Some(message) = extra {
-            self.sink.feed(message).await.map_err(write_failed)?;
-            fed = true;
+        if let Some(bytes) = extra {
+            self.out.push(bytes);
         }
-        self.frames.clear();
+        let from = *cursor;
         *cursor = self
             .shared
             .log
-            .read(*cursor, MAX_BATCH, &mut self.frames)
+            .read(from, MAX_BATCH, self.out)
             .map_err(|behind| CloseReason::Lagged(behind.missed))?;
-        let more = self.frames.len() == MAX_BATCH;
-        for frame in self.frames.drain(..) {
-            self.sink
-                .feed(Message::Text(frame))
-                .await
-                .map_err(write_failed)?;
-            fed = true;
-        }
-        while let Ok(frame) = replies.try_recv() {
-            self.sink
-                .feed(Message::Text(frame))
-                .await
-                .map_err(write_failed)?;
-            fed = true;
-        }
+        let more = cursor.0 - from.0 == MAX_BATCH as u64;
+        self.out.push_outbox();
         if self.sync && *announced != Some(*cursor) {
             let sync = ServerFrame::Sync(Sync {
                 epoch: self.shared.log.epoch(),
                 position: *cursor,
             });
-            self.sink
-                .feed(Message::text(sync.encode()))
-                .await
-                .map_err(write_failed)?;
+            self.out.push(Frame::text(sync.encode()).into_wire());
             *announced = Some(*cursor);
-            fed = true;
         }
-        if fed {
-            self.sink.flush().await.map_err(write_failed)?;
-        }
+        // Also sends what tungstenite wrote meanwhile.
+        self.out.flush().await.map_err(write_failed)?;
         Ok(more)
     }
 }

@@ -4,37 +4,37 @@
 
 use crate::Shared;
 use crate::close::CloseReason;
-use futures_util::stream::{SplitSink, SplitStream};
+use crate::connection::Ws;
+use crate::wire::Outbound;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
 
-type Ws = WebSocketStream<TcpStream>;
-
-/// Echoes until the connection ends, and says why it did.
-pub(crate) async fn run(
-    stream: &mut SplitStream<Ws>,
-    sink: &mut SplitSink<Ws, Message>,
-    shared: &Shared,
-) -> CloseReason {
+/// Echoes until the connection ends, and says why it did. tungstenite
+/// frames each echo (and its answers to pings and close frames) into the
+/// connection's outbox; each is written out before the next frame is read.
+pub(crate) async fn run(ws: &mut Ws, out: &mut Outbound, shared: &Shared) -> CloseReason {
     loop {
         let message = tokio::select! {
             () = shared.shutdown.cancelled() => return CloseReason::Shutdown,
-            next = timeout(shared.config.idle_timeout, stream.next()) => match next {
+            next = timeout(shared.config.idle_timeout, ws.next()) => match next {
                 Err(_) => return CloseReason::IdleTimeout,
                 Ok(None) => return CloseReason::ClientClosed,
                 Ok(Some(Err(e))) => return CloseReason::from_read_error(&e),
                 Ok(Some(Ok(m))) => m,
             },
         };
-        if let Message::Text(_) | Message::Binary(_) = message {
-            match timeout(shared.config.write_timeout, sink.send(message)).await {
-                Err(_) => return CloseReason::Stalled,
-                Ok(Err(e)) => return CloseReason::from_write_error(e),
-                Ok(Ok(())) => {}
+        let echo = async {
+            if let Message::Text(_) | Message::Binary(_) = message {
+                ws.send(message).await?;
             }
+            out.flush().await.map_err(WsError::Io)
+        };
+        match timeout(shared.config.write_timeout, echo).await {
+            Err(_) => return CloseReason::Stalled,
+            Ok(Err(e)) => return CloseReason::from_write_error(e),
+            Ok(Ok(())) => {}
         }
     }
 }

@@ -16,19 +16,20 @@
 //! A connection is only ever behind, never lost: a writer that fell behind
 //! because the server was busy catches up from the recent events. Only one
 //! further behind than they reach is closed (1013), and resuming it is a
-//! reset. The frames are shared (`Utf8Bytes` is reference counted), so
+//! reset. The frames are framed once and shared (`wire::Frame` is reference
+//! counted), so
 //! memory is one copy of the log, whatever the number of clients.
 //!
 //! Only published events are in the log, so no client sees anything that a
 //! crash could take back.
 
 use crate::metrics::Metrics;
+use crate::wire::Frame;
 use chat_core::{Chat, Event, EventKind};
 use chat_proto::{Epoch, FixedState, Position, ResetReason, ServerFrame, Uuid};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Frames per chunk of the history.
 const CHUNK: usize = 256;
@@ -41,12 +42,12 @@ pub(crate) struct Entry {
     /// The event, with its position.
     pub(crate) event: Event,
     /// Its frame, as sent.
-    pub(crate) frame: Utf8Bytes,
+    pub(crate) frame: Frame,
 }
 
 impl From<Event> for Entry {
     fn from(event: Event) -> Self {
-        let frame = Utf8Bytes::from(event.frame().encode());
+        let frame = Frame::text(event.frame().encode());
         Entry { event, frame }
     }
 }
@@ -129,7 +130,7 @@ impl Log {
     pub(crate) fn new(
         chat: &Chat,
         epoch: Epoch,
-        recent: impl IntoIterator<Item = (Position, Utf8Bytes)>,
+        recent: impl IntoIterator<Item = (Position, Frame)>,
         retention: Retention,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -213,7 +214,7 @@ impl Log {
         &self,
         cursor: Position,
         max: usize,
-        out: &mut Vec<Utf8Bytes>,
+        out: &mut impl Extend<Frame>,
     ) -> Result<Position, Behind> {
         read(&self.state).recent.read(cursor, max, out)
     }
@@ -258,14 +259,14 @@ impl State {
     }
 }
 
-fn encode(frame: &ServerFrame) -> Utf8Bytes {
-    Utf8Bytes::from(frame.encode())
+fn encode(frame: &ServerFrame) -> Frame {
+    Frame::text(frame.encode())
 }
 
 /// The last events, by position, within their [`Retention`].
 #[derive(Debug)]
 struct Recent {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Frame>,
     /// The position just before `frames[0]`: a reader at it or after it
     /// can be served.
     base: Position,
@@ -291,7 +292,7 @@ impl Recent {
 
     /// Takes back one event kept by an earlier run. They come oldest
     /// first and end at the head the log was created with.
-    fn restore(&mut self, position: Position, frame: Utf8Bytes) {
+    fn restore(&mut self, position: Position, frame: Frame) {
         let head = Position(self.base.0 + self.frames.len() as u64);
         // The base was set to the head; rebuild it as the stored run
         // began. A gap (which a store never writes) empties the window.
@@ -315,7 +316,7 @@ impl Recent {
         }
     }
 
-    fn push(&mut self, position: Position, frame: Utf8Bytes) {
+    fn push(&mut self, position: Position, frame: Frame) {
         debug_assert_eq!(position.0, self.base.0 + self.frames.len() as u64 + 1);
         self.bytes += frame.len();
         self.frames.push_back(frame);
@@ -333,17 +334,19 @@ impl Recent {
         &self,
         cursor: Position,
         max: usize,
-        out: &mut Vec<Utf8Bytes>,
+        out: &mut impl Extend<Frame>,
     ) -> Result<Position, Behind> {
         if cursor < self.base {
             return Err(Behind {
                 missed: self.base.0 - cursor.0,
             });
         }
-        let skip = (cursor.0 - self.base.0) as usize;
-        let before = out.len();
-        out.extend(self.frames.iter().skip(skip).take(max).cloned());
-        Ok(Position(cursor.0 + (out.len() - before) as u64))
+        let skip = usize::try_from(cursor.0 - self.base.0).unwrap_or(usize::MAX);
+        let n = self.frames.len().saturating_sub(skip).min(max);
+        if n > 0 {
+            out.extend(self.frames.range(skip..skip + n).cloned());
+        }
+        Ok(Position(cursor.0 + n as u64))
     }
 }
 
@@ -351,7 +354,7 @@ impl Recent {
 /// outstanding snapshots, with an index by message id.
 #[derive(Debug, Default)]
 struct History {
-    chunks: VecDeque<Arc<Vec<Utf8Bytes>>>,
+    chunks: VecDeque<Arc<Vec<Frame>>>,
     /// Ids in the same order as the frames.
     ids: VecDeque<Uuid>,
     /// Message id → sequence number; `first_seq` is the oldest held.
@@ -366,7 +369,7 @@ impl History {
         self.ids.len()
     }
 
-    fn push(&mut self, id: Uuid, frame: Utf8Bytes) {
+    fn push(&mut self, id: Uuid, frame: Frame) {
         if self.chunks.back().is_none_or(|c| c.len() == CHUNK) {
             self.chunks.push_back(Arc::new(Vec::with_capacity(CHUNK)));
         }
@@ -378,7 +381,7 @@ impl History {
         }
     }
 
-    fn set(&mut self, id: &Uuid, frame: Utf8Bytes) {
+    fn set(&mut self, id: &Uuid, frame: Frame) {
         let Some(seq) = self.index.get(id) else {
             return;
         };
@@ -415,7 +418,7 @@ impl History {
 /// An immutable view of the history frames at one moment.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Snapshot {
-    chunks: Vec<Arc<Vec<Utf8Bytes>>>,
+    chunks: Vec<Arc<Vec<Frame>>>,
     skip: usize,
     len: usize,
 }
@@ -428,7 +431,7 @@ impl Snapshot {
     }
 
     /// The frames, oldest first.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Utf8Bytes> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Frame> {
         self.chunks
             .iter()
             .flat_map(|c| c.iter())
@@ -454,7 +457,7 @@ mod tests {
             |m: &VecDeque<(Uuid, String)>| m.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>();
         for i in 0..(CHUNK * 3 + 17) {
             let id = Uuid::from_u128(i as u128);
-            log.push(id, Utf8Bytes::from(i.to_string()));
+            log.push(id, Frame::text(i.to_string()));
             model.push_back((id, i.to_string()));
             if i % 5 == 0 {
                 log.pop_front();
@@ -463,11 +466,11 @@ mod tests {
             if i % 7 == 0 && !model.is_empty() {
                 let pos = i % model.len();
                 let id = model[pos].0;
-                log.set(&id, Utf8Bytes::from(format!("r{i}")));
+                log.set(&id, Frame::text(format!("r{i}")));
                 model[pos].1 = format!("r{i}");
             }
             // An id that is not (or no longer) held changes nothing.
-            log.set(&Uuid::from_u128(u128::MAX), Utf8Bytes::from("x"));
+            log.set(&Uuid::from_u128(u128::MAX), Frame::text("x"));
             if i % 97 == 0 {
                 snapshots.push((log.snapshot(), texts(&model)));
             }
@@ -480,8 +483,8 @@ mod tests {
         }
     }
 
-    fn frame(p: u64) -> Utf8Bytes {
-        Utf8Bytes::from(format!("e{p:03}"))
+    fn frame(p: u64) -> Frame {
+        Frame::text(format!("e{p:03}"))
     }
 
     fn read_all(recent: &Recent, cursor: u64) -> Result<Vec<String>, Behind> {
@@ -526,18 +529,16 @@ mod tests {
     fn recent_events_keep_within_their_bytes_but_always_the_newest() {
         let retention = Retention {
             events: 100,
-            bytes: 10,
+            bytes: 14,
         };
         let mut recent = Recent::new(retention, Position(0));
         for p in 1..=4 {
-            recent.push(Position(p), frame(p)); // 4 bytes each
+            // 6 bytes each on the wire: a 2-byte header, 4 of text.
+            recent.push(Position(p), frame(p));
         }
-        assert_eq!(recent.frames.len(), 2, "8 bytes fit, 12 do not");
+        assert_eq!(recent.frames.len(), 2, "12 bytes fit, 18 do not");
         assert_eq!(recent.base, Position(2));
-        recent.push(
-            Position(5),
-            Utf8Bytes::from("a frame larger than the bound"),
-        );
+        recent.push(Position(5), Frame::text("a frame larger than the bound"));
         assert_eq!(recent.frames.len(), 1, "the newest stays");
         assert_eq!(read_all(&recent, 4).map(|v| v.len()), Ok(1));
     }
@@ -619,7 +620,7 @@ mod tests {
         log.join(Since::Start).cursor.0 == n as u64
     }
 
-    fn read_from(log: &Log, mut cursor: Position) -> Vec<Utf8Bytes> {
+    fn read_from(log: &Log, mut cursor: Position) -> Vec<Frame> {
         let mut out = Vec::new();
         loop {
             let before = out.len();
@@ -643,7 +644,7 @@ mod tests {
             });
             assert_eq!(joined.reset, None, "from {p}");
             assert_eq!(joined.history.len(), 0, "a resume sends no history");
-            let expected: Vec<Utf8Bytes> = entries[p as usize..]
+            let expected: Vec<Frame> = entries[p as usize..]
                 .iter()
                 .map(|e| e.frame.clone())
                 .collect();
@@ -679,7 +680,11 @@ mod tests {
         });
         assert_eq!(joined.reset, Some(ResetReason::Expired));
         assert_eq!(joined.cursor, Position(head));
-        let history: Vec<String> = joined.history.iter().map(|f| f.to_string()).collect();
+        let history: Vec<String> = joined
+            .history
+            .iter()
+            .map(|f| f.as_str().to_owned())
+            .collect();
         let expected: Vec<String> = chat
             .history()
             .iter()
@@ -729,7 +734,7 @@ mod tests {
             }
             (chat, entries)
         };
-        let all: Vec<Utf8Bytes> = entries.iter().map(|e| e.frame.clone()).collect();
+        let all: Vec<Frame> = entries.iter().map(|e| e.frame.clone()).collect();
         let chat = Chat::new(Config {
             history_limit: 100_000,
             ..Config::default()
@@ -754,14 +759,14 @@ mod tests {
                 }
             })
         };
-        let joiner = |log: Arc<Log>, all: Arc<Vec<Utf8Bytes>>| {
+        let joiner = |log: Arc<Log>, all: Arc<Vec<Frame>>| {
             let (mut joins, mut midway) = (0, 0);
             while !joined_all(&log, all.len()) || joins < 50 {
                 let joined = log.join(Since::Start);
                 if joined.cursor.0 > 0 && joined.cursor.0 < all.len() as u64 {
                     midway += 1;
                 }
-                let mut seen: Vec<Utf8Bytes> = joined.history.iter().cloned().collect();
+                let mut seen: Vec<Frame> = joined.history.iter().cloned().collect();
                 assert_eq!(
                     seen.len() as u64,
                     joined.cursor.0,

@@ -320,7 +320,7 @@ mod tests {
         let texts: Vec<String> = published
             .history
             .iter()
-            .map(|f| match ServerFrame::decode(f).expect("frame") {
+            .map(|f| match ServerFrame::decode(f.as_str()).expect("frame") {
                 ServerFrame::Message(m) => m.text,
                 other => panic!("{other:?}"),
             })

@@ -17,6 +17,7 @@ use crate::log::Log;
 use crate::metrics::Metrics;
 use crate::pipeline::{Committer, Finished};
 use crate::store::{DataDir, Store, StoreError};
+use crate::wire::Frame;
 use chat_core::{Chat, Timestamp};
 use chat_proto::{Epoch, Uuid};
 use std::net::SocketAddr;
@@ -26,7 +27,6 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
@@ -211,7 +211,7 @@ impl Server {
                 let recent = loaded
                     .recent
                     .into_iter()
-                    .map(|(position, frame)| (position, Utf8Bytes::from(frame)));
+                    .map(|(position, frame)| (position, Frame::text(frame)));
                 let log = Log::new(&chat, loaded.epoch, recent, retention, Arc::clone(&metrics));
                 info!(
                     path = %store.path().display(),
