@@ -398,12 +398,19 @@ impl Writer<'_> {
         loop {
             // Seen before reading, so a publish after the read wakes us.
             head.borrow_and_update();
-            let step = self.step(&mut cursor, &mut announced, extra.take());
-            let more = match timeout(write_timeout, step).await {
-                Err(_) => return CloseReason::Stalled,
-                Ok(Err(reason)) => return reason,
-                Ok(Ok(more)) => more,
+            let more = match self.step(&mut cursor, &mut announced, extra.take()) {
+                Err(reason) => return reason,
+                Ok(more) => more,
             };
+            // What the socket did not take at once is written under the
+            // write timeout: only then is a timer needed.
+            if !self.out.is_empty() {
+                match timeout(write_timeout, self.out.flush()).await {
+                    Err(_) => return CloseReason::Stalled,
+                    Ok(Err(e)) => return write_failed(e),
+                    Ok(Ok(())) => {}
+                }
+            }
             if more {
                 continue;
             }
@@ -423,9 +430,9 @@ impl Writer<'_> {
 
     /// Queues `extra`, the log's frames after `cursor` (at most a batch),
     /// the waiting replies and, for a client that opted in, a `sync` frame
-    /// with the new cursor; then writes them all. True if the log may hold
-    /// more.
-    async fn step(
+    /// with the new cursor; then writes what the socket takes now. True if
+    /// the log may hold more.
+    fn step(
         &mut self,
         cursor: &mut Position,
         announced: &mut Option<Position>,
@@ -451,7 +458,7 @@ impl Writer<'_> {
             *announced = Some(*cursor);
         }
         // Also sends what tungstenite wrote meanwhile.
-        self.out.flush().await.map_err(write_failed)?;
+        self.out.try_flush().map_err(write_failed)?;
         Ok(more)
     }
 }
