@@ -216,7 +216,10 @@ fn progress_line(progress: Arc<Progress>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-#[tokio::main]
+// One thread: the load generator shares the machine with the server it
+// measures, and a second runtime thread would take CPU from the server and
+// add cross-thread wake-ups to every frame counted.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let target = match client::Target::resolve(&cli.url, cli.source_ips).await {
