@@ -355,6 +355,32 @@ struct Writer<'a> {
     sync: bool,
 }
 
+/// Sends a joining client the `reset` (if its resume became a full
+/// replay) and the history, in batches, each under the write timeout.
+async fn replay(
+    out: &mut Outbound,
+    reset: Option<chat_proto::ResetReason>,
+    history: crate::log::Snapshot,
+    write_timeout: Duration,
+) -> Result<(), CloseReason> {
+    if let Some(reason) = reset {
+        let frame = Frame::text(ServerFrame::Reset(Reset { reason }).encode());
+        out.push(frame.into_wire());
+    }
+    let mut frames = history.iter().peekable();
+    while frames.peek().is_some() || !out.is_empty() {
+        for frame in frames.by_ref().take(MAX_BATCH) {
+            out.push(frame.wire().clone());
+        }
+        match timeout(write_timeout, out.flush()).await {
+            Err(_) => return Err(CloseReason::Stalled),
+            Ok(Err(e)) => return Err(write_failed(e)),
+            Ok(Ok(())) => {}
+        }
+    }
+    Ok(())
+}
+
 /// A write that failed: the client's socket is gone.
 fn write_failed(e: std::io::Error) -> CloseReason {
     CloseReason::from_write_error(WsError::Io(e))
@@ -369,24 +395,10 @@ impl Writer<'_> {
             mut head,
         } = joined;
         let write_timeout = self.shared.config.write_timeout;
-        if let Some(reason) = reset {
-            let frame = Frame::text(ServerFrame::Reset(Reset { reason }).encode());
-            self.out.push(frame.into_wire());
+        // Boxed: only a joining connection needs room for the replay.
+        if let Err(reason) = Box::pin(replay(self.out, reset, history, write_timeout)).await {
+            return reason;
         }
-        // History first, in batches, each under the write timeout.
-        let mut frames = history.iter().peekable();
-        while frames.peek().is_some() || !self.out.is_empty() {
-            for frame in frames.by_ref().take(MAX_BATCH) {
-                self.out.push(frame.wire().clone());
-            }
-            match timeout(write_timeout, self.out.flush()).await {
-                Err(_) => return CloseReason::Stalled,
-                Ok(Err(e)) => return write_failed(e),
-                Ok(Ok(())) => {}
-            }
-        }
-        drop(frames);
-        drop(history);
 
         let ping_every = self.shared.config.ping_interval;
         let mut ping = interval_at(Instant::now() + ping_every, ping_every);
