@@ -243,14 +243,15 @@ pub struct Config {
     #[arg(long = "public-host", env = "CHAT_PUBLIC_HOSTS", value_delimiter = ',')]
     pub public_hosts: Vec<PublicHost>,
 
-    /// Threads that serve connections (default: one per CPU). One thread
-    /// spends the least CPU per delivered frame (no work moves between
-    /// cores, no frame's reference count bounces between caches) and
-    /// in BENCHMARKS.md delivers over two million frames a second on one
-    /// core of a small machine; more
-    /// threads deliver more when the cores are the server's own.
-    #[arg(long, env = "CHAT_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub threads: Option<u16>,
+    /// Threads that serve connections. One, by default, like the event
+    /// loop of uWebSockets: a chat's work is waking writers and handing
+    /// shared frames to the kernel, and a second thread costs more (work
+    /// moving between cores, reference counts bouncing between caches)
+    /// than it adds until one core is full, about two million delivered
+    /// frames a second on the machine in BENCHMARKS.md. Raise it on a
+    /// machine whose cores are the server's own and busier than that.
+    #[arg(long, env = "CHAT_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
 
     /// Echo every data frame back instead of chatting, through the same
     /// handshake, limits and close handling: for the Autobahn WebSocket

@@ -13,11 +13,11 @@ fn main() -> ExitCode {
         )
         .init();
     let config = Config::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.threads {
-        runtime.worker_threads(usize::from(threads));
-    }
-    let runtime = match runtime.enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(config.threads))
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");
