@@ -299,7 +299,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
                     continue;
                 };
                 let (mut sink, mut stream) = ws.split();
-                let reader = {
+                let mut reader = {
                     let c = Arc::clone(&c);
                     tokio::spawn(async move {
                         let mut errors = 0u64;
@@ -343,7 +343,18 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
                         tokio::task::yield_now().await;
                     }
                 }
-                let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+                // The server closes the connection after the budget; if the
+                // run ended first (or the close never came), hang up without
+                // counting it: the reader holds the socket, and a detached
+                // one would keep it open past the run.
+                if tokio::time::timeout(Duration::from_secs(2), &mut reader)
+                    .await
+                    .is_err()
+                    || Instant::now() >= end
+                {
+                    reader.abort();
+                    let _ = reader.await;
+                }
             }
         });
     }
