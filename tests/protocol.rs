@@ -230,20 +230,11 @@ async fn the_rate_limit_is_per_address_across_connections() {
     assert_eq!(a1.message().await.text, "3");
     a2.say("4").await;
     // a2 saw messages 1..3 as live frames first.
-    let mut texts = Vec::new();
-    loop {
-        match a2.frame().await {
-            ServerFrame::Message(m) => texts.push(m.text),
-            ServerFrame::Error(e) => {
-                assert_eq!(
-                    e.error,
-                    "Rate limit exceeded. Maximum 3 messages per minute."
-                );
-                break;
-            }
-            other => panic!("{other:?}"),
-        }
-    }
+    let (texts, refusal) = a2.texts_until_error().await;
+    assert_eq!(
+        refusal,
+        "Rate limit exceeded. Maximum 3 messages per minute."
+    );
     assert_eq!(texts, ["1", "2", "3"]);
     b.say("other users are not limited").await;
     loop {

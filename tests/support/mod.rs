@@ -243,6 +243,19 @@ impl Client {
         }
     }
 
+    /// Reads messages until an error frame; returns the messages' texts and
+    /// the error.
+    pub async fn texts_until_error(&mut self) -> (Vec<String>, String) {
+        let mut texts = Vec::new();
+        loop {
+            match self.frame().await {
+                ServerFrame::Message(m) => texts.push(m.text),
+                ServerFrame::Error(e) => return (texts, e.error),
+                other => panic!("expected messages, then an error; got {other:?}"),
+            }
+        }
+    }
+
     /// For a client that opted in (`?sync`, `?since=`): reads frames until
     /// a `sync`, and returns the frames before it and the sync.
     pub async fn until_sync(&mut self) -> (Vec<ServerFrame>, chat_proto::Sync) {

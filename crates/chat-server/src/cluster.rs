@@ -744,12 +744,30 @@ impl Connected {
                             if changed.is_err() {
                                 return;
                             }
-                            // NATS came back (perhaps restarted): read on
-                            // from the next entry with a fresh consumer,
-                            // rather than wait for the old one to notice.
-                            match read_from(&stream, next).await {
-                                Ok(fresh) => entries = fresh,
-                                Err(e) => warn!(error = %e, next, "re-reading the stream failed; retrying at the next reconnect"),
+                            // NATS came back (perhaps restarted, perhaps
+                            // another server of its cluster): read on from
+                            // the next entry with a fresh consumer, rather
+                            // than wait for the old one to notice. JetStream
+                            // may still be electing the stream's leader, so
+                            // a failure is retried (no other reconnect may
+                            // come to retry it).
+                            let mut delay = Duration::from_millis(100);
+                            loop {
+                                match read_from(&stream, next).await {
+                                    Ok(fresh) => {
+                                        entries = fresh;
+                                        break;
+                                    }
+                                    Err(e) => {
+                                        warn!(error = %e, next, "re-reading the stream failed; retrying");
+                                        tokio::select! {
+                                            // The next turn of the loop stops.
+                                            () = stop.cancelled() => break,
+                                            () = tokio::time::sleep(delay) => {}
+                                        }
+                                        delay = (delay * 2).min(Duration::from_secs(2));
+                                    }
+                                }
                             }
                             continue;
                         }
