@@ -184,7 +184,7 @@ impl View {
 /// in the stream's object store (a node that joins after the stream has
 /// dropped its oldest entries starts from it) and in each node's data
 /// directory (a node that restarts starts from it).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Stored {
     /// The stream's epoch: a snapshot of a deleted and recreated stream
     /// (whose snapshot bucket or data directory outlived it) is not used.
@@ -859,12 +859,7 @@ impl Connected {
                             && writing.as_ref().is_none_or(JoinHandle::is_finished)
                         {
                             let dir = Arc::clone(dir);
-                            let own = Stored {
-                                epoch,
-                                seq,
-                                rules: rules.clone(),
-                                chat: stored.chat.clone(),
-                            };
+                            let own = stored.clone();
                             let stream_name = stream_name.clone();
                             writing = Some(tokio::task::spawn_blocking(move || {
                                 write_own_snapshot(&dir, &stream_name, &own);

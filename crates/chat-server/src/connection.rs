@@ -29,7 +29,7 @@ use crate::log::{Joined, Since};
 use crate::resume::Resume;
 use crate::wire::{self, Frame, Inbound, Outbound};
 use chat_core::ChatError;
-use chat_proto::{ClientFrame, DecodeError, Position, Reset, ServerFrame, Sync};
+use chat_proto::{ClientFrame, DecodeError, Position, Reset, ServerFrame};
 use futures_util::StreamExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -462,11 +462,8 @@ impl Writer<'_> {
         let more = cursor.0 - from.0 == MAX_BATCH as u64;
         self.out.push_outbox();
         if self.sync && *announced != Some(*cursor) {
-            let sync = ServerFrame::Sync(Sync {
-                epoch: self.shared.log.epoch(),
-                position: *cursor,
-            });
-            self.out.push(Frame::text(sync.encode()).into_wire());
+            self.out
+                .push(self.shared.log.sync_frame(*cursor).into_wire());
             *announced = Some(*cursor);
         }
         // Also sends what tungstenite wrote meanwhile.

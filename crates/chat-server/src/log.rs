@@ -68,6 +68,9 @@ pub(crate) struct Log {
     epoch: Epoch,
     state: RwLock<State>,
     head: watch::Sender<Position>,
+    /// The last `sync` frame made, shared by every writer that announces
+    /// the same position (most of them, as they keep up with the head).
+    sync: std::sync::Mutex<Option<(Position, Frame)>>,
 }
 
 #[derive(Debug)]
@@ -155,12 +158,33 @@ impl Log {
                 metrics,
             }),
             head: head_tx,
+            sync: std::sync::Mutex::new(None),
         }
     }
 
     /// The log's epoch.
     pub(crate) fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// The `sync` frame announcing `position` in this log's epoch, encoded
+    /// and framed once for every connection at that position.
+    pub(crate) fn sync_frame(&self, position: Position) -> Frame {
+        let mut last = self.sync.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, frame)) = last.as_ref()
+            && *at == position
+        {
+            return frame.clone();
+        }
+        let frame = Frame::text(
+            ServerFrame::Sync(chat_proto::Sync {
+                epoch: self.epoch,
+                position,
+            })
+            .encode(),
+        );
+        *last = Some((position, frame.clone()));
+        frame
     }
 
     /// Where a connection starts, decided under the lock so that nothing is
@@ -613,6 +637,35 @@ mod tests {
             bytes: usize::MAX,
         };
         Log::new(&chat, EPOCH, [], retention, Arc::new(Metrics::new()))
+    }
+
+    #[test]
+    fn a_sync_frame_is_made_once_per_position_and_says_where() {
+        let log = log_of(4);
+        let decoded = |f: &Frame| ServerFrame::decode(f.as_str()).expect("frame");
+        let at_3 = log.sync_frame(Position(3));
+        assert_eq!(
+            decoded(&at_3),
+            ServerFrame::Sync(chat_proto::Sync {
+                epoch: EPOCH,
+                position: Position(3)
+            })
+        );
+        let again = log.sync_frame(Position(3));
+        assert!(
+            again.wire().as_ptr() == at_3.wire().as_ptr(),
+            "shared, not made again"
+        );
+        let at_4 = log.sync_frame(Position(4));
+        assert_eq!(
+            decoded(&at_4),
+            ServerFrame::Sync(chat_proto::Sync {
+                epoch: EPOCH,
+                position: Position(4)
+            })
+        );
+        // An older position (a slower writer) still gets its own.
+        assert_eq!(decoded(&log.sync_frame(Position(3))), decoded(&at_3));
     }
 
     /// Whether all `n` events are published.
