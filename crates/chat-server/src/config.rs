@@ -125,11 +125,10 @@ pub struct Config {
     #[arg(long, env = "CHAT_MAX_MESSAGE_SIZE", default_value_t = 16 * 1024)]
     pub max_message_size: usize,
 
-    /// Per-connection read buffer, in bytes: allocated up front, so it is
-    /// much of what an idle client costs; it grows for a larger frame (up to
-    /// `--max-message-size`), and one read takes at most this much. Chat
-    /// commands are a few hundred bytes.
-    #[arg(long, env = "CHAT_READ_BUFFER_SIZE", default_value_t = 512)]
+    /// The most bytes one read from a client's socket takes. The buffer
+    /// is held only until the frames in it are decoded: a connection that
+    /// sends nothing holds none. Chat commands are a few hundred bytes.
+    #[arg(long, env = "CHAT_READ_BUFFER_SIZE", default_value_t = 4096)]
     pub read_buffer_size: usize,
 
     /// tungstenite's buffer for the frames it writes itself (answers to
@@ -380,7 +379,10 @@ impl Config {
     /// tungstenite's defaults (64 MiB messages, unlimited write buffer).
     pub fn websocket(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
         tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer_size)
+            // Empty until a frame arrives: the connection reads the socket
+            // into its own buffer, held only while it is not yet decoded
+            // (`wire::Inbound`).
+            .read_buffer_size(0)
             .write_buffer_size(self.write_buffer_size)
             // Room for the largest frame the server can produce past the
             // coalescing target (tungstenite writes the buffer out once it

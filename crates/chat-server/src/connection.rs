@@ -8,7 +8,10 @@
 //! the replies, pings and tungstenite's own answers (pongs, close frames),
 //! and, for clients that opted in, a `sync` frame after each batch. It
 //! coalesces: it queues everything that is ready, as frames framed once
-//! for every client, and hands them to the kernel in one `writev`.
+//! for every client, and hands them to the kernel in one `sendmsg`. Once
+//! it has sent everything up to the log's head, it parks ([`crate::tap`]):
+//! the publisher then writes new events to the socket itself, and wakes
+//! the writer only if the socket did not take them all.
 //!
 //! The two run as one task (`select!`), so when either ends the other is
 //! dropped, and the connection closes with one reason and one close code.
@@ -27,16 +30,18 @@ use crate::hub::ApplyError;
 use crate::limits::AddressSlot;
 use crate::log::{Joined, Since};
 use crate::resume::Resume;
+use crate::tap::Attached;
 use crate::wire::{self, Frame, Inbound, Outbound};
 use chat_core::ChatError;
 use chat_proto::{ClientFrame, DecodeError, Position, Reset, ServerFrame};
 use futures_util::StreamExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout, timeout_at};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::http::header;
@@ -61,52 +66,65 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted TCP connection until it closes. `permit` is its
 /// place under the server's connection limit.
-pub(crate) async fn serve(
+///
+/// Not an `async fn`: its arguments would be stored twice in the future,
+/// and every connection's task is sized by it (see [`run`]).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+pub(crate) fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
     pending: Option<AddressSlot>,
     shared: Arc<Shared>,
-) {
-    let _permit = permit;
-    // Frames are coalesced by the writer; Nagle would only add delay.
-    let _ = stream.set_nodelay(true);
-    // Bound what the kernel holds for a client that stops reading.
-    let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
-    // Plain HTTP requests are answered first; a well-formed WebSocket
-    // upgrade comes back here with its head still unread. The request and
-    // handshake phases run boxed: their futures are larger than the
-    // connection's (parsers, timeouts), and boxed they are freed once
-    // done instead of sizing every connection's task for its whole life.
-    let upgrade = match Box::pin(http::serve(
-        &mut stream,
-        peer.ip(),
-        pending.as_ref(),
-        &shared,
-    ))
-    .await
-    {
-        http::Next::Upgrade(upgrade) => upgrade,
-        http::Next::Done => return,
-    };
-    let (ws, out, admitted) = match Box::pin(handshake(stream, peer, &shared, upgrade)).await {
-        Ok(done) => done,
-        Err(why) => {
-            debug!(%peer, %why, "handshake refused");
-            return;
+) -> impl Future<Output = ()> {
+    async move {
+        let _permit = permit;
+        // Frames are coalesced by the writer; Nagle would only add delay.
+        let _ = stream.set_nodelay(true);
+        // Bound what the kernel holds for a client that stops reading.
+        let _ =
+            socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
+        // Plain HTTP requests are answered first; a well-formed WebSocket
+        // upgrade comes back here with its head still unread. The request and
+        // handshake phases run boxed: their futures are larger than the
+        // connection's (parsers, timeouts), and boxed they are freed once
+        // done instead of sizing every connection's task for its whole life.
+        let upgrade = match Box::pin(http::serve(
+            &mut stream,
+            peer.ip(),
+            pending.as_ref(),
+            &shared,
+        ))
+        .await
+        {
+            http::Next::Upgrade(upgrade) => upgrade,
+            http::Next::Done => return,
+        };
+        let (ws, out, admitted) = match Box::pin(handshake(stream, peer, &shared, upgrade)).await {
+            Ok(done) => done,
+            Err(why) => {
+                debug!(%peer, %why, "handshake refused");
+                return;
+            }
+        };
+        // Past the request phase: from here the per-client limit counts it.
+        drop(pending);
+        let user = admitted.user.clone();
+        info!(user = %user, %peer, client = %admitted.addr, "connection opened");
+        shared.metrics.connection_opened();
+        // Boxed: awaited in place, the connection's future would be sized
+        // for it twice over (measured: 4,040 bytes against 400 and a 1,824-byte
+        // box).
+        let reason = Box::pin(run(ws, out, &admitted, &shared)).await;
+        shared.metrics.connection_closed(&reason);
+        if let CloseReason::ServerError(_) = reason {
+            error!(user = %user, %peer, reason = %reason, "connection closed by a server-side error");
+        } else {
+            info!(user = %user, %peer, reason = %reason, "connection closed");
         }
-    };
-    // Past the request phase: from here the per-client limit counts it.
-    drop(pending);
-    let user = admitted.user.clone();
-    info!(user = %user, %peer, client = %admitted.addr, "connection opened");
-    shared.metrics.connection_opened();
-    let reason = run(ws, out, &admitted, &shared).await;
-    shared.metrics.connection_closed(&reason);
-    if let CloseReason::ServerError(_) = reason {
-        error!(user = %user, %peer, reason = %reason, "connection closed by a server-side error");
-    } else {
-        info!(user = %user, %peer, reason = %reason, "connection closed");
     }
 }
 
@@ -166,6 +184,7 @@ async fn handshake(
     }
     let (inbound, out) = wire::split(
         stream,
+        shared.config.read_buffer_size,
         shared.config.outbox_bound(),
         shared.config.reply_queue,
     );
@@ -175,45 +194,73 @@ async fn handshake(
     Ok((ws, out, admitted))
 }
 
-async fn run(mut ws: Ws, mut out: Outbound, admitted: &Admitted, shared: &Shared) -> CloseReason {
-    let reason = if shared.config.echo {
-        Box::pin(echo::run(&mut ws, &mut out, shared)).await
-    } else {
-        let (sync, since) = match admitted.resume {
-            Resume::Seed => (false, Since::Start),
-            Resume::Sync(since) => (true, since),
+/// The connection's life after the handshake, and its close.
+///
+/// Not an `async fn`: rustc stores an `async fn`'s arguments in its
+/// future twice (as captured, and moved into locals at the first poll), and
+/// every connection holds this future for its whole life. An `async move`
+/// block uses what it captures in place: measured, this future is 1,384
+/// bytes instead of 1,824.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+fn run<'a>(
+    mut ws: Ws,
+    mut out: Outbound,
+    admitted: &'a Admitted,
+    shared: &'a Shared,
+) -> impl Future<Output = CloseReason> + 'a {
+    async move {
+        let reason = if shared.config.echo {
+            Box::pin(echo::run(&mut ws, &mut out, shared)).await
+        } else {
+            let (sync, since) = match admitted.resume {
+                Resume::Seed => (false, Since::Start),
+                Resume::Sync(since) => (true, since),
+            };
+            if shared.config.cluster.is_some()
+                && let Since::Resume { epoch, position } = since
+                && epoch == shared.log.epoch()
+            {
+                // Another node may have shown the client more than this one has
+                // applied yet: wait for it, within a bound, before deciding.
+                Box::pin(shared.log.wait_for(position, RESUME_WAIT)).await;
+            }
+            let joined = shared.log.join(since);
+            let replies = out.outbox();
+            let tap = shared.log.attach(Arc::clone(out.socket()), sync);
+            let heard = Heard::new();
+            let writer = Writer {
+                out: &mut out,
+                shared,
+                sync,
+                tap: &tap,
+                heard: &heard,
+            };
+            let reason = tokio::select! {
+                r = read_loop(&mut ws, admitted, shared, &replies, &heard) => r,
+                r = writer.run(joined) => r,
+            };
+            // The socket is ours alone again; a frame the publisher began is
+            // finished before the close frame.
+            if let Some(rest) = tap.detach() {
+                out.push(rest);
+            }
+            reason
         };
-        if shared.config.cluster.is_some()
-            && let Since::Resume { epoch, position } = since
-            && epoch == shared.log.epoch()
-        {
-            // Another node may have shown the client more than this one has
-            // applied yet: wait for it, within a bound, before deciding.
-            shared.log.wait_for(position, RESUME_WAIT).await;
+        // Boxed: only a closing connection needs room for the handshake.
+        let drained = Box::pin(close(&mut ws, &mut out, &reason)).await;
+        if reason == CloseReason::Stalled || !drained {
+            // The socket does not drain: a graceful close would leave our FIN
+            // queued behind unsent data the peer never reads, and the kernel
+            // holding both until it gives up on its own (and then silently).
+            // Reset it instead: the peer learns at once that the connection
+            // is gone, and the kernel frees the buffer now.
+            let _ = socket2::SockRef::from(out.socket()).set_linger(Some(Duration::ZERO));
         }
-        let joined = shared.log.join(since);
-        let replies = out.outbox();
-        let writer = Writer {
-            out: &mut out,
-            shared,
-            sync,
-        };
-        tokio::select! {
-            r = read_loop(&mut ws, admitted, shared, &replies) => r,
-            r = writer.run(joined) => r,
-        }
-    };
-    // Boxed: only a closing connection needs room for the handshake.
-    let drained = Box::pin(close(&mut ws, &mut out, &reason)).await;
-    if reason == CloseReason::Stalled || !drained {
-        // The socket does not drain: a graceful close would leave our FIN
-        // queued behind unsent data the peer never reads, and the kernel
-        // holding both until it gives up on its own (and then silently).
-        // Reset it instead: the peer learns at once that the connection
-        // is gone, and the kernel frees the buffer now.
-        let _ = socket2::SockRef::from(out.socket()).set_linger(Some(Duration::ZERO));
+        reason
     }
-    reason
 }
 
 /// Ends the connection for `reason`, and says whether everything was
@@ -248,15 +295,17 @@ async fn read_loop(
     admitted: &Admitted,
     shared: &Shared,
     replies: &wire::Outbox,
+    heard: &Heard,
 ) -> CloseReason {
     let mut refusals = RefusalBudget::new(shared.config.max_refusals);
     loop {
-        let message = match timeout(shared.config.idle_timeout, stream.next()).await {
-            Err(_) => return CloseReason::IdleTimeout,
-            Ok(None) => return CloseReason::ClientClosed,
-            Ok(Some(Err(e))) => return CloseReason::from_read_error(&e),
-            Ok(Some(Ok(m))) => m,
+        // No timer here: the writer's one timer also keeps the idle timeout.
+        let message = match stream.next().await {
+            None => return CloseReason::ClientClosed,
+            Some(Err(e)) => return CloseReason::from_read_error(&e),
+            Some(Ok(m)) => m,
         };
+        heard.now();
         // Decoded here, so that only commands reach the ordering point.
         let refusal = match message {
             Message::Text(text) => match ClientFrame::decode(&text) {
@@ -353,6 +402,37 @@ struct Writer<'a> {
     shared: &'a Shared,
     /// Whether the client opted in to `sync` frames.
     sync: bool,
+    /// Where the publisher takes over while the writer waits at the head.
+    tap: &'a Attached,
+    /// When the client was last heard from.
+    heard: &'a Heard,
+}
+
+/// When a client was last heard from: the reader notes it, and the
+/// writer's timer closes a connection quiet for `--idle-timeout`.
+struct Heard {
+    since: Instant,
+    /// Milliseconds after `since`.
+    last: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Heard {
+            since: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// The client was heard from just now.
+    fn now(&self) {
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.since + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
 }
 
 /// Sends a joining client the `reset` (if its resume became a full
@@ -386,57 +466,87 @@ fn write_failed(e: std::io::Error) -> CloseReason {
     CloseReason::from_write_error(WsError::Io(e))
 }
 
-impl Writer<'_> {
-    async fn run(mut self, joined: Joined) -> CloseReason {
-        let Joined {
-            reset,
-            history,
-            mut cursor,
-            mut head,
-        } = joined;
-        let write_timeout = self.shared.config.write_timeout;
-        // Boxed: only a joining connection needs room for the replay.
-        if let Err(reason) = Box::pin(replay(self.out, reset, history, write_timeout)).await {
-            return reason;
-        }
+impl<'a> Writer<'a> {
+    // Not an `async fn`, for the reason given at [`run`].
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn stores its arguments twice"
+    )]
+    fn run(mut self, joined: Joined) -> impl Future<Output = CloseReason> + 'a {
+        async move {
+            let Joined {
+                reset,
+                history,
+                mut cursor,
+            } = joined;
+            let write_timeout = self.shared.config.write_timeout;
+            // Boxed: only a joining connection needs room for the replay.
+            if let Err(reason) = Box::pin(replay(self.out, reset, history, write_timeout)).await {
+                return reason;
+            }
 
-        let ping_every = self.shared.config.ping_interval;
-        let mut ping = interval_at(Instant::now() + ping_every, ping_every);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let shutdown = self.shared.shutdown.clone();
-        // The position last announced in a `sync` frame.
-        let mut announced = None;
-        let mut extra = None;
-        loop {
-            // Seen before reading, so a publish after the read wakes us.
-            head.borrow_and_update();
-            let more = match self.step(&mut cursor, &mut announced, extra.take()) {
-                Err(reason) => return reason,
-                Ok(more) => more,
-            };
-            // What the socket did not take at once is written under the
-            // write timeout: only then is a timer needed.
-            if !self.out.is_empty() {
-                match timeout(write_timeout, self.out.flush()).await {
-                    Err(_) => return CloseReason::Stalled,
-                    Ok(Err(e)) => return write_failed(e),
-                    Ok(Ok(())) => {}
+            // One timer for the pings and the idle timeout: it fires at
+            // whichever comes first (the reader moves the idle deadline
+            // without waking us; a timer that fires early is re-armed).
+            let ping_every = self.shared.config.ping_interval;
+            let idle = self.shared.config.idle_timeout;
+            let mut next_ping = Instant::now() + ping_every;
+            let mut timer = std::pin::pin!(sleep_until(next_ping.min(self.heard.last() + idle)));
+            let shutdown = self.shared.shutdown.clone();
+            // The position last announced in a `sync` frame.
+            let mut announced = None;
+            let mut extra = None;
+            loop {
+                let more = match self.step(&mut cursor, &mut announced, extra.take()) {
+                    Err(reason) => return reason,
+                    Ok(more) => more,
+                };
+                // What the socket did not take at once is written under the
+                // write timeout: only then is a timer needed.
+                if !self.out.is_empty() {
+                    match timeout(write_timeout, self.out.flush()).await {
+                        Err(_) => return CloseReason::Stalled,
+                        Ok(Err(e)) => return write_failed(e),
+                        Ok(Ok(())) => {}
+                    }
+                }
+                if more {
+                    continue;
+                }
+                // Everything is sent: wait at the head, where the publisher
+                // writes for us, unless the log moved on meanwhile.
+                if !self.tap.park(cursor, announced, || self.shared.log.head()) {
+                    continue;
+                }
+                extra = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return CloseReason::Shutdown,
+                    // The socket did not take everything the publisher wrote.
+                    () = self.tap.woken() => None,
+                    // A reply, or tungstenite answered a ping or a close.
+                    () = self.out.outbox_ready() => None,
+                    () = &mut timer => {
+                        let now = Instant::now();
+                        let quiet_until = self.heard.last() + idle;
+                        if now >= quiet_until {
+                            return CloseReason::IdleTimeout;
+                        }
+                        let ping = (now >= next_ping).then(|| {
+                            next_ping = now + ping_every;
+                            wire::ping()
+                        });
+                        timer.as_mut().reset(next_ping.min(quiet_until));
+                        ping
+                    }
+                };
+                // Carry on from where the publisher stopped.
+                let resumed = self.tap.unpark();
+                cursor = resumed.cursor;
+                announced = resumed.announced;
+                if let Some(rest) = resumed.rest {
+                    self.out.push(rest);
                 }
             }
-            if more {
-                continue;
-            }
-            extra = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return CloseReason::Shutdown,
-                changed = head.changed() => match changed {
-                    Ok(()) => None,
-                    Err(_) => return CloseReason::Shutdown,
-                },
-                // A reply, or tungstenite answered a ping or a close.
-                () = self.out.outbox_ready() => None,
-                _ = ping.tick() => Some(wire::ping()),
-            };
         }
     }
 

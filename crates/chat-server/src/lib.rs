@@ -63,6 +63,7 @@ mod resume;
 mod server;
 pub mod shutdown;
 pub mod store;
+mod tap;
 mod wire;
 
 pub use config::Config;

@@ -56,7 +56,9 @@ pub(crate) struct AddressSlot {
     limits: Arc<AddressLimits>,
     key: AddrKey,
     id: u64,
-    evicted: CancellationToken,
+    /// Made when the connection first goes idle: a WebSocket never does,
+    /// and holds none.
+    evicted: std::sync::OnceLock<CancellationToken>,
 }
 
 impl AddressLimits {
@@ -99,7 +101,7 @@ impl AddressLimits {
             limits: Arc::clone(self),
             key,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            evicted: CancellationToken::new(),
+            evicted: std::sync::OnceLock::new(),
         })
     }
 
@@ -111,16 +113,26 @@ impl AddressLimits {
 }
 
 impl AddressSlot {
+    fn token(&self) -> &CancellationToken {
+        self.evicted.get_or_init(CancellationToken::new)
+    }
+
+    fn is_evicted(&self) -> bool {
+        self.evicted
+            .get()
+            .is_some_and(CancellationToken::is_cancelled)
+    }
+
     /// The connection has answered a request and now waits for the next
     /// one on a kept-alive connection: a newcomer from the same address
     /// may take its place, which [`evicted`](Self::evicted) then reports.
     pub(crate) fn idle(&self) {
         let mut addresses = self.limits.lock();
         if let Some(places) = addresses.get_mut(&self.key)
-            && !self.evicted.is_cancelled()
+            && !self.is_evicted()
             && !places.idle.iter().any(|(id, _)| *id == self.id)
         {
-            places.idle.push_back((self.id, self.evicted.clone()));
+            places.idle.push_back((self.id, self.token().clone()));
         }
     }
 
@@ -130,7 +142,7 @@ impl AddressSlot {
     /// got no answer on a reused connection).
     pub(crate) fn busy(&self) -> bool {
         let mut addresses = self.limits.lock();
-        if self.evicted.is_cancelled() {
+        if self.is_evicted() {
             return false;
         }
         if let Some(places) = addresses.get_mut(&self.key) {
@@ -141,7 +153,7 @@ impl AddressSlot {
 
     /// Resolves when a newcomer has taken this connection's place.
     pub(crate) fn evicted(&self) -> WaitForCancellationFuture<'_> {
-        self.evicted.cancelled()
+        self.token().cancelled()
     }
 }
 
@@ -153,7 +165,7 @@ impl Drop for AddressSlot {
         };
         // Checked under the lock that eviction takes, so a place is freed
         // exactly once: by its holder, or passed on by eviction.
-        if self.evicted.is_cancelled() {
+        if self.is_evicted() {
             return;
         }
         places.idle.retain(|(id, _)| *id != self.id);

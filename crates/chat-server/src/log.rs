@@ -10,8 +10,10 @@
 //! - the **recent events**: the last `--log-events` frames (at most
 //!   `--log-bytes`), by position. A live connection reads from them at its
 //!   own pace, and a reconnecting client resumes from them (`?since=`);
-//! - the **head**: the latest published position, in a `watch` channel
-//!   that wakes every writer once per publish.
+//! - the **head**: the latest published position.
+//!
+//! A connection that waits at the head is not woken by a publish: the
+//! publisher writes the new frames to its socket itself ([`crate::tap`]).
 //!
 //! A connection is only ever behind, never lost: a writer that fell behind
 //! because the server was busy catches up from the recent events. Only one
@@ -24,11 +26,13 @@
 //! crash could take back.
 
 use crate::metrics::Metrics;
+use crate::tap::{Attached, Taps};
 use crate::wire::Frame;
 use chat_core::{Chat, Event, EventKind};
 use chat_proto::{Epoch, FixedState, Position, ResetReason, ServerFrame, Uuid};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// Frames per chunk of the history.
@@ -71,6 +75,9 @@ pub(crate) struct Log {
     /// The last `sync` frame made, shared by every writer that announces
     /// the same position (most of them, as they keep up with the head).
     sync: std::sync::Mutex<Option<(Position, Frame)>>,
+    /// The connections, which the publisher writes to while they wait at
+    /// the head ([`crate::tap`]).
+    taps: Arc<Taps>,
 }
 
 #[derive(Debug)]
@@ -105,8 +112,6 @@ pub(crate) struct Joined {
     /// The position the client is at once `history` is sent; what follows
     /// is read from the log with [`Log::read`].
     pub cursor: Position,
-    /// Wakes when the head moves.
-    pub head: watch::Receiver<Position>,
 }
 
 /// A reader asked for events the log no longer holds.
@@ -159,6 +164,7 @@ impl Log {
             }),
             head: head_tx,
             sync: std::sync::Mutex::new(None),
+            taps: Arc::default(),
         }
     }
 
@@ -205,21 +211,29 @@ impl Log {
             }
             Since::Resume { position, .. } => Ok(position),
         };
-        let head = self.head.subscribe();
         match resume {
             Ok(position) => Joined {
                 reset: None,
                 history: Snapshot::default(),
                 cursor: position,
-                head,
             },
             Err(reset) => Joined {
                 reset,
                 history: state.history.snapshot(),
                 cursor: state.head,
-                head,
             },
         }
+    }
+
+    /// Attaches a connection's socket, for the publisher to write to
+    /// while the connection waits at the head.
+    pub(crate) fn attach(&self, socket: Arc<TcpStream>, sync: bool) -> Attached {
+        self.taps.attach(socket, sync)
+    }
+
+    /// The latest published position.
+    pub(crate) fn head(&self) -> Position {
+        read(&self.state).head
     }
 
     /// Waits, at most `bound`, until the log has published `position`.
@@ -243,7 +257,8 @@ impl Log {
         read(&self.state).recent.read(cursor, max, out)
     }
 
-    /// Publishes committed entries, in order, and wakes the readers.
+    /// Publishes committed entries, in order: writes them to the
+    /// connections waiting at the head, and wakes those waiting for it.
     pub(crate) fn publish(&self, entries: &[Entry]) {
         let Some(last) = entries.last() else {
             return;
@@ -258,7 +273,9 @@ impl Log {
                 .history_messages
                 .set(state.history.len() as i64);
         }
-        self.head.send_replace(last.event.position);
+        let head = last.event.position;
+        self.head.send_replace(head);
+        self.taps.deliver(entries, || self.sync_frame(head));
     }
 }
 
@@ -876,5 +893,186 @@ mod tests {
         log.wait_for(Position(99), std::time::Duration::from_millis(100))
             .await;
         assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+    }
+
+    // ---- the publisher writes for connections waiting at the head -------
+
+    use tokio::io::AsyncReadExt;
+
+    /// A connected pair: the server's socket, shared as a connection
+    /// shares it, and the client's. `small` shrinks both buffers so that
+    /// a client that does not read fills them quickly.
+    async fn pair(small: bool) -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = tokio::net::TcpSocket::new_v4().expect("socket");
+        if small {
+            client.set_recv_buffer_size(4096).expect("rcvbuf");
+        }
+        let client = client
+            .connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        if small {
+            socket2::SockRef::from(&server)
+                .set_send_buffer_size(4096)
+                .expect("sndbuf");
+        }
+        (Arc::new(server), client)
+    }
+
+    async fn receive(client: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.read_exact(&mut got),
+        )
+        .await
+        .expect("in time")
+        .expect("read");
+        got
+    }
+
+    fn woken_now(attached: &Attached) -> bool {
+        let woken = std::pin::pin!(attached.woken());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        woken.poll(&mut cx).is_ready()
+    }
+
+    use std::future::Future;
+
+    #[tokio::test]
+    async fn a_connection_waiting_at_the_head_is_written_to_by_the_publisher_without_a_wake_up() {
+        let log = log_of(1000);
+        let (_, entries) = drive(30);
+        let (socket, mut client) = pair(false).await;
+        let attached = log.attach(socket, true);
+        assert!(attached.park(Position::ZERO, None, || log.head()));
+        let mut expected = Vec::new();
+        for batch in entries.chunks(7) {
+            log.publish(batch);
+            for entry in batch {
+                expected.extend_from_slice(entry.frame.wire());
+            }
+            let last = batch.last().expect("a batch").event.position;
+            expected.extend_from_slice(log.sync_frame(last).wire());
+        }
+        assert_eq!(receive(&mut client, expected.len()).await, expected);
+        assert!(!woken_now(&attached), "the writer was not needed");
+        let resumed = attached.unpark();
+        let head = log.head();
+        assert_eq!(resumed.cursor, head);
+        assert_eq!(resumed.announced, Some(head));
+        assert!(resumed.rest.is_none());
+        // Unparked, the writer writes: a publish leaves the socket alone.
+        let (_, more) = drive(31);
+        log.publish(&more[entries.len()..]);
+        let mut byte = [0u8; 1];
+        let quiet = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            client.read(&mut byte),
+        )
+        .await;
+        assert!(quiet.is_err(), "nothing written for an unparked tap");
+        // And a writer behind the head cannot park.
+        assert!(!attached.park(head, Some(head), || log.head()));
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_less_is_handed_back_to_its_writer_where_the_publisher_stopped() {
+        let log = log_of(100_000);
+        let mut chat = Chat::new(Config::default());
+        let (socket, mut client) = pair(true).await;
+        let attached = log.attach(Arc::clone(&socket), false);
+        assert!(attached.park(Position::ZERO, None, || log.head()));
+        let mut all = Vec::new();
+        let mut i = 0u64;
+        // The client does not read: the publisher stops where its socket
+        // is full, and hands it back.
+        while !woken_now(&attached) {
+            let batch = post(&mut chat, i);
+            log.publish(&batch);
+            all.extend(batch);
+            i += 1;
+            assert!(i < 10_000, "a 4 KiB socket never filled");
+        }
+        let resumed = attached.unpark();
+        let rest = resumed.rest.unwrap_or_default();
+        let cursor = resumed.cursor.0 as usize;
+        assert!(cursor < all.len(), "the socket did not take everything");
+        // What the socket took: every frame up to the cursor, the last
+        // of them short of its rest.
+        let mut taken: Vec<u8> = all[..cursor]
+            .iter()
+            .flat_map(|e| e.frame.wire().iter().copied())
+            .collect();
+        taken.truncate(taken.len() - rest.len());
+        assert_eq!(receive(&mut client, taken.len()).await, taken);
+        // The writer sends the rest, then reads the log from the cursor:
+        // the client gets every frame once, in order.
+        let mut out: Vec<Frame> = Vec::new();
+        let head = log
+            .read(resumed.cursor, usize::MAX, &mut out)
+            .expect("held");
+        assert_eq!(head, log.head());
+        let mut tail = rest.to_vec();
+        for frame in &out {
+            tail.extend_from_slice(frame.wire());
+        }
+        let (got, ()) = tokio::join!(receive(&mut client, tail.len()), write_all(&socket, &tail));
+        assert_eq!(got, tail);
+        let mut expected = Vec::new();
+        for entry in &all {
+            expected.extend_from_slice(entry.frame.wire());
+        }
+        let mut everything = taken;
+        everything.extend(got);
+        assert_eq!(everything, expected);
+        // Detached (the connection is closing), nothing is written for
+        // it again, even if it were parked.
+        assert!(attached.detach().is_none());
+        assert!(attached.park(head, None, || log.head()));
+        log.publish(&post(&mut chat, i));
+        let mut byte = [0u8; 1];
+        let quiet = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            client.read(&mut byte),
+        )
+        .await;
+        assert!(quiet.is_err(), "nothing written once detached");
+    }
+
+    /// A 480-character message from a new user, as the chat applies it.
+    fn post(chat: &mut Chat, i: u64) -> Vec<Entry> {
+        let ctx = Context {
+            user: format!("u{i}").as_str().into(),
+            now: Timestamp::from_unix_millis(1_700_000_000_000 + i),
+            message_id: Uuid::from_u128(u128::from(i) + 1),
+        };
+        let text = format!("{i:0>480}");
+        chat.handle(
+            ctx,
+            ClientFrame::SendMessage(SendMessage {
+                text,
+                author_name: None,
+            }),
+        )
+        .expect("a post");
+        std::iter::from_fn(|| chat.poll_event())
+            .map(Entry::from)
+            .collect()
+    }
+
+    async fn write_all(socket: &TcpStream, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            socket.writable().await.expect("writable");
+            match socket.try_write(bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("write: {e}"),
+            }
+        }
     }
 }

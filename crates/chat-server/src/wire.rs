@@ -5,7 +5,7 @@
 //! recipient. A [`Frame`] is framed once (by tungstenite's own framing),
 //! when the event is published, and shared by reference: sending it to a
 //! thousand clients copies nothing in user space. Each connection's
-//! [`Outbound`] queues shared frames and writes them with `writev`, as many
+//! [`Outbound`] queues shared frames and writes them with `sendmsg`, as many
 //! as are ready in one system call, straight from the shared buffers. It
 //! holds no write buffer of its own, so an idle connection holds none.
 //!
@@ -16,15 +16,16 @@
 //! which the connection's writer sends between two whole frames. The two
 //! halves never write to the socket at once: only [`Outbound`] does.
 
+use bytes::BytesMut;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Bytes;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
@@ -178,10 +179,20 @@ impl Outbox {
 
 /// The socket as tungstenite sees it: it reads from the socket, and what
 /// it writes goes into the [`Outbox`].
+///
+/// tungstenite's own read buffer starts empty (`read_buffer_size` 0), so
+/// that a connection that has sent nothing holds none, and it then reads
+/// in steps of a frame header. A read from the socket takes up to
+/// `--read-buffer-size` bytes at once; what tungstenite has not taken yet
+/// waits here, and the buffer is given back as soon as it is taken.
 #[derive(Debug)]
 pub(crate) struct Inbound {
-    read: OwnedReadHalf,
+    socket: Arc<TcpStream>,
     outbox: Arc<Outbox>,
+    /// Read from the socket, not yet taken by tungstenite.
+    unread: BytesMut,
+    /// The most bytes one read from the socket takes.
+    chunk: usize,
 }
 
 impl AsyncRead for Inbound {
@@ -190,7 +201,28 @@ impl AsyncRead for Inbound {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.read).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.unread.is_empty() {
+            let mut chunk = BytesMut::with_capacity(this.chunk);
+            loop {
+                std::task::ready!(this.socket.poll_read_ready(cx))?;
+                match this.socket.try_read_buf(&mut chunk) {
+                    // The end of the stream reads as nothing.
+                    Ok(_) => break,
+                    // Readiness was cleared: the next poll registers.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            this.unread = chunk;
+        }
+        let n = this.unread.len().min(buf.remaining());
+        buf.put_slice(&this.unread.split_to(n));
+        if this.unread.is_empty() {
+            // Give the buffer back: an idle connection holds none.
+            this.unread = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -226,8 +258,23 @@ impl AsyncWrite for Inbound {
     }
 }
 
-/// Most frames handed to one `writev`.
-const SLICES: usize = 64;
+/// Most frames handed to one `sendmsg`.
+pub(crate) const SLICES: usize = 64;
+
+/// Hands `slices` to the kernel without waiting: the bytes it took, or
+/// `WouldBlock`. Any thread may call it: the publisher writes for the
+/// connections that are idle at the log's head (`crate::tap`).
+pub(crate) fn send_now(socket: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    // sendmsg(2) straight to the socket layer: writev(2) would take the
+    // file-system path first (measured: 6 % of the server's CPU at 100
+    // messages a second).
+    match socket.try_io(Interest::WRITABLE, || {
+        socket2::SockRef::from(socket).send_vectored(slices)
+    }) {
+        Ok(0) if !slices.iter().all(|s| s.is_empty()) => Err(io::ErrorKind::WriteZero.into()),
+        sent => sent,
+    }
+}
 
 /// Queue capacity kept between batches; more is given back, so that a
 /// connection that goes quiet holds no buffer.
@@ -237,7 +284,7 @@ const QUEUE_KEPT: usize = 8;
 /// as many at a time as the kernel takes.
 #[derive(Debug)]
 pub(crate) struct Outbound {
-    write: OwnedWriteHalf,
+    socket: Arc<TcpStream>,
     outbox: Arc<Outbox>,
     /// Framed bytes not yet written, in order; the first may be partly
     /// written (it is then a slice of what is left).
@@ -247,8 +294,13 @@ pub(crate) struct Outbound {
 /// Splits an upgraded socket into the side tungstenite reads from and the
 /// side the server writes to. `outbox` bounds what tungstenite may write
 /// ahead of the writer, `replies` how many replies may wait.
-pub(crate) fn split(stream: TcpStream, outbox: usize, replies: usize) -> (Inbound, Outbound) {
-    let (read, write) = stream.into_split();
+pub(crate) fn split(
+    stream: TcpStream,
+    read_chunk: usize,
+    outbox: usize,
+    replies: usize,
+) -> (Inbound, Outbound) {
+    let socket = Arc::new(stream);
     let outbox = Arc::new(Outbox {
         state: Mutex::default(),
         filled: AtomicBool::new(false),
@@ -259,11 +311,13 @@ pub(crate) fn split(stream: TcpStream, outbox: usize, replies: usize) -> (Inboun
     });
     (
         Inbound {
-            read,
+            socket: Arc::clone(&socket),
             outbox: Arc::clone(&outbox),
+            unread: BytesMut::new(),
+            chunk: read_chunk.max(1),
         },
         Outbound {
-            write,
+            socket,
             outbox,
             queue: VecDeque::new(),
         },
@@ -311,15 +365,7 @@ impl Outbound {
                 *slot = IoSlice::new(bytes);
                 n += 1;
             }
-            // sendmsg(2) straight to the socket layer: writev(2) would
-            // take the file-system path first (measured: 6 % of the server's
-            // CPU at 100 messages a second).
-            let socket: &TcpStream = self.write.as_ref();
-            let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
-                socket2::SockRef::from(socket).send_vectored(&slices[..n])
-            });
-            let written = match sent {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            let written = match send_now(&self.socket, &slices[..n]) {
                 Ok(written) => written,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
@@ -341,7 +387,7 @@ impl Outbound {
     pub(crate) async fn flush(&mut self) -> io::Result<()> {
         self.push_outbox();
         while !self.queue.is_empty() {
-            let Outbound { write, queue, .. } = self;
+            let Outbound { socket, queue, .. } = self;
             let written = std::future::poll_fn(|cx| {
                 // On the stack of this poll only: the slices never live in
                 // the connection's future.
@@ -351,12 +397,16 @@ impl Outbound {
                     *slot = IoSlice::new(bytes);
                     n += 1;
                 }
-                Pin::new(&mut *write).poll_write_vectored(cx, &slices[..n])
+                loop {
+                    std::task::ready!(socket.poll_write_ready(cx))?;
+                    match send_now(socket, &slices[..n]) {
+                        // Readiness was cleared: the next poll registers.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        sent => return Poll::Ready(sent),
+                    }
+                }
             })
             .await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
             self.consume(written);
             if self.queue.is_empty() {
                 self.push_outbox();
@@ -383,8 +433,8 @@ impl Outbound {
     }
 
     /// The socket, for its options.
-    pub(crate) fn socket(&self) -> &TcpStream {
-        self.write.as_ref()
+    pub(crate) fn socket(&self) -> &Arc<TcpStream> {
+        &self.socket
     }
 }
 
@@ -425,7 +475,7 @@ mod tests {
         socket2::SockRef::from(&server)
             .set_send_buffer_size(4096)
             .expect("sndbuf");
-        let (mut inbound, mut out) = split(server, 1024, 4);
+        let (mut inbound, mut out) = split(server, 512, 1024, 4);
         let mut expected = Vec::new();
         for i in 0..500u32 {
             let frame = Frame::text(format!("{i:>width$}", width = (i as usize * 37) % 3000));
@@ -458,7 +508,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
-        let (mut inbound, mut out) = split(server, 4, 4);
+        let (mut inbound, mut out) = split(server, 512, 4, 4);
         let mut cx = Context::from_waker(Waker::noop());
         assert!(matches!(
             Pin::new(&mut inbound).poll_write(&mut cx, b"123456"),
