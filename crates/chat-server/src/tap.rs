@@ -26,7 +26,6 @@
 use crate::log::Entry;
 use crate::wire::{self, Frame};
 use chat_proto::Position;
-use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -169,12 +168,8 @@ impl Tap {
         let mut rest = None;
         while taken < count {
             let end = (taken + wire::SLICES).min(count);
-            let mut slices = [IoSlice::new(&[]); wire::SLICES];
-            for (slot, i) in slices.iter_mut().zip(taken..end) {
-                *slot = IoSlice::new(wire(i));
-            }
             // WouldBlock, or an error the writer will meet too.
-            let Ok(mut written) = wire::send_now(&socket, &slices[..end - taken]) else {
+            let Ok(mut written) = wire::send_now(&socket, (taken..end).map(wire)) else {
                 break;
             };
             while taken < end && written >= wire(taken).len() {

@@ -261,10 +261,21 @@ impl AsyncWrite for Inbound {
 /// Most frames handed to one `sendmsg`.
 pub(crate) const SLICES: usize = 64;
 
-/// Hands `slices` to the kernel without waiting: the bytes it took, or
-/// `WouldBlock`. Any thread may call it: the publisher writes for the
-/// connections that are idle at the log's head (`crate::tap`).
-pub(crate) fn send_now(socket: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+/// Hands the first [`SLICES`] of `frames` to the kernel in one
+/// `sendmsg`, without waiting: the bytes it took, or `WouldBlock`. Any
+/// thread may call it: the publisher writes for the connections that wait
+/// at the log's head (`crate::tap`).
+pub(crate) fn send_now<'a>(
+    socket: &TcpStream,
+    frames: impl IntoIterator<Item = &'a Bytes>,
+) -> io::Result<usize> {
+    let mut slices = [IoSlice::new(&[]); SLICES];
+    let mut n = 0;
+    for (slot, bytes) in slices.iter_mut().zip(frames) {
+        *slot = IoSlice::new(bytes);
+        n += 1;
+    }
+    let slices = &slices[..n];
     // sendmsg(2) straight to the socket layer: writev(2) would take the
     // file-system path first (measured: 6 % of the server's CPU at 100
     // messages a second).
@@ -359,13 +370,7 @@ impl Outbound {
     pub(crate) fn try_flush(&mut self) -> io::Result<bool> {
         self.push_outbox();
         while !self.queue.is_empty() {
-            let mut slices = [IoSlice::new(&[]); SLICES];
-            let mut n = 0;
-            for (slot, bytes) in slices.iter_mut().zip(self.queue.iter()) {
-                *slot = IoSlice::new(bytes);
-                n += 1;
-            }
-            let written = match send_now(&self.socket, &slices[..n]) {
+            let written = match send_now(&self.socket, &self.queue) {
                 Ok(written) => written,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
@@ -389,17 +394,9 @@ impl Outbound {
         while !self.queue.is_empty() {
             let Outbound { socket, queue, .. } = self;
             let written = std::future::poll_fn(|cx| {
-                // On the stack of this poll only: the slices never live in
-                // the connection's future.
-                let mut slices = [IoSlice::new(&[]); SLICES];
-                let mut n = 0;
-                for (slot, bytes) in slices.iter_mut().zip(queue.iter()) {
-                    *slot = IoSlice::new(bytes);
-                    n += 1;
-                }
                 loop {
                     std::task::ready!(socket.poll_write_ready(cx))?;
-                    match send_now(socket, &slices[..n]) {
+                    match send_now(socket, &*queue) {
                         // Readiness was cleared: the next poll registers.
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         sent => return Poll::Ready(sent),
