@@ -27,12 +27,11 @@
 
 use crate::metrics::Metrics;
 use crate::tap::{Attached, Taps};
-use crate::wire::Frame;
+use crate::wire::{Frame, Link};
 use chat_core::{Chat, Event, EventKind};
 use chat_proto::{Epoch, FixedState, Position, ResetReason, ServerFrame, Uuid};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// Frames per chunk of the history.
@@ -227,8 +226,14 @@ impl Log {
 
     /// Attaches a connection's socket, for the publisher to write to
     /// while the connection waits at the head.
-    pub(crate) fn attach(&self, socket: Arc<TcpStream>, sync: bool) -> Attached {
-        self.taps.attach(socket, sync)
+    pub(crate) fn attach(&self, link: &Arc<Link>, sync: bool) -> Attached {
+        self.taps.attach(link, sync)
+    }
+
+    /// Wakes every attached connection's task: the server is stopping,
+    /// and a connection waiting at the head notices only when woken.
+    pub(crate) fn wake_all(&self) {
+        self.taps.wake_all();
     }
 
     /// The latest published position.
@@ -897,12 +902,16 @@ mod tests {
 
     // ---- the publisher writes for connections waiting at the head -------
 
+    use crate::wire::{Inbound, Outbound};
     use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::tungstenite::Bytes;
+    use tokio_util::sync::CancellationToken;
 
-    /// A connected pair: the server's socket, shared as a connection
-    /// shares it, and the client's. `small` shrinks both buffers so that
-    /// a client that does not read fills them quickly.
-    async fn pair(small: bool) -> (Arc<TcpStream>, TcpStream) {
+    /// A connected pair: the server's socket, split as a connection splits
+    /// it, and the client's. `small` shrinks both buffers so that a client
+    /// that does not read fills them quickly.
+    async fn pair(small: bool) -> ((Inbound, Outbound), TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -920,7 +929,7 @@ mod tests {
                 .set_send_buffer_size(4096)
                 .expect("sndbuf");
         }
-        (Arc::new(server), client)
+        (crate::wire::split(server, 4096, 1024, 4), client)
     }
 
     async fn receive(client: &mut TcpStream, n: usize) -> Vec<u8> {
@@ -935,8 +944,10 @@ mod tests {
         got
     }
 
-    fn woken_now(attached: &Attached) -> bool {
-        let woken = std::pin::pin!(attached.woken());
+    /// Whether the connection's writer would be woken now.
+    fn woken_now(link: &Link) -> bool {
+        let running = CancellationToken::new();
+        let woken = std::pin::pin!(link.writer_needed(&running));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         woken.poll(&mut cx).is_ready()
     }
@@ -947,8 +958,8 @@ mod tests {
     async fn a_connection_waiting_at_the_head_is_written_to_by_the_publisher_without_a_wake_up() {
         let log = log_of(1000);
         let (_, entries) = drive(30);
-        let (socket, mut client) = pair(false).await;
-        let attached = log.attach(socket, true);
+        let ((_inbound, out), mut client) = pair(false).await;
+        let attached = log.attach(out.link(), true);
         assert!(attached.park(Position::ZERO, None, || log.head()));
         let mut expected = Vec::new();
         for batch in entries.chunks(7) {
@@ -960,7 +971,7 @@ mod tests {
             expected.extend_from_slice(log.sync_frame(last).wire());
         }
         assert_eq!(receive(&mut client, expected.len()).await, expected);
-        assert!(!woken_now(&attached), "the writer was not needed");
+        assert!(!woken_now(out.link()), "the writer was not needed");
         let resumed = attached.unpark();
         let head = log.head();
         assert_eq!(resumed.cursor, head);
@@ -984,14 +995,14 @@ mod tests {
     async fn a_socket_that_takes_less_is_handed_back_to_its_writer_where_the_publisher_stopped() {
         let log = log_of(100_000);
         let mut chat = Chat::new(Config::default());
-        let (socket, mut client) = pair(true).await;
-        let attached = log.attach(Arc::clone(&socket), false);
+        let ((_inbound, mut out), mut client) = pair(true).await;
+        let attached = log.attach(out.link(), false);
         assert!(attached.park(Position::ZERO, None, || log.head()));
         let mut all = Vec::new();
         let mut i = 0u64;
         // The client does not read: the publisher stops where its socket
         // is full, and hands it back.
-        while !woken_now(&attached) {
+        while !woken_now(out.link()) {
             let batch = post(&mut chat, i);
             log.publish(&batch);
             all.extend(batch);
@@ -1012,16 +1023,19 @@ mod tests {
         assert_eq!(receive(&mut client, taken.len()).await, taken);
         // The writer sends the rest, then reads the log from the cursor:
         // the client gets every frame once, in order.
-        let mut out: Vec<Frame> = Vec::new();
+        let mut missed: Vec<Frame> = Vec::new();
         let head = log
-            .read(resumed.cursor, usize::MAX, &mut out)
+            .read(resumed.cursor, usize::MAX, &mut missed)
             .expect("held");
         assert_eq!(head, log.head());
         let mut tail = rest.to_vec();
-        for frame in &out {
+        for frame in &missed {
             tail.extend_from_slice(frame.wire());
         }
-        let (got, ()) = tokio::join!(receive(&mut client, tail.len()), write_all(&socket, &tail));
+        // As the writer does.
+        out.push(Bytes::from(tail.clone()));
+        let (got, flushed) = tokio::join!(receive(&mut client, tail.len()), out.flush());
+        flushed.expect("flush");
         assert_eq!(got, tail);
         let mut expected = Vec::new();
         for entry in &all {
@@ -1063,16 +1077,5 @@ mod tests {
         std::iter::from_fn(|| chat.poll_event())
             .map(Entry::from)
             .collect()
-    }
-
-    async fn write_all(socket: &TcpStream, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            socket.writable().await.expect("writable");
-            match socket.try_write(bytes) {
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("write: {e}"),
-            }
-        }
     }
 }

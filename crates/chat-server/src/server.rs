@@ -359,6 +359,8 @@ impl Server {
             tasks.clone(),
         ));
         shared.shutdown.cancelled().await;
+        // Connections waiting at the log's head wait on nothing else.
+        shared.log.wake_all();
         let _ = accept.await;
         tasks.close();
         info!(open = tasks.len(), "shutting down: closing connections");

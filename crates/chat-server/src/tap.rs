@@ -24,36 +24,31 @@
 //! over, and a frame is never interleaved with another.
 
 use crate::log::Entry;
-use crate::wire::{self, Frame};
+use crate::wire::{self, Frame, Link};
 use chat_proto::Position;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Bytes;
 
-/// Every connection's tap, for the publisher.
+/// Every connection, for the publisher.
 #[derive(Debug, Default)]
 pub(crate) struct Taps {
-    all: Mutex<slab::Slab<Arc<Tap>>>,
+    all: Mutex<slab::Slab<Arc<Link>>>,
 }
 
-/// One connection's side of the hand-over.
-#[derive(Debug)]
-pub(crate) struct Tap {
+/// One connection's side of the hand-over, in its [`Link`].
+#[derive(Debug, Default)]
+pub(crate) struct HandOver {
     state: Mutex<TapState>,
-    /// Wakes the connection's writer when the publisher hands the socket
-    /// back.
-    woken: Notify,
-    /// Whether the client opted in to `sync` frames.
-    sync: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct TapState {
-    /// The socket; `None` once the connection has left.
-    socket: Option<Arc<TcpStream>>,
     /// Whether the publisher writes for the connection.
     parked: bool,
+    /// Whether the connection is attached (it may be parked).
+    attached: bool,
+    /// Whether the client opted in to `sync` frames.
+    sync: bool,
     /// The last position written to the socket (while parked).
     cursor: Position,
     /// The position the last `sync` frame written announced.
@@ -80,87 +75,102 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Taps {
-    /// Adds a connection's socket; it starts unparked.
-    pub(crate) fn attach(self: &Arc<Self>, socket: Arc<TcpStream>, sync: bool) -> Attached {
-        let tap = Arc::new(Tap {
-            state: Mutex::new(TapState {
-                socket: Some(socket),
-                parked: false,
-                cursor: Position::ZERO,
-                announced: None,
-                rest: None,
-            }),
-            woken: Notify::new(),
-            sync,
-        });
-        let key = lock(&self.all).insert(Arc::clone(&tap));
+    /// Adds a connection; it starts unparked.
+    pub(crate) fn attach(self: &Arc<Self>, link: &Arc<Link>, sync: bool) -> Attached {
+        {
+            let mut state = link.tap.lock();
+            state.attached = true;
+            state.sync = sync;
+        }
+        let key = lock(&self.all).insert(Arc::clone(link));
         Attached {
             taps: Arc::clone(self),
             key,
-            tap,
+            link: Arc::clone(link),
         }
     }
 
     /// Writes `entries` (published in order, just now) to every parked
-    /// tap's socket, as far as each takes them without waiting. `sync`
-    /// makes the `sync` frame announcing the last entry.
+    /// connection's socket, as far as each takes them without waiting.
+    /// `sync` makes the `sync` frame announcing the last entry.
     pub(crate) fn deliver(&self, entries: &[Entry], sync: impl FnOnce() -> Frame) {
         let Some(first) = entries.first() else {
             return;
         };
         // Copied out, so that joining and leaving never wait for a
         // delivery to a thousand sockets.
-        let taps: Vec<Arc<Tap>> = lock(&self.all).iter().map(|(_, t)| Arc::clone(t)).collect();
+        let links: Vec<Arc<Link>> = lock(&self.all).iter().map(|(_, l)| Arc::clone(l)).collect();
         let mut sync = Some(sync);
         let mut sync_frame: Option<Frame> = None;
-        for tap in &taps {
-            let frame = if tap.sync {
-                if let Some(make) = sync.take() {
-                    sync_frame = Some(make());
-                }
-                sync_frame.as_ref()
-            } else {
-                None
-            };
-            tap.deliver(entries, first.event.position, frame);
+        for link in &links {
+            link.tap
+                .deliver(link, entries, first.event.position, &mut || {
+                    if let Some(make) = sync.take() {
+                        sync_frame = Some(make());
+                    }
+                    sync_frame.clone()
+                });
         }
     }
 }
 
-impl Tap {
+impl Taps {
+    /// Wakes every connection's task (the server is stopping).
+    pub(crate) fn wake_all(&self) {
+        for (_, link) in lock(&self.all).iter() {
+            link.wake();
+        }
+    }
+}
+
+impl HandOver {
     fn lock(&self) -> MutexGuard<'_, TapState> {
         lock(&self.state)
     }
 
-    /// Writes what a parked tap has not had of `entries` (the first at
-    /// position `first`) and `sync`, as far as the socket takes them now;
-    /// hands the socket back to the writer if it did not take everything.
-    fn deliver(&self, entries: &[Entry], first: Position, sync: Option<&Frame>) {
+    /// Whether the publisher writes for the connection.
+    pub(crate) fn is_parked(&self) -> bool {
+        self.lock().parked
+    }
+
+    /// Writes what a parked connection has not had of `entries` (the
+    /// first at position `first`) and its `sync` frame, as far as the
+    /// socket takes them now; hands the socket back to the writer if it did
+    /// not take everything.
+    fn deliver(
+        &self,
+        link: &Link,
+        entries: &[Entry],
+        first: Position,
+        sync: &mut impl FnMut() -> Option<Frame>,
+    ) {
         let mut state = self.lock();
-        if !state.parked {
+        if !state.parked || !state.attached {
             return;
         }
-        let Some(socket) = state.socket.clone() else {
-            return;
-        };
-        // Parked at the head, the tap has everything before `first`; it may
-        // have had some of these too, if it parked after their publish.
+        // Parked at the head, the connection has everything before
+        // `first`; it may have had some of these too, if it parked after
+        // their publish.
         let Some(skip) = state.cursor.0.checked_sub(first.0 - 1) else {
             // A gap (never expected): let the writer read the log.
             state.parked = false;
             drop(state);
-            self.woken.notify_one();
+            link.wake();
             return;
         };
         let entries = entries.get(skip as usize..).unwrap_or_default();
         let Some(last) = entries.last() else {
             return;
         };
+        let sync = if state.sync { sync() } else { None };
         let count = entries.len() + usize::from(sync.is_some());
         let wire = |i: usize| -> &Bytes {
             match entries.get(i) {
                 Some(entry) => entry.frame.wire(),
-                None => sync.map(Frame::wire).expect("the index is below count"),
+                None => sync
+                    .as_ref()
+                    .map(Frame::wire)
+                    .expect("the index is below count"),
             }
         };
         // Frames taken whole, or begun (then `rest` holds what is left).
@@ -169,7 +179,7 @@ impl Tap {
         while taken < count {
             let end = (taken + wire::SLICES).min(count);
             // WouldBlock, or an error the writer will meet too.
-            let Ok(mut written) = wire::send_now(&socket, (taken..end).map(wire)) else {
+            let Ok(mut written) = wire::send_now(link.socket(), (taken..end).map(wire)) else {
                 break;
             };
             while taken < end && written >= wire(taken).len() {
@@ -195,23 +205,23 @@ impl Tap {
             state.rest = rest;
             state.parked = false;
             drop(state);
-            self.woken.notify_one();
+            link.wake();
         }
     }
 }
 
-/// A connection's tap, attached until dropped.
+/// A connection, attached to the publisher until dropped.
 #[derive(Debug)]
 pub(crate) struct Attached {
     taps: Arc<Taps>,
     key: usize,
-    tap: Arc<Tap>,
+    link: Arc<Link>,
 }
 
 impl Attached {
-    /// Parks the tap at `cursor`, the last position the writer sent, if
-    /// that is the log's `head` (read under the tap's lock, so that a
-    /// publish that the writer has not read finds the tap parked, or the
+    /// Parks the connection at `cursor`, the last position the writer
+    /// sent, if that is the log's `head` (read under the hand-over's lock,
+    /// so that a publish the writer has not read finds it parked, or the
     /// writer sees its head). The writer must have nothing queued.
     pub(crate) fn park(
         &self,
@@ -219,7 +229,7 @@ impl Attached {
         announced: Option<Position>,
         head: impl FnOnce() -> Position,
     ) -> bool {
-        let mut state = self.tap.lock();
+        let mut state = self.link.tap.lock();
         if head() != cursor {
             return false;
         }
@@ -229,14 +239,9 @@ impl Attached {
         true
     }
 
-    /// Waits until the publisher hands the socket back.
-    pub(crate) async fn woken(&self) {
-        self.tap.woken.notified().await;
-    }
-
     /// Takes the socket back from the publisher: where to carry on.
     pub(crate) fn unpark(&self) -> Resumed {
-        let mut state = self.tap.lock();
+        let mut state = self.link.tap.lock();
         state.parked = false;
         Resumed {
             cursor: state.cursor,
@@ -249,9 +254,9 @@ impl Attached {
     /// rest of a frame the publisher began, which must go out before
     /// anything else.
     pub(crate) fn detach(&self) -> Option<Bytes> {
-        let mut state = self.tap.lock();
+        let mut state = self.link.tap.lock();
         state.parked = false;
-        state.socket = None;
+        state.attached = false;
         state.rest.take()
     }
 }

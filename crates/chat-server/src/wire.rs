@@ -16,20 +16,22 @@
 //! which the connection's writer sends between two whole frames. The two
 //! halves never write to the socket at once: only [`Outbound`] does.
 
+use crate::tap::HandOver;
 use bytes::BytesMut;
+use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Bytes;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_util::sync::CancellationToken;
 
 /// A server text frame, framed once: the WebSocket header and the JSON
 /// text in one shared buffer, the same bytes for every recipient.
@@ -99,44 +101,64 @@ impl Extend<Frame> for Outbound {
     }
 }
 
-/// What the reading side has for the client, waiting for the
-/// connection's writer: what tungstenite writes (pongs, close frames, and
-/// in echo mode the echoed frames) and the replies meant for this client
-/// only (error frames). Both bounded: when either is full, the reading side
-/// waits, and with it the reading of further frames. Empty, it holds no
-/// allocation.
+/// What a connection's parts share, in one allocation: the socket, the
+/// outbox, the hand-over with the publisher ([`crate::tap`]), and the
+/// connection's task to wake.
+///
+/// The **outbox** holds what the reading side has for the client, waiting
+/// for the connection's writer: what tungstenite writes (pongs, close
+/// frames, and in echo mode the echoed frames) and the replies meant for
+/// this client only (error frames). Both bounded: when either is full, the
+/// reading side waits, and with it the reading of further frames. Empty,
+/// it holds no allocation.
+///
+/// The reader and the writer run in one task, so one waker serves both:
+/// it is woken when the outbox fills (for the writer), when the writer has
+/// taken it (for a reader waiting for room), and when the publisher hands
+/// the socket back.
 #[derive(Debug)]
-pub(crate) struct Outbox {
-    state: Mutex<OutboxState>,
-    /// Whether `state` may hold something: the writer looks before it
+pub(crate) struct Link {
+    socket: TcpStream,
+    outbox: Mutex<OutboxState>,
+    /// Whether the outbox may hold something: the writer looks before it
     /// locks, on every batch.
     filled: AtomicBool,
-    /// Wakes the writer when something arrives.
-    ready: Notify,
-    /// Wakes the reader when the writer took the replies.
-    room: Notify,
+    /// The connection's task.
+    task: AtomicWaker,
     /// The most bytes tungstenite may write ahead.
     bound: usize,
     /// The most replies that may wait (`--reply-queue`).
     replies_bound: usize,
+    /// Who writes to the socket: the connection's writer, or the publisher.
+    pub(crate) tap: HandOver,
 }
 
 #[derive(Debug, Default)]
 struct OutboxState {
     bytes: Vec<u8>,
     replies: VecDeque<Frame>,
-    /// tungstenite's task, waiting for room.
-    waiting: Option<Waker>,
+    /// Whether the reading side waits for room.
+    waiting: bool,
 }
 
-impl Outbox {
+impl Link {
     fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
         // Nothing under this lock panics.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The socket.
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+
+    /// Wakes the connection's task.
+    pub(crate) fn wake(&self) {
+        self.task.wake();
     }
 
     /// Moves what is waiting into `queue`, tungstenite's bytes first, and
-    /// wakes whoever waited for room.
+    /// wakes the reading side if it waited for room.
     fn take_into(&self, queue: &mut VecDeque<Bytes>) {
         if !self.filled.swap(false, Ordering::Acquire) {
             return;
@@ -144,15 +166,14 @@ impl Outbox {
         let mut state = self.lock();
         if !state.bytes.is_empty() {
             queue.push_back(Bytes::from(std::mem::take(&mut state.bytes)));
-            if let Some(waker) = state.waiting.take() {
-                waker.wake();
-            }
         }
         if !state.replies.is_empty() {
             queue.extend(state.replies.drain(..).map(Frame::into_wire));
             state.replies = VecDeque::new();
+        }
+        if std::mem::take(&mut state.waiting) {
             drop(state);
-            self.room.notify_one();
+            self.wake();
         }
     }
 
@@ -160,20 +181,41 @@ impl Outbox {
     /// them already wait.
     pub(crate) async fn reply(&self, frame: Frame) {
         let mut frame = Some(frame);
-        loop {
-            let room = self.room.notified();
-            {
-                let mut state = self.lock();
-                if state.replies.len() < self.replies_bound {
-                    state.replies.extend(frame.take());
-                    self.filled.store(true, Ordering::Release);
-                    drop(state);
-                    self.ready.notify_one();
-                    return;
-                }
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.replies.len() < self.replies_bound {
+                state.replies.extend(frame.take());
+                self.filled.store(true, Ordering::Release);
+                drop(state);
+                self.wake();
+                Poll::Ready(())
+            } else {
+                // Under the lock: the writer's take sees `waiting` after
+                // the task is registered.
+                state.waiting = true;
+                self.task.register(cx.waker());
+                Poll::Pending
             }
-            room.await;
-        }
+        })
+        .await;
+    }
+
+    /// Waits until the writer has something to do: the outbox filled, the
+    /// publisher handed the socket back, or `shutdown` is cancelled (the
+    /// server then wakes every connection: [`crate::log::Log::wake_all`]).
+    pub(crate) async fn writer_needed(&self, shutdown: &CancellationToken) {
+        std::future::poll_fn(|cx| {
+            self.task.register(cx.waker());
+            if self.filled.load(Ordering::Acquire)
+                || !self.tap.is_parked()
+                || shutdown.is_cancelled()
+            {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
     }
 }
 
@@ -187,8 +229,7 @@ impl Outbox {
 /// waits here, and the buffer is given back as soon as it is taken.
 #[derive(Debug)]
 pub(crate) struct Inbound {
-    socket: Arc<TcpStream>,
-    outbox: Arc<Outbox>,
+    link: Arc<Link>,
     /// Read from the socket, not yet taken by tungstenite.
     unread: BytesMut,
     /// The most bytes one read from the socket takes.
@@ -205,8 +246,8 @@ impl AsyncRead for Inbound {
         if this.unread.is_empty() {
             let mut chunk = BytesMut::with_capacity(this.chunk);
             loop {
-                std::task::ready!(this.socket.poll_read_ready(cx))?;
-                match this.socket.try_read_buf(&mut chunk) {
+                std::task::ready!(this.link.socket.poll_read_ready(cx))?;
+                match this.link.socket.try_read_buf(&mut chunk) {
                     // The end of the stream reads as nothing.
                     Ok(_) => break,
                     // Readiness was cleared: the next poll registers.
@@ -232,18 +273,19 @@ impl AsyncWrite for Inbound {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let outbox = &self.outbox;
-        let mut state = outbox.lock();
-        let room = outbox.bound.saturating_sub(state.bytes.len());
+        let link = &self.link;
+        let mut state = link.lock();
+        let room = link.bound.saturating_sub(state.bytes.len());
         if room == 0 {
-            state.waiting = Some(cx.waker().clone());
+            state.waiting = true;
+            link.task.register(cx.waker());
             return Poll::Pending;
         }
         let n = room.min(buf.len());
         state.bytes.extend_from_slice(&buf[..n]);
-        outbox.filled.store(true, Ordering::Release);
+        link.filled.store(true, Ordering::Release);
         drop(state);
-        outbox.ready.notify_one();
+        link.wake();
         Poll::Ready(Ok(n))
     }
 
@@ -295,8 +337,7 @@ const QUEUE_KEPT: usize = 8;
 /// as many at a time as the kernel takes.
 #[derive(Debug)]
 pub(crate) struct Outbound {
-    socket: Arc<TcpStream>,
-    outbox: Arc<Outbox>,
+    link: Arc<Link>,
     /// Framed bytes not yet written, in order; the first may be partly
     /// written (it is then a slice of what is left).
     queue: VecDeque<Bytes>,
@@ -311,25 +352,23 @@ pub(crate) fn split(
     outbox: usize,
     replies: usize,
 ) -> (Inbound, Outbound) {
-    let socket = Arc::new(stream);
-    let outbox = Arc::new(Outbox {
-        state: Mutex::default(),
+    let link = Arc::new(Link {
+        socket: stream,
+        outbox: Mutex::default(),
         filled: AtomicBool::new(false),
-        ready: Notify::new(),
-        room: Notify::new(),
+        task: AtomicWaker::new(),
         bound: outbox,
         replies_bound: replies.max(1),
+        tap: HandOver::default(),
     });
     (
         Inbound {
-            socket: Arc::clone(&socket),
-            outbox: Arc::clone(&outbox),
+            link: Arc::clone(&link),
             unread: BytesMut::new(),
             chunk: read_chunk.max(1),
         },
         Outbound {
-            socket,
-            outbox,
+            link,
             queue: VecDeque::new(),
         },
     )
@@ -346,22 +385,17 @@ impl Outbound {
     /// Queues what the reading side left (tungstenite's bytes, replies):
     /// after the frames queued so far, so nothing lands inside one.
     pub(crate) fn push_outbox(&mut self) {
-        self.outbox.take_into(&mut self.queue);
+        self.link.take_into(&mut self.queue);
     }
 
-    /// The outbox, for the reading side's replies.
-    pub(crate) fn outbox(&self) -> Arc<Outbox> {
-        Arc::clone(&self.outbox)
+    /// What the connection's parts share.
+    pub(crate) fn link(&self) -> &Arc<Link> {
+        &self.link
     }
 
     /// Whether nothing is queued.
     pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty()
-    }
-
-    /// Waits until tungstenite has written something.
-    pub(crate) async fn outbox_ready(&self) {
-        self.outbox.ready.notified().await;
     }
 
     /// Writes what the socket takes now, without waiting: true if that
@@ -370,7 +404,7 @@ impl Outbound {
     pub(crate) fn try_flush(&mut self) -> io::Result<bool> {
         self.push_outbox();
         while !self.queue.is_empty() {
-            let written = match send_now(&self.socket, &self.queue) {
+            let written = match send_now(&self.link.socket, &self.queue) {
                 Ok(written) => written,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
@@ -392,7 +426,8 @@ impl Outbound {
     pub(crate) async fn flush(&mut self) -> io::Result<()> {
         self.push_outbox();
         while !self.queue.is_empty() {
-            let Outbound { socket, queue, .. } = self;
+            let Outbound { link, queue } = self;
+            let socket = &link.socket;
             let written = std::future::poll_fn(|cx| {
                 loop {
                     std::task::ready!(socket.poll_write_ready(cx))?;
@@ -430,14 +465,15 @@ impl Outbound {
     }
 
     /// The socket, for its options.
-    pub(crate) fn socket(&self) -> &Arc<TcpStream> {
-        &self.socket
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.link.socket
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Waker;
     use tokio::io::AsyncReadExt;
 
     #[test]
