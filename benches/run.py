@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,16 @@ SERVERS = {
         "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--data-dir", "{datadir}"] + OUR_FLAGS,
         "env": {"RUST_LOG": "warn"},
         "note": OUR_NOTE + " --data-dir (durable, the default)",
+    },
+    # Cluster mode (issue 13): one node on a nats-server of its own (JetStream,
+    # a fresh store per run), in memory. The node's CPU is the server's; the
+    # nats-server's is reported beside it (nats_cpu_cores).
+    "chat-server-cluster": {
+        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory",
+                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
+        "env": {"RUST_LOG": "warn"},
+        "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (one node, nats-server -js)",
+        "nats": True,
     },
     # µWebSockets as Bun ships it: Bun.serve with one topic and
     # server.publish, the way its documentation writes a chat.
@@ -121,11 +132,48 @@ def free_port():
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid):
+    """A process's user and system CPU time so far, in seconds."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_nats(datadir):
+    """A nats-server with JetStream, its store in datadir: (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(port),
+                             "-sd", os.path.join(datadir, "nats")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.01)
+    proc.kill()
+    raise RuntimeError("nats-server did not start")
+
+
+def wait_healthy(port, deadline):
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError("the node did not become healthy")
+
+
 def start(name, datadir=None):
     spec = SERVERS[name]
     port = free_port()
     datadir = datadir or tempfile.mkdtemp(prefix="chat-bench-")
     fill = dict(port=port, datadir=datadir)
+    nats = None
+    if spec.get("nats"):
+        nats, fill["nats_port"] = start_nats(datadir)
     cmd = [c.format(**fill) for c in spec["cmd"]]
     env = dict(os.environ, **{k: v.format(**fill) for k, v in spec["env"].items()})
     t0 = time.time()
@@ -134,21 +182,28 @@ def start(name, datadir=None):
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            if nats:
+                # A cluster node binds at once and serves once caught up.
+                wait_healthy(port, deadline)
             proc.started_in = time.time() - t0
             proc.datadir = datadir
+            proc.nats = nats
             return proc, port
         except OSError:
             time.sleep(0.01)
     proc.kill()
+    if nats:
+        nats.kill()
     raise RuntimeError(f"{name} did not start")
 
 
 def stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    for p in [proc] + ([proc.nats] if getattr(proc, "nats", None) else []):
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def loadgen(port, pid, args, note):
@@ -178,13 +233,15 @@ METRICS = {
                ("p50 ms", "latency_ms.p50", "{:.2f}"), ("p99 ms", "latency_ms.p99", "{:.2f}"),
                ("p99.9 ms", "latency_ms.p99_9", "{:.2f}"), ("max ms", "latency_ms.max", "{:.2f}"),
                ("frames lost", "frames_lost", "{:.0f}"),
-               ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}")],
+               ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}"),
+               ("nats-server CPU (cores, cluster only)", "nats_cpu_cores", "{:.2f}")],
     "saturate": [("delivered frames/s", "delivered_frames_per_s", "{:,.0f}"),
                  ("**server CPU per delivered frame (µs)**", "cpu_per_frame_us", "{:.2f}"),
                  ("messages sent/s", "send_rate_per_s", "{:,.0f}"),
                  ("p50 ms", "latency_ms.p50", "{:.1f}"), ("p99 ms", "latency_ms.p99", "{:.1f}"),
                  ("frames lost", "frames_lost", "{:.0f}"),
-                 ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}")],
+                 ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}"),
+                 ("nats-server CPU (cores, cluster only)", "nats_cpu_cores", "{:.2f}")],
     "connect": [("all clients have history (s)", "all_have_history_s", "{:.2f}"),
                 ("per client p50 (s)", "per_client_s.p50", "{:.2f}"), ("per client max (s)", "per_client_s.max", "{:.2f}"),
                 ("history frames/s", "history_frames_per_s", "{:,.0f}"), ("failures", "failures", "{:.0f}")],
@@ -240,7 +297,12 @@ def main():
             for server in on:
                 proc, port = start(server)
                 try:
+                    nats = getattr(proc, "nats", None)
+                    before = (time.time(), cpu_seconds(nats.pid)) if nats else None
                     r = loadgen(port, proc.pid, scen_args, SERVERS[server]["note"])
+                    if before and isinstance(r.get("results"), dict):
+                        # Over the whole load generator run, warm-up included.
+                        r["results"]["nats_cpu_cores"] = (cpu_seconds(nats.pid) - before[1]) / (time.time() - before[0])
                 finally:
                     stop(proc)
                     shutil.rmtree(proc.datadir, ignore_errors=True)

@@ -944,6 +944,17 @@ mod tests {
         got
     }
 
+    /// Whether nothing arrives for 100 ms.
+    async fn quiet(client: &mut TcpStream) -> bool {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            client.read(&mut byte),
+        )
+        .await
+        .is_err()
+    }
+
     /// Whether the connection's writer would be woken now.
     fn woken_now(link: &Link) -> bool {
         let running = CancellationToken::new();
@@ -980,13 +991,10 @@ mod tests {
         // Unparked, the writer writes: a publish leaves the socket alone.
         let (_, more) = drive(31);
         log.publish(&more[entries.len()..]);
-        let mut byte = [0u8; 1];
-        let quiet = tokio::time::timeout(
-            std::time::Duration::from_millis(100),
-            client.read(&mut byte),
-        )
-        .await;
-        assert!(quiet.is_err(), "nothing written for an unparked tap");
+        assert!(
+            quiet(&mut client).await,
+            "nothing written for an unparked tap"
+        );
         // And a writer behind the head cannot park.
         assert!(!attached.park(head, Some(head), || log.head()));
     }
@@ -1049,13 +1057,7 @@ mod tests {
         assert!(attached.detach().is_none());
         assert!(attached.park(head, None, || log.head()));
         log.publish(&post(&mut chat, i));
-        let mut byte = [0u8; 1];
-        let quiet = tokio::time::timeout(
-            std::time::Duration::from_millis(100),
-            client.read(&mut byte),
-        )
-        .await;
-        assert!(quiet.is_err(), "nothing written once detached");
+        assert!(quiet(&mut client).await, "nothing written once detached");
     }
 
     /// A 480-character message from a new user, as the chat applies it.
