@@ -665,27 +665,21 @@ mod tests {
     fn a_sync_frame_is_made_once_per_position_and_says_where() {
         let log = log_of(4);
         let decoded = |f: &Frame| ServerFrame::decode(f.as_str()).expect("frame");
-        let at_3 = log.sync_frame(Position(3));
-        assert_eq!(
-            decoded(&at_3),
+        let sync_at = |p| {
             ServerFrame::Sync(chat_proto::Sync {
                 epoch: EPOCH,
-                position: Position(3)
+                position: Position(p),
             })
-        );
+        };
+        let at_3 = log.sync_frame(Position(3));
+        assert_eq!(decoded(&at_3), sync_at(3));
         let again = log.sync_frame(Position(3));
         assert!(
             again.wire().as_ptr() == at_3.wire().as_ptr(),
             "shared, not made again"
         );
         let at_4 = log.sync_frame(Position(4));
-        assert_eq!(
-            decoded(&at_4),
-            ServerFrame::Sync(chat_proto::Sync {
-                epoch: EPOCH,
-                position: Position(4)
-            })
-        );
+        assert_eq!(decoded(&at_4), sync_at(4));
         // An older position (a slower writer) still gets its own.
         assert_eq!(decoded(&log.sync_frame(Position(3))), decoded(&at_3));
     }
