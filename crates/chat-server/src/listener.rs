@@ -3,7 +3,7 @@
 //! A connection from an address that already has `--max-pending-per-ip`
 //! connections in their request phase, none of them an idle keep-alive
 //! connection it could replace, is closed at once (trusted proxies are
-//! exempt; see [`crate::pending`]).
+//! exempt; see [`crate::limits`]).
 //! A connection first takes a permit from the `--max-connections`
 //! semaphore, so handshakes in progress count too and a flood of half-open
 //! sockets cannot exhaust memory. When no permit is left, the client still

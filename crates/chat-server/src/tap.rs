@@ -2,9 +2,10 @@
 //! sockets of connections that wait at the log's head.
 //!
 //! A connection's writer that has sent everything up to the head, and has
-//! nothing queued, *parks* its [`Tap`]. When the committer publishes the
-//! next batch, it writes the batch (and, for a client that opted in, the
-//! `sync` frame after it) to every parked tap's socket itself, one
+//! nothing queued, *parks* ([`HandOver`], in the connection's [`Link`]).
+//! When the committer publishes the next batch, it writes the batch (and,
+//! for a client that opted in, the `sync` frame after it) to every parked
+//! connection's socket itself, one
 //! non-blocking `sendmsg` each, and the connection's task is not woken at
 //! all. This is what uWebSockets' `publish` does; at a low rate, a task
 //! wake-up per client per event was most of our user-space cost per
@@ -12,16 +13,16 @@
 //!
 //! Only what the socket takes at once is written so. When it takes less,
 //! the publisher notes how far it got (the rest of a frame it began, and
-//! the position of the last frame it took), unparks the tap and wakes the
+//! the position of the last frame it took), unparks it and wakes the
 //! connection's writer, which carries on from there under
 //! `--write-timeout`, as it would have anyway. A writer that is busy
 //! (replaying, catching up, flushing, answering) is not parked, and the
 //! publisher leaves it alone: it reads the log itself, and parks again
 //! only once it is at the head.
 //!
-//! So a socket has one writer at a time: the publisher while the tap is
-//! parked, the connection's writer otherwise. The tap's lock hands it
-//! over, and a frame is never interleaved with another.
+//! So a socket has one writer at a time: the publisher while the
+//! connection is parked, its writer otherwise. The hand-over's lock hands
+//! it over, and a frame is never interleaved with another.
 
 use crate::log::Entry;
 use crate::wire::{self, Frame, Link};

@@ -12,8 +12,9 @@
 //! tungstenite keeps the reading side: it unmasks, checks and reassembles
 //! what the client sends, answers pings and close frames, and enforces the
 //! size limits. What it writes (those answers, the echo mode's frames, our
-//! close frame) goes through [`Inbound`] into a small bounded [`Outbox`],
-//! which the connection's writer sends between two whole frames. The two
+//! close frame) goes through [`Inbound`] into a small bounded outbox in
+//! the connection's [`Link`], which the connection's writer sends between
+//! two whole frames. The two
 //! halves never write to the socket at once: only [`Outbound`] does.
 
 use crate::tap::HandOver;
@@ -220,7 +221,7 @@ impl Link {
 }
 
 /// The socket as tungstenite sees it: it reads from the socket, and what
-/// it writes goes into the [`Outbox`].
+/// it writes goes into the [`Link`]'s outbox.
 ///
 /// tungstenite's own read buffer starts empty (`read_buffer_size` 0), so
 /// that a connection that has sent nothing holds none, and it then reads
