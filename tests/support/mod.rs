@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod nats;
+pub mod raw;
 pub mod nginx;
 
 use chat_proto::{
