@@ -8,6 +8,8 @@ each, and prints the medians as a Markdown table.
     python3 benches/run.py --quick        # small, for a smoke test
     python3 benches/run.py --only sweep   # the fan-out sweep (one run, minutes)
     python3 benches/run.py --only reconnect   # resume with ?since= against a full replay
+    CHAT_BASELINE_BIN=/tmp/before/chat-server python3 benches/run.py \
+        --servers chat-server,chat-server-baseline --only fanout,saturate   # before and after a change
 
 The reaction storm and the soak have their own commands, given with their
 tables in BENCHMARKS.md.
@@ -69,6 +71,13 @@ SERVERS = {
         "env": {"RUST_LOG": "warn"},
         "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (one node, nats-server -js)",
         "nats": True,
+    },
+    # Another build of ours, side by side with this one (a change's "before"):
+    # CHAT_BASELINE_BIN=/path/to/chat-server, same flags as chat-server.
+    "chat-server-baseline": {
+        "cmd": [os.environ.get("CHAT_BASELINE_BIN", "chat-server-baseline-unset"), "--listen", "127.0.0.1:{port}", "--in-memory"] + OUR_FLAGS,
+        "env": {"RUST_LOG": "warn"},
+        "note": OUR_NOTE + " --in-memory (the build at CHAT_BASELINE_BIN)",
     },
     # µWebSockets as Bun ships it: Bun.serve with one topic and
     # server.publish, the way its documentation writes a chat.

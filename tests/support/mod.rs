@@ -4,8 +4,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod nats;
-pub mod raw;
 pub mod nginx;
+pub mod raw;
 
 use chat_proto::{
     AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, Uuid,

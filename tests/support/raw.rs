@@ -45,7 +45,10 @@ pub fn parse(mut bytes: &[u8]) -> Result<(Vec<RawFrame>, usize), String> {
             return Ok((frames, bytes.len()));
         }
         if bytes[1] & 0x80 != 0 {
-            return Err(format!("a masked server frame after {} frames", frames.len()));
+            return Err(format!(
+                "a masked server frame after {} frames",
+                frames.len()
+            ));
         }
         let (len, header) = match bytes[1] & 0x7f {
             126 if bytes.len() >= 4 => (u64::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),

@@ -153,6 +153,14 @@ pub struct Config {
     #[arg(long, env = "CHAT_SOCKET_SEND_BUFFER", default_value_t = 64 * 1024)]
     pub socket_send_buffer: usize,
 
+    /// The most bytes a connection's socket may hold not yet sent
+    /// (TCP_NOTSENT_LOWAT, on Linux). Past it, what is queued for a client
+    /// waits in the server's own queue, where pings and replies can go
+    /// ahead of it, and where a socket that takes bytes again shows the
+    /// client is reading (so a slow reader is not closed as idle).
+    #[arg(long, env = "CHAT_SOCKET_UNSENT_BYTES", default_value_t = 16 * 1024)]
+    pub socket_unsent_bytes: u32,
+
     /// How many of the latest events the server keeps (in memory, and in
     /// the store) for clients to read from: a live client that fell behind
     /// catches up from them, and a client reconnecting with `?since=`
@@ -165,6 +173,13 @@ pub struct Config {
     /// oldest go first (the newest is always kept).
     #[arg(long, env = "CHAT_LOG_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub log_bytes: usize,
+
+    /// The most bytes of the log's frames queued for one connection
+    /// beyond what its kernel send buffer holds: a client that reads
+    /// slowly catches up from the log in steps of this size. At least
+    /// `--max-server-frame`, so that any frame fits.
+    #[arg(long, env = "CHAT_SEND_QUEUE_BYTES", default_value_t = 128 * 1024)]
+    pub send_queue_bytes: usize,
 
     /// How many replies meant for one client only (error frames) may wait
     /// for it; while full, the server stops reading from that client.
@@ -401,6 +416,16 @@ impl Config {
             .accept_unmasked_frames(false)
     }
 
+    /// A connection's bounds and deadlines.
+    pub(crate) fn delivery(&self) -> crate::delivery::Settings {
+        crate::delivery::Settings {
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
+            queue_bytes: self.send_queue_bytes,
+        }
+    }
+
     /// The most bytes tungstenite may write ahead of a connection's writer
     /// (its answers to pings and close frames, and in `--echo` mode the
     /// echoed frames): room for one frame of the largest size it may send.
@@ -465,6 +490,12 @@ impl Config {
         }
         if self.idle_timeout <= self.ping_interval {
             return Err("--idle-timeout must be longer than --ping-interval, or live clients are dropped between pings".into());
+        }
+        if self.send_queue_bytes < self.max_server_frame {
+            return Err(format!(
+                "--send-queue-bytes ({}) must be at least --max-server-frame ({}), so that any frame fits",
+                self.send_queue_bytes, self.max_server_frame
+            ));
         }
         let largest = self.largest_server_frame();
         if largest > self.max_server_frame {
@@ -601,6 +632,7 @@ mod tests {
         assert!(err.contains("--max-server-frame"), "{err}");
         let fits = Config {
             max_server_frame: crowded.largest_server_frame(),
+            send_queue_bytes: crowded.largest_server_frame(),
             ..crowded
         };
         assert!(fits.validate().is_ok());

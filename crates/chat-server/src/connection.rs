@@ -3,66 +3,62 @@
 //! After the handshake the socket is split ([`crate::wire`]). The
 //! **reader** is tungstenite: it decodes frames, and the reader loop
 //! submits them to the ordering point; refusals go into a small per-client
-//! reply queue. The **writer** first sends the history snapshot (or,
-//! resuming, nothing), then reads the shared log from its own cursor, with
-//! the replies, pings and tungstenite's own answers (pongs, close frames),
-//! and, for clients that opted in, a `sync` frame after each batch. It
-//! coalesces: it queues everything that is ready, as frames framed once
-//! for every client, and hands them to the kernel in one `sendmsg`. Once
-//! it has sent everything up to the log's head, it parks ([`crate::tap`]):
-//! the publisher then writes new events to the socket itself, and wakes
-//! the writer only if the socket did not take them all.
+//! reply queue. The **writer** is a thin loop around the connection's
+//! [`Delivery`], the one state of what goes to the socket and when
+//! ([`crate::delivery`]): it queues the history snapshot (or, resuming,
+//! nothing), then the shared log from the connection's cursor, with the
+//! replies, pings and tungstenite's own frames (pongs, close frames), and,
+//! for clients that opted in, a `sync` frame each time it reaches the
+//! head. Everything ready goes to the kernel in one `sendmsg`, as frames
+//! framed once for every client. Once it has sent everything up to the
+//! log's head, it parks ([`crate::tap`]): the publisher then writes new
+//! events to the socket itself, and wakes the writer only if the socket
+//! did not take them all.
 //!
 //! The two run as one task (`select!`), so when either ends the other is
 //! dropped, and the connection closes with one reason and one close code.
 //! A client that reads slowly cannot slow anyone else down: the log does
 //! not wait for it, and it catches up from the log at its own pace. It is
-//! dropped only when a write has waited `--write-timeout` (its socket is
-//! then reset) or it fell further behind than the log holds.
+//! dropped only when its socket has held back what was queued for
+//! `--write-timeout` (its socket is then reset), it fell further behind
+//! than the log holds, or it was not heard from for `--idle-timeout`.
 
 use crate::Shared;
 use crate::admission::Admitted;
 use crate::close::CloseReason;
+use crate::delivery::{Delivery, Lane};
 use crate::echo;
 use crate::http;
 use crate::http::Refusal;
 use crate::hub::ApplyError;
 use crate::limits::AddressSlot;
-use crate::log::{Joined, Since};
+use crate::log::{Since, Snapshot};
 use crate::resume::Resume;
-use crate::tap::Attached;
-use crate::wire::{self, Frame, Inbound, Link, Outbound};
+use crate::wire::{self, Frame, Link};
 use chat_core::ChatError;
-use chat_proto::{ClientFrame, DecodeError, Position, Reset, ServerFrame};
-use futures_util::StreamExt;
+use chat_proto::{ClientFrame, DecodeError, Reset, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::http::header;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tracing::{debug, error, info};
 
 /// The reading side, as tungstenite runs it.
-pub(crate) type Ws = WebSocketStream<Inbound>;
-
-/// Most frames written between two flushes, so one busy client cannot keep
-/// its writer from noticing shutdown or pings.
-const MAX_BATCH: usize = 256;
+pub(crate) type Ws = WebSocketStream<wire::Inbound>;
 
 /// How long a node of a cluster waits to apply a resuming client's
 /// position before answering it (past it: a `reset`, as for a position
 /// ahead of the log).
 const RESUME_WAIT: Duration = Duration::from_secs(5);
-
-/// How long the server waits for its close frame to be written.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted TCP connection until it closes. `permit` is its
 /// place under the server's connection limit.
@@ -80,7 +76,7 @@ pub(crate) fn serve(
 ) -> impl Future<Output = ()> {
     let accept = Box::pin(accept(stream, peer, pending, Arc::clone(&shared)));
     async move {
-        let Some((ws, out, admitted)) = accept.await else {
+        let Some((ws, link, admitted)) = accept.await else {
             return;
         };
         info!(user = %admitted.user, %peer, client = %admitted.addr, "connection opened");
@@ -88,7 +84,7 @@ pub(crate) fn serve(
         // Boxed, so that the task is sized for the request phase and the
         // box for the connection's life: measured, inline, this future was
         // 1,848 bytes, against 288 and a 1,384-byte box.
-        let reason = Box::pin(run(ws, out, &admitted, &shared)).await;
+        let reason = Box::pin(run(ws, link, &admitted, &shared)).await;
         shared.metrics.connection_closed(&reason);
         if let CloseReason::ServerError(_) = reason {
             error!(user = %admitted.user, %peer, reason = %reason, "connection closed by a server-side error");
@@ -109,11 +105,15 @@ async fn accept(
     peer: SocketAddr,
     pending: Option<AddressSlot>,
     shared: Arc<Shared>,
-) -> Option<(Ws, Outbound, Admitted)> {
+) -> Option<(Ws, Arc<Link>, Admitted)> {
     // Frames are coalesced by the writer; Nagle would only add delay.
     let _ = stream.set_nodelay(true);
-    // Bound what the kernel holds for a client that stops reading.
-    let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.socket_send_buffer);
+    // Bound what the kernel holds for a client that stops reading, and
+    // what it holds unsent (the rest waits in the connection's delivery).
+    let socket = socket2::SockRef::from(&stream);
+    let _ = socket.set_send_buffer_size(shared.config.socket_send_buffer);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket.set_tcp_notsent_lowat(shared.config.socket_unsent_bytes);
     // Plain HTTP requests are answered first; a well-formed WebSocket
     // upgrade comes back here with its head still unread.
     let upgrade = match http::serve(&mut stream, peer.ip(), pending.as_ref(), &shared).await {
@@ -149,7 +149,7 @@ async fn handshake(
     peer: SocketAddr,
     shared: &Shared,
     upgrade: Box<http::Upgrade>,
-) -> Result<(Ws, Outbound, Admitted), String> {
+) -> Result<(Ws, Arc<Link>, Admitted), String> {
     let request = &upgrade.head.request;
     let admitted = match shared.not_serving() {
         Some(why) => Err(Refusal::NotServing(why)),
@@ -183,16 +183,18 @@ async fn handshake(
         Ok(Err(e)) => return Err(e.to_string()),
         Ok(Ok(())) => {}
     }
-    let (inbound, out) = wire::split(
+    let delivery = Delivery::new(shared.config.delivery(), std::time::Instant::now());
+    let (inbound, link) = wire::split(
         stream,
         shared.config.read_buffer_size,
         shared.config.outbox_bound(),
         shared.config.reply_queue,
+        delivery,
     );
     let ws =
         WebSocketStream::from_raw_socket(inbound, Role::Server, Some(shared.config.websocket()))
             .await;
-    Ok((ws, out, admitted))
+    Ok((ws, link, admitted))
 }
 
 /// The connection's life after the handshake, and its close.
@@ -200,21 +202,20 @@ async fn handshake(
 /// Not an `async fn`: rustc stores an `async fn`'s arguments in its
 /// future twice (as captured, and moved into locals at the first poll), and
 /// every connection holds this future for its whole life. An `async move`
-/// block uses what it captures in place: measured, this future is 1,384
-/// bytes instead of 1,824.
+/// block uses what it captures in place.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn stores its arguments twice"
 )]
 fn run<'a>(
     mut ws: Ws,
-    mut out: Outbound,
+    link: Arc<Link>,
     admitted: &'a Admitted,
     shared: &'a Shared,
 ) -> impl Future<Output = CloseReason> + 'a {
     async move {
         let reason = if shared.config.echo {
-            Box::pin(echo::run(&mut ws, &mut out, shared)).await
+            Box::pin(echo::run(&mut ws, &link, shared)).await
         } else {
             let (sync, since) = match admitted.resume {
                 Resume::Seed => (false, Since::Start),
@@ -228,38 +229,24 @@ fn run<'a>(
                 // applied yet: wait for it, within a bound, before deciding.
                 Box::pin(shared.log.wait_for(position, RESUME_WAIT)).await;
             }
-            let joined = Box::new(shared.log.join(since));
-            let link = Arc::clone(out.link());
-            let tap = shared.log.attach(&link, sync);
-            let heard = Heard::new();
-            let writer = Writer {
-                out: &mut out,
-                shared,
-                sync,
-                link: &link,
-                tap: &tap,
-                heard: &heard,
-            };
-            let reason = tokio::select! {
-                r = read_loop(&mut ws, admitted, shared, &link, &heard) => r,
-                r = writer.run(joined) => r,
-            };
-            // The socket is ours alone again; a frame the publisher began is
-            // finished before the close frame.
-            if let Some(rest) = tap.detach() {
-                out.push(rest);
+            let joined = shared.log.join(since);
+            link.delivery().start(joined.cursor, sync);
+            let replay = Replay::new(joined.reset, joined.history);
+            let _attached = shared.log.attach(&link);
+            tokio::select! {
+                r = read_loop(&mut ws, admitted, shared, &link) => r,
+                r = Writer::run(&link, shared, replay) => r,
             }
-            reason
         };
         // Boxed: only a closing connection needs room for the handshake.
-        let drained = Box::pin(close(&mut ws, &mut out, &reason)).await;
-        if reason == CloseReason::Stalled || !drained {
+        let drained = Box::pin(close(&mut ws, &link, &reason, shared)).await;
+        if !drained {
             // The socket does not drain: a graceful close would leave our FIN
             // queued behind unsent data the peer never reads, and the kernel
             // holding both until it gives up on its own (and then silently).
             // Reset it instead: the peer learns at once that the connection
             // is gone, and the kernel frees the buffer now.
-            let _ = socket2::SockRef::from(out.socket()).set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(link.socket()).set_linger(Some(Duration::ZERO));
         }
         reason
     }
@@ -267,29 +254,53 @@ fn run<'a>(
 
 /// Ends the connection for `reason`, and says whether everything was
 /// written (false: reset the socket).
-async fn close(ws: &mut Ws, out: &mut Outbound, reason: &CloseReason) -> bool {
-    let Some(frame) = reason.close_frame() else {
-        // The client closed (tungstenite answered it) or is gone: send
-        // what tungstenite wrote, if the socket takes it.
-        let _ = timeout(CLOSE_TIMEOUT, out.flush()).await;
-        return true;
-    };
-    // The closing handshake: send the replies still queued and our close,
-    // then read until the client's close comes back (or it hangs up), so
-    // the client reads our close frame before the TCP connection goes away.
-    let mut sent = false;
-    let handshake = async {
-        // The replies still waiting go first (the flush takes them).
-        out.push_outbox();
-        // tungstenite frames our close (and knows it was sent).
-        ws.close(Some(frame)).await?;
-        out.flush().await?;
-        sent = true;
-        while let Some(Ok(_)) = ws.next().await {}
-        Ok::<(), WsError>(())
-    };
-    let _ = timeout(CLOSE_TIMEOUT, handshake).await;
-    sent
+///
+/// The close frame comes after whole frames, and nothing comes after it:
+/// the delivery drops the log's frames not yet begun, finishes the one
+/// begun, and takes nothing more from the log ([`Delivery::close`]).
+/// Then the closing handshake: our close frame (or tungstenite's answer
+/// to the client's), written within `--write-timeout` (or what is left of
+/// `--shutdown-grace`), then, when the server closed, the client's close
+/// read back, so that the client reads our close frame before the TCP
+/// connection goes away.
+async fn close(ws: &mut Ws, link: &Link, reason: &CloseReason, shared: &Shared) -> bool {
+    match reason {
+        // Nothing more can reach a client that is gone.
+        CloseReason::PeerGone => return true,
+        // Its socket took nothing for --write-timeout: waiting longer for
+        // it to take a close frame would only hold the buffer.
+        CloseReason::Stalled => return false,
+        _ => {}
+    }
+    let deadline = shared.closing_deadline(Instant::now() + shared.config.write_timeout);
+    {
+        let mut delivery = link.delivery();
+        delivery.close(deadline.into_std());
+        // What tungstenite wrote so far, so that its outbox takes the
+        // close frame whole.
+        link.take_outbox(&mut delivery, true);
+    }
+    let frame = reason.close_frame();
+    let server_closed = frame.is_some();
+    let _ = timeout_at(deadline, async {
+        match frame {
+            // tungstenite frames our close (and knows it was sent).
+            Some(frame) => ws.close(Some(frame)).await,
+            // The client closed: tungstenite writes its answer.
+            None => ws.flush().await,
+        }
+    })
+    .await;
+    if !link.flush(|| shared.closing_deadline(deadline)).await {
+        return false;
+    }
+    if server_closed {
+        let _ = timeout_at(deadline, async {
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+    }
+    true
 }
 
 async fn read_loop(
@@ -297,7 +308,6 @@ async fn read_loop(
     admitted: &Admitted,
     shared: &Shared,
     link: &Link,
-    heard: &Heard,
 ) -> CloseReason {
     let mut refusals = RefusalBudget::new(shared.config.max_refusals);
     // Each step keeps in a block of its own what it needs only until its
@@ -306,21 +316,20 @@ async fn read_loop(
     loop {
         // Decoded here, so that only commands reach the ordering point.
         let decoded = {
-            // No timer here: the writer's one timer keeps the idle timeout.
+            // No timer here: the delivery keeps the idle timeout.
             let message = match stream.next().await {
                 None => return CloseReason::ClientClosed,
                 Some(Err(e)) => return CloseReason::from_read_error(&e),
                 Some(Ok(m)) => m,
             };
-            heard.now();
+            link.delivery().on_heard(std::time::Instant::now());
             match message {
                 Message::Text(text) => ClientFrame::decode(&text).map(Some),
                 Message::Binary(_) => Err(DecodeError::Binary),
-                // tungstenite answers pings and close frames itself; a
-                // close ends the stream on the next read.
-                Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
-                    Ok(None)
-                }
+                // The client closes: tungstenite answers it, in the close.
+                Message::Close(_) => return CloseReason::ClientClosed,
+                // tungstenite answers pings itself.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(None),
             }
         };
         let reply = {
@@ -406,212 +415,201 @@ impl RefusalBudget {
     }
 }
 
-/// The writing half: the history (or a resume's missed events), then the
-/// log as it grows, the replies and pings, in coalesced batches.
-struct Writer<'a> {
-    out: &'a mut Outbound,
-    shared: &'a Shared,
-    /// Whether the client opted in to `sync` frames.
-    sync: bool,
-    /// What the connection's parts share.
-    link: &'a Link,
-    /// Where the publisher takes over while the writer waits at the head.
-    tap: &'a Attached,
-    /// When the client was last heard from.
-    heard: &'a Heard,
+/// What a joining client is sent before the log: a `reset`, if its
+/// resume became a full replay, then the history.
+struct Replay {
+    reset: Option<Frame>,
+    history: Snapshot,
+    /// The next frame of `history` to queue.
+    next: usize,
 }
 
-/// When a client was last heard from: the reader notes it, and the
-/// writer's timer closes a connection quiet for `--idle-timeout`.
-struct Heard {
-    since: Instant,
-    /// Milliseconds after `since`.
-    last: AtomicU64,
-}
+impl Replay {
+    fn new(reset: Option<chat_proto::ResetReason>, history: Snapshot) -> Option<Box<Replay>> {
+        let reset = reset.map(|reason| Frame::text(ServerFrame::Reset(Reset { reason }).encode()));
+        // Boxed, and only for a connection that replays: an idle
+        // connection's task holds a pointer.
+        (reset.is_some() || history.get(0).is_some()).then(|| {
+            Box::new(Replay {
+                reset,
+                history,
+                next: 0,
+            })
+        })
+    }
 
-impl Heard {
-    fn new() -> Self {
-        Heard {
-            since: Instant::now(),
-            last: AtomicU64::new(0),
+    /// Queues as much as fits: whether everything is queued.
+    fn fill(&mut self, delivery: &mut Delivery) -> bool {
+        if let Some(reset) = self.reset.take() {
+            delivery.push(Lane::History, reset.into_wire());
         }
-    }
-
-    /// The client was heard from just now.
-    fn now(&self) {
-        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.since + Duration::from_millis(self.last.load(Ordering::Relaxed))
-    }
-}
-
-/// Sends a joining client the `reset` (if its resume became a full
-/// replay) and the history, in batches, each under the write timeout.
-async fn replay(
-    out: &mut Outbound,
-    reset: Option<chat_proto::ResetReason>,
-    history: crate::log::Snapshot,
-    write_timeout: Duration,
-) -> Result<(), CloseReason> {
-    if let Some(reason) = reset {
-        let frame = Frame::text(ServerFrame::Reset(Reset { reason }).encode());
-        out.push(frame.into_wire());
-    }
-    let mut frames = history.iter().peekable();
-    while frames.peek().is_some() || !out.is_empty() {
-        for frame in frames.by_ref().take(MAX_BATCH) {
-            out.push(frame.wire().clone());
+        while let Some(frame) = self.history.get(self.next) {
+            if !delivery.fits(frame.len()) {
+                return false;
+            }
+            delivery.push(Lane::History, frame.wire().clone());
+            self.next += 1;
         }
-        match timeout(write_timeout, out.flush()).await {
-            Err(_) => return Err(CloseReason::Stalled),
-            Ok(Err(e)) => return Err(write_failed(e)),
-            Ok(Ok(())) => {}
-        }
+        true
     }
-    Ok(())
 }
 
-/// A write that failed: the client's socket is gone.
-fn write_failed(e: std::io::Error) -> CloseReason {
-    CloseReason::from_write_error(WsError::Io(e))
+/// The writing half: a thin loop around the connection's [`Delivery`].
+/// Each step, under the delivery's lock: the outbox's frames, then as
+/// much of the replay or the log as fits, a `sync` frame once at the
+/// head (for a client that opted in), then what the socket takes now;
+/// then it parks at the head, or waits for the socket, a wake-up or the
+/// delivery's next deadline.
+struct Writer;
+
+/// What a writer waits for after a step.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    /// The socket has not taken everything queued.
+    writable: bool,
+    /// The connection is parked: the publisher may hand it back.
+    parked: bool,
+    /// The outbox is taken when it fills.
+    outbox: bool,
+    /// The delivery's next deadline.
+    deadline: std::time::Instant,
 }
 
-impl<'a> Writer<'a> {
+/// Why a waiting writer woke.
+enum Woke {
+    /// Something to do: the outbox filled, the socket is writable, or the
+    /// publisher handed the socket back.
+    Work,
+    /// The delivery's deadline.
+    Timer,
+    /// The server is stopping.
+    Shutdown,
+}
+
+impl Writer {
     // Not an `async fn`, for the reason given at [`run`].
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn stores its arguments twice"
     )]
-    //
-    // `joined` comes boxed, and is taken apart in a block of its own: what
-    // the future captures, or holds across an `.await`, it holds for the
-    // connection's life.
-    fn run(mut self, joined: Box<Joined>) -> impl Future<Output = CloseReason> + 'a {
+    fn run<'a>(
+        link: &'a Link,
+        shared: &'a Shared,
+        mut replay: Option<Box<Replay>>,
+    ) -> impl Future<Output = CloseReason> + 'a {
         async move {
-            let config = &self.shared.config;
-            // Boxed: only a joining connection needs room for the replay.
-            let (replay, mut cursor) = {
-                let Joined {
-                    reset,
-                    history,
-                    cursor,
-                } = *joined;
-                let replay = replay(self.out, reset, history, config.write_timeout);
-                (Box::pin(replay), cursor)
-            };
-            if let Err(reason) = replay.await {
-                return reason;
-            }
-
-            // One timer for the pings and the idle timeout: it fires at
-            // whichever comes first (the reader moves the idle deadline
-            // without waking us; a timer that fires early is re-armed).
-            let mut next_ping = Instant::now() + config.ping_interval;
-            let mut timer = std::pin::pin!(sleep_until(
-                next_ping.min(self.heard.last() + config.idle_timeout)
-            ));
-            let shutdown = &self.shared.shutdown;
-            // The position last announced in a `sync` frame.
-            let mut announced = None;
-            let mut extra = None;
+            let mut timer = std::pin::pin!(sleep_until(Instant::now()));
+            let mut armed = None;
             loop {
-                let more = match self.step(&mut cursor, &mut announced, extra.take()) {
+                let wait = match Writer::step(link, shared, &mut replay) {
                     Err(reason) => return reason,
-                    Ok(more) => more,
+                    Ok(None) => {
+                        // More to read, and the socket took all: go on,
+                        // giving other tasks their turn now and then.
+                        tokio::task::consume_budget().await;
+                        continue;
+                    }
+                    Ok(Some(wait)) => wait,
                 };
-                // What the socket did not take at once is written under the
-                // write timeout, which the one timer keeps meanwhile.
-                if !self.out.is_empty() {
-                    timer.as_mut().reset(Instant::now() + config.write_timeout);
-                    let flushed = tokio::select! {
-                        biased;
-                        flushed = self.out.flush() => flushed,
-                        () = &mut timer => return CloseReason::Stalled,
-                    };
-                    if let Err(e) = flushed {
-                        return write_failed(e);
-                    }
-                    timer
-                        .as_mut()
-                        .reset(next_ping.min(self.heard.last() + config.idle_timeout));
+                if armed != Some(wait.deadline) {
+                    armed = Some(wait.deadline);
+                    timer.as_mut().reset(Instant::from_std(wait.deadline));
                 }
-                if more {
-                    continue;
-                }
-                // Everything is sent: wait at the head, where the publisher
-                // writes for us, unless the log moved on meanwhile.
-                if !self.tap.park(cursor, announced, || self.shared.log.head()) {
-                    continue;
-                }
-                extra = tokio::select! {
-                    biased;
-                    // A reply, tungstenite answered a ping or a close, the
-                    // socket did not take all the publisher wrote, or the
-                    // server is stopping.
-                    () = self.link.writer_needed(shutdown) => {
-                        if shutdown.is_cancelled() {
-                            return CloseReason::Shutdown;
+                match Writer::wait(link, shared, wait, timer.as_mut()).await {
+                    Woke::Work => {}
+                    Woke::Shutdown => return CloseReason::Shutdown,
+                    Woke::Timer => {
+                        let now = std::time::Instant::now();
+                        if let Err(reason) = link.delivery().on_timeout(now) {
+                            return reason;
                         }
-                        None
                     }
-                    () = &mut timer => {
-                        let now = Instant::now();
-                        let quiet_until = self.heard.last() + config.idle_timeout;
-                        if now >= quiet_until {
-                            return CloseReason::IdleTimeout;
-                        }
-                        let ping = (now >= next_ping).then(|| {
-                            next_ping = now + config.ping_interval;
-                            wire::ping()
-                        });
-                        timer.as_mut().reset(next_ping.min(quiet_until));
-                        ping
-                    }
-                };
-                // Carry on from where the publisher stopped.
-                let resumed = self.tap.unpark();
-                cursor = resumed.cursor;
-                announced = resumed.announced;
-                if let Some(rest) = resumed.rest {
-                    self.out.push(rest);
                 }
             }
         }
     }
 
-    /// Queues `extra`, the log's frames after `cursor` (at most a batch),
-    /// the waiting replies and, for a client that opted in, a `sync` frame
-    /// with the new cursor; then writes what the socket takes now. True if
-    /// the log may hold more.
+    /// One step under the delivery's lock; `None` if there is more to
+    /// read at once.
     fn step(
-        &mut self,
-        cursor: &mut Position,
-        announced: &mut Option<Position>,
-        extra: Option<Bytes>,
-    ) -> Result<bool, CloseReason> {
-        if let Some(bytes) = extra {
-            self.out.push(bytes);
+        link: &Link,
+        shared: &Shared,
+        replay: &mut Option<Box<Replay>>,
+    ) -> Result<Option<Wait>, CloseReason> {
+        let now = std::time::Instant::now();
+        let mut delivery = link.delivery();
+        link.take_outbox(&mut delivery, false);
+        // Parked, the publisher queues the log's frames.
+        let mut at_head = delivery.is_parked();
+        if !at_head {
+            let replayed = replay.as_mut().is_none_or(|r| r.fill(&mut delivery));
+            at_head = replayed && {
+                *replay = None;
+                Writer::read_log(&mut delivery, shared)?
+            };
         }
-        let from = *cursor;
-        *cursor = self
-            .shared
-            .log
-            .read(from, MAX_BATCH, self.out)
-            .map_err(|behind| CloseReason::Lagged(behind.missed))?;
-        let more = cursor.0 - from.0 == MAX_BATCH as u64;
-        self.out.push_outbox();
-        if self.sync && *announced != Some(*cursor) {
-            self.out
-                .push(self.shared.log.sync_frame(*cursor).into_wire());
-            *announced = Some(*cursor);
+        if at_head && let Some(position) = delivery.sync_due() {
+            delivery.push_sync(position, shared.log.sync_frame(position).into_wire());
         }
-        // Also sends what tungstenite wrote meanwhile.
-        self.out.try_flush().map_err(write_failed)?;
-        Ok(more)
+        let sent = link.send(&mut delivery, now).map_err(write_failed)?;
+        if !sent {
+            delivery.unpark();
+        } else if at_head && !delivery.is_parked() && !delivery.park(shared.log.head()) {
+            // The log moved on meanwhile.
+            return Ok(None);
+        } else if !at_head {
+            return Ok(None);
+        }
+        Ok(Some(Wait {
+            writable: !sent,
+            parked: delivery.is_parked(),
+            outbox: delivery.takes_urgent(),
+            deadline: delivery.poll_timeout(),
+        }))
     }
+
+    /// Queues the log's frames after the cursor, as far as they fit:
+    /// whether it reached the head.
+    fn read_log(delivery: &mut Delivery, shared: &Shared) -> Result<bool, CloseReason> {
+        shared
+            .log
+            .read(delivery.cursor(), |frame| {
+                let fits = delivery.fits(frame.len());
+                if fits {
+                    delivery.push(Lane::Event, frame.wire().clone());
+                }
+                fits
+            })
+            .map_err(|behind| CloseReason::Lagged(behind.missed))
+    }
+
+    /// Waits for what `wait` says, the server's stop, or the deadline.
+    async fn wait(
+        link: &Link,
+        shared: &Shared,
+        wait: Wait,
+        mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Woke {
+        std::future::poll_fn(|cx| {
+            link.register(cx.waker());
+            if shared.shutdown.is_cancelled() {
+                return Poll::Ready(Woke::Shutdown);
+            }
+            if (wait.outbox && link.outbox_filled())
+                || (wait.parked && !link.delivery().is_parked())
+                || (wait.writable && link.socket().poll_write_ready(cx).is_ready())
+            {
+                return Poll::Ready(Woke::Work);
+            }
+            timer.as_mut().poll(cx).map(|()| Woke::Timer)
+        })
+        .await
+    }
+}
+
+/// A write that failed: the client's socket is gone.
+fn write_failed(e: std::io::Error) -> CloseReason {
+    CloseReason::from_write_error(WsError::Io(e))
 }
 
 #[cfg(test)]

@@ -5,16 +5,15 @@
 use crate::Shared;
 use crate::close::CloseReason;
 use crate::connection::Ws;
-use crate::wire::Outbound;
+use crate::wire::Link;
 use futures_util::{SinkExt, StreamExt};
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::Error as WsError;
 
 /// Echoes until the connection ends, and says why it did. tungstenite
 /// frames each echo (and its answers to pings and close frames) into the
 /// connection's outbox; each is written out before the next frame is read.
-pub(crate) async fn run(ws: &mut Ws, out: &mut Outbound, shared: &Shared) -> CloseReason {
+pub(crate) async fn run(ws: &mut Ws, link: &Link, shared: &Shared) -> CloseReason {
     loop {
         let message = tokio::select! {
             () = shared.shutdown.cancelled() => return CloseReason::Shutdown,
@@ -25,16 +24,25 @@ pub(crate) async fn run(ws: &mut Ws, out: &mut Outbound, shared: &Shared) -> Clo
                 Ok(Some(Ok(m))) => m,
             },
         };
-        let echo = async {
-            if let Message::Text(_) | Message::Binary(_) = message {
-                ws.send(message).await?;
+        let deadline = Instant::now() + shared.config.write_timeout;
+        // What reading wrote (a pong, a close's answer) goes out first,
+        // so that the outbox takes the echo whole.
+        if !link.flush(|| deadline).await {
+            return CloseReason::Stalled;
+        }
+        match message {
+            Message::Text(_) | Message::Binary(_) => {
+                match tokio::time::timeout_at(deadline, ws.send(message)).await {
+                    Err(_) => return CloseReason::Stalled,
+                    Ok(Err(e)) => return CloseReason::from_write_error(e),
+                    Ok(Ok(())) => {}
+                }
             }
-            out.flush().await.map_err(WsError::Io)
-        };
-        match timeout(shared.config.write_timeout, echo).await {
-            Err(_) => return CloseReason::Stalled,
-            Ok(Err(e)) => return CloseReason::from_write_error(e),
-            Ok(Ok(())) => {}
+            Message::Close(_) => return CloseReason::ClientClosed,
+            _ => continue,
+        }
+        if !link.flush(|| deadline).await {
+            return CloseReason::Stalled;
         }
     }
 }

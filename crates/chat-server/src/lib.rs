@@ -38,6 +38,10 @@
 //! - `log`: what is published: history, recent events, head;
 //! - `resume`: the `/ws` query (`?sync`, `?since=&epoch=`);
 //! - [`store`]: the durable history, a plain writer of events;
+//! - `delivery`: one connection's delivery, a state machine without I/O:
+//!   its queue, cursor, parking, deadlines and close;
+//! - `tap`: the publisher writing for connections parked at the head;
+//! - `wire`: the socket after the handshake, frames framed once;
 //! - `connection`: one client, reader and writer; `close`: why it ended,
 //!   and the close code; `echo`: the conformance mode (`--echo`);
 //! - [`shutdown`]: signals and the graceful stop.
@@ -49,6 +53,7 @@ mod close;
 pub mod cluster;
 pub mod config;
 mod connection;
+mod delivery;
 mod echo;
 pub mod host;
 pub mod http;

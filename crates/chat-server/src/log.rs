@@ -226,8 +226,8 @@ impl Log {
 
     /// Attaches a connection's socket, for the publisher to write to
     /// while the connection waits at the head.
-    pub(crate) fn attach(&self, link: &Arc<Link>, sync: bool) -> Attached {
-        self.taps.attach(link, sync)
+    pub(crate) fn attach(&self, link: &Arc<Link>) -> Attached {
+        self.taps.attach(link)
     }
 
     /// Wakes every attached connection's task: the server is stopping,
@@ -251,15 +251,15 @@ impl Log {
         let _ = tokio::time::timeout(bound, reached).await;
     }
 
-    /// Appends to `out` the frames after `cursor`, at most `max`, and
-    /// returns the position of the last one appended (`cursor` if none).
+    /// Offers `take` the frames after `cursor`, in order, until it
+    /// refuses one (it has no room) or none is left: whether it took
+    /// everything up to the head.
     pub(crate) fn read(
         &self,
         cursor: Position,
-        max: usize,
-        out: &mut impl Extend<Frame>,
-    ) -> Result<Position, Behind> {
-        read(&self.state).recent.read(cursor, max, out)
+        take: impl FnMut(&Frame) -> bool,
+    ) -> Result<bool, Behind> {
+        read(&self.state).recent.read(cursor, take)
     }
 
     /// Publishes committed entries, in order: writes them to the
@@ -376,23 +376,17 @@ impl Recent {
         }
     }
 
-    fn read(
-        &self,
-        cursor: Position,
-        max: usize,
-        out: &mut impl Extend<Frame>,
-    ) -> Result<Position, Behind> {
+    fn read(&self, cursor: Position, take: impl FnMut(&Frame) -> bool) -> Result<bool, Behind> {
         if cursor < self.base {
             return Err(Behind {
                 missed: self.base.0 - cursor.0,
             });
         }
         let skip = usize::try_from(cursor.0 - self.base.0).unwrap_or(usize::MAX);
-        let n = self.frames.len().saturating_sub(skip).min(max);
-        if n > 0 {
-            out.extend(self.frames.range(skip..skip + n).cloned());
+        if skip >= self.frames.len() {
+            return Ok(true);
         }
-        Ok(Position(cursor.0 + n as u64))
+        Ok(self.frames.range(skip..).all(take))
     }
 }
 
@@ -476,7 +470,17 @@ impl Snapshot {
         self.len
     }
 
+    /// The `i`-th frame, oldest first.
+    pub(crate) fn get(&self, i: usize) -> Option<&Frame> {
+        if i >= self.len {
+            return None;
+        }
+        let at = self.skip + i;
+        self.chunks.get(at / CHUNK)?.get(at % CHUNK)
+    }
+
     /// The frames, oldest first.
+    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Frame> {
         self.chunks
             .iter()
@@ -533,16 +537,35 @@ mod tests {
         Frame::text(format!("e{p:03}"))
     }
 
-    fn read_all(recent: &Recent, cursor: u64) -> Result<Vec<String>, Behind> {
+    /// Offers at most `step` frames per read, as a writer with room for
+    /// that many does: the frames after `cursor`, read to the head.
+    fn read_in_steps(
+        read: impl Fn(Position, &mut dyn FnMut(&Frame) -> bool) -> Result<bool, Behind>,
+        cursor: Position,
+        step: usize,
+    ) -> Result<Vec<Frame>, Behind> {
         let mut out = Vec::new();
-        let mut at = Position(cursor);
+        let mut at = cursor;
         loop {
-            let before = out.len();
-            at = recent.read(at, 3, &mut out)?;
-            if out.len() == before {
-                return Ok(out.iter().map(|f| f.as_str().to_owned()).collect());
+            let mut took = 0;
+            let done = read(at, &mut |f: &Frame| {
+                if took == step {
+                    return false;
+                }
+                out.push(f.clone());
+                took += 1;
+                true
+            })?;
+            at = Position(at.0 + took as u64);
+            if done {
+                return Ok(out);
             }
         }
+    }
+
+    fn read_all(recent: &Recent, cursor: u64) -> Result<Vec<String>, Behind> {
+        let frames = read_in_steps(|at, take| recent.read(at, take), Position(cursor), 3)?;
+        Ok(frames.iter().map(|f| f.as_str().to_owned()).collect())
     }
 
     #[test]
@@ -689,15 +712,8 @@ mod tests {
         log.join(Since::Start).cursor.0 == n as u64
     }
 
-    fn read_from(log: &Log, mut cursor: Position) -> Vec<Frame> {
-        let mut out = Vec::new();
-        loop {
-            let before = out.len();
-            cursor = log.read(cursor, 4, &mut out).expect("held");
-            if out.len() == before {
-                return out;
-            }
-        }
+    fn read_from(log: &Log, cursor: Position) -> Vec<Frame> {
+        read_in_steps(|at, take| log.read(at, take), cursor, 4).expect("held")
     }
 
     #[test]
@@ -769,9 +785,8 @@ mod tests {
         });
         assert_eq!(kept.reset, None, "the last 10 are kept");
         // A live reader that fell as far behind is told how far.
-        let mut out = Vec::new();
         assert_eq!(
-            log.read(Position(head - 12), 4, &mut out),
+            log.read(Position(head - 12), |_| true),
             Err(Behind { missed: 2 })
         );
     }
@@ -842,14 +857,9 @@ mod tests {
                     "history up to the cursor"
                 );
                 // Then what follows, as far as it is published by now.
-                let mut cursor = joined.cursor;
-                loop {
-                    let next = log.read(cursor, 64, &mut seen).expect("kept");
-                    if next == cursor {
-                        break;
-                    }
-                    cursor = next;
-                }
+                seen.extend(
+                    read_in_steps(|at, take| log.read(at, take), joined.cursor, 64).expect("kept"),
+                );
                 assert!(
                     seen[..] == all[..seen.len()],
                     "join {joins}: a gap or a duplicate"
@@ -896,16 +906,15 @@ mod tests {
 
     // ---- the publisher writes for connections waiting at the head -------
 
-    use crate::wire::{Inbound, Outbound};
+    use crate::delivery::{Delivery, Settings};
+    use crate::wire::Inbound;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpStream;
-    use tokio_tungstenite::tungstenite::Bytes;
-    use tokio_util::sync::CancellationToken;
 
     /// A connected pair: the server's socket, split as a connection splits
     /// it, and the client's. `small` shrinks both buffers so that a client
     /// that does not read fills them quickly.
-    async fn pair(small: bool) -> ((Inbound, Outbound), TcpStream) {
+    async fn pair(small: bool) -> ((Inbound, Arc<Link>), TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -923,7 +932,14 @@ mod tests {
                 .set_send_buffer_size(4096)
                 .expect("sndbuf");
         }
-        (crate::wire::split(server, 4096, 1024, 4), client)
+        let settings = Settings {
+            ping_interval: std::time::Duration::from_secs(30),
+            idle_timeout: std::time::Duration::from_secs(60),
+            write_timeout: std::time::Duration::from_secs(10),
+            queue_bytes: 64 * 1024,
+        };
+        let delivery = Delivery::new(settings, std::time::Instant::now());
+        (crate::wire::split(server, 4096, 1024, 4, delivery), client)
     }
 
     async fn receive(client: &mut TcpStream, n: usize) -> Vec<u8> {
@@ -949,24 +965,24 @@ mod tests {
         .is_err()
     }
 
-    /// Whether the connection's writer would be woken now.
-    fn woken_now(link: &Link) -> bool {
-        let running = CancellationToken::new();
-        let woken = std::pin::pin!(link.writer_needed(&running));
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        woken.poll(&mut cx).is_ready()
-    }
-
-    use std::future::Future;
-
     #[tokio::test]
     async fn a_connection_waiting_at_the_head_is_written_to_by_the_publisher_without_a_wake_up() {
         let log = log_of(1000);
         let (_, entries) = drive(30);
-        let ((_inbound, out), mut client) = pair(false).await;
-        let attached = log.attach(out.link(), true);
-        assert!(attached.park(Position::ZERO, None, || log.head()));
-        let mut expected = Vec::new();
+        let ((_inbound, link), mut client) = pair(false).await;
+        let _attached = log.attach(&link);
+        link.delivery().start(Position::ZERO, true);
+        // Parking needs the sync of the start announced first.
+        link.delivery()
+            .push_sync(Position::ZERO, log.sync_frame(Position::ZERO).into_wire());
+        let mut expected = log.sync_frame(Position::ZERO).wire().to_vec();
+        assert!(
+            link.send(&mut link.delivery(), std::time::Instant::now())
+                .expect("sent")
+        );
+        assert!(link.delivery().park(log.head()));
+        let woken = std::sync::Arc::new(Woken::default());
+        link.register(&std::task::Waker::from(std::sync::Arc::clone(&woken)));
         for batch in entries.chunks(7) {
             log.publish(batch);
             for entry in batch {
@@ -976,85 +992,100 @@ mod tests {
             expected.extend_from_slice(log.sync_frame(last).wire());
         }
         assert_eq!(receive(&mut client, expected.len()).await, expected);
-        assert!(!woken_now(out.link()), "the writer was not needed");
-        let resumed = attached.unpark();
-        let head = log.head();
-        assert_eq!(resumed.cursor, head);
-        assert_eq!(resumed.announced, Some(head));
-        assert!(resumed.rest.is_none());
+        assert!(
+            !woken.0.load(std::sync::atomic::Ordering::SeqCst),
+            "the writer was not needed"
+        );
+        {
+            let delivery = link.delivery();
+            assert!(delivery.is_parked());
+            assert!(delivery.is_empty());
+            assert_eq!(delivery.cursor(), log.head());
+            assert_eq!(delivery.sync_due(), None, "the head was announced");
+        }
         // Unparked, the writer writes: a publish leaves the socket alone.
+        link.delivery().unpark();
         let (_, more) = drive(31);
         log.publish(&more[entries.len()..]);
         assert!(
             quiet(&mut client).await,
-            "nothing written for an unparked tap"
+            "nothing written for an unparked connection"
         );
         // And a writer behind the head cannot park.
-        assert!(!attached.park(head, Some(head), || log.head()));
+        assert!(!link.delivery().park(log.head()));
+    }
+
+    /// A waker that notes it was woken.
+    #[derive(Default)]
+    struct Woken(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     #[tokio::test]
     async fn a_socket_that_takes_less_is_handed_back_to_its_writer_where_the_publisher_stopped() {
         let log = log_of(100_000);
         let mut chat = Chat::new(Config::default());
-        let ((_inbound, mut out), mut client) = pair(true).await;
-        let attached = log.attach(out.link(), false);
-        assert!(attached.park(Position::ZERO, None, || log.head()));
+        let ((_inbound, link), mut client) = pair(true).await;
+        let _attached = log.attach(&link);
+        assert!(link.delivery().park(Position::ZERO));
         let mut all = Vec::new();
         let mut i = 0u64;
         // The client does not read: the publisher stops where its socket
         // is full, and hands it back. Batches of 20 frames of about 2 KB,
         // so that the socket fills in the middle of one.
-        while !woken_now(out.link()) {
+        while link.delivery().is_parked() {
             let batch: Vec<Entry> = (0..20).flat_map(|k| post(&mut chat, i * 20 + k)).collect();
             log.publish(&batch);
             all.extend(batch);
             i += 1;
             assert!(i < 1_000, "a 4 KiB socket never filled");
         }
-        let resumed = attached.unpark();
-        // The kernel takes bytes, not frames: the publisher began a frame
-        // that the socket did not take whole, and the writer finishes it.
-        let rest = resumed.rest.expect("the socket filled inside a frame");
-        let cursor = resumed.cursor.0 as usize;
-        assert!(cursor < all.len(), "the socket did not take everything");
-        // What the socket took: every frame up to the cursor, the last
-        // of them short of its rest.
-        let mut taken: Vec<u8> = all[..cursor]
-            .iter()
-            .flat_map(|e| e.frame.wire().iter().copied())
-            .collect();
-        taken.truncate(taken.len() - rest.len());
-        assert_eq!(receive(&mut client, taken.len()).await, taken);
-        // The writer sends the rest, then reads the log from the cursor:
-        // the client gets every frame once, in order.
-        let mut missed: Vec<Frame> = Vec::new();
-        let head = log
-            .read(resumed.cursor, usize::MAX, &mut missed)
-            .expect("held");
-        assert_eq!(head, log.head());
-        let mut tail = rest.to_vec();
-        for frame in &missed {
-            tail.extend_from_slice(frame.wire());
-        }
-        // As the writer does.
-        out.push(Bytes::from(tail.clone()));
-        let (got, flushed) = tokio::join!(receive(&mut client, tail.len()), out.flush());
-        flushed.expect("flush");
-        assert_eq!(got, tail);
+        let (cursor, queued) = {
+            let delivery = link.delivery();
+            (delivery.cursor(), delivery.queued())
+        };
+        assert!(queued > 0, "what the socket did not take is queued");
+        // The kernel takes bytes, not frames: the client has every frame
+        // before the cursor but the bytes still queued, and the queue
+        // begins inside a frame.
         let mut expected = Vec::new();
         for entry in &all {
             expected.extend_from_slice(entry.frame.wire());
         }
-        let mut everything = taken;
-        everything.extend(got);
-        assert_eq!(everything, expected);
-        // Detached (the connection is closing), nothing is written for
-        // it again, even if it were parked.
-        assert!(attached.detach().is_none());
-        assert!(attached.park(head, None, || log.head()));
-        log.publish(&post(&mut chat, i * 20));
-        assert!(quiet(&mut client).await, "nothing written once detached");
+        let up_to_cursor: usize = all[..cursor.0 as usize].iter().map(|e| e.frame.len()).sum();
+        let taken = up_to_cursor - queued;
+        assert!(
+            !all.iter()
+                .scan(0, |at, e| {
+                    *at += e.frame.len();
+                    Some(*at)
+                })
+                .any(|end| end == taken),
+            "the socket filled inside a frame"
+        );
+        assert_eq!(receive(&mut client, taken).await, expected[..taken]);
+        // The writer sends what is queued, then reads the log from the
+        // cursor: the client gets every frame once, in order.
+        let rest = {
+            let mut delivery = link.delivery();
+            log.read(cursor, |frame| {
+                delivery.push(crate::delivery::Lane::Event, frame.wire().clone());
+                true
+            })
+            .expect("held");
+            delivery.queued()
+        };
+        assert_eq!(link.delivery().cursor(), log.head());
+        let (got, flushed) = tokio::join!(
+            receive(&mut client, rest),
+            link.flush(|| tokio::time::Instant::now() + std::time::Duration::from_secs(5))
+        );
+        assert!(flushed, "flushed");
+        assert_eq!(got, expected[taken..]);
     }
 
     /// A 500-character message of 1,985 bytes from a new user, as the chat

@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     pub(crate) pending: Arc<AddressLimits>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
+    /// Once stopping: when `--shutdown-grace` ends.
+    pub(crate) stop_by: std::sync::OnceLock<tokio::time::Instant>,
 }
 
 impl Shared {
@@ -84,6 +86,15 @@ impl Shared {
             Health::Serving => None,
             Health::CatchingUp => Some(CATCHING_UP),
             Health::Stopped(why) => Some(why),
+        }
+    }
+
+    /// The deadline of a close that would end at `wanted`: no later than
+    /// the end of the grace period, once the server is stopping.
+    pub(crate) fn closing_deadline(&self, wanted: tokio::time::Instant) -> tokio::time::Instant {
+        match self.stop_by.get() {
+            Some(by) => wanted.min(*by),
+            None => wanted,
         }
     }
 }
@@ -290,6 +301,7 @@ impl Server {
             pending: AddressLimits::new(config.max_pending_per_ip),
             metrics,
             shutdown,
+            stop_by: std::sync::OnceLock::new(),
             config,
         };
         // Bound last: once a client can connect, the history is restored
@@ -359,13 +371,15 @@ impl Server {
             tasks.clone(),
         ));
         shared.shutdown.cancelled().await;
+        // One deadline for everything, so a stuck disk cannot stretch it;
+        // connections closing meanwhile give up at it too.
+        let deadline = tokio::time::Instant::now() + shared.config.shutdown_grace;
+        let _ = shared.stop_by.set(deadline);
         // Connections waiting at the log's head wait on nothing else.
         shared.log.wake_all();
         let _ = accept.await;
         tasks.close();
         info!(open = tasks.len(), "shutting down: closing connections");
-        // One deadline for everything, so a stuck disk cannot stretch it.
-        let deadline = tokio::time::Instant::now() + shared.config.shutdown_grace;
         if tokio::time::timeout_at(deadline, tasks.wait())
             .await
             .is_err()

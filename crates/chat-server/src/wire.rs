@@ -5,34 +5,35 @@
 //! recipient. A [`Frame`] is framed once (by tungstenite's own framing),
 //! when the event is published, and shared by reference: sending it to a
 //! thousand clients copies nothing in user space. Each connection's
-//! [`Outbound`] queues shared frames and writes them with `sendmsg`, as many
-//! as are ready in one system call, straight from the shared buffers. It
-//! holds no write buffer of its own, so an idle connection holds none.
+//! [`Delivery`] queues shared frames, and [`Link::send`] writes them with
+//! `sendmsg`, as many as are ready in one system call, straight from the
+//! shared buffers. A connection holds no write buffer of its own, so an
+//! idle connection holds none.
 //!
 //! tungstenite keeps the reading side: it unmasks, checks and reassembles
 //! what the client sends, answers pings and close frames, and enforces the
 //! size limits. What it writes (those answers, the echo mode's frames, our
 //! close frame) goes through [`Inbound`] into a small bounded outbox in
-//! the connection's [`Link`], which the connection's writer sends between
-//! two whole frames. The two
-//! halves never write to the socket at once: only [`Outbound`] does.
+//! the connection's [`Link`], which the writer moves into the delivery
+//! between two whole frames. Only the holder of the delivery's lock writes
+//! to the socket.
 
-use crate::tap::HandOver;
+use crate::delivery::{Delivery, Lane};
 use bytes::BytesMut;
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Instant;
 use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Bytes;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_util::sync::CancellationToken;
 
 /// A server text frame, framed once: the WebSocket header and the JSON
 /// text in one shared buffer, the same bytes for every recipient.
@@ -84,34 +85,23 @@ impl Frame {
     }
 }
 
-/// A ping frame with no payload, framed.
-pub(crate) fn ping() -> Bytes {
-    let mut wire = Vec::with_capacity(2);
-    WsFrame::ping(Bytes::new())
-        .format(&mut wire)
-        .expect("formatting into memory never fails");
-    Bytes::from(wire)
-}
-
-/// Frames read from the log go straight into the queue.
-impl Extend<Frame> for Outbound {
-    fn extend<I: IntoIterator<Item = Frame>>(&mut self, frames: I) {
-        for frame in frames {
-            self.push(frame.into_wire());
-        }
-    }
-}
-
 /// What a connection's parts share, in one allocation: the socket, the
-/// outbox, the hand-over with the publisher ([`crate::tap`]), and the
-/// connection's task to wake.
+/// outbox, the connection's [`Delivery`], and the connection's task to
+/// wake.
+///
+/// The **delivery** is the one state of what goes to the socket
+/// ([`crate::delivery`]). Whoever holds its lock may write the socket: the
+/// connection's writer, or the publisher while the connection waits at
+/// the log's head ([`crate::tap`]). Both write what
+/// [`Delivery::transmit`] says, in order, so a frame is never interleaved
+/// with another.
 ///
 /// The **outbox** holds what the reading side has for the client, waiting
-/// for the connection's writer: what tungstenite writes (pongs, close
-/// frames, and in echo mode the echoed frames) and the replies meant for
-/// this client only (error frames). Both bounded: when either is full, the
-/// reading side waits, and with it the reading of further frames. Empty,
-/// it holds no allocation.
+/// for the writer to move it into the delivery: what tungstenite writes
+/// (pongs, close frames, and in echo mode the echoed frames) and the
+/// replies meant for this client only (error frames). Both bounded: when
+/// either is full, the reading side waits, and with it the reading of
+/// further frames. Empty, it holds no allocation.
 ///
 /// The reader and the writer run in one task, so one waker serves both:
 /// it is woken when the outbox fills (for the writer), when the writer has
@@ -120,6 +110,7 @@ impl Extend<Frame> for Outbound {
 #[derive(Debug)]
 pub(crate) struct Link {
     socket: TcpStream,
+    delivery: Mutex<Delivery>,
     outbox: Mutex<OutboxState>,
     /// Whether the outbox may hold something: the writer looks before it
     /// locks, on every batch.
@@ -130,8 +121,6 @@ pub(crate) struct Link {
     bound: usize,
     /// The most replies that may wait (`--reply-queue`).
     replies_bound: usize,
-    /// Who writes to the socket: the connection's writer, or the publisher.
-    pub(crate) tap: HandOver,
 }
 
 #[derive(Debug, Default)]
@@ -142,10 +131,15 @@ struct OutboxState {
     waiting: bool,
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing under these locks panics.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Link {
-    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
-        // Nothing under this lock panics.
-        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The connection's delivery, locked: the holder owns the socket.
+    pub(crate) fn delivery(&self) -> MutexGuard<'_, Delivery> {
+        lock(&self.delivery)
     }
 
     /// The socket.
@@ -158,23 +152,88 @@ impl Link {
         self.task.wake();
     }
 
-    /// Moves what is waiting into `queue`, tungstenite's bytes first, and
-    /// wakes the reading side if it waited for room.
-    fn take_into(&self, queue: &mut VecDeque<Bytes>) {
-        if !self.filled.swap(false, Ordering::Acquire) {
+    /// Registers the connection's task, to be woken by the next
+    /// [`Link::wake`].
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        self.task.register(waker);
+    }
+
+    /// Whether the outbox may hold something.
+    pub(crate) fn outbox_filled(&self) -> bool {
+        self.filled.load(Ordering::Acquire)
+    }
+
+    /// Moves what waits in the outbox into the delivery's urgent lane,
+    /// the replies first (tungstenite's close frame, if any, is the last
+    /// thing it writes), and wakes the reading side if it waited for room.
+    /// Only when the urgent lane has taken the last batch, or `all` (the
+    /// connection is closing), so that what waits stays bounded.
+    pub(crate) fn take_outbox(&self, delivery: &mut Delivery, all: bool) {
+        if !(all || delivery.takes_urgent()) || !self.filled.swap(false, Ordering::Acquire) {
             return;
         }
-        let mut state = self.lock();
-        if !state.bytes.is_empty() {
-            queue.push_back(Bytes::from(std::mem::take(&mut state.bytes)));
+        let mut state = lock(&self.outbox);
+        for reply in std::mem::take(&mut state.replies) {
+            delivery.push(Lane::Urgent, reply.into_wire());
         }
-        if !state.replies.is_empty() {
-            queue.extend(state.replies.drain(..).map(Frame::into_wire));
-            state.replies = VecDeque::new();
+        if !state.bytes.is_empty() {
+            delivery.push(Lane::Urgent, Bytes::from(std::mem::take(&mut state.bytes)));
         }
         if std::mem::take(&mut state.waiting) {
             drop(state);
             self.wake();
+        }
+    }
+
+    /// Writes what the socket takes now, without waiting, and tells the
+    /// delivery: `Ok(true)` if that was everything queued. The caller
+    /// holds the delivery's lock, and with it the socket.
+    pub(crate) fn send(&self, delivery: &mut Delivery, now: Instant) -> io::Result<bool> {
+        while !delivery.is_empty() {
+            match send_now(&self.socket, delivery.transmit()) {
+                Ok(written) => delivery.on_written(written, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    delivery.on_blocked(now);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes everything queued, and what tungstenite writes meanwhile,
+    /// by `deadline` (asked again at each wake-up: a stop may bring it
+    /// nearer): whether it was all written.
+    pub(crate) async fn flush(&self, mut deadline: impl FnMut() -> tokio::time::Instant) -> bool {
+        let mut by = deadline();
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(by));
+        loop {
+            {
+                let mut delivery = self.delivery();
+                self.take_outbox(&mut delivery, true);
+                match self.send(&mut delivery, Instant::now()) {
+                    Ok(true) => return true,
+                    Ok(false) => {}
+                    Err(_) => return false,
+                }
+            }
+            let woke = std::future::poll_fn(|cx| {
+                self.task.register(cx.waker());
+                if self.outbox_filled() || self.socket.poll_write_ready(cx).is_ready() {
+                    return Poll::Ready(true);
+                }
+                let now = deadline();
+                if now != by {
+                    by = now;
+                    timer.as_mut().reset(by);
+                }
+                timer.as_mut().poll(cx).map(|()| false)
+            })
+            .await;
+            if !woke {
+                return false;
+            }
         }
     }
 
@@ -183,7 +242,7 @@ impl Link {
     pub(crate) async fn reply(&self, frame: Frame) {
         let mut frame = Some(frame);
         std::future::poll_fn(|cx| {
-            let mut state = self.lock();
+            let mut state = lock(&self.outbox);
             if state.replies.len() < self.replies_bound {
                 state.replies.extend(frame.take());
                 self.filled.store(true, Ordering::Release);
@@ -195,24 +254,6 @@ impl Link {
                 // the task is registered.
                 state.waiting = true;
                 self.task.register(cx.waker());
-                Poll::Pending
-            }
-        })
-        .await;
-    }
-
-    /// Waits until the writer has something to do: the outbox filled, the
-    /// publisher handed the socket back, or `shutdown` is cancelled (the
-    /// server then wakes every connection: [`crate::log::Log::wake_all`]).
-    pub(crate) async fn writer_needed(&self, shutdown: &CancellationToken) {
-        std::future::poll_fn(|cx| {
-            self.task.register(cx.waker());
-            if self.filled.load(Ordering::Acquire)
-                || !self.tap.is_parked()
-                || shutdown.is_cancelled()
-            {
-                Poll::Ready(())
-            } else {
                 Poll::Pending
             }
         })
@@ -245,18 +286,22 @@ impl AsyncRead for Inbound {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.unread.is_empty() {
-            let mut chunk = BytesMut::with_capacity(this.chunk);
             loop {
+                // The buffer is made only once the socket is readable: a
+                // connection waiting for its client holds none.
                 std::task::ready!(this.link.socket.poll_read_ready(cx))?;
+                let mut chunk = BytesMut::with_capacity(this.chunk);
                 match this.link.socket.try_read_buf(&mut chunk) {
                     // The end of the stream reads as nothing.
-                    Ok(_) => break,
+                    Ok(_) => {
+                        this.unread = chunk;
+                        break;
+                    }
                     // Readiness was cleared: the next poll registers.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Poll::Ready(Err(e)),
                 }
             }
-            this.unread = chunk;
         }
         let n = this.unread.len().min(buf.remaining());
         buf.put_slice(&this.unread.split_to(n));
@@ -269,25 +314,29 @@ impl AsyncRead for Inbound {
 }
 
 impl AsyncWrite for Inbound {
+    /// Takes all of `buf` or nothing. tungstenite hands over whole frames
+    /// (its write buffer, as it stands), and the writer moves the outbox
+    /// into the delivery between two frames of the log: a frame cut in
+    /// two here could have another written inside it. An empty outbox
+    /// takes whatever tungstenite has, which its `max_write_buffer_size`
+    /// bounds.
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let link = &self.link;
-        let mut state = link.lock();
-        let room = link.bound.saturating_sub(state.bytes.len());
-        if room == 0 {
+        let mut state = lock(&link.outbox);
+        if !state.bytes.is_empty() && state.bytes.len() + buf.len() > link.bound {
             state.waiting = true;
             link.task.register(cx.waker());
             return Poll::Pending;
         }
-        let n = room.min(buf.len());
-        state.bytes.extend_from_slice(&buf[..n]);
+        state.bytes.extend_from_slice(buf);
         link.filled.store(true, Ordering::Release);
         drop(state);
         link.wake();
-        Poll::Ready(Ok(n))
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -308,6 +357,10 @@ pub(crate) const SLICES: usize = 64;
 /// `sendmsg`, without waiting: the bytes it took, or `WouldBlock`. Any
 /// thread may call it: the publisher writes for the connections that wait
 /// at the log's head (`crate::tap`).
+///
+/// With `MSG_NOSIGNAL`: a peer that reset the connection is an error
+/// here, not a SIGPIPE that would kill a host process which left that
+/// signal at its default.
 pub(crate) fn send_now<'a>(
     socket: &TcpStream,
     frames: impl IntoIterator<Item = &'a Bytes>,
@@ -323,44 +376,32 @@ pub(crate) fn send_now<'a>(
     // file-system path first (measured: 6 % of the server's CPU at 100
     // messages a second).
     match socket.try_io(Interest::WRITABLE, || {
-        socket2::SockRef::from(socket).send_vectored(slices)
+        socket2::SockRef::from(socket).send_vectored_with_flags(slices, libc::MSG_NOSIGNAL)
     }) {
         Ok(0) if !slices.iter().all(|s| s.is_empty()) => Err(io::ErrorKind::WriteZero.into()),
         sent => sent,
     }
 }
 
-/// Queue capacity kept between batches; more is given back, so that a
-/// connection that goes quiet holds no buffer.
-const QUEUE_KEPT: usize = 8;
-
-/// The socket as the server writes it: shared frames queued, and written
-/// as many at a time as the kernel takes.
-#[derive(Debug)]
-pub(crate) struct Outbound {
-    link: Arc<Link>,
-    /// Framed bytes not yet written, in order; the first may be partly
-    /// written (it is then a slice of what is left).
-    queue: VecDeque<Bytes>,
-}
-
-/// Splits an upgraded socket into the side tungstenite reads from and the
-/// side the server writes to. `outbox` bounds what tungstenite may write
-/// ahead of the writer, `replies` how many replies may wait.
+/// Splits an upgraded socket into the side tungstenite reads from and
+/// what the connection's parts share. `outbox` bounds what tungstenite
+/// may write ahead of the writer, `replies` how many replies may wait;
+/// `delivery` is the connection's delivery, from its handshake.
 pub(crate) fn split(
     stream: TcpStream,
     read_chunk: usize,
     outbox: usize,
     replies: usize,
-) -> (Inbound, Outbound) {
+    delivery: Delivery,
+) -> (Inbound, Arc<Link>) {
     let link = Arc::new(Link {
         socket: stream,
+        delivery: Mutex::new(delivery),
         outbox: Mutex::default(),
         filled: AtomicBool::new(false),
         task: AtomicWaker::new(),
         bound: outbox,
         replies_bound: replies.max(1),
-        tap: HandOver::default(),
     });
     (
         Inbound {
@@ -368,107 +409,8 @@ pub(crate) fn split(
             unread: BytesMut::new(),
             chunk: read_chunk.max(1),
         },
-        Outbound {
-            link,
-            queue: VecDeque::new(),
-        },
+        link,
     )
-}
-
-impl Outbound {
-    /// Queues framed bytes.
-    pub(crate) fn push(&mut self, wire: Bytes) {
-        if !wire.is_empty() {
-            self.queue.push_back(wire);
-        }
-    }
-
-    /// Queues what the reading side left (tungstenite's bytes, replies):
-    /// after the frames queued so far, so nothing lands inside one.
-    pub(crate) fn push_outbox(&mut self) {
-        self.link.take_into(&mut self.queue);
-    }
-
-    /// What the connection's parts share.
-    pub(crate) fn link(&self) -> &Arc<Link> {
-        &self.link
-    }
-
-    /// Whether nothing is queued.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    /// Writes what the socket takes now, without waiting: true if that
-    /// was everything queued. The common case needs no timer and no
-    /// wake-up registration.
-    pub(crate) fn try_flush(&mut self) -> io::Result<bool> {
-        self.push_outbox();
-        while !self.queue.is_empty() {
-            let written = match send_now(&self.link.socket, &self.queue) {
-                Ok(written) => written,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
-            };
-            self.consume(written);
-        }
-        self.release();
-        Ok(true)
-    }
-
-    /// Gives back the queue's memory once it is large and empty.
-    fn release(&mut self) {
-        if self.queue.capacity() > QUEUE_KEPT {
-            self.queue = VecDeque::new();
-        }
-    }
-
-    /// Writes everything queued (and what tungstenite wrote meanwhile).
-    pub(crate) async fn flush(&mut self) -> io::Result<()> {
-        self.push_outbox();
-        while !self.queue.is_empty() {
-            let Outbound { link, queue } = self;
-            let socket = &link.socket;
-            let written = std::future::poll_fn(|cx| {
-                loop {
-                    std::task::ready!(socket.poll_write_ready(cx))?;
-                    match send_now(socket, &*queue) {
-                        // Readiness was cleared: the next poll registers.
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        sent => return Poll::Ready(sent),
-                    }
-                }
-            })
-            .await?;
-            self.consume(written);
-            if self.queue.is_empty() {
-                self.push_outbox();
-            }
-        }
-        self.release();
-        Ok(())
-    }
-
-    /// Drops `n` written bytes from the front of the queue.
-    fn consume(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(front) = self.queue.front_mut() else {
-                return;
-            };
-            if n >= front.len() {
-                n -= front.len();
-                self.queue.pop_front();
-            } else {
-                *front = front.slice(n..);
-                n = 0;
-            }
-        }
-    }
-
-    /// The socket, for its options.
-    pub(crate) fn socket(&self) -> &TcpStream {
-        &self.link.socket
-    }
 }
 
 #[cfg(test)]
@@ -492,6 +434,16 @@ mod tests {
         }
     }
 
+    fn delivery() -> Delivery {
+        let settings = crate::delivery::Settings {
+            ping_interval: std::time::Duration::from_secs(30),
+            idle_timeout: std::time::Duration::from_secs(60),
+            write_timeout: std::time::Duration::from_secs(10),
+            queue_bytes: 1 << 20,
+        };
+        Delivery::new(settings, Instant::now())
+    }
+
     #[tokio::test]
     async fn everything_queued_arrives_in_order_across_partial_writes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -509,54 +461,72 @@ mod tests {
         socket2::SockRef::from(&server)
             .set_send_buffer_size(4096)
             .expect("sndbuf");
-        let (mut inbound, mut out) = split(server, 512, 1024, 4);
+        let (mut inbound, link) = split(server, 512, 1024, 4, delivery());
+        let deadline = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut expected = Vec::new();
-        for i in 0..500u32 {
-            let frame = Frame::text(format!("{i:>width$}", width = (i as usize * 37) % 3000));
-            expected.extend_from_slice(frame.wire());
-            out.push(frame.wire().clone());
-            if i % 100 == 0 {
-                // What tungstenite writes goes between whole frames.
-                let pong = [0x8a, 0x01, b'p'];
-                let n = std::future::poll_fn(|cx| Pin::new(&mut inbound).poll_write(cx, &pong))
-                    .await
-                    .expect("outbox");
-                assert_eq!(n, 3);
-                out.push_outbox();
-                expected.extend_from_slice(&pong);
+        for block in 0..5u32 {
+            // What tungstenite writes goes at the next frame boundary:
+            // before the frames not yet begun.
+            let pong = [0x8a, 0x01, b'p'];
+            let n = std::future::poll_fn(|cx| Pin::new(&mut inbound).poll_write(cx, &pong))
+                .await
+                .expect("outbox");
+            assert_eq!(n, 3);
+            expected.extend_from_slice(&pong);
+            {
+                let mut delivery = link.delivery();
+                for i in block * 100..(block + 1) * 100 {
+                    let frame =
+                        Frame::text(format!("{i:>width$}", width = (i as usize * 37) % 3000));
+                    expected.extend_from_slice(frame.wire());
+                    delivery.push(Lane::Event, frame.into_wire());
+                }
+                link.take_outbox(&mut delivery, false);
             }
+            assert!(link.flush(deadline).await, "flushed");
         }
-        out.flush().await.expect("flush");
-        assert!(out.is_empty());
-        assert!(out.queue.capacity() <= QUEUE_KEPT, "no buffer kept");
-        drop(out);
+        {
+            let delivery = link.delivery();
+            assert!(delivery.is_empty());
+            assert!(delivery.holds_no_buffer(), "no buffer kept");
+        }
+        drop(link);
         drop(inbound);
         assert_eq!(client.await.expect("client"), expected);
     }
 
     #[tokio::test]
-    async fn a_full_outbox_makes_tungstenite_wait_until_the_writer_takes_it() {
+    async fn the_outbox_takes_whole_writes_and_makes_tungstenite_wait_for_room() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
-        let (mut inbound, mut out) = split(server, 512, 4, 4);
+        let (mut inbound, link) = split(server, 512, 4, 4, delivery());
         let mut cx = Context::from_waker(Waker::noop());
+        // Empty, it takes a write larger than its bound whole: never a
+        // part of a frame.
         assert!(matches!(
             Pin::new(&mut inbound).poll_write(&mut cx, b"123456"),
-            Poll::Ready(Ok(4))
+            Poll::Ready(Ok(6))
         ));
         assert!(
             Pin::new(&mut inbound)
-                .poll_write(&mut cx, b"56")
+                .poll_write(&mut cx, b"78")
                 .is_pending()
         );
-        out.push_outbox();
+        link.take_outbox(&mut link.delivery(), false);
         assert!(matches!(
-            Pin::new(&mut inbound).poll_write(&mut cx, b"56"),
+            Pin::new(&mut inbound).poll_write(&mut cx, b"78"),
             Poll::Ready(Ok(2))
         ));
+        assert!(
+            matches!(
+                Pin::new(&mut inbound).poll_write(&mut cx, b"9"),
+                Poll::Ready(Ok(1))
+            ),
+            "within the bound, writes add up"
+        );
     }
 }
