@@ -161,6 +161,79 @@ async fn a_resume_that_cannot_be_honoured_is_a_reset_then_the_full_history() {
     again.shutdown().await;
 }
 
+/// With `--history-limit 3` and eight messages, a resume from the start
+/// is a reset with the three held, before and after a restart: what the
+/// history no longer holds is never served again, and the store keeps no
+/// event of an evicted message. (A resume used to return all eight, and
+/// the first stayed in the `events` table.)
+#[tokio::test]
+async fn an_evicted_message_is_never_served_again_nor_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = chat_server::Config {
+        in_memory: false,
+        data_dir: dir.path().to_owned(),
+        history_limit: 3,
+        ..test_config()
+    };
+    let server = TestServer::start(config.clone()).await;
+    let mut c = server.try_client(2, "/ws?sync", &[]).await.expect("ws");
+    let epoch = c.until_sync().await.1.epoch;
+    let posted = post(&mut c, 8, "m").await;
+    let held = posted[5..].to_vec();
+    let from_start = |server: &TestServer| {
+        let path = resume_path(0, epoch);
+        let addr = server.addr;
+        async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+            let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream)
+                .await
+                .expect("ws");
+            Client { ws }.until_sync().await
+        }
+    };
+    let expected = |held: &[ServerFrame]| {
+        let mut frames = vec![ServerFrame::Reset(chat_proto::Reset {
+            reason: ResetReason::Expired,
+        })];
+        frames.extend(held.iter().cloned());
+        frames
+    };
+    let (frames, sync) = from_start(&server).await;
+    assert_eq!(frames, expected(&held));
+    assert_eq!(sync.position, Position(8));
+    // From where the oldest held message was posted on, a resume is served.
+    let mut ok = server
+        .try_client(3, &resume_path(5, epoch), &[])
+        .await
+        .expect("ws");
+    assert_eq!(ok.until_sync().await.0, held);
+    server.shutdown().await;
+
+    let db = rusqlite::Connection::open(dir.path().join(chat_server::store::DB_FILE)).expect("db");
+    let events: Vec<i64> = db
+        .prepare("SELECT position FROM events ORDER BY position")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("events");
+    assert_eq!(events, [6, 7, 8], "the evicted messages' events are gone");
+    let messages: i64 = db
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .expect("messages");
+    assert_eq!(messages, 3);
+    drop(db);
+
+    let again = TestServer::start(config).await;
+    let (frames, sync) = from_start(&again).await;
+    assert_eq!(frames, expected(&held), "after a restart too");
+    assert_eq!(
+        sync,
+        Sync {
+            epoch,
+            position: Position(8)
+        }
+    );
+    again.shutdown().await;
+}
+
 #[tokio::test]
 async fn malformed_resume_queries_are_refused_with_400_and_the_reason() {
     let server = TestServer::start(test_config()).await;

@@ -182,6 +182,15 @@ pub enum EventKind {
 }
 
 impl Event {
+    /// The id of the message the event carries: the one posted, or the
+    /// one whose reactions changed.
+    pub fn message_id(&self) -> Uuid {
+        match &self.kind {
+            EventKind::MessagePosted { message, .. } => message.id,
+            EventKind::ReactionUpdated(r) => r.message_id,
+        }
+    }
+
     /// The frame to broadcast for this event.
     pub fn frame(&self) -> ServerFrame {
         match &self.kind {

@@ -133,24 +133,37 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 impl Log {
     /// The log of `chat` (as restored) in `epoch`, with the recent events
     /// an earlier run kept (`recent`, oldest first, ending at the chat's
-    /// head; the oldest are dropped to fit `retention`).
+    /// head, each with the id of the message it carries; the oldest are
+    /// dropped to fit `retention`, and so is every event up to the last
+    /// one that carries a message the chat no longer holds).
     pub(crate) fn new(
         chat: &Chat,
         epoch: Epoch,
-        recent: impl IntoIterator<Item = (Position, Frame)>,
+        recent: impl IntoIterator<Item = (Position, Uuid, Frame)>,
         retention: Retention,
         metrics: Arc<Metrics>,
     ) -> Self {
         let mut history = History::default();
         for message in chat.history().iter() {
-            history.push(message.id, encode(&ServerFrame::Message(message.clone())));
+            history.push(
+                message.id,
+                encode(&ServerFrame::Message(message.clone())),
+                Position::ZERO,
+            );
         }
         let head = chat.head();
         let mut kept = Recent::new(retention, head);
-        for (position, frame) in recent {
+        let mut unheld = None;
+        for (position, message, frame) in recent {
+            if !history.touch(&message, position) {
+                unheld = Some(position);
+            }
             kept.restore(position, frame);
         }
         kept.end_restore(head);
+        if let Some(through) = unheld {
+            kept.forget_through(through);
+        }
         metrics.history_messages.set(history.len() as i64);
         let (head_tx, _) = watch::channel(head);
         Log {
@@ -286,22 +299,27 @@ impl Log {
 
 impl State {
     fn publish(&mut self, entry: &Entry) {
+        let position = entry.event.position;
         match &entry.event.kind {
             EventKind::MessagePosted { message, evicted } => {
-                if evicted.is_some() {
-                    self.history.pop_front();
+                if evicted.is_some()
+                    && let Some(through) = self.history.pop_front()
+                {
+                    // What the history no longer holds is never served
+                    // again: the evicted message's events go too.
+                    self.recent.forget_through(through);
                 }
-                self.history.push(message.id, entry.frame.clone());
+                self.history.push(message.id, entry.frame.clone(), position);
                 self.metrics.messages_accepted.inc();
             }
             EventKind::ReactionUpdated(update) => {
                 let replay = encode(&ServerFrame::Message(update.message.clone()));
-                self.history.set(&update.message_id, replay);
+                self.history.set(&update.message_id, replay, position);
                 self.metrics.reactions_accepted.inc();
             }
         }
-        self.recent.push(entry.event.position, entry.frame.clone());
-        self.head = entry.event.position;
+        self.recent.push(position, entry.frame.clone());
+        self.head = position;
     }
 }
 
@@ -362,6 +380,23 @@ impl Recent {
         }
     }
 
+    /// Forgets every event up to `position`: a reader at or after it can
+    /// still be served, one before it no longer.
+    fn forget_through(&mut self, position: Position) {
+        while self.base < position {
+            match self.frames.pop_front() {
+                Some(old) => {
+                    self.bytes -= old.len();
+                    self.base = self.base.next();
+                }
+                None => {
+                    self.base = self.base.max(position);
+                    return;
+                }
+            }
+        }
+    }
+
     fn push(&mut self, position: Position, frame: Frame) {
         debug_assert_eq!(position.0, self.base.0 + self.frames.len() as u64 + 1);
         self.bytes += frame.len();
@@ -397,6 +432,9 @@ struct History {
     chunks: VecDeque<Arc<Vec<Frame>>>,
     /// Ids in the same order as the frames.
     ids: VecDeque<Uuid>,
+    /// The position of the last event that carried each message, in the
+    /// same order: when a message is evicted, the log forgets its events.
+    touched: VecDeque<Position>,
     /// Message id → sequence number; `first_seq` is the oldest held.
     index: HashMap<Uuid, u64, FixedState>,
     first_seq: u64,
@@ -409,7 +447,8 @@ impl History {
         self.ids.len()
     }
 
-    fn push(&mut self, id: Uuid, frame: Frame) {
+    /// Adds a message, posted at `position`.
+    fn push(&mut self, id: Uuid, frame: Frame, position: Position) {
         if self.chunks.back().is_none_or(|c| c.len() == CHUNK) {
             self.chunks.push_back(Arc::new(Vec::with_capacity(CHUNK)));
         }
@@ -418,10 +457,27 @@ impl History {
             self.index
                 .insert(id, self.first_seq + self.ids.len() as u64);
             self.ids.push_back(id);
+            self.touched.push_back(position);
         }
     }
 
-    fn set(&mut self, id: &Uuid, frame: Frame) {
+    /// Notes that the event at `position` carried message `id`: whether
+    /// the message is held.
+    fn touch(&mut self, id: &Uuid, position: Position) -> bool {
+        let Some(seq) = self.index.get(id) else {
+            return false;
+        };
+        if let Some(touched) = self.touched.get_mut((seq - self.first_seq) as usize) {
+            *touched = position;
+        }
+        true
+    }
+
+    /// Replaces a message's frame, after the event at `position` changed it.
+    fn set(&mut self, id: &Uuid, frame: Frame, position: Position) {
+        if !self.touch(id, position) {
+            return;
+        }
         let Some(seq) = self.index.get(id) else {
             return;
         };
@@ -433,10 +489,10 @@ impl History {
         }
     }
 
-    fn pop_front(&mut self) {
-        let Some(id) = self.ids.pop_front() else {
-            return;
-        };
+    /// Evicts the oldest message: the position of the last event that
+    /// carried it.
+    fn pop_front(&mut self) -> Option<Position> {
+        let id = self.ids.pop_front()?;
         self.index.remove(&id);
         self.first_seq += 1;
         self.skip += 1;
@@ -444,6 +500,7 @@ impl History {
             self.chunks.pop_front();
             self.skip = 0;
         }
+        self.touched.pop_front()
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -501,26 +558,37 @@ mod tests {
     #[test]
     fn history_tracks_push_set_and_evict_across_chunks() {
         let mut log = History::default();
-        let mut model: VecDeque<(Uuid, String)> = VecDeque::new();
+        // Id, text, and the position of the last event that carried it.
+        let mut model: VecDeque<(Uuid, String, Position)> = VecDeque::new();
         let mut snapshots = Vec::new();
-        let texts =
-            |m: &VecDeque<(Uuid, String)>| m.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>();
+        let texts = |m: &VecDeque<(Uuid, String, Position)>| {
+            m.iter().map(|(_, t, _)| t.clone()).collect::<Vec<_>>()
+        };
+        let mut position = Position::ZERO;
         for i in 0..(CHUNK * 3 + 17) {
             let id = Uuid::from_u128(i as u128);
-            log.push(id, Frame::text(i.to_string()));
-            model.push_back((id, i.to_string()));
+            position = position.next();
+            log.push(id, Frame::text(i.to_string()), position);
+            model.push_back((id, i.to_string(), position));
             if i % 5 == 0 {
-                log.pop_front();
-                model.pop_front();
+                let evicted = log.pop_front();
+                let expected = model.pop_front().map(|(_, _, touched)| touched);
+                assert_eq!(evicted, expected, "the evicted message's last event");
             }
             if i % 7 == 0 && !model.is_empty() {
-                let pos = i % model.len();
-                let id = model[pos].0;
-                log.set(&id, Frame::text(format!("r{i}")));
-                model[pos].1 = format!("r{i}");
+                let at = i % model.len();
+                let id = model[at].0;
+                position = position.next();
+                log.set(&id, Frame::text(format!("r{i}")), position);
+                model[at].1 = format!("r{i}");
+                model[at].2 = position;
             }
             // An id that is not (or no longer) held changes nothing.
-            log.set(&Uuid::from_u128(u128::MAX), Frame::text("x"));
+            log.set(
+                &Uuid::from_u128(u128::MAX),
+                Frame::text("x"),
+                position.next(),
+            );
             if i % 97 == 0 {
                 snapshots.push((log.snapshot(), texts(&model)));
             }
@@ -639,10 +707,16 @@ mod tests {
     const EPOCH: Epoch = Epoch(Uuid::from_u128(7));
 
     /// A chat driven through `n` commands (posts, and reactions to older
-    /// messages), with the entries it produced.
+    /// messages), with the entries it produced; its history holds 8
+    /// messages.
     fn drive(n: u64) -> (Chat, Vec<Entry>) {
+        drive_holding(n, 8)
+    }
+
+    /// [`drive`], with a history of `limit` messages.
+    fn drive_holding(n: u64, limit: usize) -> (Chat, Vec<Entry>) {
         let mut chat = Chat::new(Config {
-            history_limit: 8,
+            history_limit: limit,
             ..Config::default()
         });
         let mut entries = Vec::new();
@@ -718,7 +792,8 @@ mod tests {
 
     #[test]
     fn a_resume_from_every_position_gets_exactly_the_events_after_it() {
-        let (_, entries) = drive(40);
+        // Nothing evicted: every event is kept.
+        let (_, entries) = drive_holding(40, 1000);
         let log = log_of(1000);
         log.publish(&entries);
         let head = entries.len() as u64;
@@ -753,9 +828,70 @@ mod tests {
         );
     }
 
+    /// The message a frame of the log carries.
+    fn carried(frame: &Frame) -> Uuid {
+        match ServerFrame::decode(frame.as_str()).expect("a frame") {
+            ServerFrame::Message(m) => m.id,
+            ServerFrame::ReactionUpdated(r) => r.message_id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_resume_never_gets_what_the_history_no_longer_holds() {
+        // 60 commands on a history of 8: most messages are evicted, some
+        // after reactions that came late.
+        let (chat, entries) = drive(60);
+        let held: std::collections::HashSet<Uuid> = chat.history().iter().map(|m| m.id).collect();
+        let check = |log: &Log| {
+            let mut served = 0;
+            for p in 0..=chat.head().0 {
+                let joined = log.join(Since::Resume {
+                    epoch: EPOCH,
+                    position: Position(p),
+                });
+                if joined.reset.is_some() {
+                    assert_eq!(joined.reset, Some(ResetReason::Expired), "from {p}");
+                    continue;
+                }
+                served += 1;
+                for frame in read_from(log, joined.cursor) {
+                    assert!(
+                        held.contains(&carried(&frame)),
+                        "from {p}: an evicted message"
+                    );
+                }
+            }
+            assert!(served > 1, "some resumes are still served");
+            assert_eq!(
+                log.join(Since::Resume {
+                    epoch: EPOCH,
+                    position: Position::ZERO
+                })
+                .reset,
+                Some(ResetReason::Expired),
+                "the first message is gone"
+            );
+        };
+        let live = log_of(1000);
+        live.publish(&entries);
+        check(&live);
+        // Restored from what a store kept (every event, as one that kept
+        // them all would give back): the same.
+        let recent = entries
+            .iter()
+            .map(|e| (e.event.position, e.event.message_id(), e.frame.clone()));
+        let retention = Retention {
+            events: 1000,
+            bytes: usize::MAX,
+        };
+        let restored = Log::new(&chat, EPOCH, recent, retention, Arc::new(Metrics::new()));
+        check(&restored);
+    }
+
     #[test]
     fn a_resume_older_than_the_log_reaches_is_a_reset_with_the_history() {
-        let (chat, entries) = drive(40);
+        let (chat, entries) = drive_holding(40, 1000);
         let log = log_of(10);
         log.publish(&entries);
         let head = entries.len() as u64;

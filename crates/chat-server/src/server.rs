@@ -222,7 +222,7 @@ impl Server {
                 let recent = loaded
                     .recent
                     .into_iter()
-                    .map(|(position, frame)| (position, Frame::text(frame)));
+                    .map(|e| (e.position, e.message, Frame::text(e.frame)));
                 let log = Log::new(&chat, loaded.epoch, recent, retention, Arc::clone(&metrics));
                 info!(
                     path = %store.path().display(),

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "chat.sqlite3";
@@ -229,7 +229,18 @@ pub struct Loaded {
     /// The position of the latest stored event.
     pub head: Position,
     /// The latest events' frames, oldest first, ending at `head`.
-    pub recent: Vec<(Position, String)>,
+    pub recent: Vec<RecentEvent>,
+}
+
+/// One of the latest events, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentEvent {
+    /// Its position in the log.
+    pub position: Position,
+    /// The message it carries (posted, or with its reactions updated).
+    pub message: Uuid,
+    /// Its frame, as sent.
+    pub frame: String,
 }
 
 impl Store {
@@ -331,6 +342,24 @@ impl Store {
                 )
                 .map_err(|e| self.sql(e))?;
         }
+        if version < 3 {
+            // Each event names the message it carries, so that the events
+            // of an evicted message go with it. Older events are named
+            // from their frames (`message`: data.id; `reaction_updated`:
+            // data.message_id).
+            self.conn
+                .execute_batch(
+                    "BEGIN;
+                     ALTER TABLE events ADD COLUMN message BLOB;
+                     UPDATE events SET message = unhex(replace(coalesce(
+                         json_extract(frame, '$.data.message_id'),
+                         json_extract(frame, '$.data.id')), '-', ''));
+                     CREATE INDEX events_by_message ON events (message, position);
+                     PRAGMA user_version = 3;
+                     COMMIT;",
+                )
+                .map_err(|e| self.sql(e))?;
+        }
         Ok(())
     }
 
@@ -353,6 +382,7 @@ impl Store {
             })
             .map_err(|e| self.sql(e))?;
         let head = Position(u64::try_from(head).map_err(|_| self.corrupt(format!("head {head}")))?);
+        self.forget_unheld_events()?;
         let recent = self.load_recent(head)?;
         Ok(Loaded {
             messages: self.load_messages()?,
@@ -389,26 +419,51 @@ impl Store {
         }
     }
 
-    fn load_recent(&self, head: Position) -> Result<Vec<(Position, String)>, StoreError> {
+    fn load_recent(&self, head: Position) -> Result<Vec<RecentEvent>, StoreError> {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT position, frame FROM events WHERE position > ?1 AND position <= ?2
+                "SELECT position, message, frame FROM events WHERE position > ?1 AND position <= ?2
                  ORDER BY position",
             )
             .map_err(|e| self.sql(e))?;
         let from = head.0.saturating_sub(self.keep_events);
         let rows = stmt
             .query_map(params![from as i64, head.0 as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
             })
             .map_err(|e| self.sql(e))?;
         let mut recent = Vec::new();
         for row in rows {
-            let (position, frame) = row.map_err(|e| self.sql(e))?;
-            recent.push((Position(position as u64), frame));
+            let (position, message, frame) = row.map_err(|e| self.sql(e))?;
+            let message = Uuid::from_slice(&message)
+                .map_err(|e| self.corrupt(format!("event {position}: {e}")))?;
+            recent.push(RecentEvent {
+                position: Position(position as u64),
+                message,
+                frame,
+            });
         }
         Ok(recent)
+    }
+
+    /// Deletes every event up to the last one that carries a message the
+    /// store no longer holds: what the history no longer holds is never
+    /// served again, and the events kept stay one unbroken run.
+    fn forget_unheld_events(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM events WHERE position <= (
+                     SELECT max(position) FROM events
+                     WHERE message IS NULL OR message NOT IN (SELECT id FROM messages))",
+                [],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
     }
 
     /// Every stored message, oldest first.
@@ -511,20 +566,33 @@ impl Store {
                 .prepare_cached("DELETE FROM messages WHERE id = ?1")
                 .map_err(sql)?;
             let mut log = tx
-                .prepare_cached("INSERT INTO events (position, frame) VALUES (?1, ?2)")
+                .prepare_cached("INSERT INTO events (position, message, frame) VALUES (?1, ?2, ?3)")
+                .map_err(sql)?;
+            // The events of an evicted message, and every event before
+            // them, go with it.
+            let mut forget = tx
+                .prepare_cached(
+                    "DELETE FROM events WHERE position <= (
+                         SELECT max(position) FROM events WHERE message = ?1)",
+                )
                 .map_err(sql)?;
             for entry in entries {
-                log.execute(params![entry.event.position.0 as i64, entry.frame.as_str()])
-                    .map_err(sql)?;
-                match &entry.event.kind {
+                let event = &entry.event;
+                log.execute(params![
+                    event.position.0 as i64,
+                    event.message_id().as_bytes().as_slice(),
+                    entry.frame.as_str()
+                ])
+                .map_err(sql)?;
+                match &event.kind {
                     EventKind::MessagePosted {
                         message: m,
                         evicted,
                     } => {
                         if let Some(old) = evicted {
-                            delete
-                                .execute(params![old.id.as_bytes().as_slice()])
-                                .map_err(sql)?;
+                            let old = old.id.as_bytes().as_slice();
+                            delete.execute(params![old]).map_err(sql)?;
+                            forget.execute(params![old]).map_err(sql)?;
                         }
                         insert
                             .execute(params![
@@ -558,7 +626,8 @@ impl Store {
         tx.commit().map_err(sql)
     }
 
-    /// Deletes messages (the ones a lowered history limit dropped).
+    /// Deletes messages (the ones a lowered history limit dropped), and
+    /// with them their events.
     pub fn delete(&mut self, messages: &[Message]) -> Result<(), StoreError> {
         let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
             path: self.path.clone(),
@@ -574,7 +643,8 @@ impl Store {
                 source: e,
             })?;
         }
-        tx.commit().map_err(|e| self.sql(e))
+        tx.commit().map_err(|e| self.sql(e))?;
+        self.forget_unheld_events()
     }
 }
 
@@ -680,9 +750,9 @@ mod tests {
         let loaded = store.load(epoch(2)).expect("load");
         assert_eq!(loaded.epoch, epoch(1), "the epoch drawn first is kept");
         assert_eq!(loaded.head, Position(8));
-        let positions: Vec<u64> = loaded.recent.iter().map(|(p, _)| p.0).collect();
+        let positions: Vec<u64> = loaded.recent.iter().map(|e| e.position.0).collect();
         assert_eq!(positions, [4, 5, 6, 7, 8], "the latest 5, oldest first");
-        let frames: Vec<&str> = loaded.recent.iter().map(|(_, f)| f.as_str()).collect();
+        let frames: Vec<&str> = loaded.recent.iter().map(|e| e.frame.as_str()).collect();
         assert_eq!(
             frames,
             sent[3..].iter().map(String::as_str).collect::<Vec<_>>()
@@ -695,6 +765,70 @@ mod tests {
         let loaded = store.load(epoch(4)).expect("load");
         assert_eq!((loaded.epoch, loaded.head), (epoch(3), Position(8)));
         assert_eq!(loaded.messages.len(), 8);
+    }
+
+    #[test]
+    fn an_evicted_message_takes_its_events_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = Config {
+            history_limit: 2,
+            ..Config::default()
+        };
+        let mut chat = Chat::new(cfg);
+        let mut store = Store::open(dir.path(), KEEP).expect("open");
+        // Messages 1, 2; a reaction to 1 (position 3); message 3 evicts 1
+        // (position 4): events 1 to 3 go, 1's last at 3.
+        drive(&mut chat, &mut store, 1, "u1", say("one"));
+        drive(&mut chat, &mut store, 2, "u1", say("two"));
+        drive(&mut chat, &mut store, 10, "u2", react(1, "🎉"));
+        drive(&mut chat, &mut store, 3, "u1", say("three"));
+        let positions = |store: &mut Store| -> Vec<u64> {
+            let loaded = store.load(epoch(1)).expect("load");
+            loaded.recent.iter().map(|e| e.position.0).collect()
+        };
+        assert_eq!(positions(&mut store), [4]);
+        // A reaction to 2 (5), then 4 evicts 2 (6): 4 and 5 go.
+        drive(&mut chat, &mut store, 11, "u2", react(2, "👍"));
+        drive(&mut chat, &mut store, 4, "u1", say("four"));
+        assert_eq!(positions(&mut store), [6]);
+        let loaded = store.load(epoch(1)).expect("load");
+        assert_eq!(loaded.recent[0].message, Uuid::from_u128(4));
+    }
+
+    #[test]
+    fn a_schema_2_database_names_each_event_s_message_and_forgets_unheld_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = Uuid::from_u128(2);
+        let gone = Uuid::from_u128(1);
+        {
+            // A database as schema 2 left it: message 1 evicted, its
+            // events still kept.
+            let conn = Connection::open(dir.path().join(DB_FILE)).expect("db");
+            conn.execute_batch(&format!(
+                "CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,
+                     text TEXT NOT NULL, author_id TEXT NOT NULL, author_name TEXT NOT NULL,
+                     created_at INTEGER NOT NULL, reactions TEXT NOT NULL);
+                 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+                 CREATE TABLE events (position INTEGER PRIMARY KEY, frame TEXT NOT NULL);
+                 INSERT INTO meta (key, value) VALUES ('head', 3);
+                 INSERT INTO messages (id, text, author_id, author_name, created_at, reactions)
+                     VALUES (x'{held_hex}', 'two', 'u', 'Anonymous', 1, '{{}}');
+                 INSERT INTO events VALUES (1, '{{\"type\":\"message\",\"data\":{{\"id\":\"{gone}\"}}}}');
+                 INSERT INTO events VALUES (2, '{{\"type\":\"reaction_updated\",\"data\":{{\"message_id\":\"{gone}\"}}}}');
+                 INSERT INTO events VALUES (3, '{{\"type\":\"message\",\"data\":{{\"id\":\"{held}\"}}}}');
+                 PRAGMA user_version = 2;",
+                held_hex = held.simple(),
+            ))
+            .expect("schema 2");
+        }
+        let mut store = Store::open(dir.path(), KEEP).expect("migrates");
+        let loaded = store.load(epoch(1)).expect("load");
+        let recent: Vec<(u64, Uuid)> = loaded
+            .recent
+            .iter()
+            .map(|e| (e.position.0, e.message))
+            .collect();
+        assert_eq!(recent, [(3, held)], "the evicted message's events are gone");
     }
 
     #[test]
