@@ -21,6 +21,7 @@
 
 use crate::hub::{ApplyError, Health, Sequencer};
 use crate::log::Log;
+use crate::pipeline::Commits;
 use crate::store::DataDir;
 use async_nats::jetstream::{self, consumer, object_store, stream};
 use chat_core::{Chat, ChatSnapshot, Context, Event, RateKind, Timestamp};
@@ -33,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
@@ -647,7 +648,7 @@ impl Connected {
     pub(crate) async fn start(
         self,
         mut chat: Chat,
-        commits: mpsc::Sender<Vec<Event>>,
+        commits: Commits,
         stop: CancellationToken,
         log: Arc<Log>,
     ) -> Result<(ClusterSequencer, JoinHandle<()>), ClusterError> {
@@ -804,7 +805,7 @@ impl Connected {
                             view.lock()
                                 .unwrap_or_else(PoisonError::into_inner)
                                 .applied(&chat, user.as_ref());
-                            if !events.is_empty() && commits.send(events).await.is_err() {
+                            if !events.is_empty() && commits.send(events, 1).await.is_err() {
                                 return; // the server is stopping
                             }
                             if let Some((n, b, request)) = origin

@@ -75,12 +75,14 @@ pub struct Config {
     #[arg(long, env = "CHAT_NEW_EPOCH")]
     pub new_epoch: bool,
 
-    /// Accepted commands waiting for their commit (to disk, or, with
-    /// `--in-memory`, to the writer that writes nothing) before they are
-    /// published; while full, senders wait (backpressure) instead of memory
-    /// growing.
-    #[arg(long, env = "CHAT_COMMIT_QUEUE", default_value_t = 4096)]
-    pub commit_queue: usize,
+    /// Bytes of accepted commands waiting for their commit (to disk, or,
+    /// with `--in-memory`, to the writer that writes nothing) before they
+    /// are published; while full, senders wait (backpressure) instead of
+    /// memory growing. Each command takes twice the largest frame the
+    /// rules allow (the most its event can hold), whatever its size: 16
+    /// MiB is about 200 commands of the default rules' 41 KB frames.
+    #[arg(long, env = "CHAT_COMMIT_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub commit_queue_bytes: usize,
 
     /// How long commits may keep failing (a full or broken disk) before the
     /// server stops itself and exits non-zero, so a supervisor notices,
@@ -451,7 +453,7 @@ impl Config {
             ("--log-events", self.log_events),
             ("--log-bytes", self.log_bytes),
             ("--reply-queue", self.reply_queue),
-            ("--commit-queue", self.commit_queue),
+            ("--commit-queue-bytes", self.commit_queue_bytes),
         ];
         for (flag, value) in positive {
             if value == 0 {
@@ -498,6 +500,12 @@ impl Config {
             ));
         }
         let largest = self.largest_server_frame();
+        if self.commit_queue_bytes < 2 * largest {
+            return Err(format!(
+                "--commit-queue-bytes ({}) must be at least twice the largest frame these rules allow ({largest} bytes): each command takes that much",
+                self.commit_queue_bytes
+            ));
+        }
         if largest > self.max_server_frame {
             return Err(format!(
                 "these chat rules let a frame reach {largest} bytes (a reaction_updated on a message with \

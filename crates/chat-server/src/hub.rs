@@ -17,11 +17,11 @@
 //! the hub without touching them.
 
 use crate::clock::Clock;
-use chat_core::{Chat, ChatError, Context, Event};
+use crate::pipeline::Commits;
+use chat_core::{Chat, ChatError, Context};
 use chat_proto::{ClientFrame, UserId, Uuid};
 use futures_util::future::BoxFuture;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use tokio::sync::mpsc;
 
 /// Whether the ordering point can take commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub(crate) trait Sequencer: Send + Sync + std::fmt::Debug {
 pub(crate) struct Hub {
     chat: Mutex<Chat>,
     /// Where applied events wait for their commit, in the order applied.
-    commits: mpsc::Sender<Vec<Event>>,
+    commits: Commits,
     /// The time each command is stamped with.
     clock: Clock,
 }
@@ -88,7 +88,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Hub {
     /// A hub around `chat` (empty, or restored from a store) whose applied
     /// events go to `commits`, stamped with `clock`'s time.
-    pub(crate) fn new(chat: Chat, commits: mpsc::Sender<Vec<Event>>, clock: Clock) -> Self {
+    pub(crate) fn new(chat: Chat, commits: Commits, clock: Clock) -> Self {
         Hub {
             chat: Mutex::new(chat),
             commits,
@@ -106,7 +106,7 @@ impl Hub {
     ) -> Result<(), ApplyError> {
         // Take a place in the commit queue first: while the disk is behind,
         // this waits, and nothing is applied that could not be queued.
-        let permit = self
+        let reserved = self
             .commits
             .reserve()
             .await
@@ -120,7 +120,7 @@ impl Hub {
         chat.handle(ctx, command)?;
         // Sent under the lock, so the queue holds events in the order they
         // were applied.
-        permit.send(std::iter::from_fn(|| chat.poll_event()).collect());
+        reserved.send(std::iter::from_fn(|| chat.poll_event()).collect());
         Ok(())
     }
 }

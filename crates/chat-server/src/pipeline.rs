@@ -1,8 +1,10 @@
 //! The one path every event takes: **apply → commit → publish**.
 //!
 //! The [`Hub`](crate::hub::Hub) applies commands in one order and queues
-//! their events (a bounded queue: while it is full, senders wait). The
-//! committer thread here takes everything waiting, hands it to an
+//! their events in the [`Commits`] queue, bounded in bytes: each command
+//! takes room for the largest frames its event can make before it is
+//! applied, and while the queue is full, senders wait. The committer
+//! thread here takes everything waiting, hands it to an
 //! [`EventWriter`], and once that returns publishes the batch to the
 //! [`Log`], where connections read it. With the default store the
 //! writer is SQLite, so nothing is shown before it is on disk; with
@@ -19,9 +21,109 @@ use chat_core::Event;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
+
+/// The queue of applied events waiting for their commit, bounded in
+/// bytes (`--commit-queue-bytes`).
+///
+/// The size of an event is not known before its command is applied, and
+/// a sender must not wait after applying (the order is decided then). So
+/// each command reserves room for the most its event can hold: the
+/// largest frame the rules allow, twice (a `reaction_updated` becomes its
+/// frame and the message's new history frame; a post may carry the
+/// message it evicts). The room comes back once the committer has
+/// published the batch.
+#[derive(Debug, Clone)]
+pub(crate) struct Commits {
+    tx: mpsc::UnboundedSender<Commit>,
+    room: Arc<Semaphore>,
+    /// The room one command takes, in bytes.
+    per_command: u32,
+}
+
+/// Applied events, with the room they took.
+#[derive(Debug)]
+pub(crate) struct Commit {
+    events: Vec<Event>,
+    room: u32,
+}
+
+/// Room for one command's events, taken before it is applied.
+#[derive(Debug)]
+pub(crate) struct Reserved<'a> {
+    commits: &'a Commits,
+    permit: SemaphorePermit<'a>,
+}
+
+/// The queue no longer takes commands: the server is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+/// What the committer takes commits from, and gives their room back to.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    rx: mpsc::UnboundedReceiver<Commit>,
+    room: Arc<Semaphore>,
+}
+
+/// A commit queue of `bytes` (at least one command's room), where a
+/// command takes `largest_frame` twice.
+pub(crate) fn commit_queue(bytes: usize, largest_frame: usize) -> (Commits, Queue) {
+    let per_command = u32::try_from(largest_frame.saturating_mul(2)).unwrap_or(u32::MAX);
+    let total = bytes
+        .clamp(per_command as usize, Semaphore::MAX_PERMITS)
+        .min(u32::MAX as usize);
+    let room = Arc::new(Semaphore::new(total));
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        Commits {
+            tx,
+            room: Arc::clone(&room),
+            per_command,
+        },
+        Queue { rx, room },
+    )
+}
+
+impl Commits {
+    /// Waits for room for one command's events.
+    pub(crate) async fn reserve(&self) -> Result<Reserved<'_>, Closed> {
+        let permit = self
+            .room
+            .acquire_many(self.per_command)
+            .await
+            .map_err(|_| Closed)?;
+        Ok(Reserved {
+            commits: self,
+            permit,
+        })
+    }
+
+    /// Queues the events of `commands` applied commands, waiting for their
+    /// room first (the cluster's applier, which applies before it knows).
+    pub(crate) async fn send(&self, events: Vec<Event>, commands: usize) -> Result<(), Closed> {
+        let want = u32::try_from(commands.max(1))
+            .unwrap_or(u32::MAX)
+            .saturating_mul(self.per_command);
+        let permit = self.room.acquire_many(want).await.map_err(|_| Closed)?;
+        permit.forget();
+        self.tx
+            .send(Commit { events, room: want })
+            .map_err(|_| Closed)
+    }
+}
+
+impl Reserved<'_> {
+    /// Queues the applied command's events in the room taken.
+    pub(crate) fn send(self, events: Vec<Event>) {
+        let room = self.permit.num_permits() as u32;
+        self.permit.forget();
+        // The committer is gone only once the server has stopped.
+        let _ = self.commits.tx.send(Commit { events, room });
+    }
+}
 
 /// Where applied events are written before they are published.
 pub(crate) trait EventWriter: Send + 'static {
@@ -46,7 +148,7 @@ impl EventWriter for Discard {
 }
 
 /// Most commands written in one transaction.
-const MAX_BATCH: usize = 1024;
+const MAX_COMMANDS: usize = 1024;
 
 /// The longest wait between two attempts at a failing commit.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -62,6 +164,11 @@ pub(crate) struct Committer {
     outage: Arc<AtomicBool>,
     /// Resolves (with an error: the sender is dropped) when the thread ends.
     done: oneshot::Receiver<()>,
+    /// The commit queue's room: all of it is back once everything queued
+    /// is written.
+    room: Arc<Semaphore>,
+    /// All of the room.
+    total: usize,
 }
 
 /// How the committer's work ended.
@@ -81,28 +188,60 @@ impl Committer {
         self.outage.load(Ordering::Relaxed)
     }
 
-    /// Waits until the committer has written what was queued (the queue
-    /// closes when the hub is dropped), or until `deadline`. Past it, the
-    /// committer is told to give up; a commit stuck in the kernel is left
-    /// behind (the process exits around it, and SQLite's journal keeps the
-    /// database whole).
+    /// Closes the commit queue: no command is applied any more (senders
+    /// are told the server is stopping); what is queued is still written.
+    pub(crate) fn close_queue(&self) {
+        self.room.close();
+    }
+
+    /// Whether the queue is closed and everything it took is written and
+    /// published: all its room is back.
+    fn all_written(&self) -> bool {
+        self.room.is_closed() && self.room.available_permits() == self.total
+    }
+
+    /// Waits until the committer has written what was queued, or until
+    /// `deadline`. Past it, the committer is told to give up; a commit
+    /// stuck in the kernel is left behind (the process exits around it, and
+    /// SQLite's journal keeps the database whole).
+    ///
+    /// Everything is written once the queue is closed and all its room is
+    /// back, even while a connection that is still closing keeps the queue's
+    /// sender (and so the committer's thread) alive: that is not a
+    /// commit given up.
     pub(crate) async fn finish(mut self, deadline: tokio::time::Instant) -> Finished {
-        if tokio::time::timeout_at(deadline, &mut self.done)
-            .await
-            .is_ok()
-        {
-            return if self.give_up.load(Ordering::Relaxed) {
+        let outcome = |committer: &Committer| {
+            if committer.give_up.load(Ordering::Relaxed) {
                 Finished::GaveUp
             } else {
                 Finished::AllWritten
-            };
+            }
+        };
+        loop {
+            if self.all_written() {
+                return Finished::AllWritten;
+            }
+            let step = (tokio::time::Instant::now() + FINISH_STEP).min(deadline);
+            if tokio::time::timeout_at(step, &mut self.done).await.is_ok() {
+                return outcome(&self);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
         }
         self.give_up.store(true, Ordering::Relaxed);
         // A retrying committer notices within one backoff step.
         let _ = tokio::time::timeout(BACKOFF_STEP * 2, &mut self.done).await;
-        Finished::GaveUp
+        if self.all_written() {
+            Finished::AllWritten
+        } else {
+            Finished::GaveUp
+        }
     }
 }
+
+/// How often a stopping server looks whether everything is written.
+const FINISH_STEP: Duration = Duration::from_millis(10);
 
 /// How often a backing-off committer checks whether to give up.
 const BACKOFF_STEP: Duration = Duration::from_millis(100);
@@ -112,7 +251,7 @@ const BACKOFF_STEP: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub(crate) struct Pipe {
     /// Applied events, in order.
-    pub(crate) queue: mpsc::Receiver<Vec<Event>>,
+    pub(crate) queue: Queue,
     /// Where written events are published.
     pub(crate) log: Arc<Log>,
     /// Where commits are counted and timed.
@@ -146,6 +285,8 @@ pub(crate) fn spawn_committer(writer: impl EventWriter, pipe: Pipe) -> std::io::
     let giving_up = Arc::clone(&give_up);
     let outage = Arc::new(AtomicBool::new(false));
     let out = Arc::clone(&outage);
+    let room = Arc::clone(&queue.room);
+    let total = room.available_permits();
     std::thread::Builder::new()
         .name("chat-store".into())
         .spawn(move || {
@@ -153,22 +294,27 @@ pub(crate) fn spawn_committer(writer: impl EventWriter, pipe: Pipe) -> std::io::
             // data directory's lock) is released before `finish` hears of it.
             let _done = done_tx;
             let mut writer = writer;
-            let mut queue = queue;
-            while let Some(first) = queue.blocking_recv() {
+            let Queue { mut rx, room } = queue;
+            while let Some(first) = rx.blocking_recv() {
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match queue.try_recv() {
+                while batch.len() < MAX_COMMANDS {
+                    match rx.try_recv() {
                         Ok(more) => batch.push(more),
                         Err(_) => break,
                     }
                 }
                 let commands = batch.len();
+                let taken: usize = batch.iter().map(|c| c.room as usize).sum();
                 let started = Instant::now();
                 let mut backoff = Duration::from_millis(10);
                 // Nothing is published until it is on disk: on a failing
                 // disk, clients' messages wait (and the queue applies
                 // backpressure) rather than being lost.
-                let entries: Vec<Entry> = batch.into_iter().flatten().map(Entry::from).collect();
+                let entries: Vec<Entry> = batch
+                    .into_iter()
+                    .flat_map(|c| c.events)
+                    .map(Entry::from)
+                    .collect();
                 while let Err(e) = writer.write(&entries) {
                     metrics.store_failing.set(1);
                     let failing_for = started.elapsed();
@@ -183,7 +329,7 @@ pub(crate) fn spawn_committer(writer: impl EventWriter, pipe: Pipe) -> std::io::
                     }
                     error!(error = %e, retry_in = ?backoff, "commit failed; messages wait");
                     if !sleep_unless(&giving_up, backoff) {
-                        let unwritten = commands + queue.len();
+                        let unwritten = commands + rx.len();
                         error!(
                             unwritten,
                             "gave up on the store: {unwritten} accepted commands were not written; none of them was ever shown to anyone"
@@ -198,12 +344,16 @@ pub(crate) fn spawn_committer(writer: impl EventWriter, pipe: Pipe) -> std::io::
                 metrics.store_commit_commands.observe(commands as f64);
                 debug!(commands, ?took, "committed");
                 log.publish(&entries);
+                drop(entries);
+                room.add_permits(taken);
             }
         })?;
     Ok(Committer {
         give_up,
         outage,
         done,
+        room,
+        total,
     })
 }
 
@@ -285,7 +435,7 @@ mod tests {
             retention,
             Arc::clone(&metrics),
         ));
-        let (commits, queue) = mpsc::channel(16);
+        let (commits, queue) = commit_queue(1 << 20, 1024);
         let writer = Gated::default();
         let pipe = Pipe {
             queue,

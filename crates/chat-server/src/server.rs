@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -249,7 +248,8 @@ impl Server {
         };
         // One pipeline either way: apply → commit → publish. In memory, the
         // writer writes nothing.
-        let (commits, queue) = mpsc::channel(config.commit_queue);
+        let (commits, queue) =
+            pipeline::commit_queue(config.commit_queue_bytes, config.largest_server_frame());
         let shutdown = CancellationToken::new();
         let pipe = pipeline::Pipe {
             queue,
@@ -375,6 +375,8 @@ impl Server {
         // connections closing meanwhile give up at it too.
         let deadline = tokio::time::Instant::now() + shared.config.shutdown_grace;
         let _ = shared.stop_by.set(deadline);
+        // No command is applied from now on; what was is still written.
+        committer.close_queue();
         // Connections waiting at the log's head wait on nothing else.
         shared.log.wake_all();
         let _ = accept.await;

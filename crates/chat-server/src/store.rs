@@ -455,14 +455,22 @@ impl Store {
     /// store no longer holds: what the history no longer holds is never
     /// served again, and the events kept stay one unbroken run.
     fn forget_unheld_events(&mut self) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "DELETE FROM events WHERE position <= (
-                     SELECT max(position) FROM events
-                     WHERE message IS NULL OR message NOT IN (SELECT id FROM messages))",
+        // Looked up first, so that a store with nothing to forget is only
+        // read at start.
+        let through: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT max(position) FROM events
+                 WHERE message IS NULL OR message NOT IN (SELECT id FROM messages)",
                 [],
+                |r| r.get(0),
             )
             .map_err(|e| self.sql(e))?;
+        if let Some(through) = through {
+            self.conn
+                .execute("DELETE FROM events WHERE position <= ?1", [through])
+                .map_err(|e| self.sql(e))?;
+        }
         Ok(())
     }
 

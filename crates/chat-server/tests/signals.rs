@@ -100,3 +100,99 @@ async fn a_first_signal_is_bounded_and_a_second_ends_at_once() {
     assert!(texts[1].contains("\"committed 2\""), "{texts:?}");
     drop(server);
 }
+
+/// A client whose socket is full outlives `--shutdown-grace` (its writes
+/// may wait `--write-timeout`, 10 s): the server still stops within the
+/// grace, resets it, and does not report a commit given up, since every
+/// accepted message was written. (It used to log "stopped without writing
+/// everything accepted", and leave the connection to its write timeout.)
+#[tokio::test]
+async fn a_connection_that_outlives_the_grace_is_no_commit_given_up() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let port = binary::free_port();
+    let mut child = Command::new(binary::program())
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--in-memory"])
+        .args(["--shutdown-grace", "1s", "--message-rate", "100000"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chat-server");
+    let lines = {
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    // A client that never reads, with a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .expect("connect");
+    let (stuck, _) = tokio_tungstenite::client_async(&url, stream)
+        .await
+        .expect("handshake");
+    // Enough messages to fill its socket and the server's queue for it.
+    let (mut poster, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    let text = chat_proto::ClientFrame::SendMessage(chat_proto::SendMessage {
+        text: "x".repeat(400),
+        author_name: None,
+    })
+    .encode();
+    for _ in 0..2000 {
+        poster
+            .feed(Message::text(text.clone()))
+            .await
+            .expect("send");
+    }
+    poster.flush().await.expect("flush");
+    let mut echoed = 0;
+    while echoed < 2000 {
+        match poster.next().await {
+            Some(Ok(Message::Text(_))) => echoed += 1,
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let started = Instant::now();
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not stopped within the grace and a moment"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    let lines = lines.join().expect("log lines");
+    assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:#?}");
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("without writing everything accepted")),
+        "a false report of a commit given up: {lines:#?}"
+    );
+    drop(stuck);
+}

@@ -65,9 +65,10 @@ async fn clients_that_reset_under_publishing_raise_no_sigpipe() {
             let reset = Arc::clone(&reset);
             wave.push(tokio::spawn(async move {
                 let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-                let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
-                    .await
-                    .expect("handshake");
+                let (mut ws, _) =
+                    tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+                        .await
+                        .expect("handshake");
                 let reading = tokio::time::Instant::now() + Duration::from_millis(100);
                 while tokio::time::timeout_at(reading, ws.next()).await.is_ok() {}
                 let stream = ws.into_inner();

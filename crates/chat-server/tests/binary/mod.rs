@@ -7,6 +7,13 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// The binary: this build's, or another (a change's "before", to show
+/// that a test fails there) named by `CHAT_SERVER_BIN`.
+pub fn program() -> String {
+    std::env::var("CHAT_SERVER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_chat-server").to_owned())
+}
+
 /// A loopback port nobody listens on now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -32,7 +39,7 @@ impl ServerProcess {
 
     /// [`start`](Self::start) on a chosen port (a restart keeps its port).
     pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> ServerProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        let child = Command::new(program())
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--data-dir", &dir.display().to_string()])
             .args(args)
@@ -47,6 +54,11 @@ impl ServerProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         ServerProcess { child, port }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL.
