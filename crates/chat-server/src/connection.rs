@@ -32,7 +32,7 @@ use crate::http;
 use crate::http::Refusal;
 use crate::hub::ApplyError;
 use crate::limits::AddressSlot;
-use crate::log::{Since, Snapshot};
+use crate::log::Since;
 use crate::resume::Resume;
 use crate::wire::{self, Frame, Link};
 use chat_core::ChatError;
@@ -416,41 +416,45 @@ impl RefusalBudget {
 }
 
 /// What a joining client is sent before the log: a `reset`, if its
-/// resume became a full replay, then the history.
+/// resume became a full replay, then the history, read from the log a
+/// batch at a time ([`crate::log::Log::replay`]).
 struct Replay {
     reset: Option<Frame>,
-    history: Snapshot,
-    /// The next frame of `history` to queue.
-    next: usize,
+    /// The next message of the history to queue, by sequence number.
+    next: u64,
+    /// The first sequence number past what the client joined with.
+    end: u64,
 }
 
 impl Replay {
-    fn new(reset: Option<chat_proto::ResetReason>, history: Snapshot) -> Option<Box<Replay>> {
+    fn new(
+        reset: Option<chat_proto::ResetReason>,
+        history: std::ops::Range<u64>,
+    ) -> Option<Box<Replay>> {
         let reset = reset.map(|reason| Frame::text(ServerFrame::Reset(Reset { reason }).encode()));
         // Boxed, and only for a connection that replays: an idle
         // connection's task holds a pointer.
-        (reset.is_some() || history.get(0).is_some()).then(|| {
+        (reset.is_some() || !history.is_empty()).then(|| {
             Box::new(Replay {
                 reset,
-                history,
-                next: 0,
+                next: history.start,
+                end: history.end,
             })
         })
     }
 
     /// Queues as much as fits: whether everything is queued.
-    fn fill(&mut self, delivery: &mut Delivery) -> bool {
+    fn fill(&mut self, delivery: &mut Delivery, shared: &Shared) -> bool {
         if let Some(reset) = self.reset.take() {
             delivery.push(Lane::History, reset.into_wire());
         }
-        while let Some(frame) = self.history.get(self.next) {
-            if !delivery.fits(frame.len()) {
-                return false;
+        shared.log.replay(&mut self.next, self.end, |frame| {
+            let fits = delivery.fits(frame.len());
+            if fits {
+                delivery.push(Lane::History, frame.wire().clone());
             }
-            delivery.push(Lane::History, frame.wire().clone());
-            self.next += 1;
-        }
-        true
+            fits
+        })
     }
 }
 
@@ -542,7 +546,9 @@ impl Writer {
         // Parked, the publisher queues the log's frames.
         let mut at_head = delivery.is_parked();
         if !at_head {
-            let replayed = replay.as_mut().is_none_or(|r| r.fill(&mut delivery));
+            let replayed = replay
+                .as_mut()
+                .is_none_or(|r| r.fill(&mut delivery, shared));
             at_head = replayed && {
                 *replay = None;
                 Writer::read_log(&mut delivery, shared)?

@@ -5,8 +5,13 @@
 //! of the same log, updated together under one lock:
 //!
 //! - the **history**: every message held, as serialized `message` frames,
-//!   in chunks shared copy-on-write with the snapshots joining clients
-//!   take, so a join costs a few dozen pointer copies and no serialization;
+//!   by sequence number. A joining client reads it from the first held
+//!   message to the last one held when it joined, a batch at a time, as
+//!   it stands when read: it holds no copy, and what is evicted meanwhile
+//!   is freed (and skipped). A message whose reactions changed after the
+//!   join is read as it is now; the `reaction_updated` events after the
+//!   client's cursor carry the same state or a newer one, so the client
+//!   ends with exactly the chat everyone has;
 //! - the **recent events**: the last `--log-events` frames (at most
 //!   `--log-bytes`), by position. A live connection reads from them at its
 //!   own pace, and a reconnecting client resumes from them (`?since=`);
@@ -33,9 +38,6 @@ use chat_proto::{Epoch, FixedState, Position, ResetReason, ServerFrame, Uuid};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
-
-/// Frames per chunk of the history.
-const CHUNK: usize = 256;
 
 /// An applied event with the frame clients receive for it, serialized
 /// once (on the committer's thread, not under the hub's lock) for the
@@ -106,8 +108,9 @@ pub(crate) enum Since {
 pub(crate) struct Joined {
     /// Why a resume became a full replay, if it did.
     pub reset: Option<ResetReason>,
-    /// The full history to send first (none when resuming).
-    pub history: Snapshot,
+    /// The history to send first, by sequence number (empty when
+    /// resuming), read with [`Log::replay`].
+    pub history: std::ops::Range<u64>,
     /// The position the client is at once `history` is sent; what follows
     /// is read from the log with [`Log::read`].
     pub cursor: Position,
@@ -226,12 +229,12 @@ impl Log {
         match resume {
             Ok(position) => Joined {
                 reset: None,
-                history: Snapshot::default(),
+                history: 0..0,
                 cursor: position,
             },
             Err(reset) => Joined {
                 reset,
-                history: state.history.snapshot(),
+                history: state.history.seqs(),
                 cursor: state.head,
             },
         }
@@ -262,6 +265,19 @@ impl Log {
         let mut head = self.head.subscribe();
         let reached = head.wait_for(|head| *head >= position);
         let _ = tokio::time::timeout(bound, reached).await;
+    }
+
+    /// Offers `take` the history's frames from sequence number `*next`
+    /// up to `end`, in order, as they are now, skipping what was evicted,
+    /// until it refuses one (it has no room): whether it took them all.
+    /// `*next` is left at the first not taken.
+    pub(crate) fn replay(
+        &self,
+        next: &mut u64,
+        end: u64,
+        take: impl FnMut(&Frame) -> bool,
+    ) -> bool {
+        read(&self.state).history.replay(next, end, take)
     }
 
     /// Offers `take` the frames after `cursor`, in order, until it
@@ -425,125 +441,92 @@ impl Recent {
     }
 }
 
-/// The messages held, as frames, in chunks shared copy-on-write with
-/// outstanding snapshots, with an index by message id.
+/// The messages held, as frames, by sequence number, with an index by
+/// message id.
 #[derive(Debug, Default)]
 struct History {
-    chunks: VecDeque<Arc<Vec<Frame>>>,
-    /// Ids in the same order as the frames.
-    ids: VecDeque<Uuid>,
-    /// The position of the last event that carried each message, in the
-    /// same order: when a message is evicted, the log forgets its events.
-    touched: VecDeque<Position>,
-    /// Message id → sequence number; `first_seq` is the oldest held.
+    held: VecDeque<Held>,
+    /// Message id → sequence number; `first_seq` is the oldest held's.
     index: HashMap<Uuid, u64, FixedState>,
     first_seq: u64,
-    /// Frames at the front of the first chunk that were evicted.
-    skip: usize,
+}
+
+/// One message of the history.
+#[derive(Debug)]
+struct Held {
+    id: Uuid,
+    /// Its `message` frame, as replayed.
+    frame: Frame,
+    /// The position of the last event that carried it: when it is
+    /// evicted, the log forgets its events.
+    touched: Position,
 }
 
 impl History {
     fn len(&self) -> usize {
-        self.ids.len()
+        self.held.len()
+    }
+
+    /// The sequence numbers held now.
+    fn seqs(&self) -> std::ops::Range<u64> {
+        self.first_seq..self.first_seq + self.held.len() as u64
     }
 
     /// Adds a message, posted at `position`.
     fn push(&mut self, id: Uuid, frame: Frame, position: Position) {
-        if self.chunks.back().is_none_or(|c| c.len() == CHUNK) {
-            self.chunks.push_back(Arc::new(Vec::with_capacity(CHUNK)));
-        }
-        if let Some(last) = self.chunks.back_mut() {
-            Arc::make_mut(last).push(frame);
-            self.index
-                .insert(id, self.first_seq + self.ids.len() as u64);
-            self.ids.push_back(id);
-            self.touched.push_back(position);
-        }
+        self.index
+            .insert(id, self.first_seq + self.held.len() as u64);
+        self.held.push_back(Held {
+            id,
+            frame,
+            touched: position,
+        });
+    }
+
+    fn get_mut(&mut self, id: &Uuid) -> Option<&mut Held> {
+        let seq = self.index.get(id)?;
+        self.held.get_mut((seq - self.first_seq) as usize)
     }
 
     /// Notes that the event at `position` carried message `id`: whether
     /// the message is held.
     fn touch(&mut self, id: &Uuid, position: Position) -> bool {
-        let Some(seq) = self.index.get(id) else {
-            return false;
-        };
-        if let Some(touched) = self.touched.get_mut((seq - self.first_seq) as usize) {
-            *touched = position;
-        }
-        true
+        self.get_mut(id)
+            .map(|held| held.touched = position)
+            .is_some()
     }
 
     /// Replaces a message's frame, after the event at `position` changed it.
     fn set(&mut self, id: &Uuid, frame: Frame, position: Position) {
-        if !self.touch(id, position) {
-            return;
-        }
-        let Some(seq) = self.index.get(id) else {
-            return;
-        };
-        let i = self.skip + (seq - self.first_seq) as usize;
-        if let Some(chunk) = self.chunks.get_mut(i / CHUNK)
-            && let Some(slot) = Arc::make_mut(chunk).get_mut(i % CHUNK)
-        {
-            *slot = frame;
+        if let Some(held) = self.get_mut(id) {
+            held.frame = frame;
+            held.touched = position;
         }
     }
 
     /// Evicts the oldest message: the position of the last event that
     /// carried it.
     fn pop_front(&mut self) -> Option<Position> {
-        let id = self.ids.pop_front()?;
-        self.index.remove(&id);
+        let held = self.held.pop_front()?;
+        self.index.remove(&held.id);
         self.first_seq += 1;
-        self.skip += 1;
-        if self.skip == CHUNK {
-            self.chunks.pop_front();
-            self.skip = 0;
+        Some(held.touched)
+    }
+
+    /// See [`Log::replay`].
+    fn replay(&self, next: &mut u64, end: u64, mut take: impl FnMut(&Frame) -> bool) -> bool {
+        *next = (*next).max(self.first_seq);
+        while *next < end {
+            let Some(held) = self.held.get((*next - self.first_seq) as usize) else {
+                break;
+            };
+            if !take(&held.frame) {
+                return false;
+            }
+            *next += 1;
         }
-        self.touched.pop_front()
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            chunks: self.chunks.iter().cloned().collect(),
-            skip: self.skip,
-            len: self.len(),
-        }
-    }
-}
-
-/// An immutable view of the history frames at one moment.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Snapshot {
-    chunks: Vec<Arc<Vec<Frame>>>,
-    skip: usize,
-    len: usize,
-}
-
-impl Snapshot {
-    /// How many frames the snapshot holds.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    /// The `i`-th frame, oldest first.
-    pub(crate) fn get(&self, i: usize) -> Option<&Frame> {
-        if i >= self.len {
-            return None;
-        }
-        let at = self.skip + i;
-        self.chunks.get(at / CHUNK)?.get(at % CHUNK)
-    }
-
-    /// The frames, oldest first.
-    #[cfg(test)]
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Frame> {
-        self.chunks
-            .iter()
-            .flat_map(|c| c.iter())
-            .skip(self.skip)
-            .take(self.len)
+        *next = end;
+        true
     }
 }
 
@@ -551,21 +534,36 @@ impl Snapshot {
 mod tests {
     use super::*;
 
-    fn frames(s: &Snapshot) -> Vec<String> {
-        s.iter().map(|f| f.as_str().to_owned()).collect()
+    /// The texts of the history's frames from `*next` up to `end`, read
+    /// at most `step` at a time.
+    fn replay_texts(history: &History, next: &mut u64, end: u64, step: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let mut took = 0;
+            let done = history.replay(next, end, |f| {
+                if took == step {
+                    return false;
+                }
+                took += 1;
+                out.push(f.as_str().to_owned());
+                true
+            });
+            if done {
+                return out;
+            }
+        }
     }
 
     #[test]
-    fn history_tracks_push_set_and_evict_across_chunks() {
+    fn history_tracks_push_set_and_evict() {
         let mut log = History::default();
         // Id, text, and the position of the last event that carried it.
         let mut model: VecDeque<(Uuid, String, Position)> = VecDeque::new();
-        let mut snapshots = Vec::new();
         let texts = |m: &VecDeque<(Uuid, String, Position)>| {
             m.iter().map(|(_, t, _)| t.clone()).collect::<Vec<_>>()
         };
         let mut position = Position::ZERO;
-        for i in 0..(CHUNK * 3 + 17) {
+        for i in 0..1000 {
             let id = Uuid::from_u128(i as u128);
             position = position.next();
             log.push(id, Frame::text(i.to_string()), position);
@@ -590,14 +588,68 @@ mod tests {
                 position.next(),
             );
             if i % 97 == 0 {
-                snapshots.push((log.snapshot(), texts(&model)));
+                let seqs = log.seqs();
+                let mut next = seqs.start;
+                assert_eq!(replay_texts(&log, &mut next, seqs.end, 7), texts(&model));
             }
         }
-        assert_eq!(frames(&log.snapshot()), texts(&model));
-        // Older snapshots were not changed by later writes.
-        for (snap, expected) in snapshots {
-            assert_eq!(frames(&snap), expected);
-            assert_eq!(snap.len(), snap.iter().count());
+    }
+
+    #[test]
+    fn a_replay_reads_the_history_as_it_is_and_skips_what_was_evicted_meanwhile() {
+        let mut log = History::default();
+        for i in 0..10u64 {
+            log.push(
+                Uuid::from_u128(i.into()),
+                Frame::text(format!("m{i}")),
+                Position(i + 1),
+            );
+        }
+        let joined = log.seqs();
+        let mut next = joined.start;
+        // Three taken, then the replay waits for room.
+        assert_eq!(
+            replay_texts(&log, &mut next, joined.start + 3, 3),
+            ["m0", "m1", "m2"]
+        );
+        // Meanwhile: five evicted, one changed, one posted.
+        for _ in 0..5 {
+            log.pop_front();
+        }
+        log.set(
+            &Uuid::from_u128(7),
+            Frame::text("m7 with a reaction"),
+            Position(11),
+        );
+        log.push(Uuid::from_u128(10), Frame::text("m10"), Position(12));
+        // The rest of what it joined with, as it is now; the newer post
+        // comes from the log, after the cursor.
+        assert_eq!(
+            replay_texts(&log, &mut next, joined.end, 2),
+            ["m5", "m6", "m7 with a reaction", "m8", "m9"]
+        );
+        assert_eq!(next, joined.end);
+    }
+
+    /// What a joining client is sent of the history, read as the writer
+    /// reads it.
+    fn replayed(log: &Log, joined: &Joined) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let mut next = joined.history.start;
+        loop {
+            // Five at a time, as a writer with room for five.
+            let mut room = 5;
+            let done = log.replay(&mut next, joined.history.end, |f| {
+                if room == 0 {
+                    return false;
+                }
+                room -= 1;
+                frames.push(f.clone());
+                true
+            });
+            if done {
+                return frames;
+            }
         }
     }
 
@@ -803,7 +855,7 @@ mod tests {
                 position: Position(p),
             });
             assert_eq!(joined.reset, None, "from {p}");
-            assert_eq!(joined.history.len(), 0, "a resume sends no history");
+            assert!(joined.history.is_empty(), "a resume sends no history");
             let expected: Vec<Frame> = entries[p as usize..]
                 .iter()
                 .map(|e| e.frame.clone())
@@ -901,8 +953,7 @@ mod tests {
         });
         assert_eq!(joined.reset, Some(ResetReason::Expired));
         assert_eq!(joined.cursor, Position(head));
-        let history: Vec<String> = joined
-            .history
+        let history: Vec<String> = replayed(&log, &joined)
             .iter()
             .map(|f| f.as_str().to_owned())
             .collect();
@@ -986,7 +1037,7 @@ mod tests {
                 if joined.cursor.0 > 0 && joined.cursor.0 < all.len() as u64 {
                     midway += 1;
                 }
-                let mut seen: Vec<Frame> = joined.history.iter().cloned().collect();
+                let mut seen: Vec<Frame> = replayed(&log, &joined);
                 assert_eq!(
                     seen.len() as u64,
                     joined.cursor.0,

@@ -453,7 +453,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let joined = log.join(Since::Start);
         assert_eq!(joined.cursor, Position(0));
-        assert_eq!(joined.history.iter().count(), 0);
+        assert!(joined.history.is_empty());
         assert!(writer.written.lock().expect("written").is_empty());
 
         writer.open();
@@ -467,14 +467,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         assert_eq!(*writer.written.lock().expect("written"), [1, 2, 3]);
-        let texts: Vec<String> = published
-            .history
-            .iter()
-            .map(|f| match ServerFrame::decode(f.as_str()).expect("frame") {
-                ServerFrame::Message(m) => m.text,
+        let mut texts = Vec::new();
+        let mut next = published.history.start;
+        log.replay(&mut next, published.history.end, |f| {
+            match ServerFrame::decode(f.as_str()).expect("frame") {
+                ServerFrame::Message(m) => texts.push(m.text),
                 other => panic!("{other:?}"),
-            })
-            .collect();
+            }
+            true
+        });
         assert_eq!(texts, ["one", "two", "three"], "in the order applied");
         drop(hub);
         let finished = committer

@@ -203,3 +203,118 @@ async fn a_reaction_burst_stays_within_the_memory_bounds() {
         bound as f64 / 1e6
     );
 }
+
+/// Clients that join and read their replay slowly hold no copy of the
+/// history: they read it as it is, a batch at a time, so while a flood of
+/// new messages evicts the whole history five times over, what was
+/// evicted is freed. (Each joiner used to pin the history it joined with
+/// for its whole replay: joining one after another during the flood,
+/// each pinned another generation of it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_joiners_pin_no_history() {
+    const HISTORY: usize = 2000;
+    const JOINERS: u8 = 40;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_bytes = LOG_BYTES.to_string();
+    let commit_queue_bytes = COMMIT_QUEUE_BYTES.to_string();
+    let history = HISTORY.to_string();
+    let server = ServerProcess::start(
+        dir.path(),
+        &[
+            "--in-memory",
+            "--identity",
+            "raw-ip",
+            "--message-rate",
+            "1000000",
+            "--history-limit",
+            &history,
+            "--log-bytes",
+            &log_bytes,
+            "--commit-queue-bytes",
+            &commit_queue_bytes,
+        ],
+    );
+    let pid = server.pid();
+    let port = server.port;
+    // Messages of about 2 KB: 500 four-byte characters.
+    let post = masked(&format!(
+        r#"{{"type":"send_message","data":{{"text":"{}"}}}}"#,
+        "😀".repeat(500)
+    ));
+    let (poster, _) = connect(port, 1).await;
+    let (mut poster_reads, mut poster) = poster.into_split();
+    tokio::spawn(async move {
+        let mut sink = vec![0u8; 64 * 1024];
+        while let Ok(n) = poster_reads.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    for _ in 0..HISTORY {
+        poster.write_all(&post).await.expect("post");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = memory(pid, "VmRSS:");
+    // The flood, steady: the whole history evicted about once a second,
+    // five times over.
+    let flood = tokio::spawn(async move {
+        for _ in 0..5 * HISTORY / 100 {
+            for _ in 0..100 {
+                poster.write_all(&post).await.expect("post");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // Meanwhile joiners, one every 100 ms, with small receive buffers,
+    // reading 2 KB every 10 ms: each replay would take ten seconds.
+    let mut joiners = Vec::new();
+    for n in 0..JOINERS {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        socket
+            .bind(([127, 0, 0, 10 + n], 0).into())
+            .expect("bind a loopback source");
+        let mut stream = socket
+            .connect(([127, 0, 0, 1], port).into())
+            .await
+            .expect("connect");
+        stream
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .await
+            .expect("handshake");
+        joiners.push(tokio::spawn(async move {
+            let mut chunk = [0u8; 2048];
+            let until = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < until {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    flood.await.expect("flood");
+    for joiner in joiners {
+        joiner.await.expect("joiner");
+    }
+    let peak = memory(pid, "VmHWM:");
+    eprintln!(
+        "slow joiners: resident {:.1} MB with the history, peak {:.1} MB",
+        before as f64 / 1e6,
+        peak as f64 / 1e6
+    );
+    // One history is about 4 MB. Held: the log's recent events, what is
+    // queued for each joiner, and a few MB of the allocator's own.
+    let bound = LOG_BYTES + u64::from(JOINERS) * SEND_QUEUE_BYTES + (8 << 20);
+    assert!(
+        peak - before <= bound,
+        "resident memory grew by {:.1} MB, past the bounds' {:.1} MB",
+        (peak - before) as f64 / 1e6,
+        bound as f64 / 1e6
+    );
+}
