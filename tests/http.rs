@@ -699,3 +699,81 @@ async fn a_keep_alive_connection_serves_at_most_100_requests() {
     assert!(closes(&mut stream, PATIENCE).await, "closed after the last");
     server.shutdown().await;
 }
+
+/// The edges of the request line and `Host` (RFC 9110, 9112): an
+/// absolute-form target's authority wins over `Host`; malformed hosts are
+/// 400; the fully-qualified `localhost.` is `localhost`; names under
+/// `.localhost` are not loopback (some browsers ask DNS for them); a
+/// target with a fragment is 400.
+#[tokio::test]
+async fn hosts_and_targets_at_their_edges() {
+    let server = TestServer::start(test_config()).await;
+    let upgrade_with = |target: &str, host: &str| {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+        )
+    };
+    let status = async |request: String| request_from(&server, 2, &request).await.status;
+    assert_eq!(
+        status(upgrade_with("http://evil.example/ws", "localhost")).await,
+        403,
+        "the absolute form's authority is the host"
+    );
+    assert_eq!(
+        status(upgrade_with("http://localhost/ws", "localhost")).await,
+        101
+    );
+    for malformed in [
+        "127.0.0.1:abc",
+        ":99999",
+        "name:",
+        "[::1]evil",
+        "localhost:65536",
+    ] {
+        assert_eq!(
+            status(upgrade_with("/ws", malformed)).await,
+            400,
+            "{malformed}"
+        );
+        let page = format!("GET / HTTP/1.1\r\nHost: {malformed}\r\n\r\n");
+        assert_eq!(status(page).await, 400, "{malformed}");
+    }
+    assert_eq!(status(upgrade_with("/ws", "localhost.")).await, 101);
+    assert_eq!(status(upgrade_with("/ws", "foo.localhost")).await, 403);
+    assert_eq!(status(upgrade_with("/ws#top", "localhost")).await, 400);
+    assert_eq!(status(upgrade_with("/ws?sync#top", "localhost")).await, 400);
+    server.shutdown().await;
+}
+
+/// A client that sends half a request head and hangs up is done at once:
+/// its place among the address's pending connections is free again, not
+/// held until `--handshake-timeout`. (The server peeks at the head, and a
+/// peek sees no end of stream behind the bytes: 64 such requests used to
+/// lock the address out for ten seconds.)
+#[tokio::test]
+async fn a_half_sent_request_whose_client_hung_up_frees_its_place_at_once() {
+    let mut config = test_config();
+    config.max_pending_per_ip = 4;
+    config.handshake_timeout = Duration::from_secs(30);
+    let server = TestServer::start(config).await;
+    let mut gone = Vec::new();
+    for _ in 0..8 {
+        let mut stream = server.tcp_from(2).await;
+        stream
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgr")
+            .await
+            .expect("write");
+        stream.shutdown().await.expect("FIN");
+        assert!(
+            closes(&mut stream, Duration::from_secs(2)).await,
+            "closed at once, not at the handshake timeout"
+        );
+        gone.push(stream);
+    }
+    // The address still gets in, at once.
+    let ok = tokio::time::timeout(Duration::from_secs(2), server.try_client(2, "/ws", &[]))
+        .await
+        .expect("in time");
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    server.shutdown().await;
+}

@@ -368,3 +368,38 @@ async fn a_socket_that_does_not_drain_is_reset_within_the_write_timeout() {
     server.still_serves().await;
     server.shutdown().await;
 }
+
+/// The `/ws` query is decoded as a form, as browsers encode it; `sync=0`
+/// does not opt in; a catch-up of many events ends in one `sync`, not one
+/// every few hundred events.
+#[tokio::test]
+async fn the_query_is_decoded_and_a_catch_up_ends_in_one_sync() {
+    let config = chat_server::Config {
+        message_rate: 100_000,
+        ..test_config()
+    };
+    let server = TestServer::start(config).await;
+    let mut c = server
+        .try_client(2, "/ws?s%79nc=%31", &[])
+        .await
+        .expect("ws");
+    let (history, start) = c.until_sync().await;
+    assert!(history.is_empty());
+    let posted = post(&mut c, 600, "m").await;
+    let encoded = start.epoch.to_string().replace('-', "%2D");
+    let mut behind = server
+        .try_client(3, &format!("/ws?since=0&epoch={encoded}"), &[])
+        .await
+        .expect("ws");
+    let (frames, sync) = behind.until_sync().await;
+    assert_eq!(frames, posted, "all 600 events, then one sync");
+    assert_eq!(sync.position, Position(600));
+    behind.quiet_for(Duration::from_millis(200)).await;
+    // sync=0: the seed protocol, no sync frame.
+    let mut seed = server.try_client(4, "/ws?sync=0", &[]).await.expect("ws");
+    for _ in 0..600 {
+        assert!(matches!(seed.frame().await, ServerFrame::Message(_)));
+    }
+    seed.quiet_for(Duration::from_millis(200)).await;
+    server.shutdown().await;
+}

@@ -20,8 +20,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::http::{Refusal, Request, WS_PATH};
-use tokio_tungstenite::tungstenite::http::uri::Authority;
-use tokio_tungstenite::tungstenite::http::{HeaderValue, Uri, header};
+use tokio_tungstenite::tungstenite::http::{Uri, header};
 
 /// A web origin as browsers send it in `Origin`: scheme, host and port,
 /// compared without regard to case and with default ports made explicit
@@ -43,21 +42,17 @@ impl Origin {
         }
     }
 
-    /// Whether this origin is the host the request was sent to, by its
-    /// `Host` header: the page was served by this server (directly, or
-    /// through a proxy that passes `Host` on).
-    fn is_host(&self, host: Option<&HeaderValue>) -> bool {
-        let Some(host) = host.and_then(|h| h.to_str().ok()) else {
-            return false;
-        };
-        let Ok(host) = host.parse::<Authority>() else {
+    /// Whether this origin is the host the request was sent to
+    /// ([`crate::host::requested`]): the page was served by this server
+    /// (directly, or through a proxy that passes `Host` on).
+    fn is_host(&self, request: &Request) -> bool {
+        let Ok(Some(host)) = crate::host::requested(request) else {
             return false;
         };
         let default = Origin::default_port(&self.scheme);
         default.is_some()
-            && !host.as_str().contains('@')
-            && host.host().eq_ignore_ascii_case(&self.host)
-            && host.port_u16().or(default) == self.port.or(default)
+            && host.name == self.host.strip_suffix('.').unwrap_or(&self.host)
+            && host.port.or(default) == self.port.or(default)
     }
 }
 
@@ -186,7 +181,7 @@ impl Policy {
         let Some(origin) = origin.to_str().ok().and_then(|o| o.parse::<Origin>().ok()) else {
             return false;
         };
-        origin.is_host(request.headers().get(header::HOST))
+        origin.is_host(request)
             || self
                 .allowed_origins
                 .iter()

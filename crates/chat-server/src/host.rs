@@ -7,10 +7,18 @@
 //! identified by address. What the attacker cannot change is the name in
 //! the request's `Host` header: it is the attacker's own. So every request,
 //! plain HTTP and WebSocket handshake alike, must name a host the server
-//! knows: one listed with `--public-host`, `localhost` (and names under
-//! `.localhost`, which browsers resolve to loopback themselves), or an IP
-//! address literal (a page loaded from an address involves no DNS to
-//! rebind).
+//! knows: one listed with `--public-host`, `localhost`, or an IP address
+//! literal (a page loaded from an address involves no DNS to rebind).
+//! Names under `.localhost` are not taken for loopback: some browsers ask
+//! DNS for them, and DNS is what a rebinding attacker answers.
+//!
+//! The host a request names is its target's authority when the target is
+//! in absolute form (`GET http://host/ws`: RFC 9112, 3.2.2, the `Host`
+//! header is then ignored), else its one `Host` header. Either is parsed
+//! strictly (RFC 9110, 7.2; RFC 3986, 3.2.2): a name, an IPv4 address or
+//! a bracketed IPv6 address, and an optional port of one to five digits up
+//! to 65535; anything else is 400. A name's one trailing dot (the
+//! fully-qualified form, `localhost.`) is dropped.
 //!
 //! With no list, a server listening on a loopback address accepts just
 //! those; one listening on any other address accepts every `Host` (it
@@ -18,10 +26,92 @@
 
 use crate::http::{Refusal, Request};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use tokio_tungstenite::tungstenite::http::uri::Authority;
 use tokio_tungstenite::tungstenite::http::{Version, header};
+
+/// The host a request names, parsed (see the module's documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostName {
+    /// The name in lower case without its trailing dot, or the address
+    /// (an IPv6 one in brackets).
+    pub name: String,
+    /// The port, if one is given.
+    pub port: Option<u16>,
+    /// Whether it is an IP address literal.
+    pub literal: bool,
+}
+
+impl FromStr for HostName {
+    type Err = Refusal;
+
+    fn from_str(s: &str) -> Result<Self, Refusal> {
+        let (host, port) = match s.strip_prefix('[') {
+            Some(rest) => {
+                let (address, after) = rest.split_once(']').ok_or(Refusal::BadHost)?;
+                address.parse::<Ipv6Addr>().map_err(|_| Refusal::BadHost)?;
+                let port = match after {
+                    "" => None,
+                    after => Some(after.strip_prefix(':').ok_or(Refusal::BadHost)?),
+                };
+                (&s[..address.len() + 2], port)
+            }
+            None => match s.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (s, None),
+            },
+        };
+        let port = match port {
+            None => None,
+            Some(digits)
+                if (1..=5).contains(&digits.len())
+                    && digits.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                Some(digits.parse::<u16>().map_err(|_| Refusal::BadHost)?)
+            }
+            Some(_) => return Err(Refusal::BadHost),
+        };
+        if host.starts_with('[') {
+            return Ok(HostName {
+                name: host.to_ascii_lowercase(),
+                port,
+                literal: true,
+            });
+        }
+        let name = host.strip_suffix('.').unwrap_or(host);
+        let label = |l: &str| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if name.len() > 253 || !name.split('.').all(label) {
+            return Err(Refusal::BadHost);
+        }
+        Ok(HostName {
+            literal: name.parse::<Ipv4Addr>().is_ok(),
+            name: name.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+/// The host `request` names: its target's authority in absolute form,
+/// else its one `Host` header (`None`: an HTTP/1.0 request without one).
+pub fn requested(request: &Request) -> Result<Option<HostName>, Refusal> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(host), None) => host,
+        (None, _) if request.version() == Version::HTTP_10 => return Ok(None),
+        _ => return Err(Refusal::BadHost),
+    };
+    let named = match request.uri().authority() {
+        // RFC 9112, 3.2.2: the absolute form's authority wins.
+        Some(authority) => authority.as_str(),
+        None => host.to_str().map_err(|_| Refusal::BadHost)?,
+    };
+    named.parse().map(Some)
+}
 
 /// An entry of `--public-host`: a host name users reach the server by, or
 /// `*` for any.
@@ -92,30 +182,18 @@ impl HostPolicy {
         self.any
     }
 
-    /// Checks the request's `Host`: exactly one (HTTP/1.1 requires it, and
-    /// two would make the origin check ambiguous), well formed, and known.
+    /// Checks the host the request names ([`requested`]): exactly one
+    /// `Host` (HTTP/1.1 requires it, and two would make the origin check
+    /// ambiguous), well formed, and known.
     pub fn check(&self, request: &Request) -> Result<(), Refusal> {
-        let mut hosts = request.headers().get_all(header::HOST).iter();
-        let host = match (hosts.next(), hosts.next()) {
-            (Some(host), None) => host,
-            (None, _) if request.version() == Version::HTTP_10 && self.any => return Ok(()),
-            _ => return Err(Refusal::BadHost),
+        let Some(host) = requested(request)? else {
+            return if self.any {
+                Ok(())
+            } else {
+                Err(Refusal::BadHost)
+            };
         };
-        let authority = host
-            .to_str()
-            .ok()
-            .and_then(|h| h.parse::<Authority>().ok())
-            .filter(|a| !a.as_str().contains('@'))
-            .ok_or(Refusal::BadHost)?;
-        let name = authority.host();
-        let literal = name
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok();
-        let name = name.to_ascii_lowercase();
-        let loopback_name = name == "localhost" || name.ends_with(".localhost");
-        if self.any || literal || loopback_name || self.names.contains(&name) {
+        if self.any || host.literal || host.name == "localhost" || self.names.contains(&host.name) {
             Ok(())
         } else {
             Err(Refusal::HostNotAllowed)
@@ -146,7 +224,8 @@ mod tests {
         for ok in [
             "localhost:8080",
             "LOCALHOST",
-            "app.localhost:8080",
+            "localhost.",
+            "localhost.:8080",
             "127.0.0.1:8080",
             "[::1]:8080",
             "10.1.2.3",
@@ -157,6 +236,8 @@ mod tests {
             "evil.example:8080",
             "localhost.evil.example",
             "127.0.0.1.nip.io",
+            // Some browsers ask DNS for these.
+            "app.localhost:8080",
         ] {
             assert_eq!(
                 check(&p, &[rebinding]),
@@ -198,8 +279,28 @@ mod tests {
             check(&p, &["a.example", "b.example"]),
             Err(Refusal::BadHost)
         );
-        assert_eq!(check(&p, &["user@a.example"]), Err(Refusal::BadHost));
-        assert_eq!(check(&p, &["a b"]), Err(Refusal::BadHost));
+        for malformed in [
+            "user@a.example",
+            "a b",
+            "127.0.0.1:abc",
+            ":99999",
+            "a.example:99999",
+            "a.example:",
+            "name:",
+            "[::1]evil",
+            "[::1]:",
+            "[::zz]",
+            "a..example",
+            "a.example:8080:8080",
+            "a/b",
+            "",
+        ] {
+            assert_eq!(
+                check(&p, &[malformed]),
+                Err(Refusal::BadHost),
+                "{malformed:?}"
+            );
+        }
         let old = Request::builder()
             .uri("/")
             .version(Version::HTTP_10)
@@ -212,6 +313,31 @@ mod tests {
         );
         let closed = HostPolicy::new("127.0.0.1:8080".parse().unwrap(), &[]);
         assert_eq!(closed.check(&old), Err(Refusal::BadHost));
+    }
+
+    #[test]
+    fn an_absolute_target_s_authority_wins_over_the_host_header() {
+        let p = HostPolicy::new("127.0.0.1:8080".parse().unwrap(), &[]);
+        let absolute = |target: &str, host: &str| {
+            Request::builder()
+                .uri(target)
+                .header(header::HOST, host)
+                .body(())
+                .expect("request")
+        };
+        assert_eq!(
+            p.check(&absolute("http://evil.example/ws", "localhost:8080")),
+            Err(Refusal::HostNotAllowed),
+            "RFC 9112, 3.2.2"
+        );
+        assert_eq!(
+            p.check(&absolute("http://localhost:8080/ws", "evil.example")),
+            Ok(())
+        );
+        assert_eq!(
+            p.check(&absolute("http://127.0.0.1:abc/ws", "localhost")),
+            Err(Refusal::BadHost)
+        );
     }
 
     #[test]

@@ -9,10 +9,15 @@
 //!   `sync` frames; or, if the server cannot resume there, a `reset` frame
 //!   and the full history.
 //!
+//! Names and values are decoded as a form (`application/x-www-form-urlencoded`:
+//! `%31` is `1`, `+` a space), as browsers and URL libraries encode them.
+//! `sync` opts in bare, empty, `1` or `true`, and not with `0` or `false`.
+//!
 //! Anything else naming these parameters is refused with 400 and a reason,
-//! before the upgrade: a malformed position or epoch, one without the
-//! other, or either given twice. A client bug then shows up as a failed
-//! connection, never as a silent full replay.
+//! before the upgrade: a malformed position, epoch or `sync` value, a
+//! position without its epoch or the other way round, or any of them given
+//! twice. A client bug then shows up as a failed connection, never as a
+//! silent full replay.
 
 use crate::log::Since;
 use chat_proto::{Epoch, Position, Uuid};
@@ -28,13 +33,22 @@ pub(crate) enum Resume {
 
 /// Reads the query of a `/ws` request.
 pub(crate) fn parse(query: Option<&str>) -> Result<Resume, &'static str> {
-    let mut sync = false;
+    let mut sync = None;
     let mut since = None;
     let mut epoch = None;
-    for pair in query.unwrap_or("").split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "sync" => sync = true,
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let value = value.as_ref();
+        match key.as_ref() {
+            "sync" => {
+                if sync.is_some() {
+                    return Err("sync is given twice");
+                }
+                sync = Some(match value {
+                    "" | "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => return Err("sync must be 1 (or bare) to opt in, or 0"),
+                });
+            }
             "since" => {
                 if since.is_some() {
                     return Err("since is given twice");
@@ -58,7 +72,7 @@ pub(crate) fn parse(query: Option<&str>) -> Result<Resume, &'static str> {
         (None, Some(_)) => {
             Err("epoch needs a since position: ?since=P&epoch=E, both from the last sync frame")
         }
-        (None, None) if sync => Ok(Resume::Sync(Since::Start)),
+        (None, None) if sync == Some(true) => Ok(Resume::Sync(Since::Start)),
         (None, None) => Ok(Resume::Seed),
     }
 }
@@ -104,6 +118,18 @@ mod tests {
         assert_eq!(parse(Some("v=2&x")), Ok(Resume::Seed), "others ignored");
         assert_eq!(parse(Some("sync")), Ok(Resume::Sync(Since::Start)));
         assert_eq!(parse(Some("sync=1")), Ok(Resume::Sync(Since::Start)));
+        assert_eq!(parse(Some("sync=true")), Ok(Resume::Sync(Since::Start)));
+        assert_eq!(parse(Some("sync=")), Ok(Resume::Sync(Since::Start)));
+        assert_eq!(parse(Some("sync=0")), Ok(Resume::Seed), "0 does not opt in");
+        assert_eq!(parse(Some("sync=false")), Ok(Resume::Seed));
+        // Decoded as a form, as browsers encode them.
+        assert_eq!(parse(Some("s%79nc")), Ok(Resume::Sync(Since::Start)));
+        assert_eq!(parse(Some("sync=%31")), Ok(Resume::Sync(Since::Start)));
+        assert_eq!(parse(Some(&format!("since=%31&epoch={E}"))), Ok(resume(1)));
+        assert_eq!(
+            parse(Some(&format!("since=1&epoch={}", E.replace('-', "%2D")))),
+            Ok(resume(1))
+        );
         assert_eq!(parse(Some(&format!("since=0&epoch={E}"))), Ok(resume(0)));
         assert_eq!(
             parse(Some(&format!("epoch={E}&since=18446744073709551615&sync"))),
@@ -120,7 +146,11 @@ mod tests {
             format!("since=-1&epoch={E}"),
             format!("since=+1&epoch={E}"),
             format!("since=0x10&epoch={E}"),
-            format!("since=%31&epoch={E}"),
+            format!("since=%2B1&epoch={E}"),
+            format!("since=1+&epoch={E}"),
+            "sync=2".to_owned(),
+            "sync=yes".to_owned(),
+            "sync&sync".to_owned(),
             format!("since=18446744073709551616&epoch={E}"),
             format!("since=1&since=2&epoch={E}"),
             format!("since=1&epoch={E}&epoch={E}"),
@@ -131,7 +161,7 @@ mod tests {
         for query in bad {
             let why = parse(Some(&query)).expect_err(&query);
             assert!(
-                why.contains("since") || why.contains("epoch"),
+                why.contains("since") || why.contains("epoch") || why.contains("sync"),
                 "{query}: {why}"
             );
         }

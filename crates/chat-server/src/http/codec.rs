@@ -5,7 +5,7 @@ use super::Request;
 use std::fmt::Write as _;
 use std::io;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout};
 use tokio_tungstenite::tungstenite::Bytes;
@@ -63,6 +63,11 @@ pub fn parse_head(bytes: &[u8]) -> Result<Option<Head>, HeadError> {
     else {
         return Err(HeadError::Malformed);
     };
+    // A request target has no fragment (RFC 9112, 3.2): a `#` is a
+    // client's mistake, not something to drop quietly.
+    if path.contains('#') {
+        return Err(HeadError::Malformed);
+    }
     let version = if minor == 0 {
         Version::HTTP_10
     } else {
@@ -102,6 +107,16 @@ pub async fn peek_head(stream: &TcpStream, max: usize) -> Result<Head, HeadError
             }
             buf.resize((n * 2).min(max), 0);
         } else if n == seen {
+            // A peek sees no end of stream behind the bytes: the readiness
+            // does (EPOLLRDHUP). A client that sent half a head and hung
+            // up is done, and gives its place back now.
+            if stream
+                .ready(Interest::READABLE)
+                .await
+                .map_or(true, |ready| ready.is_read_closed())
+            {
+                return Err(HeadError::Closed);
+            }
             sleep(pause).await;
             pause = (pause * 2).min(MAX_PEEK_PAUSE);
         } else {
