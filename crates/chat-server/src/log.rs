@@ -40,20 +40,33 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
 
 /// An applied event with the frame clients receive for it, serialized
-/// once (on the committer's thread, not under the hub's lock) for the
-/// writer and for every reader.
+/// once (on the committer's thread, not under the hub's lock, nor the
+/// log's) for the writer and for every reader.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
     /// The event, with its position.
     pub(crate) event: Event,
     /// Its frame, as sent.
     pub(crate) frame: Frame,
+    /// For a `reaction_updated`, the message's new `message` frame, for
+    /// the history: made here, so that publishing only swaps it in.
+    pub(crate) replay: Option<Frame>,
 }
 
 impl From<Event> for Entry {
     fn from(event: Event) -> Self {
         let frame = Frame::text(event.frame().encode());
-        Entry { event, frame }
+        let replay = match &event.kind {
+            EventKind::ReactionUpdated(update) => Some(encode(&ServerFrame::Message(
+                update.message.clone(),
+            ))),
+            EventKind::MessagePosted { .. } => None,
+        };
+        Entry {
+            event,
+            frame,
+            replay,
+        }
     }
 }
 
@@ -329,8 +342,9 @@ impl State {
                 self.metrics.messages_accepted.inc();
             }
             EventKind::ReactionUpdated(update) => {
-                let replay = encode(&ServerFrame::Message(update.message.clone()));
-                self.history.set(&update.message_id, replay, position);
+                if let Some(replay) = &entry.replay {
+                    self.history.set(&update.message_id, replay.clone(), position);
+                }
                 self.metrics.reactions_accepted.inc();
             }
         }
