@@ -62,6 +62,13 @@ SERVERS = {
         "env": {"RUST_LOG": "warn"},
         "note": OUR_NOTE + " --data-dir (durable, the default)",
     },
+    # Durable on two threads: does the committer (which also fans out to
+    # parked sockets) contend with a second worker for two cores?
+    "chat-server-durable-2t": {
+        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--data-dir", "{datadir}", "--threads", "2"] + OUR_FLAGS,
+        "env": {"RUST_LOG": "warn"},
+        "note": OUR_NOTE + " --data-dir (durable) --threads 2",
+    },
     # Cluster mode (issue 13): one node on a nats-server of its own (JetStream,
     # a fresh store per run), in memory. The node's CPU is the server's; the
     # nats-server's is reported beside it (nats_cpu_cores).

@@ -418,13 +418,15 @@ impl Config {
             .accept_unmasked_frames(false)
     }
 
-    /// A connection's bounds and deadlines.
-    pub(crate) fn delivery(&self) -> crate::delivery::Settings {
+    /// Every connection's bounds and deadlines, counted from `epoch`
+    /// (the server's start).
+    pub(crate) fn delivery(&self, epoch: std::time::Instant) -> crate::delivery::Settings {
         crate::delivery::Settings {
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,
             write_timeout: self.write_timeout,
             queue_bytes: self.send_queue_bytes,
+            epoch,
         }
     }
 

@@ -183,7 +183,7 @@ async fn handshake(
         Ok(Err(e)) => return Err(e.to_string()),
         Ok(Ok(())) => {}
     }
-    let delivery = Delivery::new(shared.config.delivery(), std::time::Instant::now());
+    let delivery = Delivery::new(Arc::clone(&shared.delivery), std::time::Instant::now());
     let (inbound, link) = wire::split(
         stream,
         shared.config.read_buffer_size,
@@ -510,6 +510,9 @@ impl Writer {
                     Ok(None) => {
                         // More to read, and the socket took all: go on,
                         // giving other tasks their turn now and then.
+                        if shared.shutdown.is_cancelled() {
+                            return CloseReason::Shutdown;
+                        }
                         tokio::task::consume_budget().await;
                         continue;
                     }
@@ -527,6 +530,9 @@ impl Writer {
                         if let Err(reason) = link.delivery().on_timeout(now) {
                             return reason;
                         }
+                        // Set again even to the same deadline: a timer
+                        // that fired stays fired until reset.
+                        armed = None;
                     }
                 }
             }

@@ -41,6 +41,7 @@ use crate::close::CloseReason;
 use bytes::Bytes;
 use chat_proto::Position;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Queue capacity kept once the queue is empty; more is given back, so
@@ -50,7 +51,7 @@ const QUEUE_KEPT: usize = 8;
 /// A ping frame with no payload, as sent.
 pub(crate) const PING: Bytes = Bytes::from_static(&[0x89, 0x00]);
 
-/// A connection's bounds and deadlines.
+/// A connection's bounds and deadlines, shared by every connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Settings {
     /// How often the client is pinged.
@@ -61,42 +62,73 @@ pub(crate) struct Settings {
     pub write_timeout: Duration,
     /// The most bytes of the log's frames queued (`--send-queue-bytes`).
     pub queue_bytes: usize,
+    /// The time from which a delivery counts its deadlines, in
+    /// milliseconds (no later than any connection's start): eight bytes
+    /// for each of a connection's four times, instead of sixteen.
+    pub epoch: Instant,
 }
 
+impl Settings {
+    /// `t`, in milliseconds from the epoch.
+    fn ms(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The time `ms` milliseconds from the epoch.
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+}
+
+/// A duration in milliseconds.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// "No deadline", among milliseconds from the epoch.
+const NEVER: u64 = u64::MAX;
+
 /// One connection's delivery. See the module's documentation.
+///
+/// Every connection holds one for its life, so it is kept small: one
+/// queue, the settings by reference, times in milliseconds.
 #[derive(Debug)]
 pub(crate) struct Delivery {
-    settings: Settings,
+    settings: Arc<Settings>,
+    /// What to write, in order: the frame begun (if `begun`), then
+    /// `urgent` urgent frames, then the log's frames.
+    queue: VecDeque<Bytes>,
+    /// Whether the first frame is partly written (it is what is left).
+    begun: bool,
     /// Whether the client opted in to `sync` frames.
     sync: bool,
+    /// Whether the publisher writes for the connection.
+    parked: bool,
+    /// Whether `announced` holds a position.
+    has_announced: bool,
+    /// How many urgent frames follow the one begun.
+    urgent: u32,
+    /// Bytes of the log's frames queued and not begun.
+    frame_bytes: usize,
+    /// Bytes queued, in every lane.
+    queued: usize,
     /// The position of the last event of the log queued.
     cursor: Position,
     /// The position the last `sync` frame queued announced.
-    announced: Option<Position>,
-    /// What is left of the frame being written: it goes first.
-    current: Bytes,
-    /// Pings, tungstenite's frames and replies, after `current`.
-    urgent: VecDeque<Bytes>,
-    /// The log's frames (and `sync` frames), after `urgent`.
-    frames: VecDeque<Bytes>,
-    /// Bytes in `frames`.
-    frame_bytes: usize,
-    /// Bytes in `current` and `urgent`.
-    urgent_bytes: usize,
+    announced: Position,
     /// Bytes ever written.
     written: u64,
-    /// When the client was last heard from.
-    heard: Instant,
+    /// When the client was last heard from (ms from the epoch).
+    heard: u64,
     /// When the next ping is due.
-    next_ping: Instant,
+    next_ping: u64,
     /// While the socket holds back what is queued: by when everything
-    /// queued at that moment must be written, and the count of bytes
-    /// written that means it is.
-    stall: Option<(Instant, u64)>,
-    /// Whether the publisher writes for the connection.
-    parked: bool,
-    /// Once closing: by when the close must be written.
-    closing: Option<Instant>,
+    /// queued at that moment must be written ([`NEVER`] if it does not),
+    /// and the count of bytes written that means it is.
+    stall_by: u64,
+    stall_mark: u64,
+    /// Once closing: by when the close must be written ([`NEVER`] before).
+    closing_by: u64,
 }
 
 /// Where a frame queued through [`Delivery::push`] goes.
@@ -113,23 +145,27 @@ pub(crate) enum Lane {
 impl Delivery {
     /// A connection's delivery from its handshake, at `now`: pings are due
     /// from `now`, and the client counts as heard from then.
-    pub(crate) fn new(settings: Settings, now: Instant) -> Self {
+    pub(crate) fn new(settings: Arc<Settings>, now: Instant) -> Self {
+        let now = settings.ms(now);
+        let next_ping = now.saturating_add(ms(settings.ping_interval));
         Delivery {
             settings,
+            queue: VecDeque::new(),
+            begun: false,
             sync: false,
-            cursor: Position::ZERO,
-            announced: None,
-            current: Bytes::new(),
-            urgent: VecDeque::new(),
-            frames: VecDeque::new(),
+            parked: false,
+            has_announced: false,
+            urgent: 0,
             frame_bytes: 0,
-            urgent_bytes: 0,
+            queued: 0,
+            cursor: Position::ZERO,
+            announced: Position::ZERO,
             written: 0,
             heard: now,
-            next_ping: now + settings.ping_interval,
-            stall: None,
-            parked: false,
-            closing: None,
+            next_ping,
+            stall_by: NEVER,
+            stall_mark: 0,
+            closing_by: NEVER,
         }
     }
 
@@ -145,31 +181,43 @@ impl Delivery {
         self.cursor
     }
 
-    /// Room left for the log's frames, in bytes: none while closing. A
-    /// frame larger than the room is still let in when nothing is queued.
-    pub(crate) fn room(&self) -> usize {
-        if self.closing.is_some() {
+    fn closing(&self) -> bool {
+        self.closing_by != NEVER
+    }
+
+    /// The bytes of the frame begun, which count against the room until
+    /// written.
+    fn begun_bytes(&self) -> usize {
+        if self.begun {
+            self.queue.front().map_or(0, Bytes::len)
+        } else {
             0
-        } else if self.frames.is_empty() && self.current.is_empty() {
+        }
+    }
+
+    /// Room left for the log's frames, in bytes: none while closing. A
+    /// frame larger than the room is still let in when none is queued.
+    pub(crate) fn room(&self) -> usize {
+        if self.closing() {
+            0
+        } else if self.frame_bytes == 0 && !self.begun {
             self.settings.queue_bytes.max(1)
         } else {
-            // The frame being written counts until it is written.
-            let held = self.frame_bytes + self.current.len();
+            let held = self.frame_bytes + self.begun_bytes();
             self.settings.queue_bytes.saturating_sub(held)
         }
     }
 
     /// Whether a frame of `len` bytes fits in [`Delivery::room`].
     pub(crate) fn fits(&self, len: usize) -> bool {
-        self.closing.is_none()
-            && ((self.frames.is_empty() && self.current.is_empty()) || len <= self.room())
+        !self.closing() && ((self.frame_bytes == 0 && !self.begun) || len <= self.room())
     }
 
     /// Whether the urgent lane takes more: it holds at most one batch of
     /// the connection's outbox at a time, so what waits there stays
     /// within the outbox's own bounds.
     pub(crate) fn takes_urgent(&self) -> bool {
-        self.urgent.is_empty()
+        self.urgent == 0
     }
 
     /// Queues a frame in `lane`. The log's frames are refused while
@@ -180,57 +228,61 @@ impl Delivery {
         }
         match lane {
             Lane::Urgent => {
-                self.urgent_bytes += wire.len();
-                self.urgent.push_back(wire);
+                let at = usize::from(self.begun) + self.urgent as usize;
+                self.queued += wire.len();
+                self.queue.insert(at, wire);
+                self.urgent += 1;
             }
             Lane::History | Lane::Event => {
-                if self.closing.is_some() {
+                if self.closing() {
                     return;
                 }
                 if lane == Lane::Event {
                     self.cursor = self.cursor.next();
                 }
-                self.frame_bytes += wire.len();
-                self.frames.push_back(wire);
+                self.push_frame(wire);
             }
         }
+    }
+
+    fn push_frame(&mut self, wire: Bytes) {
+        self.frame_bytes += wire.len();
+        self.queued += wire.len();
+        self.queue.push_back(wire);
     }
 
     /// The position a `sync` frame should announce now, if the client
     /// opted in and was not told of the cursor yet.
     pub(crate) fn sync_due(&self) -> Option<Position> {
-        (self.sync && self.closing.is_none() && self.announced != Some(self.cursor))
-            .then_some(self.cursor)
+        let told = self.has_announced && self.announced == self.cursor;
+        (self.sync && !self.closing() && !told).then_some(self.cursor)
     }
 
     /// Queues the `sync` frame announcing `position` (from
     /// [`Delivery::sync_due`]).
     pub(crate) fn push_sync(&mut self, position: Position, wire: Bytes) {
-        if self.closing.is_none() {
-            self.announced = Some(position);
-            self.frame_bytes += wire.len();
-            self.frames.push_back(wire);
+        if !self.closing() {
+            self.announced = position;
+            self.has_announced = true;
+            self.push_frame(wire);
         }
     }
 
     /// Whether nothing is queued.
     pub(crate) fn is_empty(&self) -> bool {
-        self.current.is_empty() && self.urgent.is_empty() && self.frames.is_empty()
+        self.queue.is_empty()
     }
 
     /// Bytes queued, in every lane.
+    #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
-        self.urgent_bytes + self.frame_bytes
+        self.queued
     }
 
     /// What to write next, in order: the rest of the frame begun, the
     /// urgent frames, the log's frames.
     pub(crate) fn transmit(&self) -> impl Iterator<Item = &Bytes> {
-        let current = (!self.current.is_empty()).then_some(&self.current);
-        current
-            .into_iter()
-            .chain(self.urgent.iter())
-            .chain(self.frames.iter())
+        self.queue.iter()
     }
 
     /// The socket took `n` bytes of [`Delivery::transmit`] at `now`.
@@ -239,103 +291,116 @@ impl Delivery {
             return;
         }
         self.written += n as u64;
-        if let Some((_, mark)) = self.stall {
+        self.queued -= n.min(self.queued);
+        if self.stall_by != NEVER {
             // The socket had been full: that it took bytes again means
             // the client's TCP acknowledged what it read.
-            self.heard = self.heard.max(now);
-            if self.written >= mark {
-                self.stall = None;
+            self.heard = self.heard.max(self.settings.ms(now));
+            if self.written >= self.stall_mark {
+                self.stall_by = NEVER;
             }
         }
         while n > 0 {
-            if self.current.is_empty() {
-                let next = if let Some(next) = self.urgent.pop_front() {
-                    next
-                } else if let Some(next) = self.frames.pop_front() {
-                    self.frame_bytes -= next.len();
-                    self.urgent_bytes += next.len();
-                    next
+            let Some(front) = self.queue.front_mut() else {
+                debug_assert!(false, "more written than queued");
+                return;
+            };
+            if !self.begun {
+                // The front starts being written: it leaves its lane.
+                if self.urgent > 0 {
+                    self.urgent -= 1;
                 } else {
-                    debug_assert!(false, "more written than queued");
-                    return;
-                };
-                self.current = next;
+                    self.frame_bytes -= front.len();
+                }
+                self.begun = true;
             }
-            let take = n.min(self.current.len());
-            self.urgent_bytes -= take;
-            n -= take;
-            if take == self.current.len() {
-                self.current = Bytes::new();
+            if n >= front.len() {
+                n -= front.len();
+                self.queue.pop_front();
+                self.begun = false;
             } else {
-                self.current = self.current.slice(take..);
+                *front = front.slice(n..);
+                n = 0;
             }
         }
-        if self.frames.is_empty() && self.frames.capacity() > QUEUE_KEPT {
-            self.frames = VecDeque::new();
-        }
-        if self.urgent.is_empty() && self.urgent.capacity() > QUEUE_KEPT {
-            self.urgent = VecDeque::new();
+        if self.queue.is_empty() && self.queue.capacity() > QUEUE_KEPT {
+            self.queue = VecDeque::new();
         }
     }
 
-    /// Whether the queues hold no more capacity than an idle connection
+    /// Whether the queue holds no more capacity than an idle connection
     /// keeps.
     #[cfg(test)]
     pub(crate) fn holds_no_buffer(&self) -> bool {
-        self.frames.capacity() <= QUEUE_KEPT && self.urgent.capacity() <= QUEUE_KEPT
+        self.queue.capacity() <= QUEUE_KEPT
     }
 
     /// The socket took less than was queued at `now`: what is queued now
     /// must be written within the write timeout (unless it already runs
     /// for what was queued before).
     pub(crate) fn on_blocked(&mut self, now: Instant) {
-        if self.stall.is_none() && !self.is_empty() {
-            let mark = self.written + self.queued() as u64;
-            self.stall = Some((now + self.settings.write_timeout, mark));
+        if self.stall_by == NEVER && !self.is_empty() {
+            self.stall_mark = self.written + self.queued as u64;
+            self.stall_by = self
+                .settings
+                .ms(now)
+                .saturating_add(ms(self.settings.write_timeout));
         }
     }
 
     /// A frame arrived from the client at `now`.
     pub(crate) fn on_heard(&mut self, now: Instant) {
-        self.heard = self.heard.max(now);
+        self.heard = self.heard.max(self.settings.ms(now));
+    }
+
+    /// When the client counts as idle.
+    fn idle_by(&self) -> u64 {
+        self.heard.saturating_add(ms(self.settings.idle_timeout))
     }
 
     /// When [`Delivery::on_timeout`] should be called next.
     pub(crate) fn poll_timeout(&self) -> Instant {
-        if let Some(deadline) = self.closing {
-            return deadline;
-        }
-        let mut next = self.next_ping.min(self.heard + self.settings.idle_timeout);
-        if let Some((deadline, _)) = self.stall {
-            next = next.min(deadline);
-        }
-        next
+        let next = if self.closing() {
+            self.closing_by
+        } else {
+            self.next_ping.min(self.idle_by()).min(self.stall_by)
+        };
+        self.settings.at(next)
     }
 
     /// Carries out what is due at `now`: a ping is queued, or the
     /// connection must close, for the reason returned.
     pub(crate) fn on_timeout(&mut self, now: Instant) -> Result<(), CloseReason> {
-        if let Some(deadline) = self.closing {
-            return if now >= deadline {
+        let now = self.settings.ms(now);
+        if self.closing() {
+            return if now >= self.closing_by {
                 Err(CloseReason::Stalled)
             } else {
                 Ok(())
             };
         }
-        if self.stall.is_some_and(|(deadline, _)| now >= deadline) {
+        if now >= self.stall_by {
             return Err(CloseReason::Stalled);
         }
-        if now >= self.heard + self.settings.idle_timeout {
+        if now >= self.idle_by() {
             return Err(CloseReason::IdleTimeout);
         }
         if now >= self.next_ping {
-            self.next_ping = now + self.settings.ping_interval;
+            self.next_ping = now.saturating_add(ms(self.settings.ping_interval));
             // One ping waiting is enough.
-            if !self.urgent.iter().any(|b| b.as_ptr() == PING.as_ptr()) {
+            if !self.urgent_frames().any(|b| b.as_ptr() == PING.as_ptr()) {
                 self.push(Lane::Urgent, PING);
             }
         }
         Ok(())
+    }
+
+    /// The urgent frames not begun.
+    fn urgent_frames(&self) -> impl Iterator<Item = &Bytes> {
+        self.queue
+            .iter()
+            .skip(usize::from(self.begun))
+            .take(self.urgent as usize)
     }
 
     /// Whether the publisher writes for the connection.
@@ -346,7 +411,7 @@ impl Delivery {
     /// Parks the connection if it has everything up to `head` and nothing
     /// queued: the publisher then writes for it. Says whether it did.
     pub(crate) fn park(&mut self, head: Position) -> bool {
-        self.parked = self.closing.is_none() && self.is_empty() && self.cursor == head;
+        self.parked = !self.closing() && self.is_empty() && self.cursor == head;
         self.parked
     }
 
@@ -355,34 +420,37 @@ impl Delivery {
         self.parked = false;
     }
 
-    /// Starts the close at `now`: the log's frames not yet begun are
-    /// dropped, nothing from the log is queued again, and what is queued
-    /// next (tungstenite's frames, ending with the close frame) must be
-    /// written by `deadline`. The frame being written is finished first.
+    /// Starts the close: the log's frames not yet begun (and any ping)
+    /// are dropped, nothing from the log is queued again, and what is
+    /// queued next (tungstenite's frames, ending with the close frame) must
+    /// be written by `deadline`. The frame being written is finished first.
     pub(crate) fn close(&mut self, deadline: Instant) {
-        if self.closing.is_some() {
+        if self.closing() {
             return;
         }
         self.parked = false;
-        self.stall = None;
-        self.frames.clear();
+        self.stall_by = NEVER;
+        let keep = usize::from(self.begun) + self.urgent as usize;
+        self.queue.truncate(keep);
+        let begun = usize::from(self.begun);
+        let mut i = begun;
+        while i < self.queue.len() {
+            if self.queue[i].as_ptr() == PING.as_ptr() {
+                self.queue.remove(i);
+                self.urgent -= 1;
+            } else {
+                i += 1;
+            }
+        }
         self.frame_bytes = 0;
-        self.urgent.retain(|b| b.as_ptr() != PING.as_ptr());
-        self.urgent_bytes = self.current.len() + self.urgent.iter().map(Bytes::len).sum::<usize>();
-        self.closing = Some(deadline);
+        self.queued = self.queue.iter().map(Bytes::len).sum();
+        self.closing_by = self.settings.ms(deadline);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const SETTINGS: Settings = Settings {
-        ping_interval: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(60),
-        write_timeout: Duration::from_secs(10),
-        queue_bytes: 4096,
-    };
 
     /// A manual clock: milliseconds after a fixed start.
     struct Clock(Instant);
@@ -391,7 +459,20 @@ mod tests {
         fn at(&self, ms: u64) -> Instant {
             self.0 + Duration::from_millis(ms)
         }
+
+        /// The settings of these tests, counting from this clock's start.
+        fn settings(&self) -> Arc<Settings> {
+            Arc::new(Settings {
+                ping_interval: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(60),
+                write_timeout: Duration::from_secs(10),
+                queue_bytes: 4096,
+                epoch: self.0,
+            })
+        }
     }
+
+    const QUEUE_BYTES: usize = 4096;
 
     fn frame(tag: u8, len: usize) -> Bytes {
         Bytes::from(vec![tag; len])
@@ -446,7 +527,7 @@ mod tests {
     #[test]
     fn a_long_replay_to_a_reader_that_answers_pings_is_never_closed_as_idle() {
         let clock = Clock(Instant::now());
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         d.start(Position::ZERO, false);
         let mut socket = Socket::default();
         let mut pings_sent = 0;
@@ -487,7 +568,7 @@ mod tests {
     #[test]
     fn a_quiet_client_is_pinged_before_it_counts_as_idle() {
         let clock = Clock(Instant::now());
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         d.start(Position::ZERO, false);
         let mut socket = Socket::default();
         assert_eq!(d.poll_timeout(), clock.at(30_000), "the first ping");
@@ -501,7 +582,7 @@ mod tests {
             Err(CloseReason::IdleTimeout)
         );
         // A pong at 45 s moves it.
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         d.on_timeout(clock.at(30_000)).expect("a ping");
         d.on_heard(clock.at(45_000));
         assert_eq!(d.poll_timeout(), clock.at(60_000), "the next ping");
@@ -516,7 +597,7 @@ mod tests {
     #[test]
     fn a_reader_that_stops_is_cut_at_the_write_timeout_exactly() {
         let clock = Clock(Instant::now());
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         d.start(Position::ZERO, false);
         let mut socket = Socket::default();
         d.push(Lane::Event, frame(1, 3000));
@@ -529,7 +610,7 @@ mod tests {
         // A reader that keeps taking, slower than the log grows, is not
         // stalled: what was queued when its socket refused is written
         // within the timeout, each time (4 KiB at 500 bytes a second).
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         let mut socket = Socket::default();
         for second in 0..120u64 {
             let now = clock.at(second * 1000);
@@ -551,7 +632,7 @@ mod tests {
     #[test]
     fn a_close_comes_after_whole_frames_and_nothing_follows_it() {
         let clock = Clock(Instant::now());
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         d.start(Position::ZERO, true);
         let mut socket = Socket::default();
         d.push(Lane::Event, frame(1, 600));
@@ -568,7 +649,7 @@ mod tests {
         assert!(socket.write(&mut d, usize::MAX, clock.at(1)));
         assert_eq!(runs(&socket.got), [(1, 600), (8, 4)]);
         // The close must be written by its deadline.
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         d.close(clock.at(10_000));
         d.push(Lane::Urgent, frame(8, 4));
         assert_eq!(d.poll_timeout(), clock.at(10_000));
@@ -578,7 +659,7 @@ mod tests {
     #[test]
     fn urgent_frames_go_at_the_next_frame_boundary() {
         let clock = Clock(Instant::now());
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         let mut socket = Socket::default();
         d.push(Lane::History, frame(1, 100));
         d.push(Lane::History, frame(2, 100));
@@ -594,7 +675,7 @@ mod tests {
         // Frames of every size up to the bound, offered as fast as the
         // delivery lets them in, to a socket taking random amounts.
         let clock = Clock(Instant::now());
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         let mut socket = Socket::default();
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         let mut random = move |below: usize| {
@@ -605,13 +686,13 @@ mod tests {
         };
         let mut offered = Vec::new();
         for step in 0..20_000u64 {
-            let len = 1 + random(SETTINGS.queue_bytes);
+            let len = 1 + random(QUEUE_BYTES);
             if d.fits(len) {
                 let tag = (step % 200) as u8 + 1;
                 d.push(Lane::Event, frame(tag, len));
                 offered.push((tag, len));
             }
-            assert!(d.queued() <= SETTINGS.queue_bytes, "step {step}");
+            assert!(d.queued() <= QUEUE_BYTES, "step {step}");
             socket.write(&mut d, random(3000), clock.at(step));
             d.on_heard(clock.at(step));
         }
@@ -622,9 +703,18 @@ mod tests {
     }
 
     #[test]
+    fn a_delivery_is_small() {
+        // Every connection holds one for its life (measured: it is what an
+        // idle connection costs beyond its socket and task).
+        let size = std::mem::size_of::<Delivery>();
+        eprintln!("Delivery: {size} bytes");
+        assert!(size <= 160, "{size} bytes");
+    }
+
+    #[test]
     fn a_connection_parks_only_at_the_head_with_nothing_queued() {
         let clock = Clock(Instant::now());
-        let mut d = Delivery::new(SETTINGS, clock.at(0));
+        let mut d = Delivery::new(clock.settings(), clock.at(0));
         d.start(Position(5), true);
         assert_eq!(d.sync_due(), Some(Position(5)));
         assert!(!d.park(Position(6)), "behind the head");

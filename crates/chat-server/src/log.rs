@@ -57,9 +57,9 @@ impl From<Event> for Entry {
     fn from(event: Event) -> Self {
         let frame = Frame::text(event.frame().encode());
         let replay = match &event.kind {
-            EventKind::ReactionUpdated(update) => Some(encode(&ServerFrame::Message(
-                update.message.clone(),
-            ))),
+            EventKind::ReactionUpdated(update) => {
+                Some(encode(&ServerFrame::Message(update.message.clone())))
+            }
             EventKind::MessagePosted { .. } => None,
         };
         Entry {
@@ -343,7 +343,8 @@ impl State {
             }
             EventKind::ReactionUpdated(update) => {
                 if let Some(replay) = &entry.replay {
-                    self.history.set(&update.message_id, replay.clone(), position);
+                    self.history
+                        .set(&update.message_id, replay.clone(), position);
                 }
                 self.metrics.reactions_accepted.inc();
             }
@@ -361,9 +362,13 @@ fn encode(frame: &ServerFrame) -> Frame {
 #[derive(Debug)]
 struct Recent {
     frames: VecDeque<Frame>,
-    /// The position just before `frames[0]`: a reader at it or after it
-    /// can be served.
+    /// The position just before `frames[0]`: a live reader at it or after
+    /// it can be served.
     base: Position,
+    /// A resume from before this position would return a message the
+    /// history no longer holds, which the resuming client may still show:
+    /// it is a reset instead.
+    floor: Position,
     bytes: usize,
     retention: Retention,
 }
@@ -373,15 +378,16 @@ impl Recent {
         Recent {
             frames: VecDeque::new(),
             base: head,
+            floor: Position::ZERO,
             bytes: 0,
             retention,
         }
     }
 
-    /// Whether a reader at `position` can be served (`position` ≤ head is
-    /// checked by the caller).
+    /// Whether a client resuming at `position` can be served (`position`
+    /// ≤ head is checked by the caller).
     fn reaches(&self, position: Position) -> bool {
-        position >= self.base
+        position >= self.base && position >= self.floor
     }
 
     /// Takes back one event kept by an earlier run. They come oldest
@@ -410,21 +416,12 @@ impl Recent {
         }
     }
 
-    /// Forgets every event up to `position`: a reader at or after it can
-    /// still be served, one before it no longer.
+    /// No resume from before `position` is served again: the events up
+    /// to it carried a message the history no longer holds. (A live reader
+    /// behind still reads them, in order, as it would have live: it has
+    /// not shown them yet. They go when the retention drops them.)
     fn forget_through(&mut self, position: Position) {
-        while self.base < position {
-            match self.frames.pop_front() {
-                Some(old) => {
-                    self.bytes -= old.len();
-                    self.base = self.base.next();
-                }
-                None => {
-                    self.base = self.base.max(position);
-                    return;
-                }
-            }
-        }
+        self.floor = self.floor.max(position);
     }
 
     fn push(&mut self, position: Position, frame: Frame) {
@@ -1138,8 +1135,9 @@ mod tests {
             idle_timeout: std::time::Duration::from_secs(60),
             write_timeout: std::time::Duration::from_secs(10),
             queue_bytes: 64 * 1024,
+            epoch: std::time::Instant::now(),
         };
-        let delivery = Delivery::new(settings, std::time::Instant::now());
+        let delivery = Delivery::new(Arc::new(settings), std::time::Instant::now());
         (crate::wire::split(server, 4096, 1024, 4, delivery), client)
     }
 

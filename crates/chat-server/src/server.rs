@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Once stopping: when `--shutdown-grace` ends.
     pub(crate) stop_by: std::sync::OnceLock<tokio::time::Instant>,
+    /// Every connection's bounds and deadlines.
+    pub(crate) delivery: Arc<crate::delivery::Settings>,
 }
 
 impl Shared {
@@ -302,6 +304,7 @@ impl Server {
             metrics,
             shutdown,
             stop_by: std::sync::OnceLock::new(),
+            delivery: Arc::new(config.delivery(std::time::Instant::now())),
             config,
         };
         // Bound last: once a client can connect, the history is restored

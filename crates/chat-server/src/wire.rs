@@ -440,8 +440,9 @@ mod tests {
             idle_timeout: std::time::Duration::from_secs(60),
             write_timeout: std::time::Duration::from_secs(10),
             queue_bytes: 1 << 20,
+            epoch: Instant::now(),
         };
-        Delivery::new(settings, Instant::now())
+        Delivery::new(std::sync::Arc::new(settings), Instant::now())
     }
 
     #[tokio::test]
