@@ -207,6 +207,7 @@ async fn an_evicted_message_is_never_served_again_nor_kept() {
         .await
         .expect("ws");
     assert_eq!(ok.until_sync().await.0, held);
+    drop((c, ok));
     server.shutdown().await;
 
     let db = rusqlite::Connection::open(dir.path().join(chat_server::store::DB_FILE)).expect("db");

@@ -200,34 +200,29 @@ impl Committer {
         self.room.is_closed() && self.room.available_permits() == self.total
     }
 
-    /// Waits until the committer has written what was queued, or until
-    /// `deadline`. Past it, the committer is told to give up; a commit
-    /// stuck in the kernel is left behind (the process exits around it, and
-    /// SQLite's journal keeps the database whole).
+    /// Waits until the committer has written what was queued and ended
+    /// (the queue's last sender is gone), or until `deadline`. Past it, the
+    /// committer is told to give up; a commit stuck in the kernel is left
+    /// behind (the process exits around it, and SQLite's journal keeps the
+    /// database whole).
     ///
     /// Everything is written once the queue is closed and all its room is
-    /// back, even while a connection that is still closing keeps the queue's
-    /// sender (and so the committer's thread) alive: that is not a
-    /// commit given up.
+    /// back, even while a connection that is still closing keeps the
+    /// queue's sender (and so the committer's thread) alive past the
+    /// deadline: that is not a commit given up.
     pub(crate) async fn finish(mut self, deadline: tokio::time::Instant) -> Finished {
-        let outcome = |committer: &Committer| {
-            if committer.give_up.load(Ordering::Relaxed) {
+        if tokio::time::timeout_at(deadline, &mut self.done)
+            .await
+            .is_ok()
+        {
+            return if self.give_up.load(Ordering::Relaxed) {
                 Finished::GaveUp
             } else {
                 Finished::AllWritten
-            }
-        };
-        loop {
-            if self.all_written() {
-                return Finished::AllWritten;
-            }
-            let step = (tokio::time::Instant::now() + FINISH_STEP).min(deadline);
-            if tokio::time::timeout_at(step, &mut self.done).await.is_ok() {
-                return outcome(&self);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                break;
-            }
+            };
+        }
+        if self.all_written() {
+            return Finished::AllWritten;
         }
         self.give_up.store(true, Ordering::Relaxed);
         // A retrying committer notices within one backoff step.
@@ -239,9 +234,6 @@ impl Committer {
         }
     }
 }
-
-/// How often a stopping server looks whether everything is written.
-const FINISH_STEP: Duration = Duration::from_millis(10);
 
 /// How often a backing-off committer checks whether to give up.
 const BACKOFF_STEP: Duration = Duration::from_millis(100);

@@ -71,10 +71,14 @@ fn masked(text: &str) -> Vec<u8> {
     frame
 }
 
-/// A client from `127.0.0.<n>`, upgraded by hand: its socket, and the bytes
-/// that came after the 101.
-async fn connect(port: u16, n: u8) -> (tokio::net::TcpStream, Vec<u8>) {
+/// A client from `127.0.0.<n>`, upgraded by hand, with a kernel receive
+/// buffer of `recv_buffer` bytes if given: its socket, and the bytes that
+/// came after the 101.
+async fn connect(port: u16, n: u8, recv_buffer: Option<u32>) -> (tokio::net::TcpStream, Vec<u8>) {
     let socket = TcpSocket::new_v4().expect("socket");
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).expect("rcvbuf");
+    }
     socket
         .bind(([127, 0, 0, n], 0).into())
         .expect("bind a loopback source");
@@ -124,7 +128,7 @@ async fn a_reaction_burst_stays_within_the_memory_bounds() {
     let pid = server.pid();
     let port = server.port;
     // The message, from 127.0.0.1.
-    let (mut author, mut seen) = connect(port, 1).await;
+    let (mut author, mut seen) = connect(port, 1, None).await;
     author
         .write_all(&masked(
             r#"{"type":"send_message","data":{"text":"the popular one"}}"#,
@@ -149,7 +153,7 @@ async fn a_reaction_burst_stays_within_the_memory_bounds() {
     // toggling 20 emojis five times over as fast as it can.
     let mut clients = Vec::new();
     for n in 2..=(1 + REACTORS as u8) {
-        let (stream, _) = connect(port, n).await;
+        let (stream, _) = connect(port, n, None).await;
         let (mut reader, mut writer) = stream.into_split();
         let toggles: Vec<u8> = std::iter::repeat_n(EMOJIS, ROUNDS)
             .flatten()
@@ -241,7 +245,7 @@ async fn slow_joiners_pin_no_history() {
         r#"{{"type":"send_message","data":{{"text":"{}"}}}}"#,
         "😀".repeat(500)
     ));
-    let (poster, _) = connect(port, 1).await;
+    let (poster, _) = connect(port, 1, None).await;
     let (mut poster_reads, mut poster) = poster.into_split();
     tokio::spawn(async move {
         let mut sink = vec![0u8; 64 * 1024];
@@ -270,22 +274,7 @@ async fn slow_joiners_pin_no_history() {
     // reading 2 KB every 10 ms: each replay would take ten seconds.
     let mut joiners = Vec::new();
     for n in 0..JOINERS {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.set_recv_buffer_size(4096).expect("rcvbuf");
-        socket
-            .bind(([127, 0, 0, 10 + n], 0).into())
-            .expect("bind a loopback source");
-        let mut stream = socket
-            .connect(([127, 0, 0, 1], port).into())
-            .await
-            .expect("connect");
-        stream
-            .write_all(
-                b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            )
-            .await
-            .expect("handshake");
+        let (mut stream, _) = connect(port, 10 + n, Some(4096)).await;
         joiners.push(tokio::spawn(async move {
             let mut chunk = [0u8; 2048];
             let until = Instant::now() + Duration::from_secs(6);

@@ -109,17 +109,18 @@ async fn a_first_signal_is_bounded_and_a_second_ends_at_once() {
 #[tokio::test]
 async fn a_connection_that_outlives_the_grace_is_no_commit_given_up() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let port = binary::free_port();
-    let mut child = Command::new(binary::program())
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--in-memory"])
-        .args(["--shutdown-grace", "1s", "--message-rate", "100000"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chat-server");
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = binary::logging(&[
+        "--listen",
+        &listen,
+        "--in-memory",
+        "--shutdown-grace",
+        "1s",
+        "--message-rate",
+        "100000",
+    ]);
     let lines = {
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {

@@ -1,22 +1,20 @@
 //! What the real binary says when it starts: true warnings only, and the
 //! loud ones where they matter.
 
+mod binary;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The log lines the binary prints up to "listening", with `args`.
 fn start_up_lines(args: &[&str]) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chat-server"))
-        .args(["--data-dir", &dir.path().display().to_string()])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chat-server");
+    let data_dir = dir.path().display().to_string();
+    let all: Vec<&str> = ["--data-dir", data_dir.as_str()]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let mut child = binary::logging(&all);
     let stdout = child.stdout.take().expect("stdout");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut lines = Vec::new();

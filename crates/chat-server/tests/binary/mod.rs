@@ -14,6 +14,19 @@ pub fn program() -> String {
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_chat-server").to_owned())
 }
 
+/// Starts the binary with `args`, its log (level `info`, no colours) on a
+/// pipe to read.
+pub fn logging(args: &[&str]) -> Child {
+    Command::new(program())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chat-server")
+}
+
 /// A loopback port nobody listens on now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
