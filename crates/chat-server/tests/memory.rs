@@ -106,23 +106,31 @@ async fn connect(port: u16, n: u8, recv_buffer: Option<u32>) -> (tokio::net::Tcp
     }
 }
 
+/// The binary in memory, with the bounds above and `args` besides.
+fn bounded_server(dir: &std::path::Path, args: &[&str]) -> ServerProcess {
+    let log_bytes = LOG_BYTES.to_string();
+    let commit_queue_bytes = COMMIT_QUEUE_BYTES.to_string();
+    let bounds = [
+        "--in-memory",
+        "--log-bytes",
+        &log_bytes,
+        "--commit-queue-bytes",
+        &commit_queue_bytes,
+    ];
+    let all: Vec<&str> = bounds.iter().chain(args).copied().collect();
+    ServerProcess::start(dir, &all)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reaction_burst_stays_within_the_memory_bounds() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log_bytes = LOG_BYTES.to_string();
-    let commit_queue_bytes = COMMIT_QUEUE_BYTES.to_string();
-    let server = ServerProcess::start(
+    let server = bounded_server(
         dir.path(),
         &[
-            "--in-memory",
             "--identity-secret",
             "memory test",
             "--reaction-rate",
             "1000",
-            "--log-bytes",
-            &log_bytes,
-            "--commit-queue-bytes",
-            &commit_queue_bytes,
         ],
     );
     let pid = server.pid();
@@ -219,23 +227,16 @@ async fn slow_joiners_pin_no_history() {
     const HISTORY: usize = 2000;
     const JOINERS: u8 = 40;
     let dir = tempfile::tempdir().expect("tempdir");
-    let log_bytes = LOG_BYTES.to_string();
-    let commit_queue_bytes = COMMIT_QUEUE_BYTES.to_string();
     let history = HISTORY.to_string();
-    let server = ServerProcess::start(
+    let server = bounded_server(
         dir.path(),
         &[
-            "--in-memory",
             "--identity",
             "raw-ip",
             "--message-rate",
             "1000000",
             "--history-limit",
             &history,
-            "--log-bytes",
-            &log_bytes,
-            "--commit-queue-bytes",
-            &commit_queue_bytes,
         ],
     );
     let pid = server.pid();
