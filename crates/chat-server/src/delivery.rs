@@ -195,22 +195,16 @@ impl Delivery {
         }
     }
 
-    /// Room left for the log's frames, in bytes: none while closing. A
-    /// frame larger than the room is still let in when none is queued.
-    pub(crate) fn room(&self) -> usize {
-        if self.closing() {
-            0
-        } else if self.frame_bytes == 0 && !self.begun {
-            self.settings.queue_bytes.max(1)
-        } else {
-            let held = self.frame_bytes + self.begun_bytes();
-            self.settings.queue_bytes.saturating_sub(held)
-        }
-    }
-
-    /// Whether a frame of `len` bytes fits in [`Delivery::room`].
+    /// Whether a frame of `len` bytes may be queued in the log's lanes:
+    /// never while closing; always when none of their frames is queued
+    /// (so a frame larger than the bound still goes); else within
+    /// `--send-queue-bytes`, the frame being written counted until it is.
     pub(crate) fn fits(&self, len: usize) -> bool {
-        !self.closing() && ((self.frame_bytes == 0 && !self.begun) || len <= self.room())
+        if self.closing() {
+            return false;
+        }
+        let held = self.frame_bytes + self.begun_bytes();
+        held == 0 || held + len <= self.settings.queue_bytes
     }
 
     /// Whether the urgent lane takes more: it holds at most one batch of

@@ -150,8 +150,8 @@ impl Log {
     /// The log of `chat` (as restored) in `epoch`, with the recent events
     /// an earlier run kept (`recent`, oldest first, ending at the chat's
     /// head, each with the id of the message it carries; the oldest are
-    /// dropped to fit `retention`, and so is every event up to the last
-    /// one that carries a message the chat no longer holds).
+    /// dropped to fit `retention`, and no resume is served from before the
+    /// last one that carries a message the chat no longer holds).
     pub(crate) fn new(
         chat: &Chat,
         epoch: Epoch,
@@ -178,7 +178,7 @@ impl Log {
         }
         kept.end_restore(head);
         if let Some(through) = unheld {
-            kept.forget_through(through);
+            kept.resume_no_earlier_than(through);
         }
         metrics.history_messages.set(history.len() as i64);
         let (head_tx, _) = watch::channel(head);
@@ -335,8 +335,8 @@ impl State {
                     && let Some(through) = self.history.pop_front()
                 {
                     // What the history no longer holds is never served
-                    // again: the evicted message's events go too.
-                    self.recent.forget_through(through);
+                    // again to a client that may still show it.
+                    self.recent.resume_no_earlier_than(through);
                 }
                 self.history.push(message.id, entry.frame.clone(), position);
                 self.metrics.messages_accepted.inc();
@@ -420,7 +420,7 @@ impl Recent {
     /// to it carried a message the history no longer holds. (A live reader
     /// behind still reads them, in order, as it would have live: it has
     /// not shown them yet. They go when the retention drops them.)
-    fn forget_through(&mut self, position: Position) {
+    fn resume_no_earlier_than(&mut self, position: Position) {
         self.floor = self.floor.max(position);
     }
 
@@ -468,8 +468,8 @@ struct Held {
     id: Uuid,
     /// Its `message` frame, as replayed.
     frame: Frame,
-    /// The position of the last event that carried it: when it is
-    /// evicted, the log forgets its events.
+    /// The position of the last event that carried it: once it is
+    /// evicted, no resume is served from before that position.
     touched: Position,
 }
 
