@@ -246,7 +246,7 @@ async fn durable_server_with(mut config: chat_server::Config) -> (tempfile::Temp
 
 /// Takes SQLite's write lock beside the server, so its commits fail.
 fn block_the_store(dir: &tempfile::TempDir) -> rusqlite::Connection {
-    let blocker = rusqlite::Connection::open(dir.path().join(chat_server::store::DB_FILE))
+    let blocker = rusqlite::Connection::open(dir.path().join(chat_server::DB_FILE))
         .expect("open the database beside the server");
     blocker
         .execute_batch("BEGIN IMMEDIATE")
@@ -291,9 +291,9 @@ async fn shutdown_is_bounded_while_the_store_fails() {
     let server = loop {
         match chat_server::Server::bind(config.clone()).await {
             Ok(server) => break server,
-            Err(chat_server::StartError::Store(chat_server::store::StoreError::Locked {
-                ..
-            })) if tries < 100 => {
+            Err(chat_server::StartError::Store(chat_server::StoreError::Locked { .. }))
+                if tries < 100 =>
+            {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -358,7 +358,7 @@ async fn a_failing_store_turns_healthz_red_and_holds_messages_back() {
     let mut a = server.client(2).await;
     assert_eq!(get(&server, "/healthz").await.status, 200);
 
-    let blocker = rusqlite::Connection::open(dir.path().join(chat_server::store::DB_FILE))
+    let blocker = rusqlite::Connection::open(dir.path().join(chat_server::DB_FILE))
         .expect("open the database beside the server");
     blocker
         .execute_batch("BEGIN IMMEDIATE")
@@ -682,14 +682,14 @@ async fn a_rebinding_page_is_refused_on_loopback() {
 async fn a_keep_alive_connection_serves_at_most_100_requests() {
     let server = TestServer::start(test_config()).await;
     let mut stream = server.tcp_from(2).await;
-    for n in 1..=chat_server::http::MAX_REQUESTS {
+    for n in 1..=chat_server::checks::MAX_REQUESTS {
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .expect("write");
         let reply = read_reply(&mut stream, false).await;
         assert_eq!(reply.status, 200, "request {n}");
-        let last = n == chat_server::http::MAX_REQUESTS;
+        let last = n == chat_server::checks::MAX_REQUESTS;
         assert_eq!(
             reply.header("connection"),
             last.then_some("close"),

@@ -202,7 +202,7 @@ async fn echo_mode_echoes_and_keeps_the_limits() {
 /// window, not after the two hours a frozen clock would take.
 #[tokio::test]
 async fn a_clock_set_back_across_a_restart_neither_freezes_time_nor_the_limit() {
-    use chat_server::clock::Clock;
+    use chat_server::Clock;
     use std::time::{Duration, SystemTime};
     const HOUR: Duration = Duration::from_secs(3600);
     let dir = tempfile::tempdir().expect("tempdir");

@@ -5,8 +5,8 @@
 mod support;
 
 use chat_proto::{ReactionAction, ServerFrame};
+use chat_server::Identity;
 use chat_server::IdentityMode;
-use chat_server::identity::Identity;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use support::{Client, PATIENCE, TestServer, test_config};

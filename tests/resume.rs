@@ -210,7 +210,7 @@ async fn an_evicted_message_is_never_served_again_nor_kept() {
     drop((c, ok));
     server.shutdown().await;
 
-    let db = rusqlite::Connection::open(dir.path().join(chat_server::store::DB_FILE)).expect("db");
+    let db = rusqlite::Connection::open(dir.path().join(chat_server::DB_FILE)).expect("db");
     let events: Vec<i64> = db
         .prepare("SELECT position FROM events ORDER BY position")
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())

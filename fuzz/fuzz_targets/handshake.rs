@@ -9,9 +9,9 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use chat_server::admission::{Origin, Policy};
-use chat_server::http::{Request, check_upgrade};
-use chat_server::host::HostPolicy;
+use chat_server::checks::{Origin, Policy};
+use chat_server::checks::{Request, check_upgrade};
+use chat_server::checks::HostPolicy;
 use libfuzzer_sys::fuzz_target;
 use std::net::IpAddr;
 

@@ -4,7 +4,7 @@
 //! is either incomplete or an error — never a different complete head.
 #![no_main]
 
-use chat_server::http::parse_head;
+use chat_server::checks::parse_head;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {

@@ -10,7 +10,7 @@ pub mod raw;
 use chat_proto::{
     AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, Uuid,
 };
-use chat_server::clock::Clock;
+use chat_server::Clock;
 use chat_server::{CancellationToken, Config, IdentityMode, Server, Stopped};
 use chat_testkit::FrameValidator;
 use futures_util::{SinkExt, StreamExt};

@@ -3,9 +3,10 @@
 //! Each bound a client can push against is named here, so an operator can
 //! see and change all of them in `--help`, and so tests can shrink them.
 
-use crate::admission::AllowedOrigin;
-use crate::host::PublicHost;
-use crate::identity::{Identity, IdentityMode};
+use crate::admission::host::PublicHost;
+use crate::admission::identity::{Identity, IdentityMode};
+use crate::admission::policy::AllowedOrigin;
+use crate::wire::delivery;
 use chat_core::RateLimit;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use ipnet::IpNet;
@@ -143,9 +144,9 @@ pub struct Config {
     /// Largest frame the server may send, in bytes. The chat rules decide
     /// how large a frame can get (a `reaction_updated` carries the whole
     /// message with every reactor); the server refuses to start if they
-    /// allow a frame larger than this, and every connection can hold one
-    /// frame this large past `--write-buffer-size`, so any frame it
-    /// produces is delivered.
+    /// allow a frame larger than this. Every connection's send queue
+    /// (`--send-queue-bytes`, at least this) takes one such frame, so any
+    /// frame the chat produces is delivered.
     #[arg(long, env = "CHAT_MAX_SERVER_FRAME", default_value_t = 64 * 1024)]
     pub max_server_frame: usize,
 
@@ -398,14 +399,17 @@ impl Config {
         tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             // Empty until a frame arrives: the connection reads the socket
             // into its own buffer, held only while it is not yet decoded
-            // (`wire::Inbound`).
+            // (`wire::link::TungsteniteIo`).
             .read_buffer_size(0)
             .write_buffer_size(self.write_buffer_size)
-            // Room for the largest frame the server can produce past the
-            // coalescing target (tungstenite writes the buffer out once it
-            // passes that target), plus a queued control frame; beyond it
-            // writes wait (backpressure) instead of buffering.
-            // In --echo mode the largest frame sent is the largest received.
+            // tungstenite writes only its own frames (pongs, close frames,
+            // in --echo mode the echoes; chat frames never go through it),
+            // and hands each on to the connection's outbox, which bounds
+            // what waits (`outbox_bound`). This bound only has to be above
+            // any one frame it writes, so that it never refuses one: room
+            // for the largest frame past the coalescing target, plus a
+            // queued control frame. In --echo mode the largest frame sent
+            // is the largest received.
             .max_write_buffer_size(
                 self.write_buffer_size
                     + self
@@ -420,8 +424,8 @@ impl Config {
 
     /// Every connection's bounds and deadlines, counted from `epoch`
     /// (the server's start).
-    pub(crate) fn delivery(&self, epoch: std::time::Instant) -> crate::delivery::Settings {
-        crate::delivery::Settings {
+    pub(crate) fn delivery(&self, epoch: std::time::Instant) -> delivery::Settings {
+        delivery::Settings {
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,
             write_timeout: self.write_timeout,

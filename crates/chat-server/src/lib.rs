@@ -1,9 +1,8 @@
-//! The chat's WebSocket server.
+//! The chat's WebSocket server: a tokio server around `chat-core`. The
+//! core decides what happens; this crate carries it out over sockets.
 //!
-//! A raw tokio-tungstenite accept loop around `chat-core`: the core decides
-//! what happens, this crate carries it out over sockets. It is a library as
-//! well as a binary, so a test or another program can run a server on port
-//! 0, learn its address and shut it down:
+//! It is a library as well as a binary, so a test or another program can
+//! run a server on port 0, learn its address and shut it down:
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), chat_server::StartError> {
@@ -18,62 +17,60 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The modules, one concern each:
-//! - `server`: binding, running and stopping the server;
+//! The modules, top to bottom; each imports only from those below it
+//! (the README's map, checked by `tests/module_map.rs`):
+//!
+//! - `server`: binding (restoring the chat, the pipeline, the sequencer,
+//!   the listener), running and stopping;
+//! - `front`: every accepted connection, from the accept to the WebSocket:
+//!   the accept loop, plain HTTP routes, the handshake;
+//! - `connection`: one client's WebSocket: reader, writer, close, echo;
+//! - `shared`: what every connection's task shares;
 //! - [`config`]: every setting and bound;
-//! - [`clock`]: the time commands are stamped with;
-//! - [`cluster`]: cluster mode, an ordering point on NATS JetStream;
-//! - `listener`: the accept loop and the connection limit;
-//! - [`http`]: HTTP/1 on the same port: the codec, the keep-alive loop, the
-//!   routes (the page, health, metrics, whoami), the upgrade's form and the
-//!   101, and every refusal's status;
+//! - `admission`: the chat's rules for a handshake: path, origin, `Host`,
+//!   client address, the `/ws` query, the per-address limit, user ids;
+//! - `sequencer`: where commands are put in one order and applied, in
+//!   this process or across a cluster (NATS JetStream);
+//! - `store`: the durable history, a plain writer of events;
+//! - `publish`: apply → commit → publish, the published log, and the
+//!   fan-out to connections waiting at its head;
 //! - `metrics`: what `/metrics` reports;
-//! - [`admission`]: the chat's rules for a handshake: path, origin, client
-//!   address, the `/ws` query and the per-address limit;
-//! - `limits`: places per address (open connections, pending requests);
-//! - [`host`]: which `Host` names the server answers to (DNS rebinding);
-//! - [`identity`]: from an address to a user id;
-//! - `hub`: the ordering point, the chat applying commands in one order;
-//! - `pipeline`: apply → commit → publish, and the committer;
-//! - `log`: what is published: history, recent events, head;
-//! - `resume`: the `/ws` query (`?sync`, `?since=&epoch=`);
-//! - [`store`]: the durable history, a plain writer of events;
-//! - `delivery`: one connection's delivery, a state machine without I/O:
-//!   its queue, cursor, parking, deadlines and close;
-//! - `tap`: the publisher writing for connections parked at the head;
-//! - `wire`: the socket after the handshake, frames framed once;
-//! - `connection`: one client, reader and writer; `close`: why it ended,
-//!   and the close code; `echo`: the conformance mode (`--echo`);
-//! - [`shutdown`]: signals and the graceful stop.
+//! - `wire`: one socket's frames, delivery state machine, link and close;
+//! - `http`: plain HTTP/1, knowing nothing of the chat;
+//! - [`clock`]: the time commands are stamped with; [`shutdown`]: signals.
+//!
+//! The public surface is what the binary, an embedder, the tests and the
+//! fuzz targets use, and nothing else.
 #![forbid(unsafe_code)]
 
-pub mod admission;
+mod admission;
 pub mod clock;
-mod close;
-pub mod cluster;
 pub mod config;
 mod connection;
-mod delivery;
-mod echo;
-pub mod host;
-pub mod http;
-mod hub;
-pub mod identity;
-mod limits;
-mod listener;
-mod log;
+mod front;
+mod http;
 mod metrics;
-mod pipeline;
-mod resume;
+mod publish;
+mod sequencer;
 mod server;
+mod shared;
 pub mod shutdown;
-pub mod store;
-mod tap;
+mod store;
 mod wire;
 
+pub use admission::identity::{Identity, IdentityMode};
+pub use clock::Clock;
 pub use config::Config;
-pub use identity::IdentityMode;
+pub use sequencer::cluster::nats::ClusterError;
 pub use server::{Server, StartError, Stopped};
+pub use store::{DB_FILE, StoreError};
 pub use tokio_util::sync::CancellationToken;
 
-use server::Shared;
+/// The server's own rules and parsers, for the fuzz targets (`fuzz/`) and
+/// the tests, which feed them hostile input without a socket. Not for
+/// embedders: nothing here is needed to run a server.
+pub mod checks {
+    pub use crate::admission::host::{HostPolicy, PublicHost};
+    pub use crate::admission::policy::{AllowedOrigin, Origin, Policy};
+    pub use crate::http::{MAX_REQUESTS, Refusal, Request, check_upgrade, parse_head};
+}

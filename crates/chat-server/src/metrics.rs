@@ -5,7 +5,7 @@
 //! until a scrape. Label values are all `&'static str` or status codes, so
 //! no client can grow the label sets.
 
-use crate::close::CloseReason;
+use crate::wire::close::CloseReason;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

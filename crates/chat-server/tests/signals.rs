@@ -33,7 +33,7 @@ async fn one_committed_one_stuck(
             other => panic!("no echo: {other:?}"),
         }
     }
-    let blocker = rusqlite::Connection::open(dir.join(chat_server::store::DB_FILE)).expect("open");
+    let blocker = rusqlite::Connection::open(dir.join(chat_server::DB_FILE)).expect("open");
     blocker
         .execute_batch("BEGIN IMMEDIATE")
         .expect("write lock");

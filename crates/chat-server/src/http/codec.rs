@@ -1,7 +1,6 @@
 //! HTTP/1 on the wire: request heads peeked and parsed with `httparse`,
 //! responses built and written, and the careful close after an error.
 
-use super::Request;
 use std::fmt::Write as _;
 use std::io;
 use std::time::Duration;
@@ -9,12 +8,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout};
 use tokio_tungstenite::tungstenite::Bytes;
+
+/// The HTTP request of a WebSocket handshake, as the checks see it.
+pub use tokio_tungstenite::tungstenite::handshake::server::Request;
 use tokio_tungstenite::tungstenite::http::{
     HeaderValue, Method, Response, StatusCode, Version, header,
 };
 
 /// Most headers in one request head; more gets 431.
-pub const MAX_HEADERS: usize = 64;
+pub(crate) const MAX_HEADERS: usize = 64;
 
 /// First peek buffer; it doubles up to `--max-request-head` only for the
 /// rare head that does not fit.
@@ -89,7 +91,7 @@ pub fn parse_head(bytes: &[u8]) -> Result<Option<Head>, HeadError> {
 /// short pause (1 ms, doubling to [`MAX_PEEK_PAUSE`]). Real clients send
 /// the head in one piece; only slow or hostile ones pay for the pauses, and
 /// the caller's timeout bounds them.
-pub async fn peek_head(stream: &TcpStream, max: usize) -> Result<Head, HeadError> {
+pub(crate) async fn peek_head(stream: &TcpStream, max: usize) -> Result<Head, HeadError> {
     let mut buf = vec![0; FIRST_PEEK.min(max)];
     let mut seen = 0;
     let mut pause = Duration::from_millis(1);
@@ -196,7 +198,7 @@ pub(crate) fn has_body(request: &Request) -> bool {
 }
 
 /// Serializes a response head.
-pub fn encode_head(reply: &Response<Bytes>, close: bool) -> String {
+pub(crate) fn encode_head(reply: &Response<Bytes>, close: bool) -> String {
     let status = reply.status();
     let mut head = String::with_capacity(256);
     // Writing into a String cannot fail.

@@ -5,7 +5,7 @@ use std::fmt;
 use tokio_tungstenite::tungstenite::http::StatusCode;
 
 /// The only path that upgrades.
-pub const WS_PATH: &str = "/ws";
+pub(crate) const WS_PATH: &str = "/ws";
 
 /// Why a handshake (or, for the `Host` checks, any request) was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,13 @@
 //! The form of a WebSocket upgrade (RFC 6455, 4.2.1), checked before the
 //! chat's own rules ([`crate::admission`]), and the key that answers it.
 
-use super::{Refusal, Request};
+use super::codec::{Head, Request, consume, encode_head};
+use super::refusal::Refusal;
+use std::io;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Bytes;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, Response, StatusCode};
 use tokio_tungstenite::tungstenite::http::{Method, Version, header};
 
 /// A `Sec-WebSocket-Key` that passed [`check_upgrade`].
@@ -17,7 +23,7 @@ impl UpgradeKey {
 
 /// Whether the request asks to become a WebSocket: its `Upgrade` header
 /// lists `websocket` (among possibly others, such as `h2c`).
-pub fn wants_websocket(request: &Request) -> bool {
+pub(crate) fn wants_websocket(request: &Request) -> bool {
     header_tokens(request, header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket"))
 }
 
@@ -78,4 +84,25 @@ pub fn check_upgrade(request: &Request) -> Result<UpgradeKey, Refusal> {
         .ok_or(Refusal::BadUpgrade(
             "a WebSocket handshake needs one Sec-WebSocket-Key of 16 bytes in base64",
         ))
+}
+
+/// Completes an admitted upgrade: takes its head out of the socket and
+/// answers 101. The socket then speaks WebSocket.
+pub(crate) async fn switch_protocols(
+    stream: &mut TcpStream,
+    head: &Head,
+    key: &UpgradeKey,
+) -> io::Result<()> {
+    consume(stream, head).await?;
+    let mut reply = Response::new(Bytes::new());
+    *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = reply.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = HeaderValue::from_str(&key.accept()).map_err(io::Error::other)?;
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    stream
+        .write_all(encode_head(&reply, false).as_bytes())
+        .await?;
+    stream.flush().await
 }

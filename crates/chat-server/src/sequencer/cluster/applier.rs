@@ -1,0 +1,360 @@
+//! Applying the stream: every entry, in order, through this node's chat,
+//! its events on to the commit queue, and each outcome back to the
+//! connection on this node that sent the command.
+
+use super::envelope::{Applied, apply};
+use super::nats::{ClusterError, Connected, read_from};
+use super::snapshot::{Stored, store_snapshot, write_own_snapshot};
+use super::submit::{ClusterSequencer, Waiting};
+use super::view::View;
+use crate::publish::log::Log;
+use crate::publish::pipeline::Commits;
+use crate::sequencer::Health;
+use crate::store::data_dir::DataDir;
+use async_nats::jetstream::{consumer, object_store, stream};
+use chat_core::{Chat, RateKind};
+use chat_proto::{Epoch, Position, Uuid};
+use futures_util::StreamExt;
+use std::ops::ControlFlow;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+/// Why a node stopped applying: an envelope of a version it does not know.
+const STOPPED_VERSION: &str = "stopped applying the cluster's stream: it holds an envelope of a version this build does not know; upgrade this node";
+
+/// Why a node stopped applying: a command from a node with other rules.
+const STOPPED_RULES: &str = "stopped applying the cluster's stream: it holds a command from a node with other chat rules; give every node the same rules";
+
+/// Starts applying the stream: every entry, in order, goes through
+/// `chat`, and its events to `commits` (and from there to `log`), until
+/// `stop` is cancelled. The node's sequencer is [`Health::CatchingUp`]
+/// until everything the stream held when it joined is applied and
+/// published to `log`, then [`Health::Serving`]. The task that applies
+/// ends once `stop` is cancelled and this node's own snapshot of what it
+/// applied is on disk (with a data directory).
+pub(crate) async fn start(
+    connected: Connected,
+    chat: Chat,
+    commits: Commits,
+    stop: CancellationToken,
+    log: Arc<Log>,
+) -> Result<(ClusterSequencer, JoinHandle<()>), ClusterError> {
+    let stream_name = connected.stream.cached_info().config.name.clone();
+    let first = (connected.start_after + 1).max(connected.first_sequence);
+    let entries = read_from(&connected.stream, first)
+        .await
+        .map_err(|e| ClusterError::Stream {
+            stream: stream_name.clone(),
+            detail: e,
+        })?;
+    let mut reconnected = connected.reconnected.clone();
+    reconnected.borrow_and_update();
+    let boot = Uuid::new_v4();
+    let waiting: Arc<Waiting> = Arc::default();
+    let (health_tx, health) = watch::channel(Health::CatchingUp);
+    let health_tx = Arc::new(health_tx);
+    let caught_up = serving_once_published(log, Arc::clone(&health_tx));
+    let config = chat.config().clone();
+    let view = Arc::new(Mutex::new(View::new(&chat)));
+    let rate_limited = [
+        chat.rate_limited(RateKind::Messages),
+        chat.rate_limited(RateKind::Reactions),
+    ];
+    let applier = Applier {
+        chat,
+        commits,
+        stop,
+        stream: connected.stream.clone(),
+        stream_name,
+        entries,
+        reconnected,
+        next: first,
+        caught_up: Some(caught_up),
+        caught_up_to: connected.last_sequence,
+        node: connected.node.clone(),
+        boot,
+        rules: connected.rules.clone(),
+        waiting: Arc::clone(&waiting),
+        view: Arc::clone(&view),
+        health: health_tx,
+        epoch: connected.epoch,
+        snapshots: connected.snapshots.clone(),
+        every: connected.snapshot_every.max(1),
+        local: connected.local.clone(),
+        writing: None,
+    };
+    let start_after = connected.start_after;
+    let task = tokio::spawn(applier.run(start_after));
+    let sequencer = ClusterSequencer {
+        js: connected.js,
+        subject: connected.subject,
+        node: connected.node,
+        boot,
+        next_request: AtomicU64::new(0),
+        waiting,
+        health,
+        rules: connected.rules,
+        config,
+        view,
+        rate_limited,
+        timeout: connected.timeout,
+    };
+    Ok((sequencer, task))
+}
+
+/// Turns the node's health to serving once the head it reached while
+/// catching up (sent on the channel returned) is published to `log`.
+fn serving_once_published(
+    log: Arc<Log>,
+    health: Arc<watch::Sender<Health>>,
+) -> oneshot::Sender<Position> {
+    let (caught_up_tx, caught_up) = oneshot::channel::<Position>();
+    tokio::spawn(async move {
+        if let Ok(head) = caught_up.await {
+            log.wait_for(head, Duration::from_secs(3600)).await;
+            health.send_if_modified(|h| {
+                let catching_up = *h == Health::CatchingUp;
+                if catching_up {
+                    *h = Health::Serving;
+                }
+                catching_up
+            });
+        }
+    });
+    caught_up_tx
+}
+
+/// The task that applies the stream, and what it works with.
+struct Applier {
+    chat: Chat,
+    commits: Commits,
+    stop: CancellationToken,
+    stream: stream::Stream,
+    stream_name: String,
+    /// The ordered read of the stream.
+    entries: consumer::pull::Ordered,
+    /// Counts the client's (re)connections to NATS.
+    reconnected: watch::Receiver<u64>,
+    /// The entry to apply next.
+    next: u64,
+    /// Told the head once the stream as it was when this node joined is
+    /// applied.
+    caught_up: Option<oneshot::Sender<Position>>,
+    /// The last entry in the stream when this node joined.
+    caught_up_to: u64,
+    node: String,
+    boot: Uuid,
+    rules: String,
+    /// Outcomes awaited by this node's connections.
+    waiting: Arc<Waiting>,
+    view: Arc<Mutex<View>>,
+    health: Arc<watch::Sender<Health>>,
+    epoch: Epoch,
+    snapshots: object_store::ObjectStore,
+    /// Every how many entries a snapshot is taken.
+    every: u64,
+    /// Where this node keeps its own snapshot.
+    local: Option<Arc<DataDir>>,
+    /// This node's own snapshot is written off the runtime: the write
+    /// under way, if any.
+    writing: Option<JoinHandle<()>>,
+}
+
+impl Applier {
+    /// Applies the stream from the entry after `start_after` until told to
+    /// stop, or until it cannot go on.
+    async fn run(mut self, start_after: u64) {
+        if self.caught_up_to <= start_after {
+            self.report_caught_up();
+        }
+        loop {
+            let entry = tokio::select! {
+                () = self.stop.cancelled() => {
+                    self.write_last_snapshot().await;
+                    return;
+                }
+                changed = self.reconnected.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.read_again().await;
+                    continue;
+                }
+                entry = self.entries.next() => match entry {
+                    Some(entry) => entry,
+                    None => return,
+                },
+            };
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    warn!(error = %e, "reading the stream failed; the ordered consumer resumes");
+                    continue;
+                }
+            };
+            if self.take(&entry).await.is_break() {
+                return;
+            }
+        }
+    }
+
+    /// NATS came back (perhaps restarted, perhaps another server of its
+    /// cluster): read on from the next entry with a fresh consumer, rather
+    /// than wait for the old one to notice. JetStream may still be
+    /// electing the stream's leader, so a failure is retried (no other
+    /// reconnect may come to retry it).
+    async fn read_again(&mut self) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match read_from(&self.stream, self.next).await {
+                Ok(fresh) => {
+                    self.entries = fresh;
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, next = self.next, "re-reading the stream failed; retrying");
+                    tokio::select! {
+                        // The next turn of the loop stops.
+                        () = self.stop.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Applies one entry read from the stream: `Break` when this node
+    /// cannot go on.
+    async fn take(&mut self, entry: &async_nats::jetstream::Message) -> ControlFlow<()> {
+        let Ok(info) = entry.info() else {
+            warn!("a stream entry without its metadata; skipped");
+            return ControlFlow::Continue(());
+        };
+        let seq = info.stream_sequence;
+        if seq < self.next {
+            return ControlFlow::Continue(()); // already applied (a consumer recreated)
+        }
+        self.next = seq + 1;
+        let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        match apply(&mut self.chat, &self.rules, seq, ms, &entry.payload) {
+            Applied::Done {
+                origin,
+                user,
+                outcome,
+                events,
+            } => {
+                self.view
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .applied(&self.chat, user.as_ref());
+                if !events.is_empty() && self.commits.send(events, 1).await.is_err() {
+                    return ControlFlow::Break(()); // the server is stopping
+                }
+                if let Some((n, b, request)) = origin
+                    && n == self.node
+                    && b == self.boot
+                {
+                    let waiter = self
+                        .waiting
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&request);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(outcome);
+                    }
+                }
+            }
+            Applied::Skipped(why) => {
+                warn!(seq, %why, "a stream entry that is not a command was skipped, on every node alike");
+            }
+            Applied::OtherRules(theirs) => {
+                error!(
+                    seq,
+                    theirs = %theirs,
+                    ours = %self.rules,
+                    "the stream holds a command from a node with other chat rules (limits, history size); \
+                     applying it here would compute another chat, so this node stops: \
+                     give every node the same rules"
+                );
+                let _ = self.health.send(Health::Stopped(STOPPED_RULES));
+                return ControlFlow::Break(());
+            }
+            Applied::Unknown(v) => {
+                error!(
+                    seq,
+                    version = v,
+                    "the stream holds an envelope of version {v}, which this build does not know; \
+                     this node stops applying rather than diverge from the others: upgrade it"
+                );
+                let _ = self.health.send(Health::Stopped(STOPPED_VERSION));
+                return ControlFlow::Break(());
+            }
+        }
+        if seq % self.every == 0 {
+            self.snapshot(seq);
+        }
+        if seq >= self.caught_up_to {
+            self.report_caught_up();
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Says, once, that the stream as it was when this node joined is
+    /// applied.
+    fn report_caught_up(&mut self) {
+        if let Some(tx) = self.caught_up.take() {
+            let _ = tx.send(self.chat.head());
+        }
+    }
+
+    fn stored(&self, seq: u64) -> Stored {
+        Stored {
+            epoch: self.epoch,
+            seq,
+            rules: self.rules.clone(),
+            chat: self.chat.snapshot(),
+        }
+    }
+
+    /// Takes the snapshot after entry `seq`: the cluster's, and this
+    /// node's own unless the last is still being written (the next one
+    /// will be).
+    fn snapshot(&mut self, seq: u64) {
+        let stored = self.stored(seq);
+        if let Some(dir) = &self.local
+            && self.writing.as_ref().is_none_or(JoinHandle::is_finished)
+        {
+            let dir = Arc::clone(dir);
+            let own = stored.clone();
+            let stream_name = self.stream_name.clone();
+            self.writing = Some(tokio::task::spawn_blocking(move || {
+                write_own_snapshot(&dir, &stream_name, &own);
+            }));
+        }
+        tokio::spawn(store_snapshot(self.snapshots.clone(), stored));
+    }
+
+    /// What this node applied, for its next start.
+    async fn write_last_snapshot(&mut self) {
+        if let Some(w) = self.writing.take() {
+            let _ = w.await;
+        }
+        if let Some(dir) = &self.local
+            && self.next > 1
+        {
+            let stored = self.stored(self.next - 1);
+            let dir = Arc::clone(dir);
+            let stream_name = self.stream_name.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                write_own_snapshot(&dir, &stream_name, &stored);
+            })
+            .await;
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The envelope: one command in the stream, and its pure apply.
+//!
+//! Everything applying an entry uses comes from the entry (its stream
+//! sequence, its timestamp, the envelope), so every node computes the same
+//! chat from the same stream.
+
+use chat_core::{Chat, Context, Event, Timestamp};
+use chat_proto::{ClientFrame, Epoch, UserId, Uuid};
+use serde::{Deserialize, Serialize};
+
+/// The envelope format this build writes. A node that meets one it does
+/// not know stops applying rather than diverge from the nodes that know it.
+/// Version 2 added [`Envelope::deadline`]; this build applies 1 and 2.
+pub(crate) const ENVELOPE_VERSION: u32 = 2;
+
+/// The oldest envelope format this build applies.
+const OLDEST_ENVELOPE_VERSION: u32 = 1;
+
+/// One command in the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Envelope {
+    /// [`ENVELOPE_VERSION`] when written.
+    pub v: u32,
+    /// The node the client is connected to.
+    pub node: String,
+    /// That node's run (a fresh id each start), so request ids of two runs
+    /// never meet.
+    pub boot: Uuid,
+    /// The command's number on that node's run.
+    pub request: u64,
+    /// Who sent it, as the origin node judged it (from the address or a
+    /// trusted proxy).
+    pub user: UserId,
+    /// The fingerprint of the origin node's chat rules ([`rules_of`]):
+    /// nodes with other rules would compute another chat from the same
+    /// log, so a node that meets other rules stops applying.
+    pub rules: String,
+    /// The command.
+    pub command: ClientFrame,
+    /// The latest chat time, in ms, at which the command may be applied
+    /// (version 2 on): one the stream stamps later is not applied by any
+    /// node, and its sender is told the chat was unavailable. Bounding when
+    /// a command can take effect is what lets the origin node refuse alone
+    /// what the stream is sure to refuse (see [`ClusterSequencer`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+}
+
+/// What became of a command in the stream.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Applied: accepted, or refused by the chat's rules.
+    Applied(Result<(), chat_core::ChatError>),
+    /// Stamped after its deadline: no node applied it.
+    Expired,
+}
+
+/// The fingerprint of a chat's rules: the same rules, the same chat from
+/// the same log.
+pub(crate) fn rules_of(config: &chat_core::Config) -> String {
+    let hash = blake3::hash(format!("{config:?}").as_bytes());
+    hash.to_hex()[..16].to_owned()
+}
+
+/// The epoch of a stream: the same on every node, new when the stream is
+/// recreated.
+pub(super) fn epoch_of(stream: &str, created_nanos: i128) -> Epoch {
+    let name = blake3::hash(stream.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&name.as_bytes()[..8]);
+    bytes[8..].copy_from_slice(&(created_nanos as u64).to_be_bytes());
+    Epoch(Uuid::from_bytes(bytes))
+}
+
+/// What applying one stream entry did.
+pub(super) enum Applied {
+    Done {
+        origin: Option<(String, Uuid, u64)>,
+        /// Whose command it was, if it was applied.
+        user: Option<UserId>,
+        outcome: Outcome,
+        events: Vec<Event>,
+    },
+    /// Not an envelope: skipped, on every node alike.
+    Skipped(String),
+    /// An envelope of a version this build does not know.
+    Unknown(u32),
+    /// An envelope from a node with other chat rules.
+    OtherRules(String),
+}
+
+/// Applies the entry at stream sequence `seq`, stored at `ms`, to `chat`.
+/// Everything it uses comes from the entry, so every node computes the
+/// same thing.
+pub(super) fn apply(chat: &mut Chat, rules: &str, seq: u64, ms: u64, payload: &[u8]) -> Applied {
+    #[derive(Deserialize)]
+    struct Versioned {
+        v: u32,
+    }
+    match serde_json::from_slice::<Versioned>(payload) {
+        Ok(Versioned { v }) if (OLDEST_ENVELOPE_VERSION..=ENVELOPE_VERSION).contains(&v) => {}
+        Ok(Versioned { v }) => return Applied::Unknown(v),
+        Err(e) => return Applied::Skipped(e.to_string()),
+    }
+    let envelope: Envelope = match serde_json::from_slice(payload) {
+        Ok(envelope) => envelope,
+        Err(e) => return Applied::Skipped(e.to_string()),
+    };
+    if envelope.v >= 2 && envelope.deadline.is_none() {
+        return Applied::Skipped("an envelope of version 2 without its deadline".into());
+    }
+    if envelope.rules != rules {
+        return Applied::OtherRules(envelope.rules);
+    }
+    let origin = Some((envelope.node, envelope.boot, envelope.request));
+    let now = Timestamp::from_unix_millis(ms);
+    if envelope
+        .deadline
+        .is_some_and(|deadline| chat.time_at(now).as_millis() > deadline)
+    {
+        return Applied::Done {
+            origin,
+            user: None,
+            outcome: Outcome::Expired,
+            events: Vec::new(),
+        };
+    }
+    let ctx = Context {
+        user: envelope.user.clone(),
+        now,
+        message_id: message_id(seq, ms),
+    };
+    let outcome = chat.handle(ctx, envelope.command);
+    let events = std::iter::from_fn(|| chat.poll_event()).collect();
+    Applied::Done {
+        origin,
+        user: Some(envelope.user),
+        outcome: Outcome::Applied(outcome),
+        events,
+    }
+}
+
+/// The id of a message posted by the entry at stream sequence `seq`: a
+/// UUIDv7 whose time is the entry's and whose other bits are the sequence,
+/// unique within the stream and the same on every node.
+pub(super) fn message_id(seq: u64, ms: u64) -> Uuid {
+    let mut rest = [0u8; 10];
+    rest[..8].copy_from_slice(&seq.to_be_bytes());
+    uuid::Builder::from_unix_timestamp_millis(ms, &rest).into_uuid()
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use chat_core::Config;
+    use chat_proto::SendMessage;
+
+    pub(in crate::sequencer::cluster) fn envelope(text: &str) -> Vec<u8> {
+        envelope_by(text, Some(u64::MAX))
+    }
+
+    pub(in crate::sequencer::cluster) fn envelope_by(text: &str, deadline: Option<u64>) -> Vec<u8> {
+        serde_json::to_vec(&Envelope {
+            v: ENVELOPE_VERSION,
+            node: "a".into(),
+            boot: Uuid::from_u128(1),
+            request: 0,
+            user: "u".into(),
+            rules: "r".into(),
+            command: ClientFrame::SendMessage(SendMessage {
+                text: text.into(),
+                author_name: None,
+            }),
+            deadline,
+        })
+        .expect("encodes")
+    }
+
+    #[test]
+    fn the_same_entries_give_every_node_the_same_chat() {
+        let entries: Vec<(u64, u64, Vec<u8>)> = vec![
+            (1, 1_700_000_000_000, envelope("one")),
+            (2, 1_700_000_000_005, b"junk from elsewhere".to_vec()),
+            (3, 1_699_000_000_000, envelope("two")),
+            (4, 1_700_000_001_000, envelope("")),
+        ];
+        let run = || {
+            let mut chat = Chat::new(Config::default());
+            let mut log = Vec::new();
+            for (seq, ms, payload) in &entries {
+                match apply(&mut chat, "r", *seq, *ms, payload) {
+                    Applied::Done {
+                        outcome: Outcome::Applied(outcome),
+                        events,
+                        ..
+                    } => {
+                        log.push(format!("{outcome:?} {events:?}"));
+                    }
+                    Applied::Done {
+                        outcome: Outcome::Expired,
+                        ..
+                    } => log.push("expired".into()),
+                    Applied::Skipped(_) => log.push("skipped".into()),
+                    Applied::Unknown(v) => log.push(format!("unknown {v}")),
+                    Applied::OtherRules(r) => log.push(format!("rules {r}")),
+                }
+            }
+            (log, chat.head())
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a, b);
+        assert_eq!(a.0[1], "skipped");
+        assert!(a.0[3].starts_with("Err(EmptyText)"), "{}", a.0[3]);
+        assert_eq!(a.1, chat_proto::Position(2));
+    }
+
+    #[test]
+    fn an_unknown_envelope_version_stops_the_node() {
+        let mut chat = Chat::new(Config::default());
+        let newer = br#"{"v":3,"anything":"else"}"#;
+        assert!(matches!(
+            apply(&mut chat, "r", 1, 0, newer),
+            Applied::Unknown(3)
+        ));
+    }
+
+    #[test]
+    fn a_command_from_a_node_with_other_rules_stops_the_node() {
+        let mut chat = Chat::new(Config::default());
+        assert!(matches!(
+            apply(&mut chat, "other rules", 1, 0, &envelope("hi")),
+            Applied::OtherRules(r) if r == "r"
+        ));
+        assert_eq!(chat.head(), chat_proto::Position(0), "nothing applied");
+        let strict = Config {
+            history_limit: 10,
+            ..Config::default()
+        };
+        assert_ne!(rules_of(&strict), rules_of(&Config::default()));
+        assert_eq!(rules_of(&Config::default()), rules_of(&Config::default()));
+    }
+
+    #[test]
+    fn a_command_stamped_after_its_deadline_is_applied_by_no_node() {
+        let t = 1_700_000_000_000u64;
+        let mut chat = Chat::new(Config::default());
+        let on_time = apply(&mut chat, "r", 1, t, &envelope_by("on time", Some(t)));
+        assert!(matches!(
+            on_time,
+            Applied::Done {
+                outcome: Outcome::Applied(Ok(())),
+                ..
+            }
+        ));
+        let late = apply(&mut chat, "r", 2, t + 1, &envelope_by("late", Some(t)));
+        assert!(matches!(
+            late,
+            Applied::Done {
+                outcome: Outcome::Expired,
+                ref events,
+                ..
+            } if events.is_empty()
+        ));
+        assert_eq!(chat.head(), chat_proto::Position(1), "nothing applied");
+        // Version 1 had no deadline: still applied as it was.
+        let mut v1: serde_json::Value =
+            serde_json::from_slice(&envelope_by("from v1", None)).expect("json");
+        v1["v"] = 1.into();
+        let v1 = serde_json::to_vec(&v1).expect("json");
+        assert!(matches!(
+            apply(&mut chat, "r", 3, t + 2, &v1),
+            Applied::Done {
+                outcome: Outcome::Applied(Ok(())),
+                ..
+            }
+        ));
+        // Version 2 without one is not a command.
+        assert!(matches!(
+            apply(&mut chat, "r", 4, t + 3, &envelope_by("no deadline", None)),
+            Applied::Skipped(_)
+        ));
+    }
+
+    #[test]
+    fn message_ids_come_from_the_stream_position() {
+        assert_eq!(message_id(7, 1000), message_id(7, 1000));
+        assert_ne!(message_id(7, 1000), message_id(8, 1000));
+        assert_eq!(message_id(7, 1000).get_version_num(), 7);
+    }
+}

@@ -1,0 +1,273 @@
+//! The connection to NATS: the stream, its object store, and where this
+//! node starts reading.
+
+use super::envelope::{epoch_of, rules_of};
+use super::snapshot::{Stored, newest_snapshot, own_snapshot};
+use crate::store::data_dir::DataDir;
+use async_nats::jetstream::{self, consumer, object_store, stream};
+use chat_core::Chat;
+use chat_proto::Epoch;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::warn;
+
+/// Why the cluster could not be joined.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    /// NATS could not be reached.
+    #[error("cannot reach NATS at {url}: {detail}")]
+    Connect {
+        /// The URL given with `--cluster`.
+        url: String,
+        /// What the client said.
+        detail: String,
+    },
+    /// The stream could not be created or read.
+    #[error("JetStream stream {stream}: {detail}")]
+    Stream {
+        /// The stream's name.
+        stream: String,
+        /// What JetStream said.
+        detail: String,
+    },
+}
+
+/// How to join the cluster.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// The NATS server.
+    pub url: String,
+    /// The stream that orders the chat.
+    pub stream: String,
+    /// JetStream replicas of the stream.
+    pub replicas: usize,
+    /// The most bytes the stream keeps.
+    pub max_bytes: i64,
+    /// This node's name.
+    pub node: String,
+    /// How long to wait for JetStream to confirm a command, and then for
+    /// this node's apply of it.
+    pub timeout: Duration,
+    /// Every how many entries a snapshot is stored.
+    pub snapshot_every: u64,
+    /// The chat's rules on this node.
+    pub rules: chat_core::Config,
+    /// Where this node keeps its own snapshot (none with `--in-memory`).
+    pub local: Option<Arc<DataDir>>,
+}
+
+/// A connection to the cluster's stream, before anything is applied.
+pub(crate) struct Connected {
+    pub(super) js: jetstream::Context,
+    pub(super) stream: stream::Stream,
+    pub(super) subject: String,
+    pub(super) node: String,
+    /// The stream's epoch (the same on every node).
+    pub(crate) epoch: Epoch,
+    /// The last entry in the stream when this node joined.
+    pub(super) last_sequence: u64,
+    /// The first entry the stream still holds.
+    pub(super) first_sequence: u64,
+    /// Where snapshots are kept.
+    pub(super) snapshots: object_store::ObjectStore,
+    /// Where this node keeps its own.
+    pub(super) local: Option<Arc<DataDir>>,
+    /// The newest snapshot, this node's or the cluster's, it can start
+    /// from, if any.
+    pub(super) snapshot: Option<Stored>,
+    pub(super) snapshot_every: u64,
+    pub(super) rules: String,
+    pub(super) timeout: Duration,
+    /// Counts the client's (re)connections to NATS.
+    pub(super) reconnected: watch::Receiver<u64>,
+    /// The entry the chat it starts from has applied (`super::applier::start`).
+    pub(super) start_after: u64,
+}
+
+pub(super) fn subject(stream: &str) -> String {
+    format!("{stream}.commands")
+}
+
+/// Connects to NATS and creates the stream if needed.
+pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterError> {
+    let (reconnected_tx, reconnected) = watch::channel(0u64);
+    let reconnected_tx = Arc::new(reconnected_tx);
+    let client = async_nats::ConnectOptions::new()
+        .event_callback(move |event| {
+            let tx = Arc::clone(&reconnected_tx);
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tx.send_modify(|n| *n += 1);
+                        tracing::info!("connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        warn!("lost NATS: commands are refused until it is back; reads go on");
+                    }
+                    other => tracing::debug!(event = %other, "NATS"),
+                }
+            }
+        })
+        .name(format!("chat-server {}", settings.node))
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        // Backoff from 50 ms doubling to 2 s: a NATS restart costs a node
+        // seconds of "unavailable", not the client's default minutes.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis(50u64 << attempts.min(6)).min(Duration::from_secs(2))
+        })
+        .connect(settings.url.as_str());
+    // `retry_on_initial_connect` would wait for ever; a node that cannot
+    // reach NATS at start says so instead.
+    let client = tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .map_err(|_| ClusterError::Connect {
+            url: settings.url.clone(),
+            detail: "no answer within 10 s".into(),
+        })?
+        .map_err(|e| ClusterError::Connect {
+            url: settings.url.clone(),
+            detail: e.to_string(),
+        })?;
+    let js = jetstream::new(client);
+    let stream_err = |e: &dyn std::fmt::Display| ClusterError::Stream {
+        stream: settings.stream.clone(),
+        detail: e.to_string(),
+    };
+    let subject = subject(&settings.stream);
+    let mut stream = js
+        .get_or_create_stream(stream::Config {
+            name: settings.stream.clone(),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            max_bytes: settings.max_bytes,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| stream_err(&e))?;
+    let info = stream.info().await.map_err(|e| stream_err(&e))?;
+    let epoch = epoch_of(&settings.stream, info.created.unix_timestamp_nanos());
+    let last_sequence = info.state.last_sequence;
+    let first_sequence = info.state.first_sequence;
+    let bucket = format!("{}-snapshots", settings.stream);
+    let snapshots = match js.get_object_store(&bucket).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_object_store(object_store::Config {
+                bucket: bucket.clone(),
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| stream_err(&e))?,
+    };
+    let rules = rules_of(&settings.rules);
+    let shared = newest_snapshot(&snapshots, epoch, &rules, last_sequence)
+        .await
+        .map_err(|e| stream_err(&e))?;
+    let own = match &settings.local {
+        Some(dir) => own_snapshot(dir, &settings.stream, epoch, &rules, last_sequence).await,
+        None => None,
+    };
+    let snapshot = match (own, shared) {
+        (Some(own), Some(shared)) if shared.seq > own.seq => Some(shared),
+        (Some(own), _) => {
+            tracing::info!(after = own.seq, "starting from this node's own snapshot");
+            Some(own)
+        }
+        (None, shared) => shared,
+    };
+    if let Some(s) = &snapshot {
+        tracing::info!(
+            after = s.seq,
+            last = last_sequence,
+            "applying the stream from a snapshot"
+        );
+    }
+    // A stream that dropped entries can be caught up with only from a
+    // snapshot taken at or after the last one dropped.
+    // (A stream that dropped every entry it had is empty, with its first
+    // sequence past its last.)
+    let from = snapshot.as_ref().map_or(0, |s| s.seq);
+    if first_sequence > from + 1 && last_sequence > from {
+        return Err(ClusterError::Stream {
+            stream: settings.stream.clone(),
+            detail: format!(
+                "it no longer holds entries {}..{} and no snapshot after them exists in {bucket}; \
+                 this node cannot compute the chat",
+                from + 1,
+                first_sequence - 1
+            ),
+        });
+    }
+    Ok(Connected {
+        js,
+        stream,
+        subject,
+        node: settings.node.clone(),
+        epoch,
+        last_sequence,
+        first_sequence,
+        snapshots,
+        local: settings.local.clone(),
+        snapshot,
+        snapshot_every: settings.snapshot_every,
+        rules,
+        timeout: settings.timeout,
+        reconnected,
+        start_after: 0,
+    })
+}
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected")
+            .field("node", &self.node)
+            .field("epoch", &self.epoch)
+            .field("first_sequence", &self.first_sequence)
+            .field("last_sequence", &self.last_sequence)
+            .field("start_after", &self.start_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An ordered read of `stream` from entry `first` on.
+pub(super) async fn read_from(
+    stream: &stream::Stream,
+    first: u64,
+) -> Result<consumer::pull::Ordered, String> {
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: first,
+            },
+            // Pull requests expire every 2 s, so idle heartbeats come every
+            // second and a consumer that lost its server notices soon.
+            max_expires: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
+}
+
+impl Connected {
+    /// The chat this node starts from, with `config`: the newest snapshot,
+    /// or an empty chat.
+    pub(crate) fn initial_chat(&mut self, config: chat_core::Config) -> Chat {
+        match self.snapshot.take() {
+            Some(stored) => {
+                let chat = Chat::from_snapshot(config, stored.chat);
+                self.start_after = stored.seq;
+                chat
+            }
+            None => Chat::new(config),
+        }
+    }
+}

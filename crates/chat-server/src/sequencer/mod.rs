@@ -1,0 +1,69 @@
+//! The sequencer: where commands from every connection are put in one
+//! order and applied to the chat.
+//!
+//! Events flow one way, through one pipeline: **apply → commit → publish**
+//! (`crate::publish`).
+//!
+//! - A connection hands each command to the [`Sequencer`]. It applies the
+//!   command, which gives a single order for all events (and their
+//!   [`Position`](chat_proto::Position)s), and queues the events for
+//!   their commit in that order (after reserving a place, so a slow disk
+//!   makes senders wait instead of memory grow).
+//! - The committer (`crate::publish::pipeline`) writes each batch and then
+//!   publishes it, where connections read it.
+//!
+//! Two sequencers: [`local`], one chat in this process, and [`cluster`],
+//! one chat for several servers, ordered by a NATS JetStream stream.
+//! Connections see only the [`Sequencer`] trait and the log, so either
+//! serves them alike.
+
+pub(crate) mod cluster;
+pub(crate) mod local;
+
+use chat_core::ChatError;
+use chat_proto::{ClientFrame, UserId};
+use futures_util::future::BoxFuture;
+/// Whether the sequencer can take commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Health {
+    /// Taking commands; the node serves.
+    Serving,
+    /// Still applying what its log held when it started: not yet serving.
+    CatchingUp,
+    /// It stopped applying, for the reason given, and will not go on by
+    /// itself.
+    Stopped(&'static str),
+}
+
+/// Puts clients' commands in the chat's one order.
+pub(crate) trait Sequencer: Send + Sync + std::fmt::Debug {
+    /// Whether it takes commands now (`/healthz`, and new connections,
+    /// follow it).
+    fn health(&self) -> Health {
+        Health::Serving
+    }
+
+    /// Applies `command` for `user`. `Ok` means it was accepted and its
+    /// event will be published once committed (the client sees it then,
+    /// like everyone else); a refusal is for that client alone.
+    fn submit<'a>(
+        &'a self,
+        user: &'a UserId,
+        command: ClientFrame,
+    ) -> BoxFuture<'a, Result<(), ApplyError>>;
+}
+
+/// Why a command was not applied.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    /// The chat refused it; tell the client.
+    #[error(transparent)]
+    Refused(#[from] ChatError),
+    /// The server is stopping and no longer commits.
+    #[error("server stopping")]
+    Stopping,
+    /// The sequencer could not take the command (the cluster's log is
+    /// unreachable); it was not applied, and may be sent again.
+    #[error("the chat is unavailable")]
+    Unavailable,
+}
