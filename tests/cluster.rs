@@ -4,7 +4,7 @@
 
 mod support;
 
-use chat_proto::{Position, ServerFrame, Sync};
+use chat_proto::{Position, ServerFrame, SyncPoint};
 use chat_server::Config;
 use support::nats::{NatsCluster, NatsServer};
 use support::{TestServer, test_config};
@@ -88,7 +88,7 @@ async fn nodes_share_one_chat_in_one_order_with_the_same_positions() {
     let (history, sync) = late.until_sync().await;
     assert_eq!(
         sync,
-        Sync {
+        SyncPoint {
             epoch,
             position: Position(5)
         }
@@ -372,7 +372,7 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
 }
 
 /// Every message in a `?sync` replay from `server`, and where it ends.
-async fn history(server: &TestServer) -> (Vec<chat_proto::Message>, Sync) {
+async fn history(server: &TestServer) -> (Vec<chat_proto::Message>, SyncPoint) {
     let mut w = server.try_client(9, "/ws?sync", &[]).await.expect("ws");
     let (frames, sync) = w.until_sync().await;
     let messages = frames
@@ -386,7 +386,10 @@ async fn history(server: &TestServer) -> (Vec<chat_proto::Message>, Sync) {
 }
 
 /// [`history`] once `server` has applied the stream up to `position`.
-async fn history_from(server: &TestServer, position: Position) -> (Vec<chat_proto::Message>, Sync) {
+async fn history_from(
+    server: &TestServer,
+    position: Position,
+) -> (Vec<chat_proto::Message>, SyncPoint) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let (messages, sync) = history(server).await;

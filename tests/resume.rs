@@ -4,7 +4,7 @@
 
 mod support;
 
-use chat_proto::{Epoch, Position, ResetReason, ServerFrame, Sync, Uuid};
+use chat_proto::{Epoch, Position, ResetReason, ServerFrame, SyncPoint, Uuid};
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 use support::{Client, TestServer, say, test_config};
@@ -82,7 +82,7 @@ async fn a_resume_from_any_position_gets_exactly_what_followed() {
         assert_eq!(frames, all[since as usize..], "resuming after {since}");
         assert_eq!(
             sync,
-            Sync {
+            SyncPoint {
                 epoch,
                 position: Position(head)
             }
@@ -116,7 +116,7 @@ async fn a_resume_that_cannot_be_honoured_is_a_reset_then_the_full_history() {
         frames.extend(posted.iter().cloned());
         frames
     };
-    let at_head = Sync {
+    let at_head = SyncPoint {
         epoch,
         position: Position(6),
     };
@@ -227,7 +227,7 @@ async fn an_evicted_message_is_never_served_again_nor_kept() {
     assert_eq!(frames, expected(&held), "after a restart too");
     assert_eq!(
         sync,
-        Sync {
+        SyncPoint {
             epoch,
             position: Position(8)
         }

@@ -259,7 +259,7 @@ impl Client {
 
     /// For a client that opted in (`?sync`, `?since=`): reads frames until
     /// a `sync`, and returns the frames before it and the sync.
-    pub async fn until_sync(&mut self) -> (Vec<ServerFrame>, chat_proto::Sync) {
+    pub async fn until_sync(&mut self) -> (Vec<ServerFrame>, chat_proto::SyncPoint) {
         let mut frames = Vec::new();
         loop {
             match self.frame().await {

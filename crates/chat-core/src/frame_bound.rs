@@ -108,7 +108,7 @@ mod tests {
             }
         }
         while let Some(event) = chat.poll_event() {
-            largest = largest.max(event.into_frame().encode().len());
+            largest = largest.max(event.frame().encode().len());
         }
         assert!(largest <= bound, "{largest} > {bound}");
         // The text above is only partly four-byte characters; the rest of

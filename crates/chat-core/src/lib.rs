@@ -50,7 +50,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use error::{ChatError, RateKind, Window};
 pub use history::History;
-pub use rate_limit::{LimiterSnapshot, RateLimit, RateLimiter};
+use rate_limit::RateLimiter;
+pub use rate_limit::{LimiterSnapshot, RateLimit};
 
 /// The chat's bounds and limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +74,13 @@ pub struct Config {
 
 impl Config {
     /// The refusal `command` gets under these rules whatever the chat's
-    /// state (see [`Chat::check`]).
+    /// state: a text, name or emoji against the rules. `Ok` does not mean
+    /// it will be accepted (the rate limit, a missing message); an `Err`
+    /// is exactly what [`Chat::handle`] would answer, at any time, in any
+    /// state.
+    ///
+    /// A node of a replicated chat uses it to refuse such commands itself,
+    /// without putting them in the shared log.
     pub fn check(&self, command: &ClientFrame) -> Result<(), ChatError> {
         match command {
             ClientFrame::SendMessage(m) => {
@@ -196,14 +203,6 @@ impl Event {
         match &self.kind {
             EventKind::MessagePosted { message, .. } => ServerFrame::Message(message.clone()),
             EventKind::ReactionUpdated(r) => ServerFrame::ReactionUpdated(r.clone()),
-        }
-    }
-
-    /// The frame to broadcast for this event, taking it apart.
-    pub fn into_frame(self) -> ServerFrame {
-        match self.kind {
-            EventKind::MessagePosted { message, .. } => ServerFrame::Message(message),
-            EventKind::ReactionUpdated(r) => ServerFrame::ReactionUpdated(r),
         }
     }
 }
@@ -362,24 +361,13 @@ impl Chat {
         }
     }
 
-    /// The refusal `command` gets whatever the chat's state: a text, name
-    /// or emoji against the rules. `Ok` does not mean it will be accepted
-    /// (the rate limit, a missing message); an `Err` is exactly what
-    /// [`handle`](Self::handle) would answer, at any time, in any state.
-    ///
-    /// A node of a replicated chat uses it to refuse such commands itself,
-    /// without putting them in the shared log.
-    pub fn check(&self, command: &ClientFrame) -> Result<(), ChatError> {
-        self.config.check(command)
-    }
-
     /// Takes the next event, oldest first.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
     /// Posts a message (the `send_message` command).
-    pub fn send_message(&mut self, ctx: Context, m: SendMessage) -> Result<(), ChatError> {
+    fn send_message(&mut self, ctx: Context, m: SendMessage) -> Result<(), ChatError> {
         let now = self.advance_clock(ctx.now);
         validate::text(&self.config, &m.text)?;
         let author_name = validate::author_name(&self.config, m.author_name.as_deref())?;
@@ -404,7 +392,7 @@ impl Chat {
     }
 
     /// Toggles the acting user's reaction (the `add_reaction` command).
-    pub fn add_reaction(&mut self, ctx: Context, r: AddReaction) -> Result<(), ChatError> {
+    fn add_reaction(&mut self, ctx: Context, r: AddReaction) -> Result<(), ChatError> {
         let now = self.advance_clock(ctx.now);
         let emoji = validate::emoji(&r.emoji)?;
         let config = &self.config;

@@ -41,7 +41,7 @@ impl RateLimit {
     }
 }
 
-/// What a [`RateLimiter`] remembers, as plain data (see
+/// What one rate limiter (messages, or reactions) remembers, as plain data (see
 /// [`ChatSnapshot`](crate::ChatSnapshot)).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimiterSnapshot {
@@ -54,7 +54,7 @@ pub struct LimiterSnapshot {
 
 /// Tracks each user's accepted actions against one [`RateLimit`].
 #[derive(Debug, Clone)]
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     limit: RateLimit,
     window_ms: u64,
     users: HashMap<UserId, VecDeque<u64>, FixedState>,
@@ -63,7 +63,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// A limiter with no history.
-    pub fn new(limit: RateLimit) -> Self {
+    pub(crate) fn new(limit: RateLimit) -> Self {
         RateLimiter {
             limit,
             window_ms: limit.window_ms(),
@@ -72,16 +72,11 @@ impl RateLimiter {
         }
     }
 
-    /// The limit this limiter enforces.
-    pub fn limit(&self) -> RateLimit {
-        self.limit
-    }
-
     /// Whether `user` may act at `now`. Does not count the action.
     ///
     /// O(1): the stored times are in order (the core never lets time run
     /// backwards) and at most `max` are kept, so only the oldest one decides.
-    pub fn check(&self, user: &UserId, now: Timestamp) -> bool {
+    pub(crate) fn check(&self, user: &UserId, now: Timestamp) -> bool {
         let max = self.limit.max as usize;
         match self.users.get(user) {
             None => max > 0,
@@ -95,7 +90,7 @@ impl RateLimiter {
     /// allowance (at a later time, or after more accepted actions, the
     /// answer is the same or later), `None` while they have some left.
     /// `check(user, now)` is `false` exactly when `now` is before it.
-    pub fn refused_until(&self, user: &UserId) -> Option<Timestamp> {
+    pub(crate) fn refused_until(&self, user: &UserId) -> Option<Timestamp> {
         let max = self.limit.max as usize;
         if max == 0 {
             return Some(Timestamp(u64::MAX));
@@ -113,7 +108,7 @@ impl RateLimiter {
     ///
     /// Call only after [`check`](Self::check) allowed it; refused attempts
     /// are never recorded, so they do not use up the allowance.
-    pub fn record(&mut self, user: &UserId, now: Timestamp) {
+    pub(crate) fn record(&mut self, user: &UserId, now: Timestamp) {
         let now_ms = now.as_millis();
         if now_ms >= self.next_sweep_ms {
             self.sweep(now);
@@ -134,12 +129,12 @@ impl RateLimiter {
     }
 
     /// How many users the limiter currently remembers.
-    pub fn tracked_users(&self) -> usize {
+    pub(crate) fn tracked_users(&self) -> usize {
         self.users.len()
     }
 
     /// What the limiter remembers, as data, users in a fixed order.
-    pub fn snapshot(&self) -> LimiterSnapshot {
+    pub(crate) fn snapshot(&self) -> LimiterSnapshot {
         let mut users: Vec<(UserId, Vec<u64>)> = self
             .users
             .iter()
@@ -153,7 +148,7 @@ impl RateLimiter {
     }
 
     /// A limiter for `limit` that remembers what `snapshot` says.
-    pub fn from_snapshot(limit: RateLimit, snapshot: LimiterSnapshot) -> Self {
+    pub(crate) fn from_snapshot(limit: RateLimit, snapshot: LimiterSnapshot) -> Self {
         let mut limiter = RateLimiter::new(limit);
         limiter.next_sweep_ms = snapshot.next_sweep_ms;
         limiter.users = snapshot

@@ -101,7 +101,7 @@ fn every_refusal_text_is_documented_in_asyncapi() {
         "not in asyncapi.yaml: {missing:#?}\nlisted: {listed:#?}"
     );
     // The decode prefix, and the server's own "the chat is unavailable"
-    // (checked against its constant in chat-server's connection.rs).
+    // (checked against its constant in chat-server's connection/reader.rs).
     assert_eq!(
         listed.len(),
         every_refusal(&Config::default()).len() + 2,

@@ -9,7 +9,7 @@
 use crate::client::{Marker, Target, Ws, now_us, run_id};
 use crate::scenario::Progress;
 use crate::stats::CpuWindow;
-use chat_proto::{ServerFrame, Sync};
+use chat_proto::{ServerFrame, SyncPoint};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -44,7 +44,7 @@ enum Mode {
 }
 
 /// Where a client is, for its next resume: its last `sync` frame.
-type LastSync = Option<Sync>;
+type LastSync = Option<SyncPoint>;
 
 /// A target whose URL carries `query`.
 fn with_query(target: &Target, query: &str) -> Target {

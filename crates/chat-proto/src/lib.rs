@@ -100,7 +100,7 @@ pub enum ServerFrame {
     /// `position` has been sent to it. Sent only to clients that opted in
     /// (`/ws?sync` or `/ws?since=...&epoch=...`): once the replay is done,
     /// then after each batch of live events.
-    Sync(Sync),
+    Sync(SyncPoint),
     /// The client's position cannot be resumed: it must drop every message
     /// it shows, because the full history follows. Sent only to clients
     /// that asked to resume, as their first frame.
@@ -158,9 +158,10 @@ impl fmt::Display for Epoch {
     }
 }
 
-/// The payload of a `sync` frame.
+/// The payload of a `sync` frame: the point in the log a client has
+/// reached. (Not `Sync`, which would shadow `std::marker::Sync`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct Sync {
+pub struct SyncPoint {
     /// The log the position belongs to; send it back as `epoch=`.
     pub epoch: Epoch,
     /// Every event up to this one has been sent; send it back as `since=`.

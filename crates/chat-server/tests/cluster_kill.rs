@@ -19,7 +19,7 @@ mod nginx;
 mod binary;
 
 use binary::ServerProcess;
-use chat_proto::{ClientFrame, Message, SendMessage, ServerFrame, Sync};
+use chat_proto::{ClientFrame, Message, SendMessage, ServerFrame, SyncPoint};
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -104,7 +104,7 @@ async fn frame(ws: &mut Ws) -> Option<ServerFrame> {
 }
 
 /// Messages up to the next `sync`.
-async fn until_sync(ws: &mut Ws) -> (Vec<Message>, Sync) {
+async fn until_sync(ws: &mut Ws) -> (Vec<Message>, SyncPoint) {
     let mut messages = Vec::new();
     loop {
         match frame(ws).await.expect("the connection lives") {

@@ -13,8 +13,8 @@
 //! then be exactly the replayed history, order and reactions included.
 
 use chat_proto::{
-    AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, Sync, UserId,
-    Uuid,
+    AddReaction, ClientFrame, Message, ReactionUpdated, SendMessage, ServerFrame, SyncPoint,
+    UserId, Uuid,
 };
 mod binary;
 
@@ -101,7 +101,7 @@ struct View {
     order: Vec<Uuid>,
     messages: HashMap<Uuid, Message>,
     /// The last `sync` frame.
-    at: Option<Sync>,
+    at: Option<SyncPoint>,
     /// Whether a `reset` is the right answer now (a new epoch).
     expect_reset: bool,
     resets: usize,

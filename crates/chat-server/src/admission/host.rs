@@ -182,7 +182,7 @@ impl HostPolicy {
         self.any
     }
 
-    /// Checks the host the request names ([`requested`]): exactly one
+    /// Checks the host the request names (`requested`): exactly one
     /// `Host` (HTTP/1.1 requires it, and two would make the origin check
     /// ambiguous), well formed, and known.
     pub fn check(&self, request: &Request) -> Result<(), Refusal> {

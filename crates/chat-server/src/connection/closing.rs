@@ -12,7 +12,7 @@ use tokio::time::{Instant, timeout_at};
 ///
 /// The close frame comes after whole frames, and nothing comes after it:
 /// the delivery drops the log's frames not yet begun, finishes the one
-/// begun, and takes nothing more from the log ([`Delivery::close`]).
+/// begun, and takes nothing more from the log (`Delivery::close`).
 /// Then the closing handshake: our close frame (or tungstenite's answer
 /// to the client's), written within `--write-timeout` (or what is left of
 /// `--shutdown-grace`), then, when the server closed, the client's close

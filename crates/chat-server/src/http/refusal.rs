@@ -10,11 +10,11 @@ pub(crate) const WS_PATH: &str = "/ws";
 /// Why a handshake (or, for the `Host` checks, any request) was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// The path is not [`WS_PATH`].
+    /// The path is not `/ws` (`WS_PATH`).
     NotFound,
     /// No `Host`, two, or one that is not a host.
     BadHost,
-    /// The `Host` is not one this server answers to (see [`crate::host`]).
+    /// The `Host` is not one this server answers to (see `crate::admission::host`).
     HostNotAllowed,
     /// An upgrade with a method other than `GET`.
     MethodNotAllowed,
@@ -26,7 +26,7 @@ pub enum Refusal {
     /// A `Sec-WebSocket-Version` other than 13.
     UnsupportedVersion,
     /// A `/ws` query whose `since` or `epoch` cannot be used (see
-    /// [`crate::resume`]).
+    /// `crate::admission::query`).
     BadResume(&'static str),
     /// The `Origin` header is not in the allowed list.
     OriginNotAllowed,

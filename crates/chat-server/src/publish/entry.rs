@@ -5,7 +5,7 @@ use chat_core::{Event, EventKind};
 use chat_proto::ServerFrame;
 
 /// An applied event with the frame clients receive for it, serialized
-/// once (on the committer's thread, not under the hub's lock, nor the
+/// once (on the committer's thread, not under the sequencer's lock, nor the
 /// log's) for the writer and for every reader.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {

@@ -231,7 +231,7 @@ mod tests {
     async fn a_connection_waiting_at_the_head_is_written_to_by_the_publisher_without_a_wake_up() {
         let log = log_of(1000);
         let (_, entries) = drive(30);
-        let ((_inbound, link), mut client) = pair(false).await;
+        let ((_io, link), mut client) = pair(false).await;
         let fanout = Arc::new(Fanout::default());
         let _attached = fanout.attach(&link);
         link.delivery().start(Position::ZERO, true);
@@ -292,7 +292,7 @@ mod tests {
     async fn a_socket_that_takes_less_is_handed_back_to_its_writer_where_the_publisher_stopped() {
         let log = log_of(100_000);
         let mut chat = Chat::new(Config::default());
-        let ((_inbound, link), mut client) = pair(true).await;
+        let ((_io, link), mut client) = pair(true).await;
         let fanout = Arc::new(Fanout::default());
         let _attached = fanout.attach(&link);
         assert!(link.delivery().park(Position::ZERO));

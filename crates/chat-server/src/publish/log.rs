@@ -161,7 +161,7 @@ impl Log {
             return frame.clone();
         }
         let frame = Frame::text(
-            ServerFrame::Sync(chat_proto::Sync {
+            ServerFrame::Sync(chat_proto::SyncPoint {
                 epoch: self.epoch,
                 position,
             })
@@ -327,7 +327,7 @@ mod tests {
         let log = log_of(4);
         let decoded = |f: &Frame| ServerFrame::decode(f.as_str()).expect("frame");
         let sync_at = |p| {
-            ServerFrame::Sync(chat_proto::Sync {
+            ServerFrame::Sync(chat_proto::SyncPoint {
                 epoch: EPOCH,
                 position: Position(p),
             })

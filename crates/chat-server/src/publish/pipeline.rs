@@ -1,6 +1,6 @@
 //! The one path every event takes: **apply → commit → publish**.
 //!
-//! The ordering point (`crate::order`) applies commands in one order and queues
+//! The sequencer (`crate::sequencer`) applies commands in one order and queues
 //! their events in the [`Commits`] queue, bounded in bytes: each command
 //! takes room for the largest frames its event can make before it is
 //! applied, and while the queue is full, senders wait. The committer
@@ -262,7 +262,7 @@ pub(crate) struct Pipe {
 /// Starts the committer thread: it writes queued events in batches with
 /// `writer` (with the store: one transaction, one fsync, each), and
 /// publishes each batch to `log` once it is written. It ends when the
-/// ordering point, and with it the queue's sender, is gone, after writing what was
+/// sequencer, and with it the queue's sender, is gone, after writing what was
 /// queued, or when told to give up.
 ///
 /// While commits fail it retries with backoff; nothing is published or
@@ -445,9 +445,12 @@ mod tests {
             stop: CancellationToken::new(),
         };
         let committer = spawn_committer(writer.clone(), pipe).expect("thread");
-        let hub = LocalSequencer::new(chat, commits, Clock::system());
+        let sequencer = LocalSequencer::new(chat, commits, Clock::system());
         for text in ["one", "two", "three"] {
-            hub.apply(&"u".into(), say(text)).await.expect("accepted");
+            sequencer
+                .apply(&"u".into(), say(text))
+                .await
+                .expect("accepted");
         }
         // Applied, not written: nothing is visible to a joining client.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -477,7 +480,7 @@ mod tests {
             true
         });
         assert_eq!(texts, ["one", "two", "three"], "in the order applied");
-        drop(hub);
+        drop(sequencer);
         let finished = committer
             .finish(tokio::time::Instant::now() + Duration::from_secs(5))
             .await;

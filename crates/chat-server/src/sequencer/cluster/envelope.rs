@@ -41,7 +41,7 @@ pub(crate) struct Envelope {
     /// (version 2 on): one the stream stamps later is not applied by any
     /// node, and its sender is told the chat was unavailable. Bounding when
     /// a command can take effect is what lets the origin node refuse alone
-    /// what the stream is sure to refuse (see [`ClusterSequencer`]).
+    /// what the stream is sure to refuse (see [`ClusterSequencer`](super::submit::ClusterSequencer)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<u64>,
 }

@@ -1,7 +1,7 @@
 //! Cluster mode (`--cluster nats://HOST:PORT`): several servers, one chat,
 //! ordered by one NATS JetStream stream (state-machine replication).
 //!
-//! A node that receives a command wraps it in an [`Envelope`] (origin node,
+//! A node that receives a command wraps it in an [`Envelope`](envelope::Envelope) (origin node,
 //! request id, the user as this node judged it, the command) and publishes
 //! it to the stream, with `Nats-Msg-Id` set so that a retry is stored once.
 //! Every node reads the whole stream in order with its own ordered consumer
