@@ -3,9 +3,7 @@
 //! Each bound a client can push against is named here, so an operator can
 //! see and change all of them in `--help`, and so tests can shrink them.
 
-use crate::admission::host::PublicHost;
-use crate::admission::identity::{Identity, IdentityMode};
-use crate::admission::policy::AllowedOrigin;
+use crate::admission::identity::Identity;
 use crate::wire::delivery;
 use chat_core::RateLimit;
 use clap::{CommandFactory, FromArgMatches, Parser};
@@ -13,6 +11,11 @@ use ipnet::IpNet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+// The types of `Config`'s fields, for an embedder who fills them in.
+pub use crate::admission::host::PublicHost;
+pub use crate::admission::identity::IdentityMode;
+pub use crate::admission::policy::AllowedOrigin;
 
 /// A real-time WebSocket chat server.
 #[derive(Debug, Clone, Parser)]

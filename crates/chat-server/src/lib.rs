@@ -44,7 +44,10 @@
 #![forbid(unsafe_code)]
 
 mod admission;
+/// Public for embedders and tests: [`Clock`] starts a server at a chosen
+/// time ([`Server::bind_with_clock`]).
 pub mod clock;
+/// Public for the binary and embedders: [`Config`] and its value types.
 pub mod config;
 mod connection;
 mod front;
@@ -54,23 +57,28 @@ mod publish;
 mod sequencer;
 mod server;
 mod shared;
+/// Public for the binary and embedders: the signals that stop a server.
 pub mod shutdown;
 mod store;
 mod wire;
 
-pub use admission::identity::{Identity, IdentityMode};
+// For embedders and the binary: run a server, and learn why it stopped.
 pub use clock::Clock;
 pub use config::Config;
-pub use sequencer::cluster::nats::ClusterError;
 pub use server::{Server, StartError, Stopped};
-pub use store::{DB_FILE, StoreError};
 pub use tokio_util::sync::CancellationToken;
+// The errors a start can end in, named by `StartError`.
+pub use sequencer::cluster::nats::ClusterError;
+pub use store::{DB_FILE, StoreError};
+// A setting's type (`Config::identity`), and for tests the user id a
+// server gives an address.
+pub use admission::identity::{Identity, IdentityMode};
 
 /// The server's own rules and parsers, for the fuzz targets (`fuzz/`) and
 /// the tests, which feed them hostile input without a socket. Not for
 /// embedders: nothing here is needed to run a server.
 pub mod checks {
-    pub use crate::admission::host::{HostPolicy, PublicHost};
-    pub use crate::admission::policy::{AllowedOrigin, Origin, Policy};
+    pub use crate::admission::host::HostPolicy;
+    pub use crate::admission::policy::{Origin, Policy};
     pub use crate::http::{MAX_REQUESTS, Refusal, Request, check_upgrade, parse_head};
 }

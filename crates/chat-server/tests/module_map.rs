@@ -184,10 +184,10 @@ impl<'ast> Visit<'ast> for Refs<'_> {
                 && (id == "crate" || id == "super")
             {
                 let mut segments = vec![id.to_string()];
+                let colon = |k: usize| matches!(tokens.get(k), Some(proc_macro2::TokenTree::Punct(p)) if p.as_char() == ':');
                 let mut j = i + 1;
-                while j + 2 < tokens.len() + 1
-                    && matches!(&tokens.get(j), Some(proc_macro2::TokenTree::Punct(p)) if p.as_char() == ':')
-                    && matches!(&tokens.get(j + 1), Some(proc_macro2::TokenTree::Punct(p)) if p.as_char() == ':')
+                while colon(j)
+                    && colon(j + 1)
                     && let Some(proc_macro2::TokenTree::Ident(next)) = tokens.get(j + 2)
                 {
                     segments.push(next.to_string());
@@ -216,19 +216,43 @@ fn flatten(stream: proc_macro2::TokenStream) -> Vec<proc_macro2::TokenTree> {
     out
 }
 
-/// Which modules each module names.
+/// Which modules each module names. Modules declared `#[cfg(test)]` in
+/// files of their own (`mod tests;`) are left out, as test code is.
 fn graph() -> BTreeMap<ModPath, BTreeSet<ModPath>> {
-    let known = modules();
+    let mut known = modules();
+    let parsed: BTreeMap<ModPath, syn::File> = known
+        .iter()
+        .map(|(module, path)| {
+            let text = std::fs::read_to_string(path).expect("read source");
+            let file = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (module.clone(), file)
+        })
+        .collect();
+    let test_only: Vec<ModPath> = parsed
+        .iter()
+        .flat_map(|(module, file)| {
+            file.items.iter().filter_map(move |item| match item {
+                syn::Item::Mod(m) if m.content.is_none() && is_cfg_test(&m.attrs) => {
+                    let mut path = module.clone();
+                    path.push(m.ident.to_string());
+                    Some(path)
+                }
+                _ => None,
+            })
+        })
+        .collect();
+    known.retain(|module, _| !test_only.iter().any(|t| module.starts_with(t)));
     let mut graph = BTreeMap::new();
-    for (module, path) in &known {
-        let text = std::fs::read_to_string(path).expect("read source");
-        let file = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    for (module, file) in &parsed {
+        if !known.contains_key(module) {
+            continue;
+        }
         let mut refs = Refs {
             here: module,
             known: &known,
             found: BTreeSet::new(),
         };
-        refs.visit_file(&file);
+        refs.visit_file(file);
         graph.insert(module.clone(), refs.found);
     }
     graph
