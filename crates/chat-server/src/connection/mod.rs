@@ -65,7 +65,14 @@ pub(crate) fn run<'a>(
 ) -> impl Future<Output = CloseReason> + 'a {
     async move {
         let reason = if shared.config.echo {
-            Box::pin(echo::run(&mut ws, &link, shared)).await
+            Box::pin(echo::run(
+                &mut ws,
+                &link,
+                &shared.shutdown,
+                shared.config.idle_timeout,
+                shared.config.write_timeout,
+            ))
+            .await
         } else {
             let (sync, since) = match admitted.protocol {
                 Protocol::Seed => (false, Since::Start),
