@@ -902,3 +902,117 @@ async fn with_three_replicas_the_chat_outlives_a_nats_server() {
         server.shutdown().await;
     }
 }
+
+/// Waits until `server`'s `/healthz` is 503 with `why` in its body.
+async fn stops_with(server: &TestServer, why: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (status, body) = healthz(server).await;
+        if status == 503 && body.contains(why) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {status}: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The JetStream context of `nats`, for the operator's hand.
+async fn operator(nats: &NatsServer) -> async_nats::jetstream::Context {
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    async_nats::jetstream::new(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_stream_stops_the_nodes_that_applied_the_old_one() {
+    let nats = NatsServer::start();
+    let a = start(node(&nats, "a")).await;
+    let mut watcher = a.client(2).await;
+    let mut c = a.client(3).await;
+    c.say("from the old stream").await;
+    c.message().await;
+    watcher.message().await;
+    let (_, old) = history(&a).await;
+    // An operator deletes the stream, and another is made under its name
+    // (here by hand; a node that starts would make it too).
+    let js = operator(&nats).await;
+    js.delete_stream("chat").await.expect("delete");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "chat".into(),
+        subjects: vec!["chat.commands".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("create");
+    // The node that applied the old one no longer serves its chat: it
+    // says why, and its clients are told to go elsewhere.
+    stops_with(&a, "deleted and recreated").await;
+    let close = watcher.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    assert_eq!(close.reason.as_str(), "this node stopped serving the chat");
+    match a.try_client(4, "/ws", &[]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+        }
+        other => panic!("a stopped node took a connection: {:?}", other.is_ok()),
+    }
+    // A node on the new stream serves the new chat, in a new epoch: a
+    // client of the old one resuming there starts over.
+    let b = start(node(&nats, "b")).await;
+    let (messages, new) = history(&b).await;
+    assert!(messages.is_empty(), "{messages:?}");
+    assert_ne!(new.epoch, old.epoch);
+    let path = format!("/ws?since={}&epoch={}", old.position, old.epoch);
+    let mut resumed = b.try_client(5, &path, &[]).await.expect("ws");
+    match resumed.frame().await {
+        ServerFrame::Reset(reset) => {
+            assert_eq!(reset.reason, chat_proto::ResetReason::EpochChanged);
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_entry_deleted_by_the_operator_lets_every_node_go_on() {
+    let nats = NatsServer::start();
+    let a = start(node(&nats, "a")).await;
+    let mut c = a.client(2).await;
+    c.say("before").await;
+    c.message().await;
+    // A newer build's envelope: every node stops at it.
+    let js = operator(&nats).await;
+    let poison = js
+        .publish("chat.commands", br#"{"v":99}"#.to_vec().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack")
+        .sequence;
+    stops_with(&a, "version this build does not know").await;
+    // The documented way out: delete that entry (`nats stream rmm chat N`),
+    // and restart the nodes. The stream now ends in a deleted entry: a
+    // node counts itself caught up by what is pending, not by the
+    // stream's last sequence number, which JetStream keeps.
+    let stream = js.get_stream("chat").await.expect("stream");
+    stream.delete_message(poison).await.expect("rmm");
+    a.shutdown().await;
+    let b = start(node(&nats, "b")).await;
+    let (messages, sync) = history(&b).await;
+    assert_eq!(
+        messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+        ["before"]
+    );
+    assert_eq!(sync.position, Position(1));
+    // And the chat goes on past the hole.
+    let mut d = b.client(3).await;
+    assert_eq!(d.message().await.text, "before", "the history first");
+    d.say("after").await;
+    assert_eq!(d.message().await.text, "after");
+    let (_, sync) = history(&b).await;
+    assert_eq!(sync.position, Position(2));
+    b.shutdown().await;
+}

@@ -35,6 +35,10 @@ pub(crate) struct Shared {
     pub(crate) pending: Arc<AddressLimits>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when this node stops serving its chat (cluster mode: the
+    /// stream is no longer the log it applied): every connection closes,
+    /// so that its client reconnects to a node that serves.
+    pub(crate) unserved: CancellationToken,
     /// Once stopping: when `--shutdown-grace` ends.
     pub(crate) stop_by: std::sync::OnceLock<tokio::time::Instant>,
     /// Every connection's bounds and deadlines.
@@ -48,7 +52,7 @@ impl Shared {
         match self.sequencer.health() {
             Health::Serving => None,
             Health::CatchingUp => Some(CATCHING_UP),
-            Health::Stopped(why) => Some(why),
+            Health::Stopped(why) | Health::Broken(why) => Some(why),
         }
     }
 

@@ -83,6 +83,8 @@ enum Woke {
     Timer,
     /// The server is stopping.
     Shutdown,
+    /// This node stopped serving the chat.
+    NotServing,
 }
 
 impl Writer {
@@ -108,6 +110,9 @@ impl Writer {
                         if shared.shutdown.is_cancelled() {
                             return CloseReason::Shutdown;
                         }
+                        if shared.unserved.is_cancelled() {
+                            return CloseReason::NotServing;
+                        }
                         tokio::task::consume_budget().await;
                         continue;
                     }
@@ -120,6 +125,7 @@ impl Writer {
                 match Writer::wait(link, shared, wait, timer.as_mut()).await {
                     Woke::Work => {}
                     Woke::Shutdown => return CloseReason::Shutdown,
+                    Woke::NotServing => return CloseReason::NotServing,
                     Woke::Timer => {
                         let now = std::time::Instant::now();
                         if let Err(reason) = link.delivery().on_timeout(now) {
@@ -201,6 +207,9 @@ impl Writer {
             link.register(cx.waker());
             if shared.shutdown.is_cancelled() {
                 return Poll::Ready(Woke::Shutdown);
+            }
+            if shared.unserved.is_cancelled() {
+                return Poll::Ready(Woke::NotServing);
             }
             if (wait.outbox && link.outbox_filled())
                 || (wait.parked && !link.delivery().is_parked())

@@ -31,8 +31,13 @@ pub(crate) enum Health {
     /// Still applying what its log held when it started: not yet serving.
     CatchingUp,
     /// It stopped applying, for the reason given, and will not go on by
-    /// itself.
+    /// itself. What it applied is still the chat as far as it goes: open
+    /// connections keep reading it.
     Stopped(&'static str),
+    /// Its log is not the one it applied (the stream went back, was
+    /// recreated, or lost entries this node needed), for the reason given:
+    /// what it holds is not the chat, and it serves none of it.
+    Broken(&'static str),
 }
 
 /// Puts clients' commands in the chat's one order.

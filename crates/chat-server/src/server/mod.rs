@@ -172,6 +172,7 @@ impl Server {
         }
         .map_err(StartError::Thread)?;
         let mut applier = None;
+        let unserved = CancellationToken::new();
         let sequencer: Arc<dyn Sequencer> = match cluster {
             None => Arc::new(LocalSequencer::new(chat, commits, clock)),
             Some(cluster) => {
@@ -186,6 +187,8 @@ impl Server {
                 .await?;
                 applier = Some(applying);
                 let mut health = sequencer.watch_health();
+                let unserved = unserved.clone();
+                let fanout = Arc::clone(&fanout);
                 tokio::spawn(async move {
                     let _ = health.wait_for(|h| *h != Health::CatchingUp).await;
                     let now = *health.borrow();
@@ -194,6 +197,14 @@ impl Server {
                             info!(took = ?started.elapsed(), "caught up with the cluster's stream: serving")
                         }
                         other => error!(?other, "not serving"),
+                    }
+                    // Broken: every connection closes, and its client
+                    // reconnects to a node that serves. (A stop of the
+                    // server drops the sender instead: nothing to do.)
+                    let broken = health.wait_for(|h| matches!(h, Health::Broken(_))).await;
+                    if broken.is_ok() {
+                        unserved.cancel();
+                        fanout.wake_all();
                     }
                 });
                 Arc::new(sequencer)
@@ -215,6 +226,7 @@ impl Server {
             pending: AddressLimits::new(config.max_pending_per_ip),
             metrics,
             shutdown,
+            unserved,
             stop_by: std::sync::OnceLock::new(),
             delivery: Arc::new(config.delivery(std::time::Instant::now())),
             config,

@@ -29,6 +29,10 @@ pub(crate) enum CloseReason {
     Stalled,
     /// The server is shutting down.
     Shutdown,
+    /// This node stopped serving the chat (cluster mode: the stream is no
+    /// longer the log it applied); the client should reconnect, to
+    /// another node.
+    NotServing,
     /// The server could not carry out a write that was not the client's
     /// fault (for example a frame larger than its write buffer).
     ServerError(String),
@@ -50,6 +54,7 @@ impl CloseReason {
                 (CloseCode::Again, "too slow, reconnect")
             }
             CloseReason::Shutdown => (CloseCode::Away, "server shutting down"),
+            CloseReason::NotServing => (CloseCode::Away, "this node stopped serving the chat"),
             CloseReason::ServerError(_) => (CloseCode::Error, "internal error"),
         };
         Some(CloseFrame {
@@ -97,6 +102,7 @@ impl CloseReason {
             CloseReason::Lagged(_) => "lagged",
             CloseReason::Stalled => "stalled",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::NotServing => "not_serving",
             CloseReason::ServerError(_) => "server_error",
         }
     }
@@ -120,6 +126,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Lagged(n) => write!(f, "lagged by {n} frames"),
             CloseReason::Stalled => f.write_str("write stalled"),
             CloseReason::Shutdown => f.write_str("server shutdown"),
+            CloseReason::NotServing => f.write_str("this node stopped serving the chat"),
             CloseReason::ServerError(e) => write!(f, "server error: {e}"),
         }
     }

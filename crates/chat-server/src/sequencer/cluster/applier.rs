@@ -2,7 +2,7 @@
 //! its events on to the commit queue, and each outcome back to the
 //! connection on this node that sent the command.
 
-use super::envelope::{Applied, apply};
+use super::envelope::{Applied, apply, epoch_of};
 use super::nats::{ClusterError, Connected, read_from};
 use super::snapshot::{Stored, store_snapshot, write_own_snapshot};
 use super::submit::{ClusterSequencer, Waiting};
@@ -30,6 +30,22 @@ const STOPPED_VERSION: &str = "stopped applying the cluster's stream: it holds a
 /// Why a node stopped applying: a command from a node with other rules.
 const STOPPED_RULES: &str = "stopped applying the cluster's stream: it holds a command from a node with other chat rules; give every node the same rules";
 
+/// Why a node stopped: the stream went back behind what it applied.
+const STOPPED_REWOUND: &str = "stopped serving: the cluster's stream holds fewer entries than this node applied (a lost tail, or a restore from an older backup), so it is not the log this node computed its chat from; restart this node to serve the stream as it is now";
+
+/// Why a node stopped: the stream is another one under the same name.
+const STOPPED_RECREATED: &str = "stopped serving: the cluster's stream was deleted and recreated, so it is not the log this node computed its chat from; restart this node to serve the new one";
+
+/// Why a node stopped: entries it had not applied are gone.
+const STOPPED_GAP: &str = "stopped serving: the cluster's stream dropped entries this node had not applied (its retention, or a purge, while this node was behind), so it cannot compute the chat from here; restart this node (it starts from a snapshot)";
+
+/// Why a node stopped: the read of the stream ended.
+const STOPPED_ENDED: &str = "stopped applying the cluster's stream: the read of it ended";
+
+/// How often a node checks that the stream is still the log it applied
+/// (and on every reconnection to NATS).
+const STREAM_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Starts applying the stream: every entry, in order, goes through
 /// `chat`, and its events to `commits` (and from there to `log`), until
 /// `stop` is cancelled. The node's sequencer is [`Health::CatchingUp`]
@@ -46,12 +62,13 @@ pub(crate) async fn start(
 ) -> Result<(ClusterSequencer, JoinHandle<()>), ClusterError> {
     let stream_name = connected.stream.cached_info().config.name.clone();
     let first = (connected.start_after + 1).max(connected.first_sequence);
-    let entries = read_from(&connected.stream, first)
-        .await
-        .map_err(|e| ClusterError::Stream {
-            stream: stream_name.clone(),
-            detail: e,
-        })?;
+    let (entries, pending) =
+        read_from(&connected.stream, first)
+            .await
+            .map_err(|e| ClusterError::Stream {
+                stream: stream_name.clone(),
+                detail: e,
+            })?;
     let mut reconnected = connected.reconnected.clone();
     reconnected.borrow_and_update();
     let boot = Uuid::new_v4();
@@ -89,7 +106,10 @@ pub(crate) async fn start(
         writing: None,
     };
     let start_after = connected.start_after;
-    let task = tokio::spawn(applier.run(start_after));
+    // Nothing to read (the stream may end in deleted entries, whose
+    // sequence numbers it keeps): caught up at once.
+    let caught_up_at_start = start_after >= connected.last_sequence || pending == 0;
+    let task = tokio::spawn(applier.run(caught_up_at_start));
     let sequencer = ClusterSequencer {
         js: connected.js,
         subject: connected.subject,
@@ -166,12 +186,14 @@ struct Applier {
 }
 
 impl Applier {
-    /// Applies the stream from the entry after `start_after` until told to
-    /// stop, or until it cannot go on.
-    async fn run(mut self, start_after: u64) {
-        if self.caught_up_to <= start_after {
+    /// Applies the stream until told to stop, or until it cannot go on;
+    /// `caught_up` if there is nothing to catch up with.
+    async fn run(mut self, caught_up: bool) {
+        if caught_up {
             self.report_caught_up();
         }
+        let mut check = tokio::time::interval(STREAM_CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let entry = tokio::select! {
                 () = self.stop.cancelled() => {
@@ -183,11 +205,23 @@ impl Applier {
                         return;
                     }
                     self.read_again().await;
+                    if self.check_stream().await.is_break() {
+                        return;
+                    }
+                    continue;
+                }
+                _ = check.tick() => {
+                    if self.check_stream().await.is_break() {
+                        return;
+                    }
                     continue;
                 }
                 entry = self.entries.next() => match entry {
                     Some(entry) => entry,
-                    None => return,
+                    None => {
+                        let _ = self.health.send(Health::Stopped(STOPPED_ENDED));
+                        return;
+                    }
                 },
             };
             let entry = match entry {
@@ -212,7 +246,7 @@ impl Applier {
         let mut delay = Duration::from_millis(100);
         loop {
             match read_from(&self.stream, self.next).await {
-                Ok(fresh) => {
+                Ok((fresh, _)) => {
                     self.entries = fresh;
                     return;
                 }
@@ -229,6 +263,62 @@ impl Applier {
         }
     }
 
+    /// Checks that the stream is still the log this node applied: the
+    /// same stream (not one deleted and recreated under its name), and
+    /// holding at least what this node applied. `Break` when it is not
+    /// (this node then stops serving). A stream it cannot read now is
+    /// left to the reads: NATS may be restarting.
+    async fn check_stream(&mut self) -> ControlFlow<()> {
+        let Ok(info) = self.stream.info().await else {
+            return ControlFlow::Continue(());
+        };
+        let epoch = epoch_of(&self.stream_name, info.created.unix_timestamp_nanos());
+        match judge_stream(self.epoch, self.next - 1, epoch, info.state.last_sequence) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(why) => {
+                error!(
+                    applied = self.next - 1,
+                    stream_last = info.state.last_sequence,
+                    %epoch,
+                    ours = %self.epoch,
+                    "{why}"
+                );
+                self.stop_serving(why);
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    /// Whether the entries before `seq` that this node did not get were
+    /// deleted one by one (an operator's `nats stream rmm`: known holes,
+    /// the same for every node) rather than dropped from the front of the
+    /// stream before this node read them (a gap: the chat cannot be
+    /// computed from here). Asks the stream until it answers, or the
+    /// server stops (`None`).
+    async fn holes_deleted(&mut self) -> Option<bool> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.stream.info().await {
+                Ok(info) => return Some(info.state.first_sequence <= self.next),
+                Err(e) => {
+                    warn!(error = %e, "reading the stream's state failed; retrying");
+                    tokio::select! {
+                        () = self.stop.cancelled() => return None,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Stops serving for `why`: `/healthz` and new connections get 503
+    /// with it, and open connections are closed (`crate::server`): the
+    /// stream is not the log this node applied.
+    fn stop_serving(&self, why: &'static str) {
+        let _ = self.health.send(Health::Broken(why));
+    }
+
     /// Applies one entry read from the stream: `Break` when this node
     /// cannot go on.
     async fn take(&mut self, entry: &async_nats::jetstream::Message) -> ControlFlow<()> {
@@ -237,8 +327,28 @@ impl Applier {
             return ControlFlow::Continue(());
         };
         let seq = info.stream_sequence;
-        if seq < self.next {
-            return ControlFlow::Continue(()); // already applied (a consumer recreated)
+        match continuity(self.next, seq) {
+            Continuity::Next => {}
+            Continuity::Rewound => {
+                error!(seq, applied = self.next - 1, "{STOPPED_REWOUND}");
+                self.stop_serving(STOPPED_REWOUND);
+                return ControlFlow::Break(());
+            }
+            Continuity::Skipped => match self.holes_deleted().await {
+                None => return ControlFlow::Break(()),
+                Some(true) => {
+                    warn!(
+                        from = self.next,
+                        to = seq - 1,
+                        "stream entries deleted (known holes, the same for every node); skipped"
+                    );
+                }
+                Some(false) => {
+                    error!(seq, next = self.next, "{STOPPED_GAP}");
+                    self.stop_serving(STOPPED_GAP);
+                    return ControlFlow::Break(());
+                }
+            },
         }
         self.next = seq + 1;
         let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
@@ -299,7 +409,10 @@ impl Applier {
         if seq % self.every == 0 {
             self.snapshot(seq);
         }
-        if seq >= self.caught_up_to {
+        // Caught up once past what the stream held when this node joined,
+        // or once nothing more is pending (the stream may end in deleted
+        // entries).
+        if seq >= self.caught_up_to || info.pending == 0 {
             self.report_caught_up();
         }
         ControlFlow::Continue(())
@@ -356,5 +469,73 @@ impl Applier {
             })
             .await;
         }
+    }
+}
+
+/// Where an entry's stream sequence stands against the next one a node
+/// expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Continuity {
+    /// The very next entry.
+    Next,
+    /// At or before one already applied: the stream went back.
+    Rewound,
+    /// Past the next: entries between were deleted, or dropped.
+    Skipped,
+}
+
+fn continuity(next: u64, seq: u64) -> Continuity {
+    match seq.cmp(&next) {
+        std::cmp::Ordering::Equal => Continuity::Next,
+        std::cmp::Ordering::Less => Continuity::Rewound,
+        std::cmp::Ordering::Greater => Continuity::Skipped,
+    }
+}
+
+/// Whether the stream, now of `epoch` and ending at `last_sequence`, is
+/// still the log a node of `ours` applied up to `applied`.
+fn judge_stream(
+    ours: Epoch,
+    applied: u64,
+    epoch: Epoch,
+    last_sequence: u64,
+) -> Result<(), &'static str> {
+    if epoch != ours {
+        Err(STOPPED_RECREATED)
+    } else if last_sequence < applied {
+        Err(STOPPED_REWOUND)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_very_next_entry_is_applied() {
+        assert_eq!(continuity(5, 5), Continuity::Next);
+        assert_eq!(continuity(5, 4), Continuity::Rewound);
+        assert_eq!(continuity(5, 1), Continuity::Rewound);
+        assert_eq!(continuity(5, 6), Continuity::Skipped);
+    }
+
+    #[test]
+    fn a_stream_recreated_or_rewound_is_not_the_log_applied() {
+        let ours = epoch_of("chat", 1);
+        assert_eq!(judge_stream(ours, 10, ours, 10), Ok(()));
+        assert_eq!(judge_stream(ours, 10, ours, 12), Ok(()));
+        assert_eq!(judge_stream(ours, 0, ours, 0), Ok(()));
+        assert_eq!(
+            judge_stream(ours, 10, ours, 9),
+            Err(STOPPED_REWOUND),
+            "a lost tail"
+        );
+        assert_eq!(
+            judge_stream(ours, 10, epoch_of("chat", 2), 20),
+            Err(STOPPED_RECREATED),
+            "recreated, even if longer"
+        );
     }
 }

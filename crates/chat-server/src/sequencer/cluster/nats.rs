@@ -237,11 +237,14 @@ impl std::fmt::Debug for Connected {
     }
 }
 
-/// An ordered read of `stream` from entry `first` on.
+/// An ordered read of `stream` from entry `first` on, and how many entries
+/// it has to deliver now (JetStream's pending count: deleted entries are
+/// not counted, so a node whose stream ends in a deleted entry still
+/// knows when it has caught up).
 pub(super) async fn read_from(
     stream: &stream::Stream,
     first: u64,
-) -> Result<consumer::pull::Ordered, String> {
+) -> Result<(consumer::pull::Ordered, u64), String> {
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -254,7 +257,9 @@ pub(super) async fn read_from(
         })
         .await
         .map_err(|e| e.to_string())?;
-    consumer.messages().await.map_err(|e| e.to_string())
+    let pending = consumer.cached_info().num_pending;
+    let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    Ok((messages, pending))
 }
 
 impl Connected {
