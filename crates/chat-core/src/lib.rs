@@ -242,10 +242,14 @@ pub struct Chat {
     /// The chat's own time: the latest `now` plus `skew`. It never runs
     /// backwards and never stands still while `now` advances.
     clock: Timestamp,
-    /// How far the chat's time runs ahead of the embedder's, in ms: the sum
-    /// of every backward step seen. A step back of an hour thus costs no
-    /// hour of frozen time (every message stamped alike, every rate window
-    /// stuck open); the chat's time simply goes on from where it was.
+    /// How far the chat's time runs ahead of the embedder's, in ms, since
+    /// the embedder's clock last stepped back. A step back of an hour thus
+    /// costs no hour of frozen time (every message stamped alike, every
+    /// rate window stuck open); the chat's time simply goes on from where
+    /// it was. Once the embedder's `now` reaches the chat's time again (its
+    /// clock was set right), the skew is dropped: the chat's time never
+    /// runs ahead by more than the last step, however many steps there
+    /// were.
     skew: u64,
     /// The position of the latest event (0 before the first).
     head: Position,
@@ -432,7 +436,7 @@ impl Chat {
     /// The chat's time that a command at the embedder's `now` would get,
     /// without applying anything.
     pub fn time_at(&self, now: Timestamp) -> Timestamp {
-        Timestamp(now.0.saturating_add(self.skew)).max(self.clock)
+        self.next_clock(now).0
     }
 
     /// The chat time before which every `kind` command from `user` is
@@ -472,13 +476,23 @@ impl Chat {
 
     /// The chat's time for a command at the embedder's `now`.
     fn advance_clock(&mut self, now: Timestamp) -> Timestamp {
-        let shifted = now.0.saturating_add(self.skew);
+        (self.clock, self.skew) = self.next_clock(now);
+        self.clock
+    }
+
+    /// The chat's time, and the skew, after a command at `now`.
+    fn next_clock(&self, now: Timestamp) -> (Timestamp, u64) {
+        if now >= self.clock {
+            // At or past the chat's time: no drift to keep.
+            return (now, 0);
+        }
+        let mut skew = self.skew;
+        let shifted = now.0.saturating_add(skew);
         if shifted < self.clock.0 {
             // A step backwards: absorb it, so time goes on from here.
-            self.skew += self.clock.0 - shifted;
+            skew += self.clock.0 - shifted;
         }
-        self.clock = Timestamp(now.0.saturating_add(self.skew));
-        self.clock
+        (Timestamp(now.0.saturating_add(skew)), skew)
     }
 }
 

@@ -81,8 +81,8 @@ struct Model {
     /// Every accepted (user, time), never pruned.
     sends: Vec<(String, u64)>,
     reacts: Vec<(String, u64)>,
-    /// The chat's time: the input time plus `skew`, the sum of every
-    /// backward step so far.
+    /// The chat's time: the input time plus `skew`, the backward steps
+    /// since the input time last reached the chat's.
     clock: u64,
     skew: u64,
     last_input_time: u64,
@@ -321,7 +321,10 @@ impl ReferenceStateMachine for ChatModel {
 
     fn apply(mut state: Model, s: &Step) -> Model {
         state.last_input_time = s.now;
-        if s.now + state.skew < state.clock {
+        if s.now >= state.clock {
+            // The input time caught up with the chat's: no drift kept.
+            state.skew = 0;
+        } else if s.now + state.skew < state.clock {
             state.skew = state.clock - s.now;
         }
         state.clock = s.now + state.skew;

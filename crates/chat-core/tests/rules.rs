@@ -443,6 +443,33 @@ fn a_clock_stepped_back_an_hour_neither_freezes_time_nor_loosens_the_limit() {
 }
 
 #[test]
+fn a_clock_stepped_back_and_set_right_again_keeps_no_drift() {
+    let mut h = Harness::new(Config::default());
+    let start = h.now;
+    h.posted("u", "at the start");
+    // Ten seconds back: the chat's time goes on from where it was...
+    h.now -= 10_000;
+    for i in 0..5 {
+        h.now += 1_000;
+        let m = h.posted("u", &format!("behind {i}"));
+        assert_eq!(m.created_at, (start / 1000 + i) as i64, "at the real pace");
+    }
+    // ...and once the clock is set right (it reads the chat's time or
+    // later), the chat's time is the clock's again: no drift is kept,
+    // however many steps there were.
+    for step in 0..3 {
+        h.now = start + 5_000 + step * 20_000;
+        let m = h.posted("u", &format!("set right {step}"));
+        assert_eq!(m.created_at, (h.now / 1000) as i64, "step {step}");
+        h.now -= 10_000;
+        h.posted("u", &format!("behind again {step}"));
+    }
+    // Never backwards, throughout.
+    let times: Vec<i64> = h.chat.history().iter().map(|m| m.created_at).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+}
+
+#[test]
 fn a_chat_restored_from_a_future_time_goes_on_from_it() {
     // An earlier run stored messages an hour ahead of this host's clock.
     let mut earlier = Harness::new(Config::default());

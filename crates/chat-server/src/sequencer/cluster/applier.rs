@@ -12,7 +12,7 @@ use crate::publish::pipeline::Commits;
 use crate::sequencer::Health;
 use crate::store::data_dir::DataDir;
 use async_nats::jetstream::{consumer, object_store, stream};
-use chat_core::{Chat, RateKind};
+use chat_core::{Chat, RateKind, Timestamp};
 use chat_proto::{Epoch, Position, Uuid};
 use futures_util::StreamExt;
 use std::ops::ControlFlow;
@@ -362,7 +362,7 @@ impl Applier {
                 self.view
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .applied(&self.chat, user.as_ref());
+                    .applied(&self.chat, Timestamp::from_unix_millis(ms), user.as_ref());
                 if !events.is_empty() && self.commits.send(events, 1).await.is_err() {
                     return ControlFlow::Break(()); // the server is stopping
                 }

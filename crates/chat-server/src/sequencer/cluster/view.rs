@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 /// ones before used up.
 #[derive(Debug)]
 pub(super) struct View {
-    /// The chat's time after the last entry applied...
+    /// The chat's time at the last entry, applied or expired (an expired
+    /// entry changes nothing, but its stamp still says what time it is)...
     clock: Timestamp,
+    /// ...how far that runs ahead of the entry's stamp (the chat's skew,
+    /// after the leader's clock stepped back)...
+    skew_ms: u64,
     /// ...and when this node applied it.
     applied_at: Instant,
     /// Users out of allowance: until when messages and reactions are
@@ -32,6 +36,7 @@ impl View {
         let config = chat.config();
         View {
             clock: chat.now(),
+            skew_ms: 0,
             applied_at: Instant::now(),
             refused: HashMap::new(),
             next_sweep: Timestamp::default(),
@@ -47,8 +52,12 @@ impl View {
     }
 
     /// Takes in what applying an entry of `user`'s did to `chat`.
-    pub(super) fn applied(&mut self, chat: &Chat, user: Option<&UserId>) {
-        self.clock = chat.now();
+    ///
+    /// `stamp` is the entry's time in the stream; `user` is whose command
+    /// was applied (none for an expired one).
+    pub(super) fn applied(&mut self, chat: &Chat, stamp: Timestamp, user: Option<&UserId>) {
+        self.clock = chat.time_at(stamp);
+        self.skew_ms = self.clock.as_millis().saturating_sub(stamp.as_millis());
         self.applied_at = Instant::now();
         if let Some(user) = user {
             let until = [RateKind::Messages, RateKind::Reactions]
@@ -80,11 +89,19 @@ impl View {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let grace = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.deadline_at(wall, since, grace)
+    }
+
+    /// [`deadline`](Self::deadline) at wall time `wall_ms`, `since_ms`
+    /// after the last entry: the chat's time then plus the time since, or
+    /// the wall clock plus the chat's skew, whichever is later, plus
+    /// `grace_ms`.
+    pub(super) fn deadline_at(&self, wall_ms: u64, since_ms: u64, grace_ms: u64) -> u64 {
         self.clock
             .as_millis()
-            .saturating_add(since)
-            .max(wall)
-            .saturating_add(grace)
+            .saturating_add(since_ms)
+            .max(wall_ms.saturating_add(self.skew_ms))
+            .saturating_add(grace_ms)
     }
 
     /// Whether `user`'s `kind` command, applied at `deadline` at the
@@ -105,8 +122,9 @@ impl View {
 mod tests {
     use super::*;
     use crate::sequencer::cluster::envelope::tests::envelope_by;
-    use crate::sequencer::cluster::envelope::{Applied, Envelope, apply};
+    use crate::sequencer::cluster::envelope::{Applied, Envelope, Outcome, apply};
     use chat_core::Config;
+    use chat_core::EventKind;
 
     #[test]
     fn the_view_refuses_only_until_the_limit_frees() {
@@ -126,12 +144,80 @@ mod tests {
             let Applied::Done { user, .. } = apply(&mut chat, "r", seq, ms, &payload) else {
                 panic!("applied")
             };
-            view.applied(&chat, user.as_ref());
+            view.applied(&chat, Timestamp::from_unix_millis(ms), user.as_ref());
         }
         // The first message leaves the window at t + 60 s.
         assert!(view.refuses(&u, RateKind::Messages, t + 59_999));
         assert!(!view.refuses(&u, RateKind::Messages, t + 60_000));
         assert!(!view.refuses(&u, RateKind::Reactions, t + 1_000));
         assert!(!view.refuses(&UserId::from("v"), RateKind::Messages, t + 1_000));
+    }
+
+    /// The stream's leader moves to a server whose clock is 10 s behind,
+    /// then back, then to one 10 s ahead, then back: commands go on
+    /// applying, the chat's times never go back, and they run ahead of
+    /// real time by one step at most. Entries are stamped by the leader's
+    /// clock; every node computes its deadline from its own, which is
+    /// right.
+    #[test]
+    fn a_leaders_clock_step_both_ways_never_stops_the_chat() {
+        let mut chat = Chat::new(Config::default());
+        let mut view = View::new(&chat);
+        let grace = 5_000;
+        let mut real = 1_700_000_000_000u64;
+        let mut seq = 0;
+        let mut expired = Vec::new();
+        let mut last: i64 = 0;
+        for (phase, offset) in [0i64, -10_000, 0, 10_000, 0].into_iter().enumerate() {
+            for _ in 0..40 {
+                // A command sent now, its deadline from this node's view
+                // (the last entry was applied 500 ms ago)...
+                real += 500;
+                seq += 1;
+                let deadline = view.deadline_at(real, 500, grace);
+                let mut e: Envelope =
+                    serde_json::from_slice(&envelope_by("x", Some(deadline))).expect("json");
+                e.user = format!("u{seq}").as_str().into();
+                let payload = serde_json::to_vec(&e).expect("json");
+                // ...stamped by the leader's clock.
+                let stamp = real.saturating_add_signed(offset);
+                let Applied::Done {
+                    user,
+                    outcome,
+                    events,
+                    ..
+                } = apply(&mut chat, "r", seq, stamp, &payload)
+                else {
+                    panic!("a command")
+                };
+                view.applied(&chat, Timestamp::from_unix_millis(stamp), user.as_ref());
+                match outcome {
+                    Outcome::Applied(Ok(())) => {}
+                    Outcome::Expired => {
+                        expired.push((phase, seq));
+                        continue;
+                    }
+                    Outcome::Applied(Err(e)) => panic!("refused: {e}"),
+                }
+                let EventKind::MessagePosted { message, .. } = &events[0].kind else {
+                    panic!("a post")
+                };
+                assert!(message.created_at >= last, "never backwards");
+                last = message.created_at;
+                let ahead = message.created_at * 1000 - real as i64;
+                assert!(
+                    ahead <= 10_000,
+                    "phase {phase}: {ahead} ms ahead of real time"
+                );
+                if phase == 2 {
+                    // Behind, then set right: no drift is kept.
+                    assert!(ahead <= 1_000, "phase 2: {ahead} ms ahead");
+                }
+            }
+        }
+        // Only the first command after the leader jumped ahead (its stamp
+        // past a deadline estimated from this node's clock) expired; the
+        // next deadline took the new time in.
+        assert_eq!(expired, [(3, 121)], "expired: {expired:?}");
     }
 }
