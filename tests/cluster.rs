@@ -1016,3 +1016,63 @@ async fn a_poison_entry_deleted_by_the_operator_lets_every_node_go_on() {
     assert_eq!(sync.position, Position(2));
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_storage_stays_bounded_with_three_nodes() {
+    let nats = NatsServer::start();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut config = node(&nats, name);
+        config.cluster_snapshot_every = 5;
+        nodes.push(start(config).await);
+    }
+    // Twenty snapshot periods, the commands spread over the three nodes,
+    // each from a user of its own.
+    for i in 0..100u8 {
+        let mut c = nodes[usize::from(i) % 3].client(10 + i).await;
+        let text = format!("m{i}");
+        c.say(&text).await;
+        while c.message().await.text != text {}
+    }
+    let js = operator(&nats).await;
+    let store = js.get_object_store("chat-snapshots").await.expect("bucket");
+    // The uploads finish after the entries are applied.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (names, live) = loop {
+        let mut names = Vec::new();
+        let mut live = 0;
+        let mut list = store.list().await.expect("list");
+        while let Some(Ok(info)) = futures_util::StreamExt::next(&mut list).await {
+            names.push(info.name);
+            live += info.size;
+        }
+        names.sort();
+        if names.last().map(String::as_str) == Some("after-00000000000000000100")
+            || tokio::time::Instant::now() > deadline
+        {
+            break (names, live);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        names,
+        [
+            "after-00000000000000000090",
+            "after-00000000000000000095",
+            "after-00000000000000000100"
+        ],
+        "the newest three, each stored once"
+    );
+    // No upload left chunks behind: the bucket's stream holds the live
+    // snapshots and little more (each chunk and each object's metadata
+    // costs a message's headers).
+    let mut bucket = js.get_stream("OBJ_chat-snapshots").await.expect("stream");
+    let held = bucket.info().await.expect("info").state.bytes;
+    assert!(
+        held <= live as u64 + 16 * 1024,
+        "the bucket holds {held} bytes for {live} bytes of snapshots"
+    );
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

@@ -68,6 +68,12 @@ pub struct Config {
     #[arg(long, env = "CHAT_CLUSTER_SNAPSHOT_EVERY", default_value_t = 1000)]
     pub cluster_snapshot_every: u64,
 
+    /// The most bytes the stream's snapshot bucket holds, when this node
+    /// creates it (cluster mode). Three snapshots are kept; one of a full
+    /// 10,000-message history is a few megabytes.
+    #[arg(long, env = "CHAT_CLUSTER_SNAPSHOT_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub cluster_snapshot_bytes: i64,
+
     /// This node's name in the cluster (default: a random one per start).
     #[arg(long, env = "CHAT_NODE_ID")]
     pub node_id: Option<String>,

@@ -125,6 +125,7 @@ impl Server {
                     }),
                     timeout: config.cluster_timeout,
                     snapshot_every: config.cluster_snapshot_every,
+                    snapshot_bytes: config.cluster_snapshot_bytes,
                     rules: config.chat(),
                     local: own_dir.clone(),
                 };

@@ -352,6 +352,7 @@ impl Applier {
         }
         self.next = seq + 1;
         let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let mut uploader = false;
         match apply(&mut self.chat, &self.rules, seq, ms, &entry.payload) {
             Applied::Done {
                 origin,
@@ -366,6 +367,10 @@ impl Applier {
                 if !events.is_empty() && self.commits.send(events, 1).await.is_err() {
                     return ControlFlow::Break(()); // the server is stopping
                 }
+                // The snapshot after this entry, if one is due, is stored
+                // by the node that sent the command: one node, chosen by
+                // the log itself.
+                uploader = origin.as_ref().is_some_and(|(n, _, _)| *n == self.node);
                 if let Some((n, b, request)) = origin
                     && n == self.node
                     && b == self.boot
@@ -407,7 +412,7 @@ impl Applier {
             }
         }
         if seq % self.every == 0 {
-            self.snapshot(seq);
+            self.snapshot(seq, uploader);
         }
         // Caught up once past what the stream held when this node joined,
         // or once nothing more is pending (the stream may end in deleted
@@ -435,10 +440,13 @@ impl Applier {
         }
     }
 
-    /// Takes the snapshot after entry `seq`: the cluster's, and this
-    /// node's own unless the last is still being written (the next one
-    /// will be).
-    fn snapshot(&mut self, seq: u64) {
+    /// Takes the snapshot after entry `seq`: this node's own unless the
+    /// last is still being written (the next one will be), and the
+    /// cluster's if this node is its `uploader`.
+    fn snapshot(&mut self, seq: u64, uploader: bool) {
+        if !uploader && self.local.is_none() {
+            return;
+        }
         let stored = self.stored(seq);
         if let Some(dir) = &self.local
             && self.writing.as_ref().is_none_or(JoinHandle::is_finished)
@@ -450,7 +458,9 @@ impl Applier {
                 write_own_snapshot(&dir, &stream_name, &own);
             }));
         }
-        tokio::spawn(store_snapshot(self.snapshots.clone(), stored));
+        if uploader {
+            tokio::spawn(store_snapshot(self.snapshots.clone(), stored));
+        }
     }
 
     /// What this node applied, for its next start.

@@ -52,6 +52,8 @@ pub(crate) struct Settings {
     pub timeout: Duration,
     /// Every how many entries a snapshot is stored.
     pub snapshot_every: u64,
+    /// The most bytes the snapshot bucket holds (when this node makes it).
+    pub snapshot_bytes: i64,
     /// The chat's rules on this node.
     pub rules: chat_core::Config,
     /// Where this node keeps its own snapshot (none with `--in-memory`).
@@ -162,6 +164,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
                 bucket: bucket.clone(),
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
+                max_bytes: settings.snapshot_bytes,
                 ..Default::default()
             })
             .await

@@ -79,11 +79,19 @@ pub(super) async fn newest_snapshot(
     }
     names.sort();
     for name in names.iter().rev() {
-        let mut object = store.get(name).await.map_err(|e| e.to_string())?;
+        // One being replaced, or broken: an older one will do.
+        let mut object = match store.get(name).await {
+            Ok(object) => object,
+            Err(e) => {
+                warn!(%name, error = %e, "a snapshot that cannot be read; trying an older one");
+                continue;
+            }
+        };
         let mut bytes = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes).await {
+            warn!(%name, error = %e, "a snapshot that cannot be read; trying an older one");
+            continue;
+        }
         match serde_json::from_slice::<Stored>(&bytes) {
             Ok(stored) => match stored.fits(epoch, rules, last_sequence) {
                 Ok(()) => return Ok(Some(stored)),
@@ -150,31 +158,34 @@ pub(super) fn write_own_snapshot(dir: &DataDir, stream: &str, stored: &Stored) {
     }
 }
 
-/// Stores the snapshot taken after entry `seq` (unless another node
-/// already did: they are the same), and forgets all but the newest few.
+/// Stores the snapshot taken after entry `seq` (unless it is there
+/// already), after forgetting all but the newest few: the bucket never
+/// holds more than [`SNAPSHOTS_KEPT`], and a full bucket makes room before
+/// it takes the next. Only one node stores each snapshot (the applier
+/// picks it by the entry), so no two uploads of one name race (a second
+/// `put` of a name would leave the first one's chunks behind).
 pub(super) async fn store_snapshot(store: object_store::ObjectStore, stored: Stored) {
     let name = snapshot_name(stored.seq);
     if store.info(&name).await.is_ok() {
         return;
     }
-    // A chat snapshot is strings, numbers and maps with string keys.
-    let bytes = serde_json::to_vec(&stored).expect("snapshots serialize");
-    if let Err(e) = store.put(name.as_str(), &mut bytes.as_slice()).await {
-        warn!(error = %e, seq = stored.seq, "storing a snapshot failed; the next one will try again");
-        return;
-    }
     let mut names = Vec::new();
     if let Ok(mut list) = store.list().await {
         while let Some(Ok(info)) = list.next().await {
-            if !info.deleted && info.name.starts_with("after-") {
+            if !info.deleted && info.name.starts_with("after-") && info.name < name {
                 names.push(info.name);
             }
         }
     }
     names.sort();
-    let old = names.len().saturating_sub(SNAPSHOTS_KEPT);
+    let old = names.len().saturating_sub(SNAPSHOTS_KEPT - 1);
     for name in &names[..old] {
         let _ = store.delete(name).await;
+    }
+    // A chat snapshot is strings, numbers and maps with string keys.
+    let bytes = serde_json::to_vec(&stored).expect("snapshots serialize");
+    if let Err(e) = store.put(name.as_str(), &mut bytes.as_slice()).await {
+        warn!(error = %e, seq = stored.seq, "storing a snapshot failed; the next one will try again");
     }
 }
 
