@@ -1076,3 +1076,53 @@ async fn snapshot_storage_stays_bounded_with_three_nodes() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_stream_follows_the_flags_or_is_refused_with_the_fix() {
+    let nats = NatsCluster::start(3);
+    jetstream_ready(&nats.url(0), 3).await;
+    let on = |replicas: usize, max_bytes: i64| Config {
+        cluster: Some(nats.url(0)),
+        node_id: Some("a".into()),
+        cluster_replicas: replicas,
+        cluster_max_bytes: max_bytes,
+        ..test_config()
+    };
+    // An R1 stream, as a first start made it.
+    let a = start(on(1, 1 << 20)).await;
+    let mut c = a.client(2).await;
+    c.say("on R1").await;
+    c.message().await;
+    a.shutdown().await;
+    // Restarted with three replicas and another bound: the stream follows.
+    let a = start(on(3, 2 << 20)).await;
+    let client = async_nats::connect(nats.url(0)).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("chat").await.expect("stream");
+    let config = stream.info().await.expect("info").config.clone();
+    assert_eq!(config.num_replicas, 3);
+    assert_eq!(config.max_bytes, 2 << 20);
+    let (messages, _) = history(&a).await;
+    assert_eq!(messages.len(), 1, "the chat went on");
+    a.shutdown().await;
+    // A stream an operator made in memory is refused, with the fix.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "in-memory".into(),
+        subjects: vec!["in-memory.commands".into()],
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .expect("create");
+    let refused = chat_server::Server::bind(Config {
+        cluster_stream: "in-memory".into(),
+        ..on(1, 1 << 20)
+    })
+    .await
+    .expect_err("refused");
+    let said = refused.to_string();
+    assert!(
+        said.contains("in memory") && said.contains("nats stream rm in-memory"),
+        "{said}"
+    );
+}

@@ -88,6 +88,84 @@ pub(crate) struct Connected {
     pub(super) start_after: u64,
 }
 
+/// How long JetStream remembers a command's `Nats-Msg-Id`, so that the
+/// same command published twice is stored once.
+const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+
+/// Why an existing stream cannot carry the chat, with the fix, if it
+/// cannot.
+fn unusable(existing: &stream::Config, wanted: &stream::Config) -> Result<(), String> {
+    let name = &wanted.name;
+    if existing.storage == stream::StorageType::Memory {
+        return Err(format!(
+            "it keeps its entries in memory, and a NATS restart would lose the chat; \
+             delete it (nats stream rm {name}) to have it made with file storage, or choose another --cluster-stream"
+        ));
+    }
+    if existing.subjects != wanted.subjects {
+        return Err(format!(
+            "its subjects are {:?}, and this node publishes to {:?} only; \
+             give the chat a stream of its own (another --cluster-stream)",
+            existing.subjects, wanted.subjects
+        ));
+    }
+    if existing.retention != stream::RetentionPolicy::Limits {
+        return Err(format!(
+            "its retention is {:?}: entries would go once read, and a node computes the chat \
+             from all of them; give the chat a stream with the default (limits) retention",
+            existing.retention
+        ));
+    }
+    if existing.discard == stream::DiscardPolicy::New {
+        return Err(format!(
+            "it refuses new entries once full (discard: new), which would stop the chat at \
+             its limit; set its discard policy to old (nats stream edit {name} --discard old)"
+        ));
+    }
+    if !existing.max_age.is_zero() {
+        return Err(format!(
+            "its entries expire after {:?} (max_age), whatever the snapshots cover; \
+             remove the limit (nats stream edit {name} --max-age 0) and bound it with \
+             --cluster-max-bytes",
+            existing.max_age
+        ));
+    }
+    Ok(())
+}
+
+/// The existing stream's settings brought to the flags where JetStream
+/// can change them (replicas, `max_bytes`, the dedup window), and which
+/// changed; `None` if none.
+fn reconciled(
+    existing: &stream::Config,
+    wanted: &stream::Config,
+) -> Option<(stream::Config, String)> {
+    let mut updated = existing.clone();
+    let mut changes = Vec::new();
+    if existing.num_replicas != wanted.num_replicas {
+        changes.push(format!(
+            "replicas {} → {}",
+            existing.num_replicas, wanted.num_replicas
+        ));
+        updated.num_replicas = wanted.num_replicas;
+    }
+    if existing.max_bytes != wanted.max_bytes {
+        changes.push(format!(
+            "max_bytes {} → {}",
+            existing.max_bytes, wanted.max_bytes
+        ));
+        updated.max_bytes = wanted.max_bytes;
+    }
+    if existing.duplicate_window != wanted.duplicate_window {
+        changes.push(format!(
+            "duplicate window {:?} → {:?}",
+            existing.duplicate_window, wanted.duplicate_window
+        ));
+        updated.duplicate_window = wanted.duplicate_window;
+    }
+    (!changes.is_empty()).then(|| (updated, changes.join(", ")))
+}
+
 pub(super) fn subject(stream: &str) -> String {
     format!("{stream}.commands")
 }
@@ -139,19 +217,40 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         detail: e.to_string(),
     };
     let subject = subject(&settings.stream);
+    let wanted = stream::Config {
+        name: settings.stream.clone(),
+        subjects: vec![subject.clone()],
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        max_bytes: settings.max_bytes,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: DEDUP_WINDOW,
+        ..Default::default()
+    };
     let mut stream = js
-        .get_or_create_stream(stream::Config {
-            name: settings.stream.clone(),
-            subjects: vec![subject.clone()],
-            storage: stream::StorageType::File,
-            num_replicas: settings.replicas,
-            max_bytes: settings.max_bytes,
-            discard: stream::DiscardPolicy::Old,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
+        .get_or_create_stream(wanted.clone())
         .await
         .map_err(|e| stream_err(&e))?;
+    // An existing stream (made by an earlier start with other flags, or by
+    // hand) is taken only if cluster mode can rely on it, and brought to
+    // the flags where JetStream can change it.
+    let existing = stream.cached_info().config.clone();
+    unusable(&existing, &wanted).map_err(|detail| ClusterError::Stream {
+        stream: settings.stream.clone(),
+        detail,
+    })?;
+    if let Some((updated, changes)) = reconciled(&existing, &wanted) {
+        js.update_stream(updated)
+            .await
+            .map_err(|e| ClusterError::Stream {
+                stream: settings.stream.clone(),
+                detail: format!(
+                    "cannot change {changes} to what the flags say: {e} \
+                     (more replicas than NATS servers? one nats-server holds R1 only)"
+                ),
+            })?;
+        tracing::info!(stream = %settings.stream, %changes, "the stream's settings now follow the flags");
+    }
     let info = stream.info().await.map_err(|e| stream_err(&e))?;
     let epoch = epoch_of(&settings.stream, info.created.unix_timestamp_nanos());
     let last_sequence = info.state.last_sequence;
@@ -277,5 +376,66 @@ impl Connected {
             }
             None => Chat::new(config),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wanted() -> stream::Config {
+        stream::Config {
+            name: "chat".into(),
+            subjects: vec!["chat.commands".into()],
+            storage: stream::StorageType::File,
+            num_replicas: 3,
+            max_bytes: 1 << 30,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: DEDUP_WINDOW,
+            ..Default::default()
+        }
+    }
+
+    /// A change to a stream's settings.
+    type Spoil = fn(&mut stream::Config);
+
+    #[test]
+    fn a_stream_that_cannot_carry_the_chat_is_refused_with_the_fix() {
+        assert_eq!(unusable(&wanted(), &wanted()), Ok(()));
+        let cases: [(Spoil, &str); 5] = [
+            (|c| c.storage = stream::StorageType::Memory, "in memory"),
+            (|c| c.subjects.push("other".into()), "subjects"),
+            (
+                |c| c.retention = stream::RetentionPolicy::WorkQueue,
+                "retention",
+            ),
+            (|c| c.discard = stream::DiscardPolicy::New, "--discard old"),
+            (|c| c.max_age = Duration::from_secs(3600), "--max-age 0"),
+        ];
+        for (spoil, says) in cases {
+            let mut existing = wanted();
+            spoil(&mut existing);
+            let why = unusable(&existing, &wanted()).expect_err(says);
+            assert!(why.contains(says), "{why}");
+        }
+    }
+
+    #[test]
+    fn what_jetstream_can_change_follows_the_flags() {
+        assert!(reconciled(&wanted(), &wanted()).is_none());
+        let existing = stream::Config {
+            num_replicas: 1,
+            max_bytes: -1,
+            duplicate_window: Duration::from_secs(60),
+            ..wanted()
+        };
+        let (updated, changes) = reconciled(&existing, &wanted()).expect("changes");
+        assert_eq!(updated.num_replicas, 3);
+        assert_eq!(updated.max_bytes, 1 << 30);
+        assert_eq!(updated.duplicate_window, DEDUP_WINDOW);
+        assert_eq!(
+            changes,
+            "replicas 1 → 3, max_bytes -1 → 1073741824, duplicate window 60s → 120s"
+        );
     }
 }
