@@ -1126,3 +1126,31 @@ async fn an_existing_stream_follows_the_flags_or_is_refused_with_the_fix() {
         "{said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_is_stored_with_the_stream_and_outlives_an_operators_edit() {
+    let nats = NatsServer::start();
+    let a = start(node(&nats, "a")).await;
+    let (_, before) = history(&a).await;
+    let js = operator(&nats).await;
+    let mut stream = js.get_stream("chat").await.expect("stream");
+    let info = stream.info().await.expect("info").clone();
+    assert_eq!(
+        info.config.metadata.get("chat_epoch"),
+        Some(&before.epoch.to_string()),
+        "stored once, as the clients see it"
+    );
+    // An operator edits the stream (here: a description), with or without
+    // the metadata: the running node goes on, and so does a new one, in
+    // the same epoch.
+    let mut edited = info.config.clone();
+    edited.description = Some("the chat".into());
+    js.update_stream(edited).await.expect("edit");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(healthz(&a).await.0, 200);
+    let b = start(node(&nats, "b")).await;
+    let (_, after) = history(&b).await;
+    assert_eq!(after.epoch, before.epoch);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -2,8 +2,8 @@
 //! its events on to the commit queue, and each outcome back to the
 //! connection on this node that sent the command.
 
-use super::envelope::{Applied, apply, epoch_of};
-use super::nats::{ClusterError, Connected, read_from};
+use super::envelope::{Applied, apply};
+use super::nats::{ClusterError, Connected, read_from, stream_epoch};
 use super::snapshot::{Stored, store_snapshot, write_own_snapshot};
 use super::submit::{ClusterSequencer, Waiting};
 use super::view::View;
@@ -272,7 +272,11 @@ impl Applier {
         let Ok(info) = self.stream.info().await else {
             return ControlFlow::Continue(());
         };
-        let epoch = epoch_of(&self.stream_name, info.created.unix_timestamp_nanos());
+        let epoch = stream_epoch(
+            &self.stream_name,
+            &info.config.metadata,
+            info.created.unix_timestamp_nanos(),
+        );
         match judge_stream(self.epoch, self.next - 1, epoch, info.state.last_sequence) {
             Ok(()) => ControlFlow::Continue(()),
             Err(why) => {
@@ -522,6 +526,7 @@ fn judge_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sequencer::cluster::envelope::epoch_of;
 
     #[test]
     fn only_the_very_next_entry_is_applied() {

@@ -88,6 +88,23 @@ pub(crate) struct Connected {
     pub(super) start_after: u64,
 }
 
+/// The stream's metadata key that holds the chat's epoch.
+pub(super) const EPOCH_KEY: &str = "chat_epoch";
+
+/// The epoch of the stream `name`: the one stored in its metadata, or for
+/// a stream that has none stored yet, the one its creation time gives.
+pub(super) fn stream_epoch(
+    name: &str,
+    metadata: &std::collections::HashMap<String, String>,
+    created_nanos: i128,
+) -> Epoch {
+    metadata
+        .get(EPOCH_KEY)
+        .and_then(|stored| stored.parse().ok())
+        .map(Epoch)
+        .unwrap_or_else(|| epoch_of(name, created_nanos))
+}
+
 /// How long JetStream remembers a command's `Nats-Msg-Id`, so that the
 /// same command published twice is stored once.
 const DEDUP_WINDOW: Duration = Duration::from_secs(120);
@@ -239,7 +256,26 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         stream: settings.stream.clone(),
         detail,
     })?;
-    if let Some((updated, changes)) = reconciled(&existing, &wanted) {
+    let (mut updated, mut changes) =
+        reconciled(&existing, &wanted).unwrap_or_else(|| (existing.clone(), String::new()));
+    if !updated.metadata.contains_key(EPOCH_KEY) {
+        // Stored once: from now on the epoch is what the stream says,
+        // whatever JetStream later does to its creation time. Taken from
+        // that time this once, so that every node that gets here stores
+        // the same value, and a stream made by an older build keeps the
+        // epoch its clients already hold.
+        let created = stream.cached_info().created.unix_timestamp_nanos();
+        let epoch = epoch_of(&settings.stream, created);
+        updated
+            .metadata
+            .insert(EPOCH_KEY.to_owned(), epoch.0.to_string());
+        changes = if changes.is_empty() {
+            "the epoch, stored".to_owned()
+        } else {
+            format!("{changes}, the epoch stored")
+        };
+    }
+    if !changes.is_empty() {
         js.update_stream(updated)
             .await
             .map_err(|e| ClusterError::Stream {
@@ -252,7 +288,11 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         tracing::info!(stream = %settings.stream, %changes, "the stream's settings now follow the flags");
     }
     let info = stream.info().await.map_err(|e| stream_err(&e))?;
-    let epoch = epoch_of(&settings.stream, info.created.unix_timestamp_nanos());
+    let epoch = stream_epoch(
+        &settings.stream,
+        &info.config.metadata,
+        info.created.unix_timestamp_nanos(),
+    );
     let last_sequence = info.state.last_sequence;
     let first_sequence = info.state.first_sequence;
     let bucket = format!("{}-snapshots", settings.stream);
@@ -418,6 +458,23 @@ mod tests {
             let why = unusable(&existing, &wanted()).expect_err(says);
             assert!(why.contains(says), "{why}");
         }
+    }
+
+    #[test]
+    fn the_stored_epoch_wins_over_the_creation_time() {
+        let mut metadata = std::collections::HashMap::new();
+        let derived = epoch_of("chat", 7);
+        assert_eq!(stream_epoch("chat", &metadata, 7), derived);
+        let stored = Epoch(chat_proto::Uuid::from_u128(42));
+        metadata.insert(EPOCH_KEY.to_owned(), stored.0.to_string());
+        assert_eq!(stream_epoch("chat", &metadata, 7), stored);
+        assert_eq!(
+            stream_epoch("chat", &metadata, 8),
+            stored,
+            "a rewritten creation time"
+        );
+        metadata.insert(EPOCH_KEY.to_owned(), "junk".to_owned());
+        assert_eq!(stream_epoch("chat", &metadata, 7), derived);
     }
 
     #[test]
