@@ -1154,3 +1154,61 @@ async fn the_epoch_is_stored_with_the_stream_and_outlives_an_operators_edit() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_tail_stops_the_nodes_that_applied_it() {
+    let mut nats = NatsServer::start();
+    let a = start(node(&nats, "a")).await;
+    let mut c = a.client(2).await;
+    for i in 0..3 {
+        c.say(&format!("m{i}")).await;
+        c.message().await;
+    }
+    let (_, applied) = history(&a).await;
+    assert_eq!(applied.position, Position(3));
+    // A power loss: NATS dies, and what it had not fsync'd is gone. Here,
+    // the end of the stream's newest block and its index.
+    nats.kill();
+    let block = files_under(nats.store())
+        .into_iter()
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "blk")
+                && p.to_string_lossy().contains("/streams/chat/")
+        })
+        .expect("the stream's block file");
+    let size = std::fs::metadata(&block).expect("block").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&block)
+        .expect("open");
+    file.set_len(size * 2 / 3).expect("truncate");
+    for path in files_under(block.parent().and_then(|p| p.parent()).expect("stream dir")) {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if name == "index.db" || name.ends_with(".idx") {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    nats.restart();
+    // The stream now ends before what node a applied: a stops serving it,
+    // and says why.
+    stops_with(&a, "holds fewer entries than this node applied").await;
+    a.shutdown().await;
+}

@@ -84,6 +84,12 @@ impl NatsServer {
         self.child = spawn(&self.bin, self.port, self.store.path());
     }
 
+    /// Its store directory (for tests that damage it, as a power loss
+    /// would).
+    pub fn store(&self) -> &std::path::Path {
+        self.store.path()
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
