@@ -1212,3 +1212,94 @@ async fn a_lost_tail_stops_the_nodes_that_applied_it() {
     stops_with(&a, "holds fewer entries than this node applied").await;
     a.shutdown().await;
 }
+
+/// A TCP relay in front of `nats` that the test can cut: `cut` drops every
+/// connection through it and refuses new ones until `restore`.
+struct Relay {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (is_open, cuts) = (std::sync::Arc::clone(&open), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if !is_open.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { port, open, cut }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_while_entries_it_needed_were_dropped_stops() {
+    let nats = NatsServer::start();
+    let relay = Relay::start(nats.port).await;
+    let a = start(Config {
+        cluster: Some(relay.url()),
+        ..node(&nats, "a")
+    })
+    .await;
+    let b = start(node(&nats, "b")).await;
+    let mut c = b.client(2).await;
+    c.say("both saw this").await;
+    c.message().await;
+    history_from(&a, Position(1)).await;
+    // Node a loses NATS. Meanwhile the chat goes on through b, and the
+    // stream drops what a has not read (a purge; retention does the same).
+    relay.cut();
+    for i in 0..3 {
+        c.say(&format!("a never saw {i}")).await;
+        c.message().await;
+    }
+    let js = operator(&nats).await;
+    let stream = js.get_stream("chat").await.expect("stream");
+    stream
+        .purge()
+        .sequence(4)
+        .await
+        .expect("purge entries before 4");
+    c.say("after the purge").await;
+    c.message().await;
+    // Back: a cannot compute the chat from here, and says so.
+    relay.restore();
+    stops_with(&a, "dropped entries this node had not applied").await;
+    // b, which applied everything, goes on.
+    assert_eq!(healthz(&b).await.0, 200);
+    a.shutdown().await;
+    b.shutdown().await;
+}

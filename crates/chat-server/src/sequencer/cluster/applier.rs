@@ -277,11 +277,13 @@ impl Applier {
             &info.config.metadata,
             info.created.unix_timestamp_nanos(),
         );
-        match judge_stream(self.epoch, self.next - 1, epoch, info.state.last_sequence) {
+        let state = (info.state.first_sequence, info.state.last_sequence);
+        match judge_stream(self.epoch, self.next, epoch, state) {
             Ok(()) => ControlFlow::Continue(()),
             Err(why) => {
                 error!(
                     applied = self.next - 1,
+                    stream_first = info.state.first_sequence,
                     stream_last = info.state.last_sequence,
                     %epoch,
                     ours = %self.epoch,
@@ -506,18 +508,22 @@ fn continuity(next: u64, seq: u64) -> Continuity {
     }
 }
 
-/// Whether the stream, now of `epoch` and ending at `last_sequence`, is
-/// still the log a node of `ours` applied up to `applied`.
+/// Whether the stream, now of `epoch` and holding entries `first..=last`,
+/// is still the log a node of `ours`, whose next entry is `next`, applied
+/// (and can go on applying).
 fn judge_stream(
     ours: Epoch,
-    applied: u64,
+    next: u64,
     epoch: Epoch,
-    last_sequence: u64,
+    (first, last): (u64, u64),
 ) -> Result<(), &'static str> {
     if epoch != ours {
         Err(STOPPED_RECREATED)
-    } else if last_sequence < applied {
+    } else if last < next - 1 {
         Err(STOPPED_REWOUND)
+    } else if first > next {
+        // Entries from `next` on were dropped before this node read them.
+        Err(STOPPED_GAP)
     } else {
         Ok(())
     }
@@ -537,18 +543,39 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_recreated_or_rewound_is_not_the_log_applied() {
+    fn a_stream_recreated_rewound_or_cut_short_is_not_the_log_applied() {
         let ours = epoch_of("chat", 1);
-        assert_eq!(judge_stream(ours, 10, ours, 10), Ok(()));
-        assert_eq!(judge_stream(ours, 10, ours, 12), Ok(()));
-        assert_eq!(judge_stream(ours, 0, ours, 0), Ok(()));
+        // Applied up to 10: the next is 11.
+        assert_eq!(judge_stream(ours, 11, ours, (1, 10)), Ok(()));
+        assert_eq!(judge_stream(ours, 11, ours, (1, 12)), Ok(()));
         assert_eq!(
-            judge_stream(ours, 10, ours, 9),
+            judge_stream(ours, 11, ours, (11, 12)),
+            Ok(()),
+            "older ones dropped"
+        );
+        assert_eq!(
+            judge_stream(ours, 11, ours, (11, 10)),
+            Ok(()),
+            "all applied, then purged"
+        );
+        assert_eq!(judge_stream(ours, 1, ours, (1, 0)), Ok(()), "empty");
+        assert_eq!(
+            judge_stream(ours, 11, ours, (1, 9)),
             Err(STOPPED_REWOUND),
             "a lost tail"
         );
         assert_eq!(
-            judge_stream(ours, 10, epoch_of("chat", 2), 20),
+            judge_stream(ours, 11, ours, (13, 15)),
+            Err(STOPPED_GAP),
+            "11 and 12 dropped unread"
+        );
+        assert_eq!(
+            judge_stream(ours, 11, ours, (13, 12)),
+            Err(STOPPED_GAP),
+            "11 and 12 purged unread"
+        );
+        assert_eq!(
+            judge_stream(ours, 11, epoch_of("chat", 2), (1, 20)),
             Err(STOPPED_RECREATED),
             "recreated, even if longer"
         );
