@@ -1303,3 +1303,60 @@ async fn a_node_cut_off_while_entries_it_needed_were_dropped_stops() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// `path`'s status and body on `server`.
+async fn get(server: &TestServer, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("tcp");
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("request");
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.expect("response");
+    let status = response[9..12].parse().expect("a status");
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_tells_a_node_without_nats_from_one_that_cannot_serve() {
+    let nats = NatsServer::start();
+    let relay = Relay::start(nats.port).await;
+    let a = start(Config {
+        cluster: Some(relay.url()),
+        cluster_timeout: std::time::Duration::from_millis(500),
+        ..node(&nats, "a")
+    })
+    .await;
+    assert_eq!(get(&a, "/readyz").await, (200, "ready\n".to_owned()));
+    relay.cut();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, body) = get(&a, "/readyz").await;
+        if status == 503 {
+            assert!(body.contains("NATS has been unreachable"), "{body}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Reads go on: the load balancer's check stays green, and a client
+    // still connects.
+    assert_eq!(healthz(&a).await.0, 200);
+    a.client(2).await;
+    relay.restore();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while get(&a, "/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    a.shutdown().await;
+}

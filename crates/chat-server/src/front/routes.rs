@@ -1,5 +1,5 @@
 //! What each plain HTTP path answers: the page's files, `/healthz`,
-//! `/metrics`, `/whoami`, and 426 for `/ws` without an upgrade.
+//! `/readyz`, `/metrics`, `/whoami`, and 426 for `/ws` without an upgrade.
 
 use super::web::{self, Asset};
 use crate::http::codec::{Request, body, has_body, no_store, text};
@@ -46,6 +46,20 @@ pub(crate) fn route(
                 return ("healthz", no_store(reply));
             }
             ("healthz", no_store(text(StatusCode::OK, "ok\n")))
+        }
+        "/readyz" => {
+            if shared.metrics.store_failing.get() != 0 {
+                let reply = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store failing: messages are waiting for the disk\n",
+                );
+                return ("readyz", no_store(reply));
+            }
+            if let Err(why) = shared.sequencer.ready() {
+                let reply = text(StatusCode::SERVICE_UNAVAILABLE, &format!("{why}\n"));
+                return ("readyz", no_store(reply));
+            }
+            ("readyz", no_store(text(StatusCode::OK, "ready\n")))
         }
         "/metrics" => {
             let reply = body(

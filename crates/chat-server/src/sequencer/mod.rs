@@ -48,6 +48,18 @@ pub(crate) trait Sequencer: Send + Sync + std::fmt::Debug {
         Health::Serving
     }
 
+    /// Whether it can take a command now, and if not why (`/readyz`): as
+    /// [`health`](Self::health) says, and not while the log it orders
+    /// commands through has been unreachable for longer than it waits for
+    /// one.
+    fn ready(&self) -> Result<(), &'static str> {
+        match self.health() {
+            Health::Serving => Ok(()),
+            Health::CatchingUp => Err("catching up with the cluster's stream"),
+            Health::Stopped(why) | Health::Broken(why) => Err(why),
+        }
+    }
+
     /// Applies `command` for `user`. `Ok` means it was accepted and its
     /// event will be published once committed (the client sees it then,
     /// like everyone else); a refusal is for that client alone.

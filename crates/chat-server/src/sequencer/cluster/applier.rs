@@ -123,6 +123,7 @@ pub(crate) async fn start(
         view,
         rate_limited,
         timeout: connected.timeout,
+        lost_since: connected.lost_since,
     };
     Ok((sequencer, task))
 }

@@ -7,8 +7,8 @@ use crate::store::data_dir::DataDir;
 use async_nats::jetstream::{self, consumer, object_store, stream};
 use chat_core::Chat;
 use chat_proto::Epoch;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::warn;
@@ -84,6 +84,8 @@ pub(crate) struct Connected {
     pub(super) timeout: Duration,
     /// Counts the client's (re)connections to NATS.
     pub(super) reconnected: watch::Receiver<u64>,
+    /// Since when NATS has been unreachable, if it is.
+    pub(super) lost_since: Arc<Mutex<Option<Instant>>>,
     /// The entry the chat it starts from has applied (`super::applier::start`).
     pub(super) start_after: u64,
 }
@@ -191,16 +193,23 @@ pub(super) fn subject(stream: &str) -> String {
 pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterError> {
     let (reconnected_tx, reconnected) = watch::channel(0u64);
     let reconnected_tx = Arc::new(reconnected_tx);
+    let lost_since: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let lost = Arc::clone(&lost_since);
     let client = async_nats::ConnectOptions::new()
         .event_callback(move |event| {
             let tx = Arc::clone(&reconnected_tx);
+            let lost = Arc::clone(&lost);
             async move {
                 match event {
                     async_nats::Event::Connected => {
+                        *lost.lock().unwrap_or_else(PoisonError::into_inner) = None;
                         tx.send_modify(|n| *n += 1);
                         tracing::info!("connected to NATS");
                     }
                     async_nats::Event::Disconnected => {
+                        lost.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_or_insert_with(Instant::now);
                         warn!("lost NATS: commands are refused until it is back; reads go on");
                     }
                     other => tracing::debug!(event = %other, "NATS"),
@@ -363,6 +372,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         rules,
         timeout: settings.timeout,
         reconnected,
+        lost_since,
         start_after: 0,
     })
 }

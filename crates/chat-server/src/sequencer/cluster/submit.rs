@@ -11,7 +11,7 @@ use futures_util::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 use tracing::warn;
 
@@ -39,7 +39,12 @@ pub(crate) struct ClusterSequencer {
     /// The rate limits' refusals (messages, reactions).
     pub(super) rate_limited: [chat_core::ChatError; 2],
     pub(super) timeout: Duration,
+    /// Since when NATS has been unreachable, if it is.
+    pub(super) lost_since: Arc<Mutex<Option<Instant>>>,
 }
+
+/// Why a node cannot take commands while NATS is away.
+const UNREACHABLE: &str = "NATS has been unreachable for longer than --cluster-timeout: commands are refused, reads go on";
 
 pub(super) type Waiting = Mutex<HashMap<u64, oneshot::Sender<Outcome>>>;
 
@@ -138,6 +143,22 @@ impl ClusterSequencer {
 impl Sequencer for ClusterSequencer {
     fn health(&self) -> Health {
         *self.health.borrow()
+    }
+
+    fn ready(&self) -> Result<(), &'static str> {
+        match *self.health.borrow() {
+            Health::Serving => {}
+            Health::CatchingUp => return Err("catching up with the cluster's stream"),
+            Health::Stopped(why) | Health::Broken(why) => return Err(why),
+        }
+        let lost = *self
+            .lost_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match lost {
+            Some(since) if since.elapsed() > self.timeout => Err(UNREACHABLE),
+            _ => Ok(()),
+        }
     }
 
     fn submit<'a>(
