@@ -638,22 +638,7 @@ async fn while_nats_is_gone_commands_are_refused_reads_go_on_and_nothing_confirm
 
 /// `GET /healthz`: the status and the body.
 async fn healthz(server: &TestServer) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(server.addr)
-        .await
-        .expect("tcp");
-    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).await.expect("response");
-    let status = response[9..12].parse().expect("a status");
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    (status, body)
+    get(server, "/healthz").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
