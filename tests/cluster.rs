@@ -1071,6 +1071,7 @@ async fn an_existing_stream_follows_the_flags_or_is_refused_with_the_fix() {
         node_id: Some("a".into()),
         cluster_replicas: replicas,
         cluster_max_bytes: max_bytes,
+        cluster_snapshot_bytes: 4 * max_bytes,
         ..test_config()
     };
     // An R1 stream, as a first start made it.
@@ -1087,6 +1088,11 @@ async fn an_existing_stream_follows_the_flags_or_is_refused_with_the_fix() {
     let config = stream.info().await.expect("info").config.clone();
     assert_eq!(config.num_replicas, 3);
     assert_eq!(config.max_bytes, 2 << 20);
+    // And so does its snapshot bucket.
+    let mut bucket = js.get_stream("OBJ_chat-snapshots").await.expect("bucket");
+    let bucket = bucket.info().await.expect("info").config.clone();
+    assert_eq!(bucket.num_replicas, 3);
+    assert_eq!(bucket.max_bytes, 8 << 20);
     let (messages, _) = history(&a).await;
     assert_eq!(messages.len(), 1, "the chat went on");
     a.shutdown().await;

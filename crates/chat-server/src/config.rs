@@ -68,9 +68,9 @@ pub struct Config {
     #[arg(long, env = "CHAT_CLUSTER_SNAPSHOT_EVERY", default_value_t = 1000)]
     pub cluster_snapshot_every: u64,
 
-    /// The most bytes the stream's snapshot bucket holds, when this node
-    /// creates it (cluster mode). Three snapshots are kept; one of a full
-    /// 10,000-message history is a few megabytes.
+    /// The most bytes the stream's snapshot bucket holds (cluster mode; an
+    /// existing bucket is changed to it at start). Three snapshots are
+    /// kept; one of a full 10,000-message history is a few megabytes.
     #[arg(long, env = "CHAT_CLUSTER_SNAPSHOT_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub cluster_snapshot_bytes: i64,
 

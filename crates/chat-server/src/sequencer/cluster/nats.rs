@@ -306,7 +306,44 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
     let first_sequence = info.state.first_sequence;
     let bucket = format!("{}-snapshots", settings.stream);
     let snapshots = match js.get_object_store(&bucket).await {
-        Ok(store) => store,
+        Ok(store) => {
+            // An existing bucket follows the flags too: its bound and its
+            // replicas (the object store is a stream, OBJ_<bucket>).
+            let mut underlying = js
+                .get_stream(format!("OBJ_{bucket}"))
+                .await
+                .map_err(|e| stream_err(&e))?;
+            let config = underlying
+                .info()
+                .await
+                .map_err(|e| stream_err(&e))?
+                .config
+                .clone();
+            if config.max_bytes != settings.snapshot_bytes
+                || config.num_replicas != settings.replicas
+            {
+                let updated = stream::Config {
+                    max_bytes: settings.snapshot_bytes,
+                    num_replicas: settings.replicas,
+                    ..config.clone()
+                };
+                js.update_stream(updated)
+                    .await
+                    .map_err(|e| ClusterError::Stream {
+                        stream: settings.stream.clone(),
+                        detail: format!(
+                            "cannot change the snapshot bucket {bucket} to what the flags say: {e}"
+                        ),
+                    })?;
+                tracing::info!(
+                    %bucket,
+                    max_bytes = settings.snapshot_bytes,
+                    replicas = settings.replicas,
+                    "the snapshot bucket's settings now follow the flags"
+                );
+            }
+            store
+        }
         Err(_) => js
             .create_object_store(object_store::Config {
                 bucket: bucket.clone(),
