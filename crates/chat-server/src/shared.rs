@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::publish::fanout::Fanout;
 use crate::publish::log::Log;
-use crate::sequencer::{Health, Sequencer};
+use crate::sequencer::Sequencer;
 use crate::wire::delivery;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -49,11 +49,7 @@ impl Shared {
     /// Why the node does not serve now, if it does not: catching up with
     /// its cluster, or stopped applying.
     pub(crate) fn not_serving(&self) -> Option<&'static str> {
-        match self.sequencer.health() {
-            Health::Serving => None,
-            Health::CatchingUp => Some(CATCHING_UP),
-            Health::Stopped(why) | Health::Broken(why) => Some(why),
-        }
+        self.sequencer.health().serving().err()
     }
 
     /// The deadline of a close that would end at `wanted`: no later than
@@ -65,6 +61,3 @@ impl Shared {
         }
     }
 }
-
-/// What `/healthz` and a refused handshake say while a cluster node catches up.
-const CATCHING_UP: &str = "catching up with the cluster's stream; not serving yet";

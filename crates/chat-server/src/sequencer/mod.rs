@@ -40,6 +40,22 @@ pub(crate) enum Health {
     Broken(&'static str),
 }
 
+/// What `/healthz`, `/readyz` and a refused handshake say while a cluster
+/// node catches up.
+const CATCHING_UP: &str = "catching up with the cluster's stream; not serving yet";
+
+impl Health {
+    /// `Ok` when serving, else why not: the one text `/healthz`, `/readyz`
+    /// and a refused handshake give.
+    pub(crate) fn serving(self) -> Result<(), &'static str> {
+        match self {
+            Health::Serving => Ok(()),
+            Health::CatchingUp => Err(CATCHING_UP),
+            Health::Stopped(why) | Health::Broken(why) => Err(why),
+        }
+    }
+}
+
 /// Puts clients' commands in the chat's one order.
 pub(crate) trait Sequencer: Send + Sync + std::fmt::Debug {
     /// Whether it takes commands now (`/healthz`, and new connections,
@@ -53,11 +69,7 @@ pub(crate) trait Sequencer: Send + Sync + std::fmt::Debug {
     /// commands through has been unreachable for longer than it waits for
     /// one.
     fn ready(&self) -> Result<(), &'static str> {
-        match self.health() {
-            Health::Serving => Ok(()),
-            Health::CatchingUp => Err("catching up with the cluster's stream"),
-            Health::Stopped(why) | Health::Broken(why) => Err(why),
-        }
+        self.health().serving()
     }
 
     /// Applies `command` for `user`. `Ok` means it was accepted and its

@@ -146,11 +146,7 @@ impl Sequencer for ClusterSequencer {
     }
 
     fn ready(&self) -> Result<(), &'static str> {
-        match *self.health.borrow() {
-            Health::Serving => {}
-            Health::CatchingUp => return Err("catching up with the cluster's stream"),
-            Health::Stopped(why) | Health::Broken(why) => return Err(why),
-        }
+        self.health.borrow().serving()?;
         let lost = *self
             .lost_since
             .lock()
