@@ -654,7 +654,7 @@ async fn a_node_that_meets_an_unknown_envelope_stops_and_says_so() {
     let js = async_nats::jetstream::new(client);
     js.publish(
         "chat.commands",
-        br#"{"v":3,"what":"the future"}"#.to_vec().into(),
+        br#"{"v":4,"what":"the future"}"#.to_vec().into(),
     )
     .await
     .expect("publish")
@@ -1160,19 +1160,10 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_tail_stops_the_nodes_that_applied_it() {
-    let mut nats = NatsServer::start();
-    let a = start(node(&nats, "a")).await;
-    let mut c = a.client(2).await;
-    for i in 0..3 {
-        c.say(&format!("m{i}")).await;
-        c.message().await;
-    }
-    let (_, applied) = history(&a).await;
-    assert_eq!(applied.position, Position(3));
-    // A power loss: NATS dies, and what it had not fsync'd is gone. Here,
-    // the end of the stream's newest block and its index.
+/// A power loss on the NATS host: `nats` dies, and what it had not
+/// fsync'd is gone (here, the end of the stream's newest block, and its
+/// index); then it starts again.
+fn lose_the_tail(nats: &mut NatsServer) {
     nats.kill();
     let block = files_under(nats.store())
         .into_iter()
@@ -1198,10 +1189,119 @@ async fn a_lost_tail_stops_the_nodes_that_applied_it() {
         }
     }
     nats.restart();
-    // The stream now ends before what node a applied: a stops serving it,
-    // and says why.
-    stops_with(&a, "holds fewer entries than this node applied").await;
+}
+
+/// The entries of the stream `chat` now, as text.
+async fn entries(js: &async_nats::jetstream::Context) -> Vec<String> {
+    let mut stream = js.get_stream("chat").await.expect("stream");
+    let state = stream.info().await.expect("info").state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(String::from_utf8_lossy(&m.payload).into_owned());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_tail_starts_a_new_epoch_that_every_node_agrees_on() {
+    let mut nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let a_config = Config {
+        in_memory: false,
+        data_dir: dir.path().to_owned(),
+        cluster_snapshot_every: 2,
+        ..node(&nats, "a")
+    };
+    let a = start(a_config.clone()).await;
+    let b = start(node(&nats, "b")).await;
+    let mut c = a.client(2).await;
+    for i in 0..6 {
+        c.say(&format!("m{i}")).await;
+        c.message().await;
+    }
+    let (_, old) = history_from(&b, Position(6)).await;
+    assert_eq!(history(&a).await.1, old, "both applied everything");
+    lose_the_tail(&mut nats);
+    // The stream now ends before what a and b applied: both stop serving
+    // it, and say why.
+    for node in [&a, &b] {
+        stops_with(node, "holds fewer entries than this node applied").await;
+    }
+    // Both found the same rewind at once: the stream holds one entry that
+    // starts a new epoch, not two.
+    let js = operator(&nats).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let kept = loop {
+        let now = entries(&js).await;
+        if now.iter().any(|e| e.contains("new_epoch")) {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new epoch: {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let kept_now = entries(&js).await;
+    assert_eq!(kept_now, kept, "one entry for both nodes");
+    let survived = kept.len() - 1;
+    assert!(survived < 6, "the tail was lost: {kept:?}");
+    assert!(kept.last().is_some_and(|e| e.contains("new_epoch")));
+
+    // A brand-new node serves what the stream holds, in a new epoch: a
+    // client of the old one resuming there starts over.
+    let d = start(node(&nats, "d")).await;
+    let (messages, new) = history(&d).await;
+    let texts: Vec<String> = messages.iter().map(|m| m.text.clone()).collect();
+    let expected: Vec<String> = (0..survived).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected);
+    assert_ne!(new.epoch, old.epoch);
+    assert_eq!(new.position, Position(survived as u64));
+    let path = format!("/ws?since={}&epoch={}", old.position, old.epoch);
+    let mut resumed = d.try_client(5, &path, &[]).await.expect("ws");
+    match resumed.frame().await {
+        ServerFrame::Reset(reset) => {
+            assert_eq!(reset.reason, chat_proto::ResetReason::EpochChanged);
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    // New messages take the lost positions, in the new epoch.
+    let mut c = d.client(3).await;
+    for i in 0..2 {
+        let text = format!("after {i}");
+        c.say(&text).await;
+        while c.message().await.text != text {}
+    }
+    let (on_d, at) = history(&d).await;
+    assert_eq!(at.epoch, new.epoch);
+    assert_eq!(at.position, Position(survived as u64 + 2));
+
+    // a and b, restarted (a with its data directory, whose snapshot was
+    // of the lost tail), serve exactly that chat.
     a.shutdown().await;
+    b.shutdown().await;
+    let a = start(a_config).await;
+    let b = start(node(&nats, "b")).await;
+    for node in [&a, &b] {
+        let (messages, sync) = history_from(node, at.position).await;
+        assert_eq!(sync, at, "the same epoch and position");
+        assert_eq!(format!("{messages:?}"), format!("{on_d:?}"));
+    }
+    // A client of the new epoch resumes exactly on any of them.
+    let path = format!("/ws?since={}&epoch={}", new.position, new.epoch);
+    let mut resumed = a.try_client(6, &path, &[]).await.expect("ws");
+    for (i, frame) in resumed.frames_but_syncs(2).await.into_iter().enumerate() {
+        match frame {
+            ServerFrame::Message(m) => assert_eq!(m.text, format!("after {i}")),
+            other => panic!("expected an exact resume, got {other:?}"),
+        }
+    }
+    for node in [a, b, d] {
+        node.shutdown().await;
+    }
 }
 
 /// A TCP relay in front of `nats` that the test can cut: `cut` drops every
@@ -1293,6 +1393,60 @@ async fn a_node_cut_off_while_entries_it_needed_were_dropped_stops() {
     assert_eq!(healthz(&b).await.0, 200);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_away_while_the_stream_lost_its_tail_and_grew_again_stops() {
+    let mut nats = NatsServer::start();
+    let relay = Relay::start(nats.port).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let a_config = Config {
+        cluster: Some(relay.url()),
+        in_memory: false,
+        data_dir: dir.path().to_owned(),
+        ..node(&nats, "a")
+    };
+    let a = start(a_config.clone()).await;
+    let mut c = a.client(2).await;
+    for i in 0..6 {
+        c.say(&format!("m{i}")).await;
+        c.message().await;
+    }
+    let (_, old) = history(&a).await;
+    // Node a loses NATS; meanwhile NATS loses its tail, and a new node
+    // posts enough that the stream is longer than what a applied.
+    relay.cut();
+    lose_the_tail(&mut nats);
+    let d = start(node(&nats, "d")).await;
+    let mut c = d.client(3).await;
+    for i in 0..8 {
+        let text = format!("new {i}");
+        c.say(&text).await;
+        while c.message().await.text != text {}
+    }
+    let js = operator(&nats).await;
+    assert!(
+        entries(&js).await.len() > 6,
+        "the stream grew past what a applied"
+    );
+    // Back: the entry a applied last is not the one the stream holds
+    // under its sequence now. a stops rather than read on from there.
+    relay.restore();
+    stops_with(&a, "holds another entry where this node applied one").await;
+    // A new epoch, agreed by every node: a, restarted, serves d's chat.
+    a.shutdown().await;
+    let a = start(Config {
+        cluster: Some(nats.url()),
+        ..a_config
+    })
+    .await;
+    let (on_d, at) = history(&d).await;
+    assert_ne!(at.epoch, old.epoch);
+    let (on_a, sync) = history_from(&a, at.position).await;
+    assert_eq!(sync, at);
+    assert_eq!(format!("{on_a:?}"), format!("{on_d:?}"));
+    a.shutdown().await;
+    d.shutdown().await;
 }
 
 /// `path`'s status and body on `server`.

@@ -44,12 +44,18 @@ use tokio::sync::watch;
 /// connection (which reads).
 #[derive(Debug)]
 pub(crate) struct Log {
-    epoch: Epoch,
     state: RwLock<State>,
     head: watch::Sender<Position>,
-    /// The last `sync` frame made, shared by every writer that announces
-    /// the same position (most of them, as they keep up with the head).
-    sync: std::sync::Mutex<Option<(Position, Frame)>>,
+    /// The epoch, and the last `sync` frame made in it, shared by every
+    /// writer that announces the same position (most of them, as they
+    /// keep up with the head).
+    sync: std::sync::Mutex<Current>,
+}
+
+#[derive(Debug)]
+struct Current {
+    epoch: Epoch,
+    last: Option<(Position, Frame)>,
 }
 
 #[derive(Debug)]
@@ -134,7 +140,6 @@ impl Log {
         metrics.history_messages.set(history.len() as i64);
         let (head_tx, _) = watch::channel(head);
         Log {
-            epoch,
             state: RwLock::new(State {
                 history,
                 recent: kept,
@@ -142,32 +147,51 @@ impl Log {
                 metrics,
             }),
             head: head_tx,
-            sync: std::sync::Mutex::new(None),
+            sync: std::sync::Mutex::new(Current { epoch, last: None }),
         }
+    }
+
+    fn sync(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.sync.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The log's epoch.
     pub(crate) fn epoch(&self) -> Epoch {
-        self.epoch
+        self.sync().epoch
+    }
+
+    /// Starts a new epoch (a cluster's stream went back, and positions
+    /// from its head on are new ones): a client that resumes from a
+    /// position of an older epoch gets a full replay and a `reset`, and
+    /// every `sync` frame made from now on names the new one.
+    ///
+    /// Called before any event of the new epoch is handed to the commit
+    /// pipeline, so no position of the new epoch is ever announced with
+    /// the old one. A position published before it may be announced with
+    /// the new one: that is safe, since every node that serves the new
+    /// epoch holds the same chat up to it.
+    pub(crate) fn set_epoch(&self, epoch: Epoch) {
+        let mut sync = self.sync();
+        *sync = Current { epoch, last: None };
     }
 
     /// The `sync` frame announcing `position` in this log's epoch, encoded
     /// and framed once for every connection at that position.
     pub(crate) fn sync_frame(&self, position: Position) -> Frame {
-        let mut last = self.sync.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, frame)) = last.as_ref()
+        let mut sync = self.sync();
+        if let Some((at, frame)) = sync.last.as_ref()
             && *at == position
         {
             return frame.clone();
         }
         let frame = Frame::text(
             ServerFrame::Sync(chat_proto::SyncPoint {
-                epoch: self.epoch,
+                epoch: sync.epoch,
                 position,
             })
             .encode(),
         );
-        *last = Some((position, frame.clone()));
+        sync.last = Some((position, frame.clone()));
         frame
     }
 
@@ -176,11 +200,12 @@ impl Log {
     /// from: no gap, no duplicate.
     pub(crate) fn join(&self, since: Since) -> Joined {
         let state = read(&self.state);
+        // Read under the state's lock: an epoch set before what the state
+        // holds was published is seen.
+        let current = self.epoch();
         let resume = match since {
             Since::Start => Err(None),
-            Since::Resume { epoch, .. } if epoch != self.epoch => {
-                Err(Some(ResetReason::EpochChanged))
-            }
+            Since::Resume { epoch, .. } if epoch != current => Err(Some(ResetReason::EpochChanged)),
             Since::Resume { position, .. } if position > state.head => {
                 Err(Some(ResetReason::Ahead))
             }
@@ -346,6 +371,40 @@ mod tests {
     }
 
     /// Whether all `n` events are published.
+    #[test]
+    fn a_new_epoch_resets_every_resume_from_the_old_one_and_is_announced() {
+        let (_, entries) = drive(4);
+        let log = log_of(100);
+        log.publish(&entries);
+        let old = log.epoch();
+        assert_eq!(log.sync_frame(Position(4)), log.sync_frame(Position(4)));
+        let new = Epoch(Uuid::from_u128(99));
+        log.set_epoch(new);
+        assert_eq!(log.epoch(), new);
+        let announced = ServerFrame::decode(log.sync_frame(Position(4)).as_str()).expect("frame");
+        assert_eq!(
+            announced,
+            ServerFrame::Sync(chat_proto::SyncPoint {
+                epoch: new,
+                position: Position(4)
+            }),
+            "the frame made before is not reused"
+        );
+        for position in [Position(2), Position(4)] {
+            let joined = log.join(Since::Resume {
+                epoch: old,
+                position,
+            });
+            assert_eq!(joined.reset, Some(ResetReason::EpochChanged));
+            assert_eq!(joined.cursor, Position(4));
+        }
+        let joined = log.join(Since::Resume {
+            epoch: new,
+            position: Position(2),
+        });
+        assert_eq!((joined.reset, joined.cursor), (None, Position(2)));
+    }
+
     fn joined_all(log: &Log, n: usize) -> bool {
         log.join(Since::Start).cursor.0 == n as u64
     }

@@ -132,7 +132,6 @@ impl Server {
                 Some(cluster::nats::connect(&settings).await?)
             }
         };
-        let fresh_epoch = cluster.as_ref().map_or(fresh_epoch, |c| c.epoch);
         let (chat, log) = restore::restore(
             &config,
             store.as_mut(),

@@ -33,11 +33,11 @@ pub(super) fn restore(
     };
     Ok(match store {
         None => {
-            let chat = match &mut cluster {
+            let (chat, epoch) = match &mut cluster {
                 Some(cluster) => cluster.initial_chat(config.chat()),
-                None => Chat::new(config.chat()),
+                None => (Chat::new(config.chat()), fresh_epoch),
             };
-            let log = Log::new(&chat, fresh_epoch, [], retention, Arc::clone(&metrics));
+            let log = Log::new(&chat, epoch, [], retention, Arc::clone(&metrics));
             (chat, log)
         }
         Some(store) => {

@@ -120,6 +120,16 @@ impl DataDir {
         }
     }
 
+    /// Removes the file `name`, if there is one, and on disk when it
+    /// returns.
+    pub(crate) fn remove(&self, name: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path.join(name)) {
+            Ok(()) => File::open(&self.path)?.sync_all(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Replaces the file `name` with `bytes`, whole or not at all, and on
     /// disk when it returns: written to a temporary file, synced, renamed
     /// over the old one, and the directory synced. A crash at any moment

@@ -2,21 +2,24 @@
 //! its events on to the commit queue, and each outcome back to the
 //! connection on this node that sent the command.
 
-use super::envelope::{Applied, apply};
-use super::nats::{ClusterError, Connected, read_from, stream_epoch};
-use super::snapshot::{Stored, store_snapshot, write_own_snapshot};
+use super::envelope::{Applied, Rewind, apply};
+use super::nats::{ClusterError, Connected, append_new_epoch, read_from, stream_epoch};
+use super::snapshot::{
+    Stored, drop_own_snapshot, fingerprint, holds, newest_snapshot, store_snapshot,
+    write_own_snapshot,
+};
 use super::submit::{ClusterSequencer, Waiting};
 use super::view::View;
 use crate::publish::log::Log;
 use crate::publish::pipeline::Commits;
 use crate::sequencer::Health;
 use crate::store::data_dir::DataDir;
-use async_nats::jetstream::{consumer, object_store, stream};
+use async_nats::jetstream::{self, consumer, object_store, stream};
 use chat_core::{Chat, RateKind, Timestamp};
 use chat_proto::{Epoch, Position, Uuid};
 use futures_util::StreamExt;
 use std::ops::ControlFlow;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -31,7 +34,10 @@ const STOPPED_VERSION: &str = "stopped applying the cluster's stream: it holds a
 const STOPPED_RULES: &str = "stopped applying the cluster's stream: it holds a command from a node with other chat rules; give every node the same rules";
 
 /// Why a node stopped: the stream went back behind what it applied.
-const STOPPED_REWOUND: &str = "stopped serving: the cluster's stream holds fewer entries than this node applied (a lost tail, or a restore from an older backup), so it is not the log this node computed its chat from; restart this node to serve the stream as it is now";
+const STOPPED_REWOUND: &str = "stopped serving: the cluster's stream holds fewer entries than this node applied (a lost tail, or a restore from an older backup), so it is not the log this node computed its chat from; a new epoch starts, and a restart of this node serves it";
+
+/// Why a node stopped: the stream went back, then grew past it again.
+const STOPPED_REPLACED: &str = "stopped serving: the cluster's stream holds another entry where this node applied one (it went back, a lost tail or an older backup, then took new entries), so it is not the log this node computed its chat from; a new epoch starts, and a restart of this node serves it";
 
 /// Why a node stopped: the stream is another one under the same name.
 const STOPPED_RECREATED: &str = "stopped serving: the cluster's stream was deleted and recreated, so it is not the log this node computed its chat from; restart this node to serve the new one";
@@ -75,7 +81,8 @@ pub(crate) async fn start(
     let waiting: Arc<Waiting> = Arc::default();
     let (health_tx, health) = watch::channel(Health::CatchingUp);
     let health_tx = Arc::new(health_tx);
-    let caught_up = serving_once_published(log, Arc::clone(&health_tx));
+    let caught_up = serving_once_published(Arc::clone(&log), Arc::clone(&health_tx));
+    let applied = Arc::new(AtomicU64::new(first - 1));
     let config = chat.config().clone();
     let view = Arc::new(Mutex::new(View::new(&chat)));
     let rate_limited = [
@@ -99,7 +106,15 @@ pub(crate) async fn start(
         waiting: Arc::clone(&waiting),
         view: Arc::clone(&view),
         health: health_tx,
-        epoch: connected.epoch,
+        stream_epoch: connected.epoch,
+        epoch: connected.chat_epoch,
+        log,
+        last: None,
+        applied: Arc::clone(&applied),
+        diverged: false,
+        js: connected.js.clone(),
+        subject: connected.subject.clone(),
+        timeout: connected.timeout,
         snapshots: connected.snapshots.clone(),
         every: connected.snapshot_every.max(1),
         local: connected.local.clone(),
@@ -124,6 +139,7 @@ pub(crate) async fn start(
         rate_limited,
         timeout: connected.timeout,
         lost_since: connected.lost_since,
+        applied,
     };
     Ok((sequencer, task))
 }
@@ -175,7 +191,24 @@ struct Applier {
     waiting: Arc<Waiting>,
     view: Arc<Mutex<View>>,
     health: Arc<watch::Sender<Health>>,
+    /// The stream's own epoch, its identity.
+    stream_epoch: Epoch,
+    /// The chat's epoch: the stream's, switched by every rewind found in it
+    /// (`super::envelope::NewEpoch`).
     epoch: Epoch,
+    /// Where a new epoch is announced.
+    log: Arc<Log>,
+    /// The last entry applied, and what it held: the stream must still
+    /// hold it.
+    last: Option<(u64, bytes::Bytes)>,
+    /// The last entry applied, for the sequencer's envelopes.
+    applied: Arc<AtomicU64>,
+    /// What this node applied is not the stream's chat: it keeps no
+    /// snapshot of it.
+    diverged: bool,
+    js: jetstream::Context,
+    subject: String,
+    timeout: Duration,
     snapshots: object_store::ObjectStore,
     /// Every how many entries a snapshot is taken.
     every: u64,
@@ -197,6 +230,7 @@ impl Applier {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let entry = tokio::select! {
+                biased;
                 () = self.stop.cancelled() => {
                     self.write_last_snapshot().await;
                     return;
@@ -205,14 +239,16 @@ impl Applier {
                     if changed.is_err() {
                         return;
                     }
-                    self.read_again().await;
-                    if self.check_stream().await.is_break() {
+                    // NATS may have restarted with less than it had: the
+                    // stream is checked before anything more is read.
+                    if self.check_stream(true).await.is_break() {
                         return;
                     }
+                    self.read_again().await;
                     continue;
                 }
                 _ = check.tick() => {
-                    if self.check_stream().await.is_break() {
+                    if self.check_stream(false).await.is_break() {
                         return;
                     }
                     continue;
@@ -265,35 +301,62 @@ impl Applier {
     }
 
     /// Checks that the stream is still the log this node applied: the
-    /// same stream (not one deleted and recreated under its name), and
-    /// holding at least what this node applied. `Break` when it is not
-    /// (this node then stops serving). A stream it cannot read now is
-    /// left to the reads: NATS may be restarting.
-    async fn check_stream(&mut self) -> ControlFlow<()> {
-        let Ok(info) = self.stream.info().await else {
-            return ControlFlow::Continue(());
-        };
+    /// same stream (not one deleted and recreated under its name), holding
+    /// at least what this node applied, and still the last entry it
+    /// applied (not another one under its sequence). `Break` when it is
+    /// not (this node then stops serving). A stream it cannot read now is
+    /// left to the next check, unless `persist`: then it asks until it
+    /// gets an answer (or the server stops).
+    async fn check_stream(&mut self, persist: bool) -> ControlFlow<()> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.judge().await {
+                Ok(Ok(())) => return ControlFlow::Continue(()),
+                Ok(Err(why)) => {
+                    self.stop_serving(why);
+                    return ControlFlow::Break(());
+                }
+                Err(e) if persist => {
+                    warn!(error = %e, "checking the stream failed; retrying");
+                    tokio::select! {
+                        () = self.stop.cancelled() => return ControlFlow::Continue(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(_) => return ControlFlow::Continue(()),
+            }
+        }
+    }
+
+    /// [`check_stream`](Self::check_stream)'s questions to the stream, and
+    /// its verdict.
+    async fn judge(&mut self) -> Result<Result<(), &'static str>, String> {
+        let info = self.stream.info().await.map_err(|e| e.to_string())?.clone();
         let epoch = stream_epoch(
             &self.stream_name,
             &info.config.metadata,
             info.created.unix_timestamp_nanos(),
         );
         let state = (info.state.first_sequence, info.state.last_sequence);
-        match judge_stream(self.epoch, self.next, epoch, state) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(why) => {
-                error!(
-                    applied = self.next - 1,
-                    stream_first = info.state.first_sequence,
-                    stream_last = info.state.last_sequence,
-                    %epoch,
-                    ours = %self.epoch,
-                    "{why}"
-                );
-                self.stop_serving(why);
-                ControlFlow::Break(())
-            }
+        let mut verdict = judge_stream(self.stream_epoch, self.next, epoch, state);
+        if verdict.is_ok()
+            && let Some((seq, payload)) = &self.last
+            && holds(&self.stream, *seq, &fingerprint(payload)).await? == Some(false)
+        {
+            verdict = Err(STOPPED_REPLACED);
         }
+        if let Err(why) = verdict {
+            error!(
+                applied = self.next - 1,
+                stream_first = info.state.first_sequence,
+                stream_last = info.state.last_sequence,
+                %epoch,
+                ours = %self.stream_epoch,
+                "{why}"
+            );
+        }
+        Ok(verdict)
     }
 
     /// Whether the entries before `seq` that this node did not get were
@@ -321,9 +384,59 @@ impl Applier {
 
     /// Stops serving for `why`: `/healthz` and new connections get 503
     /// with it, and open connections are closed (`crate::server`): the
-    /// stream is not the log this node applied.
-    fn stop_serving(&self, why: &'static str) {
+    /// stream is not the log this node applied. If it went back, a new
+    /// epoch is due: see [`Applier::rewound`].
+    fn stop_serving(&mut self, why: &'static str) {
         let _ = self.health.send(Health::Broken(why));
+        if why == STOPPED_REWOUND || why == STOPPED_REPLACED {
+            self.rewound(why);
+        }
+    }
+
+    /// The stream went back behind what this node applied: the positions
+    /// of what it lost will be given to new entries, so clients that saw
+    /// them must be told to reset, wherever they resume. This node appends
+    /// a `NewEpoch` entry (every node switches epoch when it applies it),
+    /// forgets its own snapshot (of a chat the stream no longer holds),
+    /// and deletes the cluster's snapshots of it, so that no node starts
+    /// from them.
+    fn rewound(&mut self, why: &'static str) {
+        self.diverged = true;
+        let rewind = Rewind {
+            node: self.node.clone(),
+            boot: self.boot,
+            applied: self.next - 1,
+            why: why.to_owned(),
+        };
+        let (js, subject, then, within) = (
+            self.js.clone(),
+            self.subject.clone(),
+            self.epoch,
+            self.timeout,
+        );
+        let (local, stream_name) = (self.local.clone(), self.stream_name.clone());
+        let (snapshots, stream, stream_epoch, rules) = (
+            self.snapshots.clone(),
+            self.stream.clone(),
+            self.stream_epoch,
+            self.rules.clone(),
+        );
+        tokio::spawn(async move {
+            match append_new_epoch(&js, &subject, then, rewind, within).await {
+                Ok(()) => warn!(ended = %then, "appended the entry that starts a new epoch"),
+                Err(e) => {
+                    error!(error = %e, "a new epoch is due, and the entry that starts it could not be appended; the next node to start appends it")
+                }
+            }
+            if let Some(dir) = &local {
+                drop_own_snapshot(dir, &stream_name).await;
+            }
+            let mut stream = stream;
+            if let Ok(info) = stream.info().await {
+                let last = info.state.last_sequence;
+                let _ = newest_snapshot(&snapshots, &stream, stream_epoch, &rules, last).await;
+            }
+        });
     }
 
     /// Applies one entry read from the stream: `Break` when this node
@@ -358,9 +471,30 @@ impl Applier {
             },
         }
         self.next = seq + 1;
+        self.last = Some((seq, entry.payload.clone()));
+        self.applied.store(seq, Ordering::Relaxed);
         let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let mut uploader = false;
-        match apply(&mut self.chat, &self.rules, seq, ms, &entry.payload) {
+        let before = self.epoch;
+        let applied = apply(
+            &mut self.chat,
+            &mut self.epoch,
+            &self.rules,
+            seq,
+            ms,
+            &entry.payload,
+        );
+        if self.epoch != before {
+            // Before any event of the new epoch goes to the pipeline.
+            self.log.set_epoch(self.epoch);
+            warn!(
+                seq,
+                ended = %before,
+                epoch = %self.epoch,
+                "the stream went back before this entry (a lost tail): a new epoch starts here, on every node; clients resuming from the old one get a full replay"
+            );
+        }
+        match applied {
             Applied::Done {
                 origin,
                 user,
@@ -394,6 +528,9 @@ impl Applier {
             }
             Applied::Skipped(why) => {
                 warn!(seq, %why, "a stream entry that is not a command was skipped, on every node alike");
+            }
+            Applied::NewEpoch(rewind) => {
+                warn!(seq, by = %rewind.node, why = %rewind.why, "a node found the stream rewound");
             }
             Applied::OtherRules(theirs) => {
                 error!(
@@ -440,8 +577,14 @@ impl Applier {
 
     fn stored(&self, seq: u64) -> Stored {
         Stored {
-            epoch: self.epoch,
+            epoch: self.stream_epoch,
+            chat_epoch: Some(self.epoch),
             seq,
+            entry: self
+                .last
+                .as_ref()
+                .filter(|(at, _)| *at == seq)
+                .map(|(_, payload)| fingerprint(payload)),
             rules: self.rules.clone(),
             chat: self.chat.snapshot(),
         }
@@ -470,13 +613,15 @@ impl Applier {
         }
     }
 
-    /// What this node applied, for its next start.
+    /// What this node applied, for its next start (unless it is not the
+    /// stream's chat).
     async fn write_last_snapshot(&mut self) {
         if let Some(w) = self.writing.take() {
             let _ = w.await;
         }
         if let Some(dir) = &self.local
-            && self.next > 1
+            && !self.diverged
+            && self.last.is_some()
         {
             let stored = self.stored(self.next - 1);
             let dir = Arc::clone(dir);

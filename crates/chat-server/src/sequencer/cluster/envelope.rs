@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// The envelope format this build writes. A node that meets one it does
 /// not know stops applying rather than diverge from the nodes that know it.
-/// Version 2 added [`Envelope::deadline`]; this build applies 1 and 2.
-pub(crate) const ENVELOPE_VERSION: u32 = 2;
+/// Version 2 added [`Envelope::deadline`]; version 3 added
+/// [`Envelope::seen`] and the [`NewEpoch`] entry. This build applies 1 to 3.
+pub(crate) const ENVELOPE_VERSION: u32 = 3;
 
 /// The oldest envelope format this build applies.
 const OLDEST_ENVELOPE_VERSION: u32 = 1;
@@ -44,6 +45,43 @@ pub(crate) struct Envelope {
     /// what the stream is sure to refuse (see [`ClusterSequencer`](super::submit::ClusterSequencer)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<u64>,
+    /// The last stream entry the origin node had applied when it sent the
+    /// command (version 3 on). The stream gives every new entry a sequence
+    /// past every entry it holds, so an entry at or before `seen` proves
+    /// the stream went back (a lost tail): see [`NewEpoch`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen: Option<u64>,
+}
+
+/// An entry that starts a new epoch (version 3 on), appended by a node
+/// that found the stream rewound: it applied entries the stream no longer
+/// holds, and their positions will be reused. Every node switches to the
+/// epoch [`next_epoch`] derives when it applies this entry, so all agree
+/// on where the new epoch starts, and a client holding a position of the
+/// old one is told to reset wherever it resumes.
+///
+/// Two nodes that find the same rewind append two of these: every node
+/// applies both, in the stream's order, and ends in the same epoch. The
+/// only cost is a second reset for a client that resumed in between.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct NewEpoch {
+    /// [`ENVELOPE_VERSION`] when written.
+    pub v: u32,
+    /// Why, and who saw it.
+    pub new_epoch: Rewind,
+}
+
+/// What a node saw that made it append a [`NewEpoch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Rewind {
+    /// The node that saw it.
+    pub node: String,
+    /// That node's run: with `node`, makes the entry unique.
+    pub boot: Uuid,
+    /// The last entry that node had applied.
+    pub applied: u64,
+    /// What it saw, for the operator reading the stream.
+    pub why: String,
 }
 
 /// What became of a command in the stream.
@@ -72,6 +110,17 @@ pub(super) fn epoch_of(stream: &str, created_nanos: i128) -> Epoch {
     Epoch(Uuid::from_bytes(bytes))
 }
 
+/// The epoch after `epoch` switches at stream entry `seq`: the same on
+/// every node that applies the same stream.
+pub(super) fn next_epoch(epoch: Epoch, seq: u64) -> Epoch {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(epoch.0.as_bytes());
+    hasher.update(&seq.to_be_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    Epoch(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+}
+
 /// What applying one stream entry did.
 pub(super) enum Applied {
     Done {
@@ -87,30 +136,64 @@ pub(super) enum Applied {
     Unknown(u32),
     /// An envelope from a node with other chat rules.
     OtherRules(String),
+    /// A [`NewEpoch`] entry: the epoch switched.
+    NewEpoch(Rewind),
 }
 
-/// Applies the entry at stream sequence `seq`, stored at `ms`, to `chat`.
-/// Everything it uses comes from the entry, so every node computes the
-/// same thing.
-pub(super) fn apply(chat: &mut Chat, rules: &str, seq: u64, ms: u64, payload: &[u8]) -> Applied {
+/// Applies the entry at stream sequence `seq`, stored at `ms`, to `chat`
+/// in `epoch` (switched here when the entry says so). Everything it uses
+/// comes from the entry, so every node computes the same thing.
+pub(super) fn apply(
+    chat: &mut Chat,
+    epoch: &mut Epoch,
+    rules: &str,
+    seq: u64,
+    ms: u64,
+    payload: &[u8],
+) -> Applied {
     #[derive(Deserialize)]
     struct Versioned {
         v: u32,
+        #[serde(default)]
+        new_epoch: Option<serde::de::IgnoredAny>,
     }
-    match serde_json::from_slice::<Versioned>(payload) {
-        Ok(Versioned { v }) if (OLDEST_ENVELOPE_VERSION..=ENVELOPE_VERSION).contains(&v) => {}
-        Ok(Versioned { v }) => return Applied::Unknown(v),
+    let marker = match serde_json::from_slice::<Versioned>(payload) {
+        Ok(Versioned { v, new_epoch })
+            if (OLDEST_ENVELOPE_VERSION..=ENVELOPE_VERSION).contains(&v) =>
+        {
+            v >= 3 && new_epoch.is_some()
+        }
+        Ok(Versioned { v, .. }) => return Applied::Unknown(v),
         Err(e) => return Applied::Skipped(e.to_string()),
+    };
+    if marker {
+        return match serde_json::from_slice::<NewEpoch>(payload) {
+            Ok(entry) => {
+                *epoch = next_epoch(*epoch, seq);
+                Applied::NewEpoch(entry.new_epoch)
+            }
+            Err(e) => Applied::Skipped(e.to_string()),
+        };
     }
     let envelope: Envelope = match serde_json::from_slice(payload) {
         Ok(envelope) => envelope,
         Err(e) => return Applied::Skipped(e.to_string()),
     };
     if envelope.v >= 2 && envelope.deadline.is_none() {
-        return Applied::Skipped("an envelope of version 2 without its deadline".into());
+        return Applied::Skipped("an envelope of version 2 or later without its deadline".into());
+    }
+    if envelope.v >= 3 && envelope.seen.is_none() {
+        return Applied::Skipped(
+            "an envelope of version 3 or later without what it had seen".into(),
+        );
     }
     if envelope.rules != rules {
         return Applied::OtherRules(envelope.rules);
+    }
+    // Its sender had applied an entry at this sequence or later: the
+    // stream went back, and positions from here on are new ones.
+    if envelope.seen.is_some_and(|seen| seen >= seq) {
+        *epoch = next_epoch(*epoch, seq);
     }
     let origin = Some((envelope.node, envelope.boot, envelope.request));
     let now = Timestamp::from_unix_millis(ms);
@@ -172,6 +255,7 @@ pub(super) mod tests {
                 author_name: None,
             }),
             deadline,
+            seen: Some(0),
         })
         .expect("encodes")
     }
@@ -188,7 +272,7 @@ pub(super) mod tests {
             let mut chat = Chat::new(Config::default());
             let mut log = Vec::new();
             for (seq, ms, payload) in &entries {
-                match apply(&mut chat, "r", *seq, *ms, payload) {
+                match apply(&mut chat, &mut Epoch(Uuid::nil()), "r", *seq, *ms, payload) {
                     Applied::Done {
                         outcome: Outcome::Applied(outcome),
                         events,
@@ -203,6 +287,7 @@ pub(super) mod tests {
                     Applied::Skipped(_) => log.push("skipped".into()),
                     Applied::Unknown(v) => log.push(format!("unknown {v}")),
                     Applied::OtherRules(r) => log.push(format!("rules {r}")),
+                    Applied::NewEpoch(_) => log.push("new epoch".into()),
                 }
             }
             (log, chat.head())
@@ -217,10 +302,10 @@ pub(super) mod tests {
     #[test]
     fn an_unknown_envelope_version_stops_the_node() {
         let mut chat = Chat::new(Config::default());
-        let newer = br#"{"v":3,"anything":"else"}"#;
+        let newer = br#"{"v":4,"anything":"else"}"#;
         assert!(matches!(
-            apply(&mut chat, "r", 1, 0, newer),
-            Applied::Unknown(3)
+            apply(&mut chat, &mut Epoch(Uuid::nil()), "r", 1, 0, newer),
+            Applied::Unknown(4)
         ));
     }
 
@@ -228,7 +313,7 @@ pub(super) mod tests {
     fn a_command_from_a_node_with_other_rules_stops_the_node() {
         let mut chat = Chat::new(Config::default());
         assert!(matches!(
-            apply(&mut chat, "other rules", 1, 0, &envelope("hi")),
+            apply(&mut chat, &mut Epoch(Uuid::nil()), "other rules", 1, 0, &envelope("hi")),
             Applied::OtherRules(r) if r == "r"
         ));
         assert_eq!(chat.head(), chat_proto::Position(0), "nothing applied");
@@ -244,7 +329,14 @@ pub(super) mod tests {
     fn a_command_stamped_after_its_deadline_is_applied_by_no_node() {
         let t = 1_700_000_000_000u64;
         let mut chat = Chat::new(Config::default());
-        let on_time = apply(&mut chat, "r", 1, t, &envelope_by("on time", Some(t)));
+        let on_time = apply(
+            &mut chat,
+            &mut Epoch(Uuid::nil()),
+            "r",
+            1,
+            t,
+            &envelope_by("on time", Some(t)),
+        );
         assert!(matches!(
             on_time,
             Applied::Done {
@@ -252,7 +344,14 @@ pub(super) mod tests {
                 ..
             }
         ));
-        let late = apply(&mut chat, "r", 2, t + 1, &envelope_by("late", Some(t)));
+        let late = apply(
+            &mut chat,
+            &mut Epoch(Uuid::nil()),
+            "r",
+            2,
+            t + 1,
+            &envelope_by("late", Some(t)),
+        );
         assert!(matches!(
             late,
             Applied::Done {
@@ -268,7 +367,7 @@ pub(super) mod tests {
         v1["v"] = 1.into();
         let v1 = serde_json::to_vec(&v1).expect("json");
         assert!(matches!(
-            apply(&mut chat, "r", 3, t + 2, &v1),
+            apply(&mut chat, &mut Epoch(Uuid::nil()), "r", 3, t + 2, &v1),
             Applied::Done {
                 outcome: Outcome::Applied(Ok(())),
                 ..
@@ -276,7 +375,93 @@ pub(super) mod tests {
         ));
         // Version 2 without one is not a command.
         assert!(matches!(
-            apply(&mut chat, "r", 4, t + 3, &envelope_by("no deadline", None)),
+            apply(
+                &mut chat,
+                &mut Epoch(Uuid::nil()),
+                "r",
+                4,
+                t + 3,
+                &envelope_by("no deadline", None)
+            ),
+            Applied::Skipped(_)
+        ));
+    }
+
+    fn seen_at(text: &str, seen: u64) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(&envelope(text)).expect("json");
+        v["seen"] = seen.into();
+        serde_json::to_vec(&v).expect("json")
+    }
+
+    fn new_epoch_entry() -> Vec<u8> {
+        serde_json::to_vec(&NewEpoch {
+            v: ENVELOPE_VERSION,
+            new_epoch: Rewind {
+                node: "a".into(),
+                boot: Uuid::from_u128(2),
+                applied: 9,
+                why: "rewound".into(),
+            },
+        })
+        .expect("encodes")
+    }
+
+    #[test]
+    fn a_rewound_stream_starts_a_new_epoch_at_the_same_entry_on_every_node() {
+        let t = 1_700_000_000_000u64;
+        // A lost tail: entries 3 and 4 were applied, then lost; the
+        // stream gives their sequences to new entries. One from a node
+        // that had applied 4 proves it; so does a node's NewEpoch entry.
+        let entries: Vec<(u64, Vec<u8>)> = vec![
+            (1, seen_at("one", 0)),
+            (2, seen_at("two", 1)),
+            (3, seen_at("from a node that saw 4", 4)),
+            (4, seen_at("from a lagging node", 2)),
+            (5, new_epoch_entry()),
+            (6, seen_at("after", 5)),
+        ];
+        let start = epoch_of("chat", 1);
+        let run = || {
+            let mut chat = Chat::new(Config::default());
+            let mut epoch = start;
+            let mut epochs = Vec::new();
+            for (seq, payload) in &entries {
+                let applied = apply(&mut chat, &mut epoch, "r", *seq, t + seq, payload);
+                assert!(
+                    matches!(
+                        applied,
+                        Applied::Done {
+                            outcome: Outcome::Applied(Ok(())),
+                            ..
+                        } | Applied::NewEpoch(_)
+                    ),
+                    "entry {seq}"
+                );
+                epochs.push(epoch);
+            }
+            (epochs, chat.head())
+        };
+        let (epochs, head) = run();
+        assert_eq!((epochs.clone(), head), run(), "the same on every node");
+        let at_3 = next_epoch(start, 3);
+        let at_5 = next_epoch(at_3, 5);
+        assert_eq!(epochs, vec![start, start, at_3, at_3, at_5, at_5]);
+        assert_ne!(at_3, start);
+        assert_ne!(at_5, at_3);
+        assert_eq!(head, chat_proto::Position(5), "the commands still apply");
+        // Version 3 without what it saw is not a command.
+        let mut v: serde_json::Value = serde_json::from_slice(&envelope("x")).expect("json");
+        v.as_object_mut().expect("object").remove("seen");
+        let mut chat = Chat::new(Config::default());
+        assert!(matches!(
+            apply(
+                &mut chat,
+                &mut Epoch(Uuid::nil()),
+                "r",
+                1,
+                t,
+                &serde_json::to_vec(&v).expect("json")
+            ),
             Applied::Skipped(_)
         ));
     }

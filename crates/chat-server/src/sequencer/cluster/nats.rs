@@ -1,7 +1,7 @@
 //! The connection to NATS: the stream, its object store, and where this
 //! node starts reading.
 
-use super::envelope::{epoch_of, rules_of};
+use super::envelope::{ENVELOPE_VERSION, NewEpoch, Rewind, epoch_of, rules_of};
 use super::snapshot::{Stored, newest_snapshot, own_snapshot};
 use crate::store::data_dir::DataDir;
 use async_nats::jetstream::{self, consumer, object_store, stream};
@@ -66,8 +66,11 @@ pub(crate) struct Connected {
     pub(super) stream: stream::Stream,
     pub(super) subject: String,
     pub(super) node: String,
-    /// The stream's epoch (the same on every node).
+    /// The stream's epoch, its identity (the same on every node).
     pub(crate) epoch: Epoch,
+    /// The epoch of the chat this node starts from: the stream's, or its
+    /// snapshot's (`NewEpoch` entries switch it).
+    pub(super) chat_epoch: Epoch,
     /// The last entry in the stream when this node joined.
     pub(super) last_sequence: u64,
     /// The first entry the stream still holds.
@@ -302,7 +305,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         &info.config.metadata,
         info.created.unix_timestamp_nanos(),
     );
-    let last_sequence = info.state.last_sequence;
+    let mut last_sequence = info.state.last_sequence;
     let first_sequence = info.state.first_sequence;
     let bucket = format!("{}-snapshots", settings.stream);
     let snapshots = match js.get_object_store(&bucket).await {
@@ -356,14 +359,43 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
             .map_err(|e| stream_err(&e))?,
     };
     let rules = rules_of(&settings.rules);
-    let shared = newest_snapshot(&snapshots, epoch, &rules, last_sequence)
+    let shared = newest_snapshot(&snapshots, &stream, epoch, &rules, last_sequence)
         .await
         .map_err(|e| stream_err(&e))?;
     let own = match &settings.local {
-        Some(dir) => own_snapshot(dir, &settings.stream, epoch, &rules, last_sequence).await,
-        None => None,
+        Some(dir) => own_snapshot(dir, &stream, epoch, &rules, last_sequence)
+            .await
+            .map_err(|e| stream_err(&e))?,
+        None => Default::default(),
     };
-    let snapshot = match (own, shared) {
+    // A snapshot of entries the stream no longer holds proves that it went
+    // back: positions served from them will be reused, so the chat needs a
+    // new epoch before anything else is applied.
+    if let Some(then) = own.rewound.or(shared.rewound) {
+        let rewind = Rewind {
+            node: settings.node.clone(),
+            boot: chat_proto::Uuid::new_v4(),
+            applied: 0,
+            why: "at start, a snapshot of entries the stream no longer holds".into(),
+        };
+        append_new_epoch(&js, &subject, then, rewind, settings.timeout)
+            .await
+            .map_err(|e| stream_err(&e))?;
+        // Caught up once that entry too is applied.
+        last_sequence = stream
+            .info()
+            .await
+            .map_err(|e| stream_err(&e))?
+            .state
+            .last_sequence;
+        warn!(
+            stream = %settings.stream,
+            last = last_sequence,
+            "the stream went back behind a snapshot of its chat (a lost tail, or an older backup): \
+             a new epoch starts, and every client's next resume is a full replay"
+        );
+    }
+    let snapshot = match (own.usable, shared.usable) {
         (Some(own), Some(shared)) if shared.seq > own.seq => Some(shared),
         (Some(own), _) => {
             tracing::info!(after = own.seq, "starting from this node's own snapshot");
@@ -400,6 +432,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         subject,
         node: settings.node.clone(),
         epoch,
+        chat_epoch: epoch,
         last_sequence,
         first_sequence,
         snapshots,
@@ -452,17 +485,64 @@ pub(super) async fn read_from(
 }
 
 impl Connected {
-    /// The chat this node starts from, with `config`: the newest snapshot,
-    /// or an empty chat.
-    pub(crate) fn initial_chat(&mut self, config: chat_core::Config) -> Chat {
+    /// The chat this node starts from, with `config`, and its epoch: the
+    /// newest snapshot, or an empty chat in the stream's epoch.
+    pub(crate) fn initial_chat(&mut self, config: chat_core::Config) -> (Chat, Epoch) {
         match self.snapshot.take() {
             Some(stored) => {
-                let chat = Chat::from_snapshot(config, stored.chat);
+                self.chat_epoch = stored.chat_epoch();
                 self.start_after = stored.seq;
-                chat
+                (Chat::from_snapshot(config, stored.chat), self.chat_epoch)
             }
-            None => Chat::new(config),
+            None => (Chat::new(config), self.chat_epoch),
         }
+    }
+}
+
+/// Appends a [`NewEpoch`] entry for `rewind`, seen by a node whose chat
+/// was in epoch `then`: retried (NATS may be restarting) until JetStream
+/// takes it, for at most `within` per try and a minute in all. Its
+/// `Nats-Msg-Id` names the epoch that ends, so every node that finds the
+/// same rewind within the stream's dedup window appends one entry between
+/// them.
+pub(super) async fn append_new_epoch(
+    js: &jetstream::Context,
+    subject: &str,
+    then: Epoch,
+    rewind: Rewind,
+    within: Duration,
+) -> Result<(), String> {
+    let entry = NewEpoch {
+        v: ENVELOPE_VERSION,
+        new_epoch: rewind,
+    };
+    // A tree of strings and numbers: it always encodes.
+    let payload: bytes::Bytes = serde_json::to_vec(&entry)
+        .expect("entries serialize")
+        .into();
+    let id = format!("new-epoch/{then}");
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let publish = async {
+            let message = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id.clone());
+            js.send_publish(subject.to_owned(), message).await?.await
+        };
+        let error = match tokio::time::timeout(within, publish).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if Instant::now() >= give_up {
+            return Err(format!(
+                "cannot append the entry that starts a new epoch: {error}"
+            ));
+        }
+        warn!(%error, "appending the entry that starts a new epoch failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -2,7 +2,7 @@
 //! store, and each node's own, in its data directory.
 
 use crate::store::data_dir::DataDir;
-use async_nats::jetstream::object_store;
+use async_nats::jetstream::{object_store, stream};
 use chat_core::ChatSnapshot;
 use chat_proto::Epoch;
 use futures_util::StreamExt;
@@ -16,36 +16,118 @@ use tracing::warn;
 /// directory (a node that restarts starts from it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Stored {
-    /// The stream's epoch: a snapshot of a deleted and recreated stream
-    /// (whose snapshot bucket or data directory outlived it) is not used.
+    /// The stream's own epoch, its identity: a snapshot of a deleted and
+    /// recreated stream (whose snapshot bucket or data directory outlived
+    /// it) is not used.
     pub(super) epoch: Epoch,
+    /// The chat's epoch after `seq`: the stream's, switched by every
+    /// `NewEpoch` entry since (absent in snapshots of builds before
+    /// them: the stream's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) chat_epoch: Option<Epoch>,
     /// The last entry applied.
     pub(super) seq: u64,
+    /// The [`fingerprint`] of that entry: a stream that went back and
+    /// gave `seq` to another entry no longer holds the chat of this
+    /// snapshot (absent in snapshots of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) entry: Option<String>,
     /// The rules' fingerprint.
     pub(super) rules: String,
     /// The chat.
     pub(super) chat: ChatSnapshot,
 }
 
+/// Whether a snapshot may be started from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fit {
+    /// Yes.
+    Fits,
+    /// No, for the reason given (another stream, other rules).
+    Unfit(&'static str),
+    /// No: it holds entries the stream no longer holds, so the stream went
+    /// back (a lost tail, or a restore of an older backup), and positions
+    /// served from them will be reused. Proof that a new epoch is due.
+    Rewound,
+}
+
+/// Why a [`Fit::Rewound`] snapshot is not used.
+const REWOUND: &str = "a snapshot of entries the stream no longer holds (it went back since)";
+
 impl Stored {
+    /// The chat's epoch after this snapshot.
+    pub(super) fn chat_epoch(&self) -> Epoch {
+        self.chat_epoch.unwrap_or(self.epoch)
+    }
+
     /// Whether a node of `rules` may start from this snapshot of the
-    /// stream with `epoch`, whose last entry is `last_sequence`.
-    pub(super) fn fits(
+    /// stream with `epoch`, whose last entry is `last_sequence`, as far as
+    /// the snapshot alone tells ([`Stored::check`] asks the stream).
+    pub(super) fn fits(&self, epoch: Epoch, rules: &str, last_sequence: u64) -> Fit {
+        if self.epoch != epoch {
+            Fit::Unfit("a snapshot of another stream (deleted and recreated since)")
+        } else if self.rules != rules {
+            Fit::Unfit("a snapshot taken under other chat rules")
+        } else if self.seq > last_sequence {
+            Fit::Rewound
+        } else {
+            Fit::Fits
+        }
+    }
+
+    /// [`Stored::fits`], and whether `stream` still holds the entry this
+    /// snapshot was taken after. One deleted since cannot be compared
+    /// (an operator's `nats stream rmm`, or retention): it fits.
+    pub(super) async fn check(
         &self,
+        stream: &stream::Stream,
         epoch: Epoch,
         rules: &str,
         last_sequence: u64,
-    ) -> Result<(), &'static str> {
-        if self.epoch != epoch {
-            Err("a snapshot of another stream (deleted and recreated since)")
-        } else if self.rules != rules {
-            Err("a snapshot taken under other chat rules")
-        } else if self.seq > last_sequence {
-            Err("a snapshot ahead of the stream")
-        } else {
-            Ok(())
+    ) -> Result<Fit, String> {
+        let fit = self.fits(epoch, rules, last_sequence);
+        let Some(entry) = &self.entry else {
+            return Ok(fit);
+        };
+        if fit != Fit::Fits || self.seq == 0 {
+            return Ok(fit);
         }
+        Ok(match holds(stream, self.seq, entry).await? {
+            Some(false) => Fit::Rewound,
+            Some(true) | None => Fit::Fits,
+        })
     }
+}
+
+/// The fingerprint of a stream entry's payload (which names its sender's
+/// run and request, so two different entries do not share one).
+pub(super) fn fingerprint(payload: &[u8]) -> String {
+    blake3::hash(payload).to_hex()[..32].to_owned()
+}
+
+/// Whether `stream` holds, at `seq`, the entry of `fingerprint`: `None`
+/// when it holds none there (deleted, or dropped).
+pub(super) async fn holds(
+    stream: &stream::Stream,
+    seq: u64,
+    fingerprint_then: &str,
+) -> Result<Option<bool>, String> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    match stream.get_raw_message(seq).await {
+        Ok(message) => Ok(Some(fingerprint(&message.payload) == fingerprint_then)),
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// What a node found among its snapshots.
+#[derive(Debug, Default)]
+pub(super) struct Found {
+    /// The newest it may start from.
+    pub(super) usable: Option<Stored>,
+    /// The chat epoch of one it may not, because the stream went back
+    /// ([`Fit::Rewound`]), if it met one.
+    pub(super) rewound: Option<Epoch>,
 }
 
 /// The file in a node's data directory that holds its own snapshot of
@@ -62,13 +144,17 @@ fn snapshot_name(seq: u64) -> String {
     format!("after-{seq:020}")
 }
 
-/// The newest snapshot in `store` that a node of `rules` may start from.
+/// The newest snapshot in `store` that a node of `rules` may start from
+/// (of `stream`, whose epoch is `epoch`). One of entries the stream no
+/// longer holds is deleted, so that no node starts from it, and reported.
 pub(super) async fn newest_snapshot(
     store: &object_store::ObjectStore,
+    stream: &stream::Stream,
     epoch: Epoch,
     rules: &str,
     last_sequence: u64,
-) -> Result<Option<Stored>, String> {
+) -> Result<Found, String> {
+    let mut found = Found::default();
     let mut names = Vec::new();
     let mut list = store.list().await.map_err(|e| e.to_string())?;
     while let Some(info) = list.next().await {
@@ -93,54 +179,81 @@ pub(super) async fn newest_snapshot(
             continue;
         }
         match serde_json::from_slice::<Stored>(&bytes) {
-            Ok(stored) => match stored.fits(epoch, rules, last_sequence) {
-                Ok(()) => return Ok(Some(stored)),
-                Err(why) => warn!(%name, "{why}; not used"),
+            Ok(stored) => match stored.check(stream, epoch, rules, last_sequence).await? {
+                Fit::Fits => {
+                    found.usable = Some(stored);
+                    return Ok(found);
+                }
+                Fit::Unfit(why) => warn!(%name, "{why}; not used"),
+                Fit::Rewound => {
+                    warn!(%name, "{REWOUND}; deleted");
+                    let _ = store.delete(name).await;
+                    found.rewound = Some(stored.chat_epoch());
+                }
             },
             Err(e) => warn!(%name, error = %e, "an unreadable snapshot; not used"),
         }
     }
-    Ok(None)
+    Ok(found)
 }
 
 /// This node's own snapshot of `stream`'s chat in `dir`, if it has one it
 /// may start from. One it cannot use is said and ignored: the cluster's
-/// snapshots and the stream still hold the chat.
+/// snapshots and the stream still hold the chat. One of entries the stream
+/// no longer holds is removed, and reported.
 pub(super) async fn own_snapshot(
     dir: &Arc<DataDir>,
-    stream: &str,
+    stream: &stream::Stream,
     epoch: Epoch,
     rules: &str,
     last_sequence: u64,
-) -> Option<Stored> {
-    let name = local_snapshot_file(stream);
-    let dir = Arc::clone(dir);
+) -> Result<Found, String> {
+    let mut found = Found::default();
+    let name = local_snapshot_file(&stream.cached_info().config.name);
     let read = {
-        let name = name.clone();
+        let (dir, name) = (Arc::clone(dir), name.clone());
         tokio::task::spawn_blocking(move || dir.read(&name))
     };
     let bytes = match read.await {
         Ok(Ok(Some(bytes))) => bytes,
-        Ok(Ok(None)) => return None,
+        Ok(Ok(None)) | Err(_) => return Ok(found),
         Ok(Err(e)) => {
             warn!(file = %name, error = %e, "this node's snapshot cannot be read; not used");
-            return None;
+            return Ok(found);
         }
-        Err(_) => return None,
     };
     match serde_json::from_slice::<Stored>(&bytes) {
-        Ok(stored) => match stored.fits(epoch, rules, last_sequence) {
-            Ok(()) => Some(stored),
-            Err(why) => {
-                warn!(file = %name, "{why}; not used");
-                None
+        Ok(stored) => match stored.check(stream, epoch, rules, last_sequence).await? {
+            Fit::Fits => found.usable = Some(stored),
+            Fit::Unfit(why) => warn!(file = %name, "{why}; not used"),
+            Fit::Rewound => {
+                warn!(file = %name, "{REWOUND}; removed");
+                forget_own_snapshot(dir, &name).await;
+                found.rewound = Some(stored.chat_epoch());
             }
         },
         Err(e) => {
             warn!(file = %name, error = %e, "this node's snapshot is unreadable; not used");
-            None
         }
     }
+    Ok(found)
+}
+
+/// Removes this node's own snapshot `name` from `dir`: it is of a chat
+/// the stream no longer holds.
+async fn forget_own_snapshot(dir: &Arc<DataDir>, name: &str) {
+    let dir = Arc::clone(dir);
+    let name = name.to_owned();
+    let removed = tokio::task::spawn_blocking(move || dir.remove(&name)).await;
+    if let Ok(Err(e)) = removed {
+        warn!(error = %e, "removing this node's snapshot failed");
+    }
+}
+
+/// Removes this node's own snapshot of `stream`'s chat, if any: the chat
+/// it applied is not the stream's.
+pub(super) async fn drop_own_snapshot(dir: &Arc<DataDir>, stream: &str) {
+    forget_own_snapshot(dir, &local_snapshot_file(stream)).await;
 }
 
 /// Replaces this node's own snapshot with `stored`, on disk when it
@@ -200,16 +313,26 @@ mod tests {
         let epoch = epoch_of("chat", 1);
         let stored = Stored {
             epoch,
+            chat_epoch: None,
             seq: 10,
+            entry: None,
             rules: "r".into(),
             chat: Chat::new(Config::default()).snapshot(),
         };
-        assert_eq!(stored.fits(epoch, "r", 10), Ok(()));
+        assert_eq!(stored.fits(epoch, "r", 10), Fit::Fits);
         assert!(
-            stored.fits(epoch_of("chat", 2), "r", 10).is_err(),
+            matches!(stored.fits(epoch_of("chat", 2), "r", 10), Fit::Unfit(_)),
             "a recreated stream"
         );
-        assert!(stored.fits(epoch, "other", 10).is_err(), "other rules");
-        assert!(stored.fits(epoch, "r", 9).is_err(), "ahead of the stream");
+        assert!(
+            matches!(stored.fits(epoch, "other", 10), Fit::Unfit(_)),
+            "other rules"
+        );
+        assert_eq!(
+            stored.fits(epoch, "r", 9),
+            Fit::Rewound,
+            "ahead of the stream: it went back"
+        );
+        assert_eq!(stored.chat_epoch(), epoch, "an older snapshot's");
     }
 }

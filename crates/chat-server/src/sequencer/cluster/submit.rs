@@ -41,6 +41,8 @@ pub(crate) struct ClusterSequencer {
     pub(super) timeout: Duration,
     /// Since when NATS has been unreachable, if it is.
     pub(super) lost_since: Arc<Mutex<Option<Instant>>>,
+    /// The last stream entry this node applied ([`Envelope::seen`]).
+    pub(super) applied: Arc<AtomicU64>,
 }
 
 /// Why a node cannot take commands while NATS is away.
@@ -92,6 +94,7 @@ impl ClusterSequencer {
             rules: self.rules.clone(),
             command,
             deadline: Some(deadline),
+            seen: Some(self.applied.load(Ordering::Relaxed)),
         };
         // An envelope is a tree of strings and numbers: it always encodes.
         let payload = serde_json::to_vec(&envelope).expect("envelopes serialize");

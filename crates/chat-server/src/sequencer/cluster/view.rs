@@ -141,7 +141,14 @@ mod tests {
                 serde_json::from_slice(&envelope_by("x", Some(u64::MAX))).expect("json");
             e.user = u.clone();
             let payload = serde_json::to_vec(&e).expect("json");
-            let Applied::Done { user, .. } = apply(&mut chat, "r", seq, ms, &payload) else {
+            let Applied::Done { user, .. } = apply(
+                &mut chat,
+                &mut chat_proto::Epoch(chat_proto::Uuid::nil()),
+                "r",
+                seq,
+                ms,
+                &payload,
+            ) else {
                 panic!("applied")
             };
             view.applied(&chat, Timestamp::from_unix_millis(ms), user.as_ref());
@@ -186,7 +193,14 @@ mod tests {
                     outcome,
                     events,
                     ..
-                } = apply(&mut chat, "r", seq, stamp, &payload)
+                } = apply(
+                    &mut chat,
+                    &mut chat_proto::Epoch(chat_proto::Uuid::nil()),
+                    "r",
+                    seq,
+                    stamp,
+                    &payload,
+                )
                 else {
                     panic!("a command")
                 };
