@@ -1449,6 +1449,106 @@ async fn a_node_away_while_the_stream_lost_its_tail_and_grew_again_stops() {
     d.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_owns_the_rules_and_the_identity_and_an_odd_node_stops_only_itself() {
+    use chat_server::IdentityMode;
+    let nats = NatsServer::start();
+    let secret = "a secret every node of this chat shares";
+    let good = Config {
+        identity: IdentityMode::Pseudonym,
+        identity_secret: Some(secret.to_owned().into()),
+        ..node(&nats, "a")
+    };
+    let a = start(good.clone()).await;
+    let mut c = a.client(2).await;
+    c.say("before").await;
+    c.message().await;
+    // The stream records the rules and how users are named, never the
+    // secret.
+    let js = operator(&nats).await;
+    let metadata = js
+        .get_stream("chat")
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .config
+        .metadata
+        .clone();
+    assert!(
+        metadata["chat_rule_flags"].contains("--message-rate=60"),
+        "{metadata:?}"
+    );
+    assert!(
+        metadata["chat_identity"].starts_with("pseudonym-"),
+        "{metadata:?}"
+    );
+    assert!(
+        !metadata.values().any(|v| v.contains(secret)),
+        "{metadata:?}"
+    );
+    // A node with another rate limit, or another secret, refuses to start
+    // and names what differs.
+    let err = chat_server::Server::bind(Config {
+        message_rate: 30,
+        ..node_like(&good, "b")
+    })
+    .await
+    .expect_err("other rules");
+    let err = err.to_string();
+    assert!(
+        err.contains("--message-rate is 30 here and 60 in the stream"),
+        "{err}"
+    );
+    assert!(err.contains("--cluster-stream"), "{err}");
+    let err = chat_server::Server::bind(Config {
+        identity_secret: Some("another secret".to_owned().into()),
+        ..node_like(&good, "b")
+    })
+    .await
+    .expect_err("another secret");
+    assert!(err.to_string().contains("--identity-secret"), "{err}");
+    // A command under other rules (a build that does not check) stops no
+    // node: every node skips it, and the chat goes on.
+    let odd: serde_json::Value = serde_json::json!({
+        "v": 3, "node": "odd", "boot": "00000000-0000-0000-0000-000000000001",
+        "request": 0, "user": "someone", "rules": "0000000000000000",
+        "command": {"type": "send_message", "data": {"text": "under other rules"}},
+        "deadline": u64::MAX, "seen": 0
+    });
+    js.publish(
+        "chat.commands",
+        serde_json::to_vec(&odd).expect("json").into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    c.say("after").await;
+    while c.message().await.text != "after" {}
+    assert_eq!(healthz(&a).await.0, 200);
+    // A node with the same rules and secret joins and computes the same
+    // chat.
+    let b = start(node_like(&good, "b")).await;
+    let (on_a, at) = history(&a).await;
+    let (on_b, at_b) = history_from(&b, at.position).await;
+    assert_eq!(at_b, at);
+    assert_eq!(format!("{on_b:?}"), format!("{on_a:?}"));
+    let texts: Vec<&str> = on_a.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["before", "after"]);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `config` for another node, `name`.
+fn node_like(config: &Config, name: &str) -> Config {
+    Config {
+        node_id: Some(name.into()),
+        ..config.clone()
+    }
+}
+
 /// `path`'s status and body on `server`.
 async fn get(server: &TestServer, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -395,6 +395,27 @@ impl Config {
         }
     }
 
+    /// The flags that make the chat's rules ([`Config::chat`]), each with
+    /// its value: what a cluster's stream records, so that a node started
+    /// with other rules is told which flag differs.
+    pub fn rule_flags(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("--history-limit", self.history_limit.to_string()),
+            ("--message-rate", self.message_rate.to_string()),
+            ("--reaction-rate", self.reaction_rate.to_string()),
+            ("--rate-window", format!("{:?}", self.rate_window)),
+            ("--max-name-chars", self.max_name_chars.to_string()),
+            (
+                "--max-emojis-per-message",
+                self.max_emojis_per_message.to_string(),
+            ),
+            (
+                "--max-reactors-per-emoji",
+                self.max_reactors_per_emoji.to_string(),
+            ),
+        ]
+    }
+
     /// The longest frame the chat rules and the identity mode let the
     /// server send, in bytes.
     pub fn largest_server_frame(&self) -> usize {

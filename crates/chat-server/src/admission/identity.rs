@@ -116,6 +116,21 @@ impl Identity {
         Identity { mode, key }
     }
 
+    /// A fingerprint of how this identity names users, the same on every
+    /// node that names them alike: `raw-ip`, or a one-way hash of the key
+    /// (which reveals neither the key nor the secret it came from). A
+    /// cluster's stream records it, so that a node with another secret
+    /// refuses to start instead of making one address two users.
+    pub fn fingerprint(&self) -> String {
+        match self.mode {
+            IdentityMode::RawIp => "raw-ip".to_owned(),
+            IdentityMode::Pseudonym => {
+                let hash = blake3::derive_key("chat-server 2026 identity fingerprint", &self.key);
+                format!("pseudonym-{}", &blake3::Hash::from(hash).to_hex()[..16])
+            }
+        }
+    }
+
     /// A fresh random key.
     pub fn random_key() -> Result<[u8; 32], getrandom::Error> {
         let mut key = [0u8; 32];

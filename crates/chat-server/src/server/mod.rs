@@ -110,6 +110,17 @@ impl Server {
         } else {
             Some(Store::open(&config.data_dir, config.log_events)?)
         };
+        let identity = match (&config.identity_secret, &mut store) {
+            (Some(secret), _) => Identity::new(config.identity, secret.expose()),
+            (None, store) => {
+                let fresh = Identity::random_key().map_err(StartError::Random)?;
+                let key = match store {
+                    Some(store) => store.identity_key(fresh)?,
+                    None => fresh,
+                };
+                Identity::from_key(config.identity, key)
+            }
+        };
         let metrics = Arc::new(Metrics::new());
         let fresh_epoch = Epoch(Uuid::new_v4());
         let mut cluster = match &config.cluster {
@@ -127,6 +138,8 @@ impl Server {
                     snapshot_every: config.cluster_snapshot_every,
                     snapshot_bytes: config.cluster_snapshot_bytes,
                     rules: config.chat(),
+                    rule_flags: config.rule_flags(),
+                    identity: identity.fingerprint(),
                     local: own_dir.clone(),
                 };
                 Some(cluster::nats::connect(&settings).await?)
@@ -141,17 +154,6 @@ impl Server {
             Arc::clone(&metrics),
         )?;
         let log = Arc::new(log);
-        let identity = match (&config.identity_secret, &mut store) {
-            (Some(secret), _) => Identity::new(config.identity, secret.expose()),
-            (None, store) => {
-                let fresh = Identity::random_key().map_err(StartError::Random)?;
-                let key = match store {
-                    Some(store) => store.identity_key(fresh)?,
-                    None => fresh,
-                };
-                Identity::from_key(config.identity, key)
-            }
-        };
         // One pipeline either way: apply → commit → publish. In memory, the
         // writer writes nothing.
         let (commits, queue) =

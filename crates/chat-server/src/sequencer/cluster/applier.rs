@@ -2,7 +2,7 @@
 //! its events on to the commit queue, and each outcome back to the
 //! connection on this node that sent the command.
 
-use super::envelope::{Applied, Rewind, apply};
+use super::envelope::{Applied, Outcome, Rewind, apply};
 use super::nats::{ClusterError, Connected, append_new_epoch, read_from, stream_epoch};
 use super::snapshot::{
     Stored, drop_own_snapshot, fingerprint, holds, newest_snapshot, store_snapshot,
@@ -29,9 +29,6 @@ use tracing::{error, warn};
 
 /// Why a node stopped applying: an envelope of a version it does not know.
 const STOPPED_VERSION: &str = "stopped applying the cluster's stream: it holds an envelope of a version this build does not know; upgrade this node";
-
-/// Why a node stopped applying: a command from a node with other rules.
-const STOPPED_RULES: &str = "stopped applying the cluster's stream: it holds a command from a node with other chat rules; give every node the same rules";
 
 /// Why a node stopped: the stream went back behind what it applied.
 const STOPPED_REWOUND: &str = "stopped serving: the cluster's stream holds fewer entries than this node applied (a lost tail, or a restore from an older backup), so it is not the log this node computed its chat from; a new epoch starts, and a restart of this node serves it";
@@ -501,6 +498,13 @@ impl Applier {
                 outcome,
                 events,
             } => {
+                if matches!(outcome, Outcome::OtherRules) {
+                    warn!(
+                        seq,
+                        from = ?origin.as_ref().map(|(node, _, _)| node),
+                        "a command sent under other chat rules than the stream's (a node of a build that does not check them); not applied, on every node alike"
+                    );
+                }
                 self.view
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -531,18 +535,6 @@ impl Applier {
             }
             Applied::NewEpoch(rewind) => {
                 warn!(seq, by = %rewind.node, why = %rewind.why, "a node found the stream rewound");
-            }
-            Applied::OtherRules(theirs) => {
-                error!(
-                    seq,
-                    theirs = %theirs,
-                    ours = %self.rules,
-                    "the stream holds a command from a node with other chat rules (limits, history size); \
-                     applying it here would compute another chat, so this node stops: \
-                     give every node the same rules"
-                );
-                let _ = self.health.send(Health::Stopped(STOPPED_RULES));
-                return ControlFlow::Break(());
             }
             Applied::Unknown(v) => {
                 error!(

@@ -34,7 +34,10 @@ pub(crate) struct Envelope {
     pub user: UserId,
     /// The fingerprint of the origin node's chat rules ([`rules_of`]):
     /// nodes with other rules would compute another chat from the same
-    /// log, so a node that meets other rules stops applying.
+    /// log. The stream records the chat's rules, and a node whose rules
+    /// differ refuses to start (`super::nats`), so a command under other
+    /// rules (from a build that does not check) is skipped by every node
+    /// alike, and its sender told it was not taken.
     pub rules: String,
     /// The command.
     pub command: ClientFrame,
@@ -91,6 +94,8 @@ pub(super) enum Outcome {
     Applied(Result<(), chat_core::ChatError>),
     /// Stamped after its deadline: no node applied it.
     Expired,
+    /// Sent under other chat rules than the stream's: no node applied it.
+    OtherRules,
 }
 
 /// The fingerprint of a chat's rules: the same rules, the same chat from
@@ -134,8 +139,6 @@ pub(super) enum Applied {
     Skipped(String),
     /// An envelope of a version this build does not know.
     Unknown(u32),
-    /// An envelope from a node with other chat rules.
-    OtherRules(String),
     /// A [`NewEpoch`] entry: the epoch switched.
     NewEpoch(Rewind),
 }
@@ -187,15 +190,20 @@ pub(super) fn apply(
             "an envelope of version 3 or later without what it had seen".into(),
         );
     }
+    let origin = Some((envelope.node, envelope.boot, envelope.request));
     if envelope.rules != rules {
-        return Applied::OtherRules(envelope.rules);
+        return Applied::Done {
+            origin,
+            user: None,
+            outcome: Outcome::OtherRules,
+            events: Vec::new(),
+        };
     }
     // Its sender had applied an entry at this sequence or later: the
     // stream went back, and positions from here on are new ones.
     if envelope.seen.is_some_and(|seen| seen >= seq) {
         *epoch = next_epoch(*epoch, seq);
     }
-    let origin = Some((envelope.node, envelope.boot, envelope.request));
     let now = Timestamp::from_unix_millis(ms);
     if envelope
         .deadline
@@ -281,12 +289,11 @@ pub(super) mod tests {
                         log.push(format!("{outcome:?} {events:?}"));
                     }
                     Applied::Done {
-                        outcome: Outcome::Expired,
+                        outcome: Outcome::Expired | Outcome::OtherRules,
                         ..
-                    } => log.push("expired".into()),
+                    } => log.push("not applied".into()),
                     Applied::Skipped(_) => log.push("skipped".into()),
                     Applied::Unknown(v) => log.push(format!("unknown {v}")),
-                    Applied::OtherRules(r) => log.push(format!("rules {r}")),
                     Applied::NewEpoch(_) => log.push("new epoch".into()),
                 }
             }
@@ -310,11 +317,16 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_command_from_a_node_with_other_rules_stops_the_node() {
+    fn a_command_under_other_rules_is_applied_by_no_node_and_its_sender_told() {
         let mut chat = Chat::new(Config::default());
         assert!(matches!(
             apply(&mut chat, &mut Epoch(Uuid::nil()), "other rules", 1, 0, &envelope("hi")),
-            Applied::OtherRules(r) if r == "r"
+            Applied::Done {
+                origin: Some((ref node, _, 0)),
+                outcome: Outcome::OtherRules,
+                ref events,
+                ..
+            } if node == "a" && events.is_empty()
         ));
         assert_eq!(chat.head(), chat_proto::Position(0), "nothing applied");
         let strict = Config {

@@ -56,6 +56,10 @@ pub(crate) struct Settings {
     pub snapshot_bytes: i64,
     /// The chat's rules on this node.
     pub rules: chat_core::Config,
+    /// The flags that make them, with their values (for the operator).
+    pub rule_flags: Vec<(&'static str, String)>,
+    /// How this node names users (`Identity::fingerprint`).
+    pub identity: String,
     /// Where this node keeps its own snapshot (none with `--in-memory`).
     pub local: Option<Arc<DataDir>>,
 }
@@ -108,6 +112,107 @@ pub(super) fn stream_epoch(
         .and_then(|stored| stored.parse().ok())
         .map(Epoch)
         .unwrap_or_else(|| epoch_of(name, created_nanos))
+}
+
+/// The stream's metadata key that holds the fingerprint of the chat's
+/// rules ([`rules_of`]).
+const RULES_KEY: &str = "chat_rules";
+
+/// The stream's metadata key that holds the flags that make the chat's
+/// rules, as `--flag=value` words.
+const RULE_FLAGS_KEY: &str = "chat_rule_flags";
+
+/// The stream's metadata key that holds the fingerprint of how nodes name
+/// users (never the secret).
+const IDENTITY_KEY: &str = "chat_identity";
+
+/// What every node of one chat must share, as the stream records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Terms {
+    /// The rules' fingerprint.
+    pub(super) rules: String,
+    /// The flags that make them, `--flag=value` words.
+    pub(super) flags: String,
+    /// How users are named.
+    pub(super) identity: String,
+}
+
+impl Terms {
+    fn of(settings: &Settings) -> Terms {
+        Terms {
+            rules: rules_of(&settings.rules),
+            flags: settings
+                .rule_flags
+                .iter()
+                .map(|(flag, value)| format!("{flag}={value}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            identity: settings.identity.clone(),
+        }
+    }
+
+    /// The terms `metadata` records, if it records them.
+    fn recorded(metadata: &std::collections::HashMap<String, String>) -> Option<Terms> {
+        Some(Terms {
+            rules: metadata.get(RULES_KEY)?.clone(),
+            flags: metadata.get(RULE_FLAGS_KEY).cloned().unwrap_or_default(),
+            identity: metadata.get(IDENTITY_KEY)?.clone(),
+        })
+    }
+
+    fn record(&self, metadata: &mut std::collections::HashMap<String, String>) {
+        metadata.insert(RULES_KEY.to_owned(), self.rules.clone());
+        metadata.insert(RULE_FLAGS_KEY.to_owned(), self.flags.clone());
+        metadata.insert(IDENTITY_KEY.to_owned(), self.identity.clone());
+    }
+
+    /// Why a node of these terms cannot serve the chat of `stream`'s
+    /// terms, naming what differs and the fix; `Ok` if it can.
+    fn judge(&self, stream: &Terms) -> Result<(), String> {
+        if self.identity != stream.identity {
+            return Err(format!(
+                "this node names users otherwise than the chat's other nodes (identity {} here, {} \
+                 in the stream): one address would be two users, with two rate limits. Give every \
+                 node the same --identity and the same --identity-secret (CHAT_IDENTITY_SECRET)",
+                self.identity, stream.identity
+            ));
+        }
+        if self.rules == stream.rules {
+            return Ok(());
+        }
+        let theirs: std::collections::HashMap<&str, &str> = stream
+            .flags
+            .split_whitespace()
+            .filter_map(|word| word.split_once('='))
+            .collect();
+        let differ: Vec<String> = self
+            .flags
+            .split_whitespace()
+            .filter_map(|word| word.split_once('='))
+            .filter_map(|(flag, ours)| {
+                let recorded = theirs.get(flag)?;
+                (ours != *recorded)
+                    .then(|| format!("{flag} is {ours} here and {recorded} in the stream"))
+            })
+            .collect();
+        let what = if differ.is_empty() {
+            format!(
+                "this build's chat rules differ from those of the build that made the stream \
+                 (rules {} here, {} in the stream): run one build on every node",
+                self.rules, stream.rules
+            )
+        } else {
+            format!(
+                "this node's chat rules differ from the chat's: {}. Start it with the stream's \
+                 values",
+                differ.join(", ")
+            )
+        };
+        Err(format!(
+            "{what}. The rules of a running chat do not change: to change them, stop every \
+             node and start them all with the new rules on a new stream (--cluster-stream NAME)"
+        ))
+    }
 }
 
 /// How long JetStream remembers a command's `Nats-Msg-Id`, so that the
@@ -246,6 +351,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         detail: e.to_string(),
     };
     let subject = subject(&settings.stream);
+    let terms = Terms::of(settings);
     let wanted = stream::Config {
         name: settings.stream.clone(),
         subjects: vec![subject.clone()],
@@ -254,6 +360,13 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         max_bytes: settings.max_bytes,
         discard: stream::DiscardPolicy::Old,
         duplicate_window: DEDUP_WINDOW,
+        // Recorded by the node that creates the stream, in the same
+        // request: no two nodes can record different ones.
+        metadata: {
+            let mut metadata = std::collections::HashMap::new();
+            terms.record(&mut metadata);
+            metadata
+        },
         ..Default::default()
     };
     let mut stream = js
@@ -270,6 +383,38 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
     })?;
     let (mut updated, mut changes) =
         reconciled(&existing, &wanted).unwrap_or_else(|| (existing.clone(), String::new()));
+    match Terms::recorded(&existing.metadata) {
+        Some(recorded) => terms
+            .judge(&recorded)
+            .map_err(|detail| ClusterError::Stream {
+                stream: settings.stream.clone(),
+                detail,
+            })?,
+        None => {
+            // A stream made by an older build: its commands say under which
+            // rules they were sent; this node records its own only if they
+            // are the same.
+            if let Some(theirs) = last_rules(&stream, &subject).await
+                && theirs != terms.rules
+            {
+                return Err(ClusterError::Stream {
+                    stream: settings.stream.clone(),
+                    detail: format!(
+                        "its commands were sent under other chat rules (rules {theirs} in the \
+                         stream, {} here): start this node with the rules of the chat's other \
+                         nodes, or move every node to a new stream (--cluster-stream NAME)",
+                        terms.rules
+                    ),
+                });
+            }
+            terms.record(&mut updated.metadata);
+            changes = if changes.is_empty() {
+                "the chat's rules and identity, recorded".to_owned()
+            } else {
+                format!("{changes}, the chat's rules and identity recorded")
+            };
+        }
+    }
     if !updated.metadata.contains_key(EPOCH_KEY) {
         // Stored once: from now on the epoch is what the stream says,
         // whatever JetStream later does to its creation time. Taken from
@@ -499,6 +644,18 @@ impl Connected {
     }
 }
 
+/// The rules fingerprint of the stream's last command, if it holds one.
+async fn last_rules(stream: &stream::Stream, subject: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Rules {
+        rules: String,
+    }
+    let last = stream.get_last_raw_message_by_subject(subject).await.ok()?;
+    serde_json::from_slice::<Rules>(&last.payload)
+        .ok()
+        .map(|r| r.rules)
+}
+
 /// Appends a [`NewEpoch`] entry for `rewind`, seen by a node whose chat
 /// was in epoch `then`: retried (NATS may be restarting) until JetStream
 /// takes it, for at most `within` per try and a minute in all. Its
@@ -621,5 +778,43 @@ mod tests {
             changes,
             "replicas 1 → 3, max_bytes -1 → 1073741824, duplicate window 60s → 120s"
         );
+    }
+
+    #[test]
+    fn a_node_is_told_which_flag_differs_from_the_chat_s_or_that_the_builds_do() {
+        let chat = Terms {
+            rules: "r1".into(),
+            flags: "--history-limit=10000 --message-rate=60".into(),
+            identity: "pseudonym-aa".into(),
+        };
+        assert_eq!(chat.judge(&chat.clone()), Ok(()));
+        let odd = Terms {
+            rules: "r2".into(),
+            flags: "--history-limit=10000 --message-rate=30".into(),
+            ..chat.clone()
+        };
+        let why = odd.judge(&chat).expect_err("other rules");
+        assert!(
+            why.contains("--message-rate is 30 here and 60 in the stream"),
+            "{why}"
+        );
+        assert!(!why.contains("--history-limit is"), "{why}");
+        assert!(why.contains("--cluster-stream"), "{why}");
+        let other_build = Terms {
+            rules: "r3".into(),
+            ..chat.clone()
+        };
+        let why = other_build.judge(&chat).expect_err("another build");
+        assert!(why.contains("run one build on every node"), "{why}");
+        let other_secret = Terms {
+            identity: "pseudonym-bb".into(),
+            ..chat.clone()
+        };
+        let why = other_secret.judge(&chat).expect_err("another secret");
+        assert!(why.contains("--identity-secret"), "{why}");
+        let mut metadata = std::collections::HashMap::new();
+        assert_eq!(Terms::recorded(&metadata), None);
+        chat.record(&mut metadata);
+        assert_eq!(Terms::recorded(&metadata), Some(chat));
     }
 }

@@ -134,7 +134,7 @@ impl ClusterSequencer {
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(Outcome::Applied(Ok(())))) => Ok(()),
             Ok(Ok(Outcome::Applied(Err(refusal)))) => Err(ApplyError::Refused(refusal)),
-            Ok(Ok(Outcome::Expired)) => Err(ApplyError::Unavailable),
+            Ok(Ok(Outcome::Expired | Outcome::OtherRules)) => Err(ApplyError::Unavailable),
             Ok(Err(_)) | Err(_) => {
                 forget();
                 Err(ApplyError::Unavailable)

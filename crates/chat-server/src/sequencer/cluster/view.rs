@@ -212,6 +212,7 @@ mod tests {
                         continue;
                     }
                     Outcome::Applied(Err(e)) => panic!("refused: {e}"),
+                    Outcome::OtherRules => panic!("the same rules"),
                 }
                 let EventKind::MessagePosted { message, .. } = &events[0].kind else {
                     panic!("a post")
