@@ -1305,41 +1305,71 @@ async fn a_lost_tail_starts_a_new_epoch_that_every_node_agrees_on() {
 }
 
 /// A TCP relay in front of `nats` that the test can cut: `cut` drops every
-/// connection through it and refuses new ones until `restore`.
+/// connection through it and refuses new ones until `restore`; `mute` drops
+/// what NATS sends (its acks among it) until `unmute`.
 struct Relay {
     port: u16,
     open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    muted: std::sync::Arc<std::sync::atomic::AtomicBool>,
     cut: tokio::sync::watch::Sender<u64>,
 }
 
 impl Relay {
     async fn start(to: u16) -> Relay {
         use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let muted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (cut, _) = tokio::sync::watch::channel(0u64);
-        let (is_open, cuts) = (std::sync::Arc::clone(&open), cut.clone());
+        let (is_open, is_muted, cuts) = (
+            std::sync::Arc::clone(&open),
+            std::sync::Arc::clone(&muted),
+            cut.clone(),
+        );
         tokio::spawn(async move {
-            while let Ok((mut down, _)) = listener.accept().await {
+            while let Ok((down, _)) = listener.accept().await {
                 if !is_open.load(Ordering::SeqCst) {
                     continue; // dropped: refused
                 }
                 let mut cut = cuts.subscribe();
+                let muted = std::sync::Arc::clone(&is_muted);
                 tokio::spawn(async move {
-                    let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
                         return;
                     };
+                    let (mut down_read, mut down_write) = down.into_split();
+                    let (mut up_read, mut up_write) = up.into_split();
+                    let upstream = tokio::io::copy(&mut down_read, &mut up_write);
+                    let downstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = up_read.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if !muted.load(Ordering::SeqCst) {
+                                down_write.write_all(&buf[..n]).await?;
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = upstream => {}
+                        _ = downstream => {}
                         _ = cut.changed() => {}
                     }
                 });
             }
         });
-        Relay { port, open, cut }
+        Relay {
+            port,
+            open,
+            muted,
+            cut,
+        }
     }
 
     fn url(&self) -> String {
@@ -1353,6 +1383,10 @@ impl Relay {
 
     fn restore(&self) {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn mute(&self, muted: bool) {
+        self.muted.store(muted, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -1547,6 +1581,56 @@ fn node_like(config: &Config, name: &str) -> Config {
         node_id: Some(name.into()),
         ..config.clone()
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_ack_is_lost_is_retried_and_shows_up_once_for_its_sender() {
+    let nats = NatsServer::start();
+    let relay = Relay::start(nats.port).await;
+    let a = start(Config {
+        cluster: Some(relay.url()),
+        ..node(&nats, "a")
+    })
+    .await;
+    let b = start(node(&nats, "b")).await;
+    let mut c = a.client(2).await;
+    c.say("before").await;
+    c.message().await;
+    // NATS stores the command, and its ack never reaches node a.
+    relay.mute(true);
+    c.say("once").await;
+    let js = operator(&nats).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !entries(&js).await.iter().any(|e| e.contains("\"once\"")) {
+        assert!(tokio::time::Instant::now() < deadline, "never stored");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Node a publishes it again under the same id (one try a second), and
+    // JetStream keeps one; then the connection dies, and the client
+    // reconnects.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    relay.cut();
+    relay.mute(false);
+    relay.restore();
+    // Its sender gets the message, as everyone does: no error first.
+    match c.frame().await {
+        ServerFrame::Message(m) => assert_eq!(m.text, "once"),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    // Stored once, shown once, on every node.
+    let stored = entries(&js).await;
+    assert_eq!(
+        stored.iter().filter(|e| e.contains("\"once\"")).count(),
+        1,
+        "{stored:?}"
+    );
+    let (on_a, at) = history(&a).await;
+    let (on_b, _) = history_from(&b, at.position).await;
+    let texts: Vec<&str> = on_b.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["before", "once"]);
+    assert_eq!(format!("{on_a:?}"), format!("{on_b:?}"));
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 /// `path`'s status and body on `server`.

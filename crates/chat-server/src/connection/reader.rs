@@ -55,12 +55,13 @@ pub(crate) async fn read_loop(
                     Err(ApplyError::Refused(refusal)) => Refused::Rule(refusal),
                     Err(ApplyError::Stopping) => return CloseReason::Shutdown,
                     Err(ApplyError::Unavailable) => Refused::Unavailable,
+                    Err(ApplyError::NotTaken) => Refused::NotTaken,
                 },
             };
             debug!(user = %admitted.user, %refusal, "refused");
             shared.metrics.frame_refused(refusal.kind());
             // Only the client's own mistakes count against its budget.
-            if !matches!(refusal, Refused::Unavailable) && !refusals.take() {
+            if !matches!(refusal, Refused::Unavailable | Refused::NotTaken) && !refusals.take() {
                 return CloseReason::TooManyRefusals;
             }
             Frame::text(ServerFrame::error(&refusal).encode())
@@ -80,13 +81,20 @@ enum Refused {
     /// Against the chat's rules.
     #[error(transparent)]
     Rule(ChatError),
-    /// Not the client's doing: the sequencer could not take it.
+    /// Not the client's doing: whether the sequencer took it is not known.
     #[error("{UNAVAILABLE}")]
     Unavailable,
+    /// Not the client's doing: the sequencer did not take it, for sure.
+    #[error("{NOT_TAKEN}")]
+    NotTaken,
 }
 
 /// The wire text of [`Refused::Unavailable`].
 pub(crate) const UNAVAILABLE: &str = "the chat is unavailable: your last message or reaction was not confirmed, and shows up only if it was taken";
+
+/// The wire text of [`Refused::NotTaken`].
+pub(crate) const NOT_TAKEN: &str =
+    "the chat is unavailable: your last message or reaction was not taken; send it again";
 
 impl Refused {
     /// A short stable name, for metrics labels.
@@ -95,6 +103,7 @@ impl Refused {
             Refused::Malformed(_) => "invalid_format",
             Refused::Rule(e) => e.kind(),
             Refused::Unavailable => "unavailable",
+            Refused::NotTaken => "not_taken",
         }
     }
 }
@@ -134,16 +143,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_unavailable_text_is_documented_in_asyncapi() {
+    fn the_unavailable_texts_are_documented_in_asyncapi() {
         let doc = chat_testkit::asyncapi();
         let description = doc
             .pointer("/components/schemas/ErrorFrame/properties/data/properties/error/description")
             .and_then(|d| d.as_str())
             .expect("the error text's description");
-        assert!(
-            description.contains(&format!("- \"{UNAVAILABLE}\"")),
-            "asyncapi.yaml does not list {UNAVAILABLE:?}"
-        );
+        for text in [UNAVAILABLE, NOT_TAKEN] {
+            assert!(
+                description.contains(&format!("- \"{text}\"")),
+                "asyncapi.yaml does not list {text:?}"
+            );
+        }
         assert_eq!(Refused::Unavailable.to_string(), UNAVAILABLE);
+        assert_eq!(Refused::NotTaken.to_string(), NOT_TAKEN);
     }
 }

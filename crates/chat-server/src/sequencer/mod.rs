@@ -91,8 +91,12 @@ pub(crate) enum ApplyError {
     /// The server is stopping and no longer commits.
     #[error("server stopping")]
     Stopping,
-    /// The sequencer could not take the command (the cluster's log is
-    /// unreachable); it was not applied, and may be sent again.
-    #[error("the chat is unavailable")]
+    /// The command was not applied, and never will be (it reached no log
+    /// in time, or this node does not serve now); it may be sent again.
+    #[error("not taken")]
+    NotTaken,
+    /// Whether the command was taken is not known: the cluster's log was
+    /// unreachable throughout. If it was, it shows up like any other.
+    #[error("not confirmed")]
     Unavailable,
 }

@@ -81,7 +81,9 @@ pub(crate) async fn start(
     let caught_up = serving_once_published(Arc::clone(&log), Arc::clone(&health_tx));
     let applied = Arc::new(AtomicU64::new(first - 1));
     let config = chat.config().clone();
-    let view = Arc::new(Mutex::new(View::new(&chat)));
+    let view = View::new(&chat);
+    let (clock_tx, clock) = watch::channel(view.clock_ms());
+    let view = Arc::new(Mutex::new(view));
     let rate_limited = [
         chat.rate_limited(RateKind::Messages),
         chat.rate_limited(RateKind::Reactions),
@@ -102,6 +104,7 @@ pub(crate) async fn start(
         rules: connected.rules.clone(),
         waiting: Arc::clone(&waiting),
         view: Arc::clone(&view),
+        clock: clock_tx,
         health: health_tx,
         stream_epoch: connected.epoch,
         epoch: connected.chat_epoch,
@@ -137,6 +140,7 @@ pub(crate) async fn start(
         timeout: connected.timeout,
         lost_since: connected.lost_since,
         applied,
+        clock,
     };
     Ok((sequencer, task))
 }
@@ -187,6 +191,8 @@ struct Applier {
     /// Outcomes awaited by this node's connections.
     waiting: Arc<Waiting>,
     view: Arc<Mutex<View>>,
+    /// The view's clock, for the commands that wait for their fate.
+    clock: watch::Sender<u64>,
     health: Arc<watch::Sender<Health>>,
     /// The stream's own epoch, its identity.
     stream_epoch: Epoch,
@@ -505,10 +511,11 @@ impl Applier {
                         "a command sent under other chat rules than the stream's (a node of a build that does not check them); not applied, on every node alike"
                     );
                 }
-                self.view
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .applied(&self.chat, Timestamp::from_unix_millis(ms), user.as_ref());
+                let clock = {
+                    let mut view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
+                    view.applied(&self.chat, Timestamp::from_unix_millis(ms), user.as_ref());
+                    view.clock_ms()
+                };
                 if !events.is_empty() && self.commits.send(events, 1).await.is_err() {
                     return ControlFlow::Break(()); // the server is stopping
                 }
@@ -529,6 +536,9 @@ impl Applier {
                         let _ = waiter.send(outcome);
                     }
                 }
+                // After the outcome: a command whose deadline this passes
+                // and that has none was not applied.
+                self.clock.send_replace(clock);
             }
             Applied::Skipped(why) => {
                 warn!(seq, %why, "a stream entry that is not a command was skipped, on every node alike");

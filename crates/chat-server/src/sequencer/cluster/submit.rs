@@ -43,6 +43,9 @@ pub(crate) struct ClusterSequencer {
     pub(super) lost_since: Arc<Mutex<Option<Instant>>>,
     /// The last stream entry this node applied ([`Envelope::seen`]).
     pub(super) applied: Arc<AtomicU64>,
+    /// The chat's time, in ms, after the last command this node applied
+    /// (or found expired): past a command's deadline, it never applies.
+    pub(super) clock: watch::Receiver<u64>,
 }
 
 /// Why a node cannot take commands while NATS is away.
@@ -58,7 +61,7 @@ impl ClusterSequencer {
 
     async fn submit_inner(&self, user: &UserId, command: ClientFrame) -> Result<(), ApplyError> {
         if *self.health.borrow() != Health::Serving {
-            return Err(ApplyError::Unavailable);
+            return Err(ApplyError::NotTaken);
         }
         // What the rules refuse whatever the state never reaches the
         // stream: every node's apply would refuse it the same way, so junk
@@ -97,48 +100,162 @@ impl ClusterSequencer {
             seen: Some(self.applied.load(Ordering::Relaxed)),
         };
         // An envelope is a tree of strings and numbers: it always encodes.
-        let payload = serde_json::to_vec(&envelope).expect("envelopes serialize");
-        let (tx, rx) = oneshot::channel();
+        let payload: bytes::Bytes = serde_json::to_vec(&envelope)
+            .expect("envelopes serialize")
+            .into();
+        let (tx, mut outcome) = oneshot::channel();
         self.waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(request, tx);
-        let forget = || {
+        let id = format!("{}/{}/{}", self.node, self.boot, request);
+        let answer = self.follow(&id, payload, deadline, &mut outcome).await;
+        if !matches!(answer, Answer::Outcome(_)) {
             self.waiting
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&request);
-        };
-        let id = format!("{}/{}/{}", self.node, self.boot, request);
-        let publish = async {
-            let message = jetstream::message::PublishMessage::build()
-                .payload(payload.into())
-                .message_id(id);
-            self.js
-                .send_publish(self.subject.clone(), message)
-                .await?
-                .await
-        };
-        match tokio::time::timeout(self.timeout, publish).await {
-            Ok(Ok(_ack)) => {}
-            Ok(Err(e)) => {
-                warn!(error = %e, "JetStream did not take a command");
-                forget();
-                return Err(ApplyError::Unavailable);
+        }
+        answer.into_result()
+    }
+
+    /// Publishes a command and follows it to its exact outcome: retried
+    /// with the same `Nats-Msg-Id` (JetStream stores it once) until
+    /// JetStream confirms it, then awaited from this node's apply. Whatever
+    /// happens, once this node has applied the stream past the command's
+    /// `deadline` without it, it can never apply, and that is the answer.
+    /// Only if JetStream could not be reached for all of
+    /// `--cluster-timeout` is the answer "not confirmed".
+    async fn follow(
+        &self,
+        id: &str,
+        payload: bytes::Bytes,
+        deadline: u64,
+        outcome: &mut oneshot::Receiver<Outcome>,
+    ) -> Answer {
+        let mut clock = self.clock.clone();
+        let give_up = tokio::time::Instant::now() + self.timeout;
+        let mut delay = Duration::from_millis(50);
+        // Until JetStream confirms it.
+        loop {
+            let publish = async {
+                let message = jetstream::message::PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(id);
+                self.js
+                    .send_publish(self.subject.clone(), message)
+                    .await?
+                    .await
+            };
+            let try_for =
+                PUBLISH_TRY.min(give_up.saturating_duration_since(tokio::time::Instant::now()));
+            let tried = tokio::select! {
+                tried = tokio::time::timeout(try_for, publish) => tried,
+                // Stored after all (a lost ack) and already applied, or
+                // the stream moved past its deadline without it.
+                decided = decided(outcome, &mut clock, deadline) => return decided,
+            };
+            match tried {
+                Ok(Ok(_ack)) => break,
+                Ok(Err(e)) => warn!(error = %e, "JetStream did not take a command; retrying it"),
+                Err(_) => {}
             }
-            Err(_) => {
-                forget();
-                return Err(ApplyError::Unavailable);
+            if tokio::time::Instant::now() >= give_up {
+                // Last, what the apply may have decided meanwhile.
+                return decided_now(outcome, &clock, deadline).unwrap_or(Answer::NotConfirmed);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                decided = decided(outcome, &mut clock, deadline) => return decided,
+            }
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+        // In the stream: this node's apply gives the outcome, unless it
+        // stops applying.
+        let mut health = self.health.clone();
+        tokio::select! {
+            decided = decided(outcome, &mut clock, deadline) => decided,
+            _ = health.wait_for(|h| !matches!(h, Health::Serving | Health::CatchingUp)) => {
+                decided_now(outcome, &clock, deadline).unwrap_or(Answer::NotConfirmed)
+            }
+            () = tokio::time::sleep(APPLY_WAIT) => {
+                decided_now(outcome, &clock, deadline).unwrap_or(Answer::NotConfirmed)
             }
         }
-        match tokio::time::timeout(self.timeout, rx).await {
-            Ok(Ok(Outcome::Applied(Ok(())))) => Ok(()),
-            Ok(Ok(Outcome::Applied(Err(refusal)))) => Err(ApplyError::Refused(refusal)),
-            Ok(Ok(Outcome::Expired | Outcome::OtherRules)) => Err(ApplyError::Unavailable),
-            Ok(Err(_)) | Err(_) => {
-                forget();
-                Err(ApplyError::Unavailable)
+    }
+}
+
+/// How long one try to publish a command waits for JetStream's ack before
+/// it is sent again (the same `Nats-Msg-Id`: stored once).
+const PUBLISH_TRY: Duration = Duration::from_secs(1);
+
+/// How long a command JetStream confirmed waits for this node to apply
+/// it (NATS may go away meanwhile) before its sender is told it was not
+/// confirmed.
+const APPLY_WAIT: Duration = Duration::from_secs(120);
+
+/// What a connection is told of its command.
+#[derive(Debug)]
+enum Answer {
+    /// This node applied it: accepted, refused, or not applied.
+    Outcome(Outcome),
+    /// This node applied the stream past its deadline without it: it was
+    /// not applied, and never will be.
+    PastDeadline,
+    /// JetStream could not be reached throughout: it may still be taken.
+    NotConfirmed,
+}
+
+impl Answer {
+    fn into_result(self) -> Result<(), ApplyError> {
+        match self {
+            Answer::Outcome(Outcome::Applied(Ok(()))) => Ok(()),
+            Answer::Outcome(Outcome::Applied(Err(refusal))) => Err(ApplyError::Refused(refusal)),
+            Answer::Outcome(Outcome::Expired | Outcome::OtherRules) | Answer::PastDeadline => {
+                Err(ApplyError::NotTaken)
             }
+            Answer::NotConfirmed => Err(ApplyError::Unavailable),
+        }
+    }
+}
+
+/// Waits until the command's fate is known: its outcome from this node's
+/// apply, or the applied chat time past its `deadline`. An outcome sent
+/// before the clock moved past the deadline wins: the applier sends each
+/// entry's outcome before it moves the clock on.
+async fn decided(
+    outcome: &mut oneshot::Receiver<Outcome>,
+    clock: &mut watch::Receiver<u64>,
+    deadline: u64,
+) -> Answer {
+    tokio::select! {
+        biased;
+        got = &mut *outcome => match got {
+            Ok(outcome) => Answer::Outcome(outcome),
+            Err(_) => Answer::NotConfirmed,
+        },
+        past = async { clock.wait_for(|t| *t > deadline).await.is_ok() } => {
+            match outcome.try_recv() {
+                Ok(outcome) => Answer::Outcome(outcome),
+                // The applier ended: nothing more is applied here.
+                Err(_) if !past => Answer::NotConfirmed,
+                Err(_) => Answer::PastDeadline,
+            }
+        },
+    }
+}
+
+/// [`decided`], if it is already known.
+fn decided_now(
+    outcome: &mut oneshot::Receiver<Outcome>,
+    clock: &watch::Receiver<u64>,
+    deadline: u64,
+) -> Option<Answer> {
+    match outcome.try_recv() {
+        Ok(outcome) => Some(Answer::Outcome(outcome)),
+        Err(oneshot::error::TryRecvError::Closed) => Some(Answer::NotConfirmed),
+        Err(oneshot::error::TryRecvError::Empty) => {
+            (*clock.borrow() > deadline).then_some(Answer::PastDeadline)
         }
     }
 }
@@ -166,5 +283,77 @@ impl Sequencer for ClusterSequencer {
         command: ClientFrame,
     ) -> BoxFuture<'a, Result<(), ApplyError>> {
         Box::pin(self.submit_inner(user, command))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_core::ChatError;
+
+    fn answered(answer: Answer) -> Result<(), String> {
+        answer.into_result().map_err(|e| match e {
+            ApplyError::Refused(r) => format!("refused: {r}"),
+            other => other.to_string(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_command_s_fate_is_its_outcome_else_not_taken_once_the_chat_is_past_its_deadline() {
+        let deadline = 1_000;
+        // Nothing known yet.
+        let (tx, mut outcome) = oneshot::channel();
+        let (clock_tx, mut clock) = watch::channel(900u64);
+        assert!(decided_now(&mut outcome, &clock, deadline).is_none());
+        // Applied, then the chat moves on past the deadline: the outcome
+        // wins.
+        tx.send(Outcome::Applied(Ok(()))).expect("send");
+        clock_tx.send_replace(1_001);
+        assert_eq!(
+            answered(decided(&mut outcome, &mut clock, deadline).await),
+            Ok(())
+        );
+        // Refused by the rules: the refusal.
+        let (tx, mut outcome) = oneshot::channel();
+        tx.send(Outcome::Applied(Err(ChatError::EmptyText)))
+            .expect("send");
+        assert_eq!(
+            answered(decided(&mut outcome, &mut clock, deadline).await),
+            Err(format!("refused: {}", ChatError::EmptyText))
+        );
+        // Stamped after its deadline, or sent under other rules: not taken.
+        for fate in [Outcome::Expired, Outcome::OtherRules] {
+            let (tx, mut outcome) = oneshot::channel();
+            tx.send(fate).expect("send");
+            assert_eq!(
+                answered(decided(&mut outcome, &mut clock, deadline).await),
+                Err("not taken".into())
+            );
+        }
+        // No outcome, and this node applied past the deadline: not taken,
+        // for sure; it is waited for until then.
+        let (_tx, mut outcome) = oneshot::channel::<Outcome>();
+        let (clock_tx, mut clock) = watch::channel(900u64);
+        let waiting =
+            tokio::spawn(async move { decided(&mut outcome, &mut clock, deadline).await });
+        tokio::task::yield_now().await;
+        clock_tx.send_replace(1_000);
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "at the deadline, it may still apply"
+        );
+        clock_tx.send_replace(1_001);
+        let answer = waiting.await.expect("task");
+        assert!(matches!(answer, Answer::PastDeadline), "{answer:?}");
+        assert_eq!(answered(answer), Err("not taken".into()));
+        // The applier ended: not confirmed.
+        let (_tx, mut outcome) = oneshot::channel::<Outcome>();
+        let (clock_tx, mut clock) = watch::channel(900u64);
+        drop(clock_tx);
+        assert_eq!(
+            answered(decided(&mut outcome, &mut clock, deadline).await),
+            Err("not confirmed".into())
+        );
     }
 }

@@ -77,6 +77,11 @@ impl View {
         }
     }
 
+    /// The chat's time at the last entry, in ms.
+    pub(super) fn clock_ms(&self) -> u64 {
+        self.clock.as_millis()
+    }
+
     /// A deadline for a command sent now: the chat's time now, as well as
     /// this node can tell, plus `grace`. The later of two estimates: the
     /// chat's time at the last entry plus the time since, and this host's
