@@ -79,6 +79,34 @@ SERVERS = {
         "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (one node, nats-server -js)",
         "nats": True,
     },
+    # The same on a nats-server that fsyncs every entry before it
+    # acknowledges it (jetstream { sync_interval: always }): the cost of a
+    # power-loss-proof R1 stream.
+    "chat-server-cluster-sync": {
+        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory",
+                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
+        "env": {"RUST_LOG": "warn"},
+        "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (one node, nats-server -js, sync_interval: always)",
+        "nats": "sync-always",
+    },
+    # Three nodes on one nats-server: the load on the first, the other two
+    # apply every entry too (their CPU is reported as peer_cpu_cores).
+    "chat-server-cluster3": {
+        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory",
+                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
+        "env": {"RUST_LOG": "warn"},
+        "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (three nodes, the load on one, nats-server -js)",
+        "nats": True,
+        "peers": 2,
+    },
+    # The baseline build in cluster mode (CHAT_BASELINE_BIN), one node.
+    "chat-server-cluster-baseline": {
+        "cmd": [os.environ.get("CHAT_BASELINE_BIN", "chat-server-baseline-unset"), "--listen", "127.0.0.1:{port}", "--in-memory",
+                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
+        "env": {"RUST_LOG": "warn"},
+        "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (one node; the build at CHAT_BASELINE_BIN)",
+        "nats": True,
+    },
     # Another build of ours, side by side with this one (a change's "before"):
     # CHAT_BASELINE_BIN=/path/to/chat-server, same flags as chat-server.
     "chat-server-baseline": {
@@ -154,11 +182,15 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_nats(datadir):
-    """A nats-server with JetStream, its store in datadir: (process, port)."""
+def start_nats(datadir, sync_always=False):
+    """A nats-server with JetStream, its store in datadir: (process, port).
+    With sync_always, it fsyncs every entry before acknowledging it."""
     port = free_port()
-    proc = subprocess.Popen(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(port),
-                             "-sd", os.path.join(datadir, "nats")],
+    conf = os.path.join(datadir, "nats.conf")
+    with open(conf, "w") as f:
+        f.write("jetstream {\n  store_dir: %s\n%s}\n" % (
+            json.dumps(os.path.join(datadir, "nats")), "  sync_interval: always\n" if sync_always else ""))
+    proc = subprocess.Popen(["nats-server", "-c", conf, "-a", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -189,9 +221,14 @@ def start(name, datadir=None):
     fill = dict(port=port, datadir=datadir)
     nats = None
     if spec.get("nats"):
-        nats, fill["nats_port"] = start_nats(datadir)
+        nats, fill["nats_port"] = start_nats(datadir, sync_always=spec["nats"] == "sync-always")
     cmd = [c.format(**fill) for c in spec["cmd"]]
     env = dict(os.environ, **{k: v.format(**fill) for k, v in spec["env"].items()})
+    peers = []
+    for _ in range(spec.get("peers", 0)):
+        peer_port = free_port()
+        peer_cmd = [c.format(**dict(fill, port=peer_port)) for c in spec["cmd"]]
+        peers.append((subprocess.Popen(peer_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), peer_port))
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -201,20 +238,25 @@ def start(name, datadir=None):
             if nats:
                 # A cluster node binds at once and serves once caught up.
                 wait_healthy(port, deadline)
+                for _, peer_port in peers:
+                    wait_healthy(peer_port, deadline)
             proc.started_in = time.time() - t0
             proc.datadir = datadir
             proc.nats = nats
+            proc.peers = [p for p, _ in peers]
             return proc, port
         except OSError:
             time.sleep(0.01)
     proc.kill()
+    for p, _ in peers:
+        p.kill()
     if nats:
         nats.kill()
     raise RuntimeError(f"{name} did not start")
 
 
 def stop(proc):
-    for p in [proc] + ([proc.nats] if getattr(proc, "nats", None) else []):
+    for p in [proc] + getattr(proc, "peers", []) + ([proc.nats] if getattr(proc, "nats", None) else []):
         p.send_signal(signal.SIGTERM)
         try:
             p.wait(timeout=15)
@@ -250,14 +292,16 @@ METRICS = {
                ("p99.9 ms", "latency_ms.p99_9", "{:.2f}"), ("max ms", "latency_ms.max", "{:.2f}"),
                ("frames lost", "frames_lost", "{:.0f}"),
                ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}"),
-               ("nats-server CPU (cores, cluster only)", "nats_cpu_cores", "{:.2f}")],
+               ("nats-server CPU (cores, cluster only)", "nats_cpu_cores", "{:.2f}"),
+               ("each other node's CPU (cores, three nodes only)", "peer_cpu_cores", "{:.2f}")],
     "saturate": [("delivered frames/s", "delivered_frames_per_s", "{:,.0f}"),
                  ("**server CPU per delivered frame (µs)**", "cpu_per_frame_us", "{:.2f}"),
                  ("messages sent/s", "send_rate_per_s", "{:,.0f}"),
                  ("p50 ms", "latency_ms.p50", "{:.1f}"), ("p99 ms", "latency_ms.p99", "{:.1f}"),
                  ("frames lost", "frames_lost", "{:.0f}"),
                  ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}"),
-                 ("nats-server CPU (cores, cluster only)", "nats_cpu_cores", "{:.2f}")],
+                 ("nats-server CPU (cores, cluster only)", "nats_cpu_cores", "{:.2f}"),
+                 ("each other node's CPU (cores, three nodes only)", "peer_cpu_cores", "{:.2f}")],
     "connect": [("all clients have history (s)", "all_have_history_s", "{:.2f}"),
                 ("per client p50 (s)", "per_client_s.p50", "{:.2f}"), ("per client max (s)", "per_client_s.max", "{:.2f}"),
                 ("history frames/s", "history_frames_per_s", "{:,.0f}"), ("failures", "failures", "{:.0f}")],
@@ -314,11 +358,16 @@ def main():
                 proc, port = start(server)
                 try:
                     nats = getattr(proc, "nats", None)
-                    before = (time.time(), cpu_seconds(nats.pid)) if nats else None
+                    peers = getattr(proc, "peers", [])
+                    before = (time.time(), cpu_seconds(nats.pid), [cpu_seconds(p.pid) for p in peers]) if nats else None
                     r = loadgen(port, proc.pid, scen_args, SERVERS[server]["note"])
                     if before and isinstance(r.get("results"), dict):
                         # Over the whole load generator run, warm-up included.
-                        r["results"]["nats_cpu_cores"] = (cpu_seconds(nats.pid) - before[1]) / (time.time() - before[0])
+                        took = time.time() - before[0]
+                        r["results"]["nats_cpu_cores"] = (cpu_seconds(nats.pid) - before[1]) / took
+                        if peers:
+                            r["results"]["peer_cpu_cores"] = statistics.mean(
+                                (cpu_seconds(p.pid) - b) / took for p, b in zip(peers, before[2]))
                 finally:
                     stop(proc)
                     shutil.rmtree(proc.datadir, ignore_errors=True)

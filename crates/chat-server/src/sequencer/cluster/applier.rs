@@ -49,6 +49,10 @@ const STOPPED_ENDED: &str = "stopped applying the cluster's stream: the read of 
 /// (and on every reconnection to NATS).
 const STREAM_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// How long one check of the stream, or one attempt to read it again,
+/// waits for JetStream's answer before it asks again.
+const CHECK_TRY: Duration = Duration::from_secs(1);
+
 /// Starts applying the stream: every entry, in order, goes through
 /// `chat`, and its events to `commits` (and from there to `log`), until
 /// `stop` is cancelled. The node's sequencer is [`Health::CatchingUp`]
@@ -285,7 +289,10 @@ impl Applier {
     async fn read_again(&mut self) {
         let mut delay = Duration::from_millis(100);
         loop {
-            match read_from(&self.stream, self.next).await {
+            let read = tokio::time::timeout(CHECK_TRY, read_from(&self.stream, self.next))
+                .await
+                .unwrap_or_else(|_| Err("no answer within a second".to_owned()));
+            match read {
                 Ok((fresh, _)) => {
                     self.entries = fresh;
                     return;
@@ -313,7 +320,12 @@ impl Applier {
     async fn check_stream(&mut self, persist: bool) -> ControlFlow<()> {
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.judge().await {
+            // A request sent while NATS elects the stream's leader may get
+            // no answer: asked again soon rather than waited out.
+            let judged = tokio::time::timeout(CHECK_TRY, self.judge())
+                .await
+                .unwrap_or_else(|_| Err("no answer within a second".to_owned()));
+            match judged {
                 Ok(Ok(())) => return ControlFlow::Continue(()),
                 Ok(Err(why)) => {
                     self.stop_serving(why);

@@ -171,11 +171,27 @@ impl ClusterSequencer {
             delay = (delay * 2).min(Duration::from_millis(500));
         }
         // In the stream: this node's apply gives the outcome, unless it
-        // stops applying.
+        // stops applying, or NATS goes away for good.
         let mut health = self.health.clone();
+        let unreachable = async {
+            let mut every = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                every.tick().await;
+                let lost = *self
+                    .lost_since
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if lost.is_some_and(|since| since.elapsed() > self.timeout) {
+                    return;
+                }
+            }
+        };
         tokio::select! {
             decided = decided(outcome, &mut clock, deadline) => decided,
             _ = health.wait_for(|h| !matches!(h, Health::Serving | Health::CatchingUp)) => {
+                decided_now(outcome, &clock, deadline).unwrap_or(Answer::NotConfirmed)
+            }
+            () = unreachable => {
                 decided_now(outcome, &clock, deadline).unwrap_or(Answer::NotConfirmed)
             }
             () = tokio::time::sleep(APPLY_WAIT) => {
@@ -189,9 +205,9 @@ impl ClusterSequencer {
 /// it is sent again (the same `Nats-Msg-Id`: stored once).
 const PUBLISH_TRY: Duration = Duration::from_secs(1);
 
-/// How long a command JetStream confirmed waits for this node to apply
-/// it (NATS may go away meanwhile) before its sender is told it was not
-/// confirmed.
+/// The longest a command JetStream confirmed waits for this node to apply
+/// it before its sender is told it was not confirmed (sooner if NATS has
+/// been unreachable for `--cluster-timeout` meanwhile).
 const APPLY_WAIT: Duration = Duration::from_secs(120);
 
 /// What a connection is told of its command.
