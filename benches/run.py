@@ -225,10 +225,15 @@ def start(name, datadir=None):
     cmd = [c.format(**fill) for c in spec["cmd"]]
     env = dict(os.environ, **{k: v.format(**fill) for k, v in spec["env"].items()})
     peers = []
+    taken = {port, fill.get("nats_port")}
     for _ in range(spec.get("peers", 0)):
         peer_port = free_port()
+        while peer_port in taken:
+            peer_port = free_port()
+        taken.add(peer_port)
         peer_cmd = [c.format(**dict(fill, port=peer_port)) for c in spec["cmd"]]
-        peers.append((subprocess.Popen(peer_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), peer_port))
+        log = open(os.path.join(datadir, f"peer-{peer_port}.log"), "w")
+        peers.append((subprocess.Popen(peer_cmd, env=env, stdout=subprocess.DEVNULL, stderr=log), peer_port))
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -248,8 +253,9 @@ def start(name, datadir=None):
         except OSError:
             time.sleep(0.01)
     proc.kill()
-    for p, _ in peers:
+    for p, peer_port in peers:
         p.kill()
+        print(f"peer on {peer_port}: " + open(os.path.join(datadir, f"peer-{peer_port}.log")).read()[-2000:], file=sys.stderr)
     if nats:
         nats.kill()
     raise RuntimeError(f"{name} did not start")
@@ -355,7 +361,11 @@ def main():
     for scen, scen_args, on in plan:
         for run in range(args.runs):
             for server in on:
-                proc, port = start(server)
+                try:
+                    proc, port = start(server)
+                except RuntimeError as e:
+                    print(f"{scen:16} {server:20} run {run + 1}: ERROR {e}", file=sys.stderr)
+                    continue
                 try:
                     nats = getattr(proc, "nats", None)
                     peers = getattr(proc, "peers", [])

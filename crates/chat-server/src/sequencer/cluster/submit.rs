@@ -133,10 +133,10 @@ impl ClusterSequencer {
         deadline: u64,
         outcome: &mut oneshot::Receiver<Outcome>,
     ) -> Answer {
-        let mut clock = self.clock.clone();
         let give_up = tokio::time::Instant::now() + self.timeout;
         let mut delay = Duration::from_millis(50);
-        // Until JetStream confirms it.
+        // Until JetStream confirms it. The clock is looked at only when a
+        // try fails: a command waiting on it would be woken by every entry.
         loop {
             let publish = async {
                 let message = jetstream::message::PublishMessage::build()
@@ -151,30 +151,33 @@ impl ClusterSequencer {
                 PUBLISH_TRY.min(give_up.saturating_duration_since(tokio::time::Instant::now()));
             let tried = tokio::select! {
                 tried = tokio::time::timeout(try_for, publish) => tried,
-                // Stored after all (a lost ack) and already applied, or
-                // the stream moved past its deadline without it.
-                decided = decided(outcome, &mut clock, deadline) => return decided,
+                // Stored after all (a lost ack), and already applied.
+                got = &mut *outcome => return outcome_of(got),
             };
             match tried {
                 Ok(Ok(_ack)) => break,
                 Ok(Err(e)) => warn!(error = %e, "JetStream did not take a command; retrying it"),
                 Err(_) => {}
             }
+            if let Some(answer) = decided_now(outcome, &self.clock, deadline) {
+                return answer;
+            }
             if tokio::time::Instant::now() >= give_up {
-                // Last, what the apply may have decided meanwhile.
-                return decided_now(outcome, &clock, deadline).unwrap_or(Answer::NotConfirmed);
+                return Answer::NotConfirmed;
             }
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                decided = decided(outcome, &mut clock, deadline) => return decided,
+                got = &mut *outcome => return outcome_of(got),
             }
             delay = (delay * 2).min(Duration::from_millis(500));
         }
-        // In the stream: this node's apply gives the outcome, unless it
-        // stops applying, or NATS goes away for good.
+        // In the stream: this node's apply gives the outcome (applied,
+        // refused, or expired: entries apply in order, so the clock cannot
+        // pass its deadline before it does), unless this node stops
+        // applying, or NATS goes away for good.
         let mut health = self.health.clone();
         let unreachable = async {
-            let mut every = tokio::time::interval(Duration::from_millis(250));
+            let mut every = tokio::time::interval(Duration::from_secs(1));
             loop {
                 every.tick().await;
                 let lost = *self
@@ -187,15 +190,15 @@ impl ClusterSequencer {
             }
         };
         tokio::select! {
-            decided = decided(outcome, &mut clock, deadline) => decided,
+            got = &mut *outcome => outcome_of(got),
             _ = health.wait_for(|h| !matches!(h, Health::Serving | Health::CatchingUp)) => {
-                decided_now(outcome, &clock, deadline).unwrap_or(Answer::NotConfirmed)
+                decided_now(outcome, &self.clock, deadline).unwrap_or(Answer::NotConfirmed)
             }
             () = unreachable => {
-                decided_now(outcome, &clock, deadline).unwrap_or(Answer::NotConfirmed)
+                decided_now(outcome, &self.clock, deadline).unwrap_or(Answer::NotConfirmed)
             }
             () = tokio::time::sleep(APPLY_WAIT) => {
-                decided_now(outcome, &clock, deadline).unwrap_or(Answer::NotConfirmed)
+                decided_now(outcome, &self.clock, deadline).unwrap_or(Answer::NotConfirmed)
             }
         }
     }
@@ -235,33 +238,19 @@ impl Answer {
     }
 }
 
-/// Waits until the command's fate is known: its outcome from this node's
-/// apply, or the applied chat time past its `deadline`. An outcome sent
-/// before the clock moved past the deadline wins: the applier sends each
-/// entry's outcome before it moves the clock on.
-async fn decided(
-    outcome: &mut oneshot::Receiver<Outcome>,
-    clock: &mut watch::Receiver<u64>,
-    deadline: u64,
-) -> Answer {
-    tokio::select! {
-        biased;
-        got = &mut *outcome => match got {
-            Ok(outcome) => Answer::Outcome(outcome),
-            Err(_) => Answer::NotConfirmed,
-        },
-        past = async { clock.wait_for(|t| *t > deadline).await.is_ok() } => {
-            match outcome.try_recv() {
-                Ok(outcome) => Answer::Outcome(outcome),
-                // The applier ended: nothing more is applied here.
-                Err(_) if !past => Answer::NotConfirmed,
-                Err(_) => Answer::PastDeadline,
-            }
-        },
+/// The answer for what the applier sent (or, if it dropped the sender,
+/// that it ended).
+fn outcome_of(got: Result<Outcome, oneshot::error::RecvError>) -> Answer {
+    match got {
+        Ok(outcome) => Answer::Outcome(outcome),
+        Err(_) => Answer::NotConfirmed,
     }
 }
 
-/// [`decided`], if it is already known.
+/// The command's fate, if it is known now: its outcome from this node's
+/// apply, or, without one, the applied chat time past its `deadline` (the
+/// applier sends each entry's outcome before it moves the clock on, so an
+/// outcome is never missed).
 fn decided_now(
     outcome: &mut oneshot::Receiver<Outcome>,
     clock: &watch::Receiver<u64>,
@@ -314,61 +303,52 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn a_command_s_fate_is_its_outcome_else_not_taken_once_the_chat_is_past_its_deadline() {
+    #[test]
+    fn a_command_s_fate_is_its_outcome_else_not_taken_once_the_chat_is_past_its_deadline() {
         let deadline = 1_000;
         // Nothing known yet.
         let (tx, mut outcome) = oneshot::channel();
-        let (clock_tx, mut clock) = watch::channel(900u64);
+        let (clock_tx, clock) = watch::channel(900u64);
         assert!(decided_now(&mut outcome, &clock, deadline).is_none());
+        clock_tx.send_replace(1_000);
+        assert!(
+            decided_now(&mut outcome, &clock, deadline).is_none(),
+            "at the deadline, it may still apply"
+        );
         // Applied, then the chat moves on past the deadline: the outcome
         // wins.
         tx.send(Outcome::Applied(Ok(()))).expect("send");
         clock_tx.send_replace(1_001);
-        assert_eq!(
-            answered(decided(&mut outcome, &mut clock, deadline).await),
-            Ok(())
-        );
+        let answer = decided_now(&mut outcome, &clock, deadline).expect("known");
+        assert_eq!(answered(answer), Ok(()));
         // Refused by the rules: the refusal.
-        let (tx, mut outcome) = oneshot::channel();
+        let (tx, outcome) = oneshot::channel();
         tx.send(Outcome::Applied(Err(ChatError::EmptyText)))
             .expect("send");
         assert_eq!(
-            answered(decided(&mut outcome, &mut clock, deadline).await),
+            answered(outcome_of(outcome.blocking_recv())),
             Err(format!("refused: {}", ChatError::EmptyText))
         );
         // Stamped after its deadline, or sent under other rules: not taken.
         for fate in [Outcome::Expired, Outcome::OtherRules] {
-            let (tx, mut outcome) = oneshot::channel();
+            let (tx, outcome) = oneshot::channel();
             tx.send(fate).expect("send");
             assert_eq!(
-                answered(decided(&mut outcome, &mut clock, deadline).await),
+                answered(outcome_of(outcome.blocking_recv())),
                 Err("not taken".into())
             );
         }
         // No outcome, and this node applied past the deadline: not taken,
-        // for sure; it is waited for until then.
+        // for sure.
         let (_tx, mut outcome) = oneshot::channel::<Outcome>();
-        let (clock_tx, mut clock) = watch::channel(900u64);
-        let waiting =
-            tokio::spawn(async move { decided(&mut outcome, &mut clock, deadline).await });
-        tokio::task::yield_now().await;
-        clock_tx.send_replace(1_000);
-        tokio::task::yield_now().await;
-        assert!(
-            !waiting.is_finished(),
-            "at the deadline, it may still apply"
-        );
-        clock_tx.send_replace(1_001);
-        let answer = waiting.await.expect("task");
+        let answer = decided_now(&mut outcome, &clock, deadline).expect("known");
         assert!(matches!(answer, Answer::PastDeadline), "{answer:?}");
         assert_eq!(answered(answer), Err("not taken".into()));
-        // The applier ended: not confirmed.
-        let (_tx, mut outcome) = oneshot::channel::<Outcome>();
-        let (clock_tx, mut clock) = watch::channel(900u64);
-        drop(clock_tx);
+        // The applier ended (it dropped the sender): not confirmed.
+        let (tx, mut outcome) = oneshot::channel::<Outcome>();
+        drop(tx);
         assert_eq!(
-            answered(decided(&mut outcome, &mut clock, deadline).await),
+            answered(decided_now(&mut outcome, &clock, deadline).expect("known")),
             Err("not confirmed".into())
         );
     }
