@@ -84,6 +84,15 @@ pub(crate) async fn start(
     let health_tx = Arc::new(health_tx);
     let caught_up = serving_once_published(Arc::clone(&log), Arc::clone(&health_tx));
     let applied = Arc::new(AtomicU64::new(first - 1));
+    let checker = Checker {
+        stream: connected.stream.clone(),
+        stream_name: stream_name.clone(),
+        stream_epoch: connected.epoch,
+        applied: Arc::clone(&applied),
+        last: Arc::default(),
+    };
+    let (verdict_tx, verdict) = oneshot::channel();
+    tokio::spawn(checker.clone().every_second(verdict_tx));
     let config = chat.config().clone();
     let view = View::new(&chat);
     let (clock_tx, clock) = watch::channel(view.clock_ms());
@@ -115,6 +124,8 @@ pub(crate) async fn start(
         log,
         last: None,
         applied: Arc::clone(&applied),
+        checker: checker.clone(),
+        verdict,
         diverged: false,
         js: connected.js.clone(),
         subject: connected.subject.clone(),
@@ -171,6 +182,82 @@ fn serving_once_published(
     caught_up_tx
 }
 
+/// What a check of the stream needs: shared by the applier (which checks
+/// on every reconnection, before it reads on) and the task that checks
+/// every [`STREAM_CHECK_EVERY`] beside it (so that the questions to
+/// JetStream never hold up applying).
+#[derive(Clone)]
+struct Checker {
+    stream: stream::Stream,
+    stream_name: String,
+    /// The stream's own epoch, its identity.
+    stream_epoch: Epoch,
+    /// The last entry applied.
+    applied: Arc<AtomicU64>,
+    /// The last entry applied, and what it held: the stream must still
+    /// hold it.
+    last: Arc<Mutex<Option<(u64, bytes::Bytes)>>>,
+}
+
+impl Checker {
+    /// Asks the stream whether it is still the log this node applied (the
+    /// same stream, not one deleted and recreated under its name; holding
+    /// at least what this node applied, and not dropped from the front
+    /// past it; still holding the last entry it applied, not another one
+    /// under its sequence), and judges: `Err` if it could not ask.
+    async fn judge(&mut self) -> Result<Result<(), &'static str>, String> {
+        let next = self.applied.load(Ordering::Relaxed) + 1;
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let info = self.stream.info().await.map_err(|e| e.to_string())?.clone();
+        let epoch = stream_epoch(
+            &self.stream_name,
+            &info.config.metadata,
+            info.created.unix_timestamp_nanos(),
+        );
+        let state = (info.state.first_sequence, info.state.last_sequence);
+        let mut verdict = judge_stream(self.stream_epoch, next, epoch, state);
+        if verdict.is_ok()
+            && let Some((seq, payload)) = &last
+            && holds(&self.stream, *seq, &fingerprint(payload)).await? == Some(false)
+        {
+            verdict = Err(STOPPED_REPLACED);
+        }
+        if let Err(why) = verdict {
+            error!(
+                applied = next - 1,
+                stream_first = info.state.first_sequence,
+                stream_last = info.state.last_sequence,
+                %epoch,
+                ours = %self.stream_epoch,
+                "{why}"
+            );
+        }
+        Ok(verdict)
+    }
+
+    /// Checks the stream every [`STREAM_CHECK_EVERY`] until it fails a
+    /// check (the reason is sent on `verdict`) or the applier is gone. A
+    /// stream that cannot be read now is left to the next check.
+    async fn every_second(mut self, mut verdict: oneshot::Sender<&'static str>) {
+        let mut every = tokio::time::interval(STREAM_CHECK_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = verdict.closed() => return,
+                _ = every.tick() => {}
+            }
+            if let Ok(Ok(Err(why))) = tokio::time::timeout(CHECK_TRY, self.judge()).await {
+                let _ = verdict.send(why);
+                return;
+            }
+        }
+    }
+}
+
 /// The task that applies the stream, and what it works with.
 struct Applier {
     chat: Chat,
@@ -205,11 +292,15 @@ struct Applier {
     epoch: Epoch,
     /// Where a new epoch is announced.
     log: Arc<Log>,
-    /// The last entry applied, and what it held: the stream must still
-    /// hold it.
+    /// The last entry applied, and what it held (the checks' and the
+    /// snapshots'; `checker.last` is the same, for the checks).
     last: Option<(u64, bytes::Bytes)>,
     /// The last entry applied, for the sequencer's envelopes.
     applied: Arc<AtomicU64>,
+    /// Checks the stream on every reconnection.
+    checker: Checker,
+    /// The periodic check's verdict, if the stream fails it.
+    verdict: oneshot::Receiver<&'static str>,
     /// What this node applied is not the stream's chat: it keeps no
     /// snapshot of it.
     diverged: bool,
@@ -233,8 +324,6 @@ impl Applier {
         if caught_up {
             self.report_caught_up();
         }
-        let mut check = tokio::time::interval(STREAM_CHECK_EVERY);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let entry = tokio::select! {
                 biased;
@@ -248,17 +337,15 @@ impl Applier {
                     }
                     // NATS may have restarted with less than it had: the
                     // stream is checked before anything more is read.
-                    if self.check_stream(true).await.is_break() {
+                    if self.check_stream().await.is_break() {
                         return;
                     }
                     self.read_again().await;
                     continue;
                 }
-                _ = check.tick() => {
-                    if self.check_stream(false).await.is_break() {
-                        return;
-                    }
-                    continue;
+                Ok(why) = &mut self.verdict => {
+                    self.stop_serving(why);
+                    return;
                 }
                 entry = self.entries.next() => match entry {
                     Some(entry) => entry,
@@ -310,19 +397,16 @@ impl Applier {
         }
     }
 
-    /// Checks that the stream is still the log this node applied: the
-    /// same stream (not one deleted and recreated under its name), holding
-    /// at least what this node applied, and still the last entry it
-    /// applied (not another one under its sequence). `Break` when it is
-    /// not (this node then stops serving). A stream it cannot read now is
-    /// left to the next check, unless `persist`: then it asks until it
-    /// gets an answer (or the server stops).
-    async fn check_stream(&mut self, persist: bool) -> ControlFlow<()> {
+    /// Checks, after a reconnection and before anything more is read, that
+    /// the stream is still the log this node applied ([`Checker::judge`]):
+    /// `Break` when it is not (this node then stops serving). It asks
+    /// until it gets an answer (or the server stops).
+    async fn check_stream(&mut self) -> ControlFlow<()> {
         let mut delay = Duration::from_millis(100);
         loop {
             // A request sent while NATS elects the stream's leader may get
             // no answer: asked again soon rather than waited out.
-            let judged = tokio::time::timeout(CHECK_TRY, self.judge())
+            let judged = tokio::time::timeout(CHECK_TRY, self.checker.judge())
                 .await
                 .unwrap_or_else(|_| Err("no answer within a second".to_owned()));
             match judged {
@@ -331,7 +415,7 @@ impl Applier {
                     self.stop_serving(why);
                     return ControlFlow::Break(());
                 }
-                Err(e) if persist => {
+                Err(e) => {
                     warn!(error = %e, "checking the stream failed; retrying");
                     tokio::select! {
                         () = self.stop.cancelled() => return ControlFlow::Continue(()),
@@ -339,39 +423,8 @@ impl Applier {
                     }
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
-                Err(_) => return ControlFlow::Continue(()),
             }
         }
-    }
-
-    /// [`check_stream`](Self::check_stream)'s questions to the stream, and
-    /// its verdict.
-    async fn judge(&mut self) -> Result<Result<(), &'static str>, String> {
-        let info = self.stream.info().await.map_err(|e| e.to_string())?.clone();
-        let epoch = stream_epoch(
-            &self.stream_name,
-            &info.config.metadata,
-            info.created.unix_timestamp_nanos(),
-        );
-        let state = (info.state.first_sequence, info.state.last_sequence);
-        let mut verdict = judge_stream(self.stream_epoch, self.next, epoch, state);
-        if verdict.is_ok()
-            && let Some((seq, payload)) = &self.last
-            && holds(&self.stream, *seq, &fingerprint(payload)).await? == Some(false)
-        {
-            verdict = Err(STOPPED_REPLACED);
-        }
-        if let Err(why) = verdict {
-            error!(
-                applied = self.next - 1,
-                stream_first = info.state.first_sequence,
-                stream_last = info.state.last_sequence,
-                %epoch,
-                ours = %self.stream_epoch,
-                "{why}"
-            );
-        }
-        Ok(verdict)
     }
 
     /// Whether the entries before `seq` that this node did not get were
@@ -487,6 +540,11 @@ impl Applier {
         }
         self.next = seq + 1;
         self.last = Some((seq, entry.payload.clone()));
+        *self
+            .checker
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = self.last.clone();
         self.applied.store(seq, Ordering::Relaxed);
         let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let mut uploader = false;
