@@ -1537,12 +1537,18 @@ async fn the_stream_owns_the_rules_and_the_identity_and_an_odd_node_stops_only_i
     );
     assert!(err.contains("--cluster-stream"), "{err}");
     let err = chat_server::Server::bind(Config {
-        identity_secret: Some("another secret".to_owned().into()),
+        identity_secret: Some(
+            "another secret, just as long as the first"
+                .to_owned()
+                .into(),
+        ),
         ..node_like(&good, "b")
     })
     .await
     .expect_err("another secret");
-    assert!(err.to_string().contains("--identity-secret"), "{err}");
+    let err = err.to_string();
+    assert!(err.contains("names users otherwise"), "{err}");
+    assert!(err.contains("--identity-secret"), "{err}");
     // A command under other rules (a build that does not check) stops no
     // node: every node skips it, and the chat goes on.
     let odd: serde_json::Value = serde_json::json!({
@@ -1573,6 +1579,17 @@ async fn the_stream_owns_the_rules_and_the_identity_and_an_odd_node_stops_only_i
     assert_eq!(texts, ["before", "after"]);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_without_jetstream_is_named_with_the_fix() {
+    let nats = NatsServer::start_without_jetstream();
+    let err = chat_server::Server::bind(node(&nats, "a"))
+        .await
+        .expect_err("no JetStream");
+    let err = err.to_string();
+    assert!(err.contains(&nats.url()), "{err}");
+    assert!(err.contains("start nats-server with -js"), "{err}");
 }
 
 /// `config` for another node, `name`.

@@ -43,7 +43,7 @@ async function startServer(extra = []) {
     ...extra,
     "--listen", `0.0.0.0:${port}`,
     "--data-dir", dataDir,
-    "--identity-secret", "browser-test",
+    "--identity-secret", "a secret for the browser test",
     "--message-rate", String(MESSAGE_RATE),
     "--trusted-proxy", "127.0.0.0/8",
     "--shutdown-grace", "2s",

@@ -72,6 +72,20 @@ impl NatsServer {
         }
     }
 
+    /// A `nats-server` without JetStream (an operator's mistake).
+    pub fn start_without_jetstream() -> NatsServer {
+        let bin = bin();
+        let port = free_port();
+        let store = tempfile::tempdir().expect("store dir");
+        let child = spawn_with(&bin, port, store.path(), &["-js=false".into()]);
+        NatsServer {
+            child,
+            bin,
+            port,
+            store,
+        }
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

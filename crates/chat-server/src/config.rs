@@ -231,8 +231,10 @@ pub struct Config {
     #[arg(long, env = "CHAT_IDENTITY", value_enum, default_value_t = IdentityMode::Pseudonym)]
     pub identity: IdentityMode,
 
-    /// Secret key for pseudonyms. Without it a random one is drawn at start,
-    /// and user ids change when the server restarts.
+    /// Secret key for pseudonyms, at least 16 characters (e.g. `openssl
+    /// rand -base64 32`; pass it in `CHAT_IDENTITY_SECRET`, as `ps` shows
+    /// a flag's value). Without it a random one is drawn at start and kept
+    /// in the data directory.
     #[arg(long, env = "CHAT_IDENTITY_SECRET", hide_env_values = true)]
     pub identity_secret: Option<Secret>,
 
@@ -241,7 +243,8 @@ pub struct Config {
     #[arg(
         long = "trusted-proxy",
         env = "CHAT_TRUSTED_PROXIES",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = proxy_net
     )]
     pub trusted_proxies: Vec<IpNet>,
 
@@ -321,6 +324,21 @@ pub struct Config {
 /// The smallest `--max-request-head` allowed: a browser's WebSocket
 /// handshake, with cookies and user agent, is commonly 500-1,500 bytes.
 pub const MIN_REQUEST_HEAD: usize = 1024;
+
+/// The shortest `--identity-secret` taken, in characters.
+pub const MIN_IDENTITY_SECRET: usize = 16;
+
+/// A `--trusted-proxy` value: a network (`10.0.0.0/8`), or one address
+/// (`127.0.0.1`, taken as `/32`; `::1` as `/128`).
+fn proxy_net(value: &str) -> Result<IpNet, String> {
+    let value = value.trim();
+    value
+        .parse::<IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            format!("{value:?} is neither an address (10.0.0.1) nor a network (10.0.0.0/8)")
+        })
+}
 
 /// Room past a frame's payload for its header (at most 10 bytes from a
 /// server) and one queued control frame (a pong: at most 127 bytes).
@@ -506,6 +524,18 @@ impl Config {
                     .into(),
             );
         }
+        if self.identity == IdentityMode::Pseudonym
+            && let Some(secret) = &self.identity_secret
+            && secret.expose().chars().count() < MIN_IDENTITY_SECRET
+        {
+            return Err(format!(
+                "--identity-secret has {} characters, and needs at least {MIN_IDENTITY_SECRET}: a \
+                 short secret can be guessed, and with it every user id turned back into an \
+                 address. Generate one with `openssl rand -base64 32`, and pass it in \
+                 CHAT_IDENTITY_SECRET rather than on the command line, where `ps` shows it",
+                secret.expose().chars().count()
+            ));
+        }
         if self.cluster.is_some() && !(1..=5).contains(&self.cluster_replicas) {
             return Err("--cluster-replicas must be 1 to 5".into());
         }
@@ -610,7 +640,7 @@ mod tests {
             "--listen",
             "0.0.0.0:9000",
             "--trusted-proxy",
-            "10.0.0.0/8,::1/128",
+            "10.0.0.0/8,::1/128,127.0.0.1,::1",
             "--allowed-origin",
             "https://a.example",
             "--allowed-origin",
@@ -621,7 +651,13 @@ mod tests {
             "500ms",
         ])
         .expect("parses");
-        assert_eq!(c.trusted_proxies.len(), 2);
+        assert_eq!(c.trusted_proxies.len(), 4);
+        // A bare address is that one host.
+        assert_eq!(c.trusted_proxies[2].to_string(), "127.0.0.1/32");
+        assert_eq!(c.trusted_proxies[3].to_string(), "::1/128");
+        let err = Config::try_parse_from(["chat-server", "--trusted-proxy", "proxy.local"])
+            .expect_err("not an address");
+        assert!(err.to_string().contains("neither an address"), "{err}");
         assert_eq!(c.allowed_origins.len(), 2);
         let not_an_origin =
             Config::try_parse_from(["chat-server", "--allowed-origin", "chat.example"]);

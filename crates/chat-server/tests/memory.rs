@@ -128,7 +128,7 @@ async fn a_reaction_burst_stays_within_the_memory_bounds() {
         dir.path(),
         &[
             "--identity-secret",
-            "memory test",
+            "a secret for the memory test",
             "--reaction-rate",
             "1000",
         ],

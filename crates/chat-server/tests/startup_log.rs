@@ -54,7 +54,7 @@ fn an_open_host_list_is_announced_only_off_loopback() {
         "127.0.0.1:0",
         "--in-memory",
         "--identity-secret",
-        "s",
+        "a secret for the start-up log test",
     ]);
     assert!(
         !mentions(&loopback, "every Host is accepted"),
@@ -65,7 +65,7 @@ fn an_open_host_list_is_announced_only_off_loopback() {
         "0.0.0.0:0",
         "--in-memory",
         "--identity-secret",
-        "s",
+        "a secret for the start-up log test",
     ]);
     assert!(
         mentions(&everywhere, "every Host is accepted"),
@@ -80,7 +80,7 @@ fn an_open_host_list_is_announced_only_off_loopback() {
         "0.0.0.0:0",
         "--in-memory",
         "--identity-secret",
-        "s",
+        "a secret for the start-up log test",
         "--public-host",
         "chat.example",
     ]);

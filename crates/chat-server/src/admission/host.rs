@@ -196,8 +196,35 @@ impl HostPolicy {
         if self.any || host.literal || host.name == "localhost" || self.names.contains(&host.name) {
             Ok(())
         } else {
-            Err(Refusal::HostNotAllowed)
+            log_refused(&host.name);
+            Err(Refusal::HostNotAllowed(host.name))
         }
+    }
+}
+
+/// When a refused `Host` was last logged, in seconds since the Unix epoch.
+static LAST_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Logs a refused `Host`, at most one line every ten seconds (a flood of
+/// them stays a few lines; `handshakes_refused_total{reason="host_not_allowed"}`
+/// counts them all): the operator of a proxy that does not pass the `Host`
+/// on sees which name arrived.
+fn log_refused(host: &str) {
+    use std::sync::atomic::Ordering;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_LOGGED.load(Ordering::Relaxed);
+    if now >= last + 10
+        && LAST_LOGGED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            %host,
+            "refused a request for a Host this server does not answer to: give the public name with \
+             --public-host, and behind a proxy have it pass the Host on (nginx: proxy_set_header Host $host)"
+        );
     }
 }
 
@@ -239,9 +266,8 @@ mod tests {
             // Some browsers ask DNS for these.
             "app.localhost:8080",
         ] {
-            assert_eq!(
-                check(&p, &[rebinding]),
-                Err(Refusal::HostNotAllowed),
+            assert!(
+                matches!(check(&p, &[rebinding]), Err(Refusal::HostNotAllowed(_))),
                 "{rebinding}"
             );
         }
@@ -254,7 +280,15 @@ mod tests {
         assert!(!p.accepts_any(), "a list closes the default");
         assert_eq!(check(&p, &["chat.example.com:443"]), Ok(()));
         assert_eq!(check(&p, &["CHAT.EXAMPLE.COM"]), Ok(()));
-        assert_eq!(check(&p, &["other.example"]), Err(Refusal::HostNotAllowed));
+        assert_eq!(
+            check(&p, &["other.example"]),
+            Err(Refusal::HostNotAllowed("other.example".into()))
+        );
+        assert!(
+            Refusal::HostNotAllowed("other.example".into())
+                .to_string()
+                .contains("this request's Host is other.example"),
+        );
         assert_eq!(
             check(&p, &["192.168.1.5:8080"]),
             Ok(()),
@@ -325,9 +359,11 @@ mod tests {
                 .body(())
                 .expect("request")
         };
-        assert_eq!(
-            p.check(&absolute("http://evil.example/ws", "localhost:8080")),
-            Err(Refusal::HostNotAllowed),
+        assert!(
+            matches!(
+                p.check(&absolute("http://evil.example/ws", "localhost:8080")),
+                Err(Refusal::HostNotAllowed(_))
+            ),
             "RFC 9112, 3.2.2"
         );
         assert_eq!(

@@ -14,8 +14,10 @@ pub enum Refusal {
     NotFound,
     /// No `Host`, two, or one that is not a host.
     BadHost,
-    /// The `Host` is not one this server answers to (see `crate::admission::host`).
-    HostNotAllowed,
+    /// The `Host` is not one this server answers to (see
+    /// `crate::admission::host`): the name it gave (well formed, so safe
+    /// to show).
+    HostNotAllowed(String),
     /// An upgrade with a method other than `GET`.
     MethodNotAllowed,
     /// An upgrade with a body.
@@ -54,7 +56,7 @@ impl Refusal {
             Refusal::BadHost | Refusal::BadUpgrade(_) | Refusal::BadResume(_) => {
                 StatusCode::BAD_REQUEST
             }
-            Refusal::HostNotAllowed => StatusCode::FORBIDDEN,
+            Refusal::HostNotAllowed(_) => StatusCode::FORBIDDEN,
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::BodyNotAllowed => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
@@ -72,7 +74,7 @@ impl Refusal {
         match self {
             Refusal::NotFound => "not_found",
             Refusal::BadHost => "bad_host",
-            Refusal::HostNotAllowed => "host_not_allowed",
+            Refusal::HostNotAllowed(_) => "host_not_allowed",
             Refusal::MethodNotAllowed => "method_not_allowed",
             Refusal::BodyNotAllowed => "body_not_allowed",
             Refusal::BadUpgrade(_) => "bad_upgrade",
@@ -90,12 +92,18 @@ impl Refusal {
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Refusal::HostNotAllowed(host) = self {
+            return write!(
+                f,
+                "host not allowed: this request's Host is {host}, and this server answers to the \
+                 names given with --public-host (behind a proxy, give it the public name, and have \
+                 the proxy pass the Host on: nginx's proxy_set_header Host $host)"
+            );
+        }
         f.write_str(match self {
             Refusal::NotFound => "not found: the chat is at /ws",
             Refusal::BadHost => "a request needs exactly one well-formed Host header",
-            Refusal::HostNotAllowed => {
-                "host not allowed: this server answers to the names given with --public-host"
-            }
+            Refusal::HostNotAllowed(_) => unreachable!("written above"),
             Refusal::MethodNotAllowed => "a WebSocket handshake is a GET",
             Refusal::BodyNotAllowed => "a WebSocket handshake has no body",
             Refusal::BadUpgrade(why) | Refusal::BadResume(why) | Refusal::NotServing(why) => why,

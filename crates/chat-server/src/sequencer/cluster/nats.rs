@@ -348,7 +348,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
     let js = jetstream::new(client);
     let stream_err = |e: &dyn std::fmt::Display| ClusterError::Stream {
         stream: settings.stream.clone(),
-        detail: e.to_string(),
+        detail: with_hint(&e.to_string(), &settings.url),
     };
     let subject = subject(&settings.stream);
     let terms = Terms::of(settings);
@@ -644,6 +644,23 @@ impl Connected {
     }
 }
 
+/// `detail`, with what to do when it says JetStream is not there: a
+/// nats-server started without it answers no JetStream request.
+fn with_hint(detail: &str, url: &str) -> String {
+    let lower = detail.to_lowercase();
+    if lower.contains("jetstream unavailable")
+        || lower.contains("no responders")
+        || lower.contains("jetstream not enabled")
+    {
+        format!(
+            "{detail}: the NATS server at {url} answers, but not with JetStream; start nats-server \
+             with -js (or a jetstream {{}} block in its configuration)"
+        )
+    } else {
+        detail.to_owned()
+    }
+}
+
 /// The rules fingerprint of the stream's last command, if it holds one.
 async fn last_rules(stream: &stream::Stream, subject: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -816,5 +833,13 @@ mod tests {
         assert_eq!(Terms::recorded(&metadata), None);
         chat.record(&mut metadata);
         assert_eq!(Terms::recorded(&metadata), Some(chat));
+    }
+
+    #[test]
+    fn a_nats_server_without_jetstream_is_named_with_the_fix() {
+        let said = with_hint("jetstream unavailable", "nats://127.0.0.1:4222");
+        assert!(said.contains("nats://127.0.0.1:4222"), "{said}");
+        assert!(said.contains("-js"), "{said}");
+        assert_eq!(with_hint("timed out", "nats://x"), "timed out");
     }
 }
