@@ -31,7 +31,7 @@ async fn a_message_at_every_reaction_limit_is_still_delivered_and_replayed() {
         identity: IdentityMode::Pseudonym,
         ..test_config()
     };
-    let identity = Identity::new(IdentityMode::Pseudonym, "test");
+    let identity = Identity::new(IdentityMode::Pseudonym, support::TEST_SECRET);
     let places = config.max_reactors_per_emoji.min(REACTORS.len());
     let server = TestServer::start(config).await;
 

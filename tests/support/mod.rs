@@ -24,6 +24,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
+/// The identity secret of [`test_config`] (as long as a real one must be).
+pub const TEST_SECRET: &str = "a secret for the tests, long enough";
+
 /// How long a test waits for something that should happen at once.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -38,7 +41,7 @@ pub fn test_config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         identity: IdentityMode::RawIp,
-        identity_secret: Some("test".into()),
+        identity_secret: Some(TEST_SECRET.into()),
         in_memory: true,
         ..Config::default()
     }

@@ -92,18 +92,17 @@ impl Refusal {
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Refusal::HostNotAllowed(host) = self {
-            return write!(
-                f,
-                "host not allowed: this request's Host is {host}, and this server answers to the \
-                 names given with --public-host (behind a proxy, give it the public name, and have \
-                 the proxy pass the Host on: nginx's proxy_set_header Host $host)"
-            );
-        }
-        f.write_str(match self {
+        let text = match self {
             Refusal::NotFound => "not found: the chat is at /ws",
             Refusal::BadHost => "a request needs exactly one well-formed Host header",
-            Refusal::HostNotAllowed(_) => unreachable!("written above"),
+            Refusal::HostNotAllowed(host) => {
+                return write!(
+                    f,
+                    "host not allowed: this request's Host is {host}, and this server answers to \
+                     the names given with --public-host (behind a proxy, give it the public name, \
+                     and have the proxy pass the Host on: nginx's proxy_set_header Host $host)"
+                );
+            }
             Refusal::MethodNotAllowed => "a WebSocket handshake is a GET",
             Refusal::BodyNotAllowed => "a WebSocket handshake has no body",
             Refusal::BadUpgrade(why) | Refusal::BadResume(why) | Refusal::NotServing(why) => why,
@@ -113,6 +112,7 @@ impl fmt::Display for Refusal {
             Refusal::TooManyFromAddress => "too many connections from your address",
             Refusal::TooManyPendingFromAddress => "too many unfinished requests from your address",
             Refusal::ServerFull => "server at its connection limit, try again later",
-        })
+        };
+        f.write_str(text)
     }
 }
