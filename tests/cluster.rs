@@ -1390,16 +1390,23 @@ impl Relay {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_cut_off_while_entries_it_needed_were_dropped_stops() {
-    let nats = NatsServer::start();
+/// Node a, reaching `nats` through a [`Relay`] the test can cut, and node
+/// b, reaching it directly.
+async fn relayed_and_direct(nats: &NatsServer) -> (Relay, TestServer, TestServer) {
     let relay = Relay::start(nats.port).await;
     let a = start(Config {
         cluster: Some(relay.url()),
-        ..node(&nats, "a")
+        ..node(nats, "a")
     })
     .await;
-    let b = start(node(&nats, "b")).await;
+    let b = start(node(nats, "b")).await;
+    (relay, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_while_entries_it_needed_were_dropped_stops() {
+    let nats = NatsServer::start();
+    let (relay, a, b) = relayed_and_direct(&nats).await;
     let mut c = b.client(2).await;
     c.say("both saw this").await;
     c.message().await;
@@ -1603,13 +1610,7 @@ fn node_like(config: &Config, name: &str) -> Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_whose_ack_is_lost_is_retried_and_shows_up_once_for_its_sender() {
     let nats = NatsServer::start();
-    let relay = Relay::start(nats.port).await;
-    let a = start(Config {
-        cluster: Some(relay.url()),
-        ..node(&nats, "a")
-    })
-    .await;
-    let b = start(node(&nats, "b")).await;
+    let (relay, a, b) = relayed_and_direct(&nats).await;
     let mut c = a.client(2).await;
     c.say("before").await;
     c.message().await;
