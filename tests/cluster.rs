@@ -888,6 +888,19 @@ async fn with_three_replicas_the_chat_outlives_a_nats_server() {
     }
 }
 
+/// A client of `old`'s epoch resuming on `server` is told to start over
+/// (`reset: epoch_changed`).
+async fn resumes_with_an_epoch_reset(server: &TestServer, old: &SyncPoint) {
+    let path = format!("/ws?since={}&epoch={}", old.position, old.epoch);
+    let mut resumed = server.try_client(5, &path, &[]).await.expect("ws");
+    match resumed.frame().await {
+        ServerFrame::Reset(reset) => {
+            assert_eq!(reset.reason, chat_proto::ResetReason::EpochChanged);
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
+
 /// Waits until `server`'s `/healthz` is 503 with `why` in its body.
 async fn stops_with(server: &TestServer, why: &str) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -949,14 +962,7 @@ async fn a_recreated_stream_stops_the_nodes_that_applied_the_old_one() {
     let (messages, new) = history(&b).await;
     assert!(messages.is_empty(), "{messages:?}");
     assert_ne!(new.epoch, old.epoch);
-    let path = format!("/ws?since={}&epoch={}", old.position, old.epoch);
-    let mut resumed = b.try_client(5, &path, &[]).await.expect("ws");
-    match resumed.frame().await {
-        ServerFrame::Reset(reset) => {
-            assert_eq!(reset.reason, chat_proto::ResetReason::EpochChanged);
-        }
-        other => panic!("expected a reset, got {other:?}"),
-    }
+    resumes_with_an_epoch_reset(&b, &old).await;
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -1260,14 +1266,7 @@ async fn a_lost_tail_starts_a_new_epoch_that_every_node_agrees_on() {
     assert_eq!(texts, expected);
     assert_ne!(new.epoch, old.epoch);
     assert_eq!(new.position, Position(survived as u64));
-    let path = format!("/ws?since={}&epoch={}", old.position, old.epoch);
-    let mut resumed = d.try_client(5, &path, &[]).await.expect("ws");
-    match resumed.frame().await {
-        ServerFrame::Reset(reset) => {
-            assert_eq!(reset.reason, chat_proto::ResetReason::EpochChanged);
-        }
-        other => panic!("expected a reset, got {other:?}"),
-    }
+    resumes_with_an_epoch_reset(&d, &old).await;
     // New messages take the lost positions, in the new epoch.
     let mut c = d.client(3).await;
     for i in 0..2 {
