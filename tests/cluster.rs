@@ -1598,6 +1598,47 @@ async fn a_nats_server_without_jetstream_is_named_with_the_fix() {
     assert!(err.contains("start nats-server with -js"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_reach_nats_at_start_says_where_and_stops() {
+    let port = NatsServer::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let config = Config {
+        cluster: Some(url.clone()),
+        node_id: Some("a".into()),
+        ..test_config()
+    };
+    // Nothing there for all of the first 10 s: the node stops, naming the
+    // URL and what to check.
+    let started = std::time::Instant::now();
+    let err = chat_server::Server::bind(config.clone())
+        .await
+        .expect_err("no NATS")
+        .to_string();
+    let took = started.elapsed();
+    assert!(
+        err.starts_with(&format!("cannot reach NATS at {url}: ")),
+        "{err}"
+    );
+    assert!(err.contains("nats-server -js"), "{err}");
+    assert!(err.contains("--cluster"), "{err}");
+    assert!(
+        took >= std::time::Duration::from_secs(9) && took < std::time::Duration::from_secs(20),
+        "gave up after {took:?}"
+    );
+
+    // NATS that comes up while the node tries (a machine's boot, where the
+    // node's unit started first) is joined.
+    let node = tokio::spawn(TestServer::start(config));
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(!node.is_finished(), "still trying");
+    let nats = NatsServer::start_on(port);
+    let node = node.await.expect("bound once NATS came up");
+    serving(&node).await;
+    node.still_serves().await;
+    node.shutdown().await;
+    drop(nats);
+}
+
 /// `config` for another node, `name`.
 fn node_like(config: &Config, name: &str) -> Config {
     Config {

@@ -60,8 +60,18 @@ fn free_port() -> u16 {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_on(free_port())
+    }
+
+    /// A port no one listens on yet, for a server started later with
+    /// [`start_on`](Self::start_on).
+    pub fn free_port() -> u16 {
+        free_port()
+    }
+
+    /// On a chosen port (a node told to use it before it is up).
+    pub fn start_on(port: u16) -> NatsServer {
         let bin = bin();
-        let port = free_port();
         let store = tempfile::tempdir().expect("store dir");
         let child = spawn(&bin, port, store.path());
         NatsServer {

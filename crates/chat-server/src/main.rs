@@ -3,14 +3,25 @@
 
 use chat_server::{Config, Server, Stopped, shutdown};
 use clap::Parser;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
+/// The filter when `RUST_LOG` is not set: this server's `info`, and only
+/// warnings from the NATS client, whose own `info` lines repeat every
+/// reconnection try (the node logs what an operator needs to know about
+/// NATS itself, with the URL).
+const DEFAULT_LOG: &str = "info,async_nats=warn";
+
 fn main() -> ExitCode {
+    // Colours only for a person at a terminal (https://no-color.org).
+    let ansi = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG)),
         )
+        .with_ansi(ansi)
         .init();
     let config = Config::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

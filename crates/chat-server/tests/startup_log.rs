@@ -86,3 +86,13 @@ fn an_open_host_list_is_announced_only_off_loopback() {
     ]);
     assert!(!mentions(&named, "every Host is accepted"), "{named:#?}");
 }
+
+#[test]
+fn a_log_that_is_not_a_terminal_has_no_colours() {
+    let lines = start_up_lines(&["--listen", "127.0.0.1:0", "--in-memory"]);
+    assert!(mentions(&lines, "listening"), "{lines:#?}");
+    assert!(
+        !lines.iter().any(|l| l.contains('\x1b')),
+        "escape codes on a pipe: {lines:#?}"
+    );
+}

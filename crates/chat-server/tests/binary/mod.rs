@@ -20,7 +20,8 @@ pub fn logging(args: &[&str]) -> Child {
     Command::new(program())
         .args(args)
         .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
+        // Not set: the log is on a pipe, which alone must turn colours off.
+        .env_remove("NO_COLOR")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

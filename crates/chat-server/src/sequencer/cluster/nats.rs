@@ -13,6 +13,10 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tracing::warn;
 
+/// How long a node tries to reach NATS at start before it stops and says
+/// why (a process supervisor starts it again).
+pub(crate) const FIRST_CONNECT: Duration = Duration::from_secs(10);
+
 /// Why the cluster could not be joined.
 #[derive(Debug, Error)]
 pub enum ClusterError {
@@ -302,49 +306,71 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
     let (reconnected_tx, reconnected) = watch::channel(0u64);
     let reconnected_tx = Arc::new(reconnected_tx);
     let lost_since: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let lost = Arc::clone(&lost_since);
-    let client = async_nats::ConnectOptions::new()
-        .event_callback(move |event| {
-            let tx = Arc::clone(&reconnected_tx);
-            let lost = Arc::clone(&lost);
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        *lost.lock().unwrap_or_else(PoisonError::into_inner) = None;
-                        tx.send_modify(|n| *n += 1);
-                        tracing::info!("connected to NATS");
+    let options = || {
+        let reconnected_tx = Arc::clone(&reconnected_tx);
+        let lost = Arc::clone(&lost_since);
+        async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                let tx = Arc::clone(&reconnected_tx);
+                let lost = Arc::clone(&lost);
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            *lost.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                            tx.send_modify(|n| *n += 1);
+                            tracing::info!("connected to NATS");
+                        }
+                        async_nats::Event::Disconnected => {
+                            lost.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .get_or_insert_with(Instant::now);
+                            warn!("lost NATS: commands are refused until it is back; reads go on");
+                        }
+                        other => tracing::debug!(event = %other, "NATS"),
                     }
-                    async_nats::Event::Disconnected => {
-                        lost.lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .get_or_insert_with(Instant::now);
-                        warn!("lost NATS: commands are refused until it is back; reads go on");
-                    }
-                    other => tracing::debug!(event = %other, "NATS"),
                 }
+            })
+            .name(format!("chat-server {}", settings.node))
+            .connection_timeout(Duration::from_secs(5))
+            // Backoff from 50 ms doubling to 2 s: a NATS restart costs a
+            // node seconds of "unavailable", not the client's default
+            // minutes. Once connected, the client reconnects for ever.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis(50u64 << attempts.min(6)).min(Duration::from_secs(2))
+            })
+    };
+    // The first connection is this node's own loop, not the client's
+    // `retry_on_initial_connect` (which waits for ever, silently): each
+    // failed try is named with the URL, and after `FIRST_CONNECT` the node
+    // stops with what to check.
+    let deadline = Instant::now() + FIRST_CONNECT;
+    let mut tries = 0u32;
+    let client = loop {
+        match options().connect(settings.url.as_str()).await {
+            Ok(client) => break client,
+            Err(e) => {
+                tries += 1;
+                if Instant::now() >= deadline {
+                    return Err(ClusterError::Connect {
+                        url: settings.url.clone(),
+                        detail: format!(
+                            "{e} ({tries} tries in {} s). Is nats-server running there, with \
+                             JetStream (`nats-server -js`)? Is --cluster (CHAT_CLUSTER) right?",
+                            FIRST_CONNECT.as_secs()
+                        ),
+                    });
+                }
+                if tries == 1 {
+                    warn!(
+                        url = %settings.url,
+                        "cannot reach NATS: {e}; trying again every second for {} s",
+                        FIRST_CONNECT.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        })
-        .name(format!("chat-server {}", settings.node))
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
-        // Backoff from 50 ms doubling to 2 s: a NATS restart costs a node
-        // seconds of "unavailable", not the client's default minutes.
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis(50u64 << attempts.min(6)).min(Duration::from_secs(2))
-        })
-        .connect(settings.url.as_str());
-    // `retry_on_initial_connect` would wait for ever; a node that cannot
-    // reach NATS at start says so instead.
-    let client = tokio::time::timeout(Duration::from_secs(10), client)
-        .await
-        .map_err(|_| ClusterError::Connect {
-            url: settings.url.clone(),
-            detail: "no answer within 10 s".into(),
-        })?
-        .map_err(|e| ClusterError::Connect {
-            url: settings.url.clone(),
-            detail: e.to_string(),
-        })?;
+        }
+    };
     let js = jetstream::new(client);
     let stream_err = |e: &dyn std::fmt::Display| ClusterError::Stream {
         stream: settings.stream.clone(),
@@ -655,6 +681,11 @@ fn with_hint(detail: &str, url: &str) -> String {
         format!(
             "{detail}: the NATS server at {url} answers, but not with JetStream; start nats-server \
              with -js (or a jetstream {{}} block in its configuration)"
+        )
+    } else if lower.contains("timed out") {
+        format!(
+            "{detail}: the NATS server at {url} took the request but no JetStream answered in \
+             time; with --cluster-replicas 3, are at least two of its servers up and routed?"
         )
     } else {
         detail.to_owned()
