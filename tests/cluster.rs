@@ -697,20 +697,31 @@ async fn a_node_that_meets_an_unknown_envelope_stops_and_says_so() {
     b.shutdown().await;
 }
 
-/// A client from `127.0.0.<n>` through nginx.
+/// A client from `127.0.0.<n>` through nginx. Like a real client it tries
+/// again on 502, which nginx answers while every node it knows has failed
+/// within `fail_timeout` (deploy/nginx.conf: passive checks only), for at
+/// most a few times that.
 async fn via(nginx: &support::nginx::Nginx, n: u8, path: &str) -> support::Client {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(std::net::SocketAddr::from(([127, 0, 0, n], 0)))
-        .expect("bind");
-    let stream = socket
-        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], nginx.port)))
-        .await
-        .expect("connect to nginx");
-    let (ws, _) = tokio_tungstenite::client_async(nginx.url(path), stream)
-        .await
-        .expect("handshake through nginx");
-    support::Client { ws }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(8);
+    loop {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, n], 0)))
+            .expect("bind");
+        let stream = socket
+            .connect(std::net::SocketAddr::from(([127, 0, 0, 1], nginx.port)))
+            .await
+            .expect("connect to nginx");
+        match tokio_tungstenite::client_async(nginx.url(path), stream).await {
+            Ok((ws, _)) => return support::Client { ws },
+            Err(tokio_tungstenite::tungstenite::Error::Http(r))
+                if r.status() == 502 && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("handshake through nginx: {e}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -859,6 +870,15 @@ async fn with_three_replicas_the_chat_outlives_a_nats_server() {
     for i in 0..5 {
         confirmed.push(say_until_confirmed(&mut sender, &format!("after {i}")).await);
     }
+    // A node given several servers starts while one of them is down.
+    let d = start(Config {
+        cluster: Some(format!("{},{}", urls[0], urls[1])),
+        ..on(0, "d")
+    })
+    .await;
+    d.still_serves().await;
+    confirmed.push("are you there?".into());
+    d.shutdown().await;
 
     // Every confirmed message is on node b (once it has applied what
     // node a has), in the order confirmed.

@@ -1,13 +1,52 @@
-//! A real nginx in front of cluster nodes, as an operator would put it:
-//! WebSocket upgrades passed through, `X-Forwarded-For` set, and a node
-//! that refuses or is gone skipped for the next. Runs `nginx` from `PATH`
-//! (or `$NGINX_BIN`) in the foreground with its own prefix directory;
-//! `.ci/run` installs Debian's.
+//! A real nginx in front of cluster nodes, with the configuration an
+//! operator is given: `deploy/nginx.conf`, with only its node addresses and
+//! its port replaced. Runs `nginx` from `PATH` (or `$NGINX_BIN`) in the
+//! foreground with its own prefix directory; `.ci/run` installs Debian's.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The documented configuration (`http {}` context).
+const DEPLOYED: &str = include_str!("../../deploy/nginx.conf");
+
+/// `DEPLOYED` with `upstreams` for its nodes and nginx on `port`. Panics if
+/// the file no longer has the shape this replaces, so that the document
+/// and the tests cannot drift apart unnoticed.
+pub fn site(upstreams: &[SocketAddr], port: u16) -> String {
+    let mut out = String::new();
+    let (mut in_upstream, mut nodes, mut listens) = (false, 0, 0);
+    for line in DEPLOYED.lines() {
+        let code = line.trim();
+        if code.starts_with("upstream chat {") {
+            in_upstream = true;
+        } else if in_upstream && code == "}" {
+            in_upstream = false;
+        } else if in_upstream && code.starts_with("server ") {
+            nodes += 1;
+            if nodes == 1 {
+                // The documented parameters (max_fails, ...), kept.
+                let params: Vec<&str> = code.trim_end_matches(';').split_whitespace().collect();
+                for a in upstreams {
+                    out.push_str(&format!("    server {a} {};\n", params[2..].join(" ")));
+                }
+            }
+            continue;
+        } else if code.starts_with("listen ") {
+            listens += 1;
+            out.push_str(&format!("    listen 127.0.0.1:{port};\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(
+        nodes > 0 && listens == 1,
+        "deploy/nginx.conf: expected `server` lines in `upstream chat` and one `listen`"
+    );
+    out
+}
 
 pub struct Nginx {
     child: Child,
@@ -32,10 +71,7 @@ impl Nginx {
             .port();
         let dir = tempfile::tempdir().expect("prefix dir");
         let d = dir.path().display();
-        let servers: String = upstreams
-            .iter()
-            .map(|a| format!("    server {a} max_fails=0;\n"))
-            .collect();
+        std::fs::write(dir.path().join("chat.conf"), site(upstreams, port)).expect("chat.conf");
         let conf = format!(
             "daemon off;
 master_process off;
@@ -50,22 +86,7 @@ http {{
   fastcgi_temp_path {d}/fastcgi;
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
-  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
-  upstream chat {{
-{servers}  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://chat;
-      proxy_http_version 1.1;
-      proxy_set_header Upgrade $http_upgrade;
-      proxy_set_header Connection $connection_upgrade;
-      proxy_set_header Host $host;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_read_timeout 1h;
-      proxy_next_upstream error timeout http_503;
-    }}
-  }}
+  include {d}/chat.conf;
 }}
 "
         );

@@ -37,8 +37,9 @@ pub struct Config {
 
     // --- Cluster -----------------------------------------------------------
     /// Run as one node of a cluster ordered by this NATS server's
-    /// JetStream (for example `nats://127.0.0.1:4222`). Without it, the
-    /// server is a single node with its own store.
+    /// JetStream (for example `nats://127.0.0.1:4222`, or several of a NATS
+    /// cluster's servers separated by commas). Without it, the server is a
+    /// single node with its own store.
     #[arg(long, env = "CHAT_CLUSTER")]
     pub cluster: Option<String>,
 
@@ -536,6 +537,16 @@ impl Config {
                 secret.expose().chars().count()
             ));
         }
+        if let Some(urls) = &self.cluster {
+            for url in urls.split(',').map(str::trim) {
+                url.parse::<async_nats::ServerAddr>().map_err(|e| {
+                    format!(
+                        "--cluster: `{url}` is not a NATS URL ({e}); give one like \
+                         nats://127.0.0.1:4222, or several separated by commas"
+                    )
+                })?;
+            }
+        }
         if self.cluster.is_some() && !(1..=5).contains(&self.cluster_replicas) {
             return Err("--cluster-replicas must be 1 to 5".into());
         }
@@ -631,6 +642,19 @@ mod tests {
         assert_eq!(c.message_rate, 60);
         assert_eq!(c.rate_window, Duration::from_secs(60));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_cluster_url_is_checked_and_may_list_several_servers() {
+        let with = |url: &str| {
+            Config::try_parse_from(["chat-server", "--cluster", url, "--identity", "raw-ip"])
+                .expect("parses")
+                .validate()
+        };
+        assert!(with("nats://127.0.0.1:4222").is_ok());
+        assert!(with("nats://10.0.0.1:4222, nats://10.0.0.2:4222").is_ok());
+        let err = with("nats://127.0.0.1:4222,http://[::1").expect_err("not a URL");
+        assert!(err.contains("`http://[::1` is not a NATS URL"), "{err}");
     }
 
     #[test]

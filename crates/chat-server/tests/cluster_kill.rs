@@ -18,16 +18,11 @@ mod nginx;
 
 mod binary;
 
-use binary::ServerProcess;
-use chat_proto::{ClientFrame, Message, SendMessage, ServerFrame, SyncPoint};
-use futures_util::{SinkExt, StreamExt};
+use binary::ws::{connect, frame, frame_of, say, until_sync};
+use binary::{ServerProcess, serving};
+use chat_proto::ServerFrame;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
-use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// A node of the cluster on `nats`, its data in `dir`, trusting nginx's
 /// `X-Forwarded-For`.
@@ -48,93 +43,6 @@ fn node(nats: &nats::NatsServer, name: &str, dir: &Path, port: u16) -> ServerPro
             "5",
         ],
     )
-}
-
-/// Waits until the node at `port` says it serves.
-async fn serving(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let _ = s
-                .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .await;
-            let mut answer = Vec::new();
-            let _ = s.read_to_end(&mut answer).await;
-            if answer.starts_with(b"HTTP/1.1 200") {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "node on {port} never served");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A client from `127.0.0.<n>` to `port` (a node, or nginx).
-async fn connect(port: u16, n: u8, path: &str) -> Ws {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::from(([127, 0, 0, n], 0)))
-        .expect("bind");
-    let stream = socket
-        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-        .expect("connect");
-    let url = format!("ws://127.0.0.1:{port}{path}");
-    tokio_tungstenite::client_async(url, stream)
-        .await
-        .expect("handshake")
-        .0
-}
-
-/// The next frame, or `None` once the connection is gone.
-async fn frame(ws: &mut Ws) -> Option<ServerFrame> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next())
-            .await
-            .expect("a frame within 20 s")
-        {
-            Some(Ok(WsMessage::Text(t))) => {
-                return Some(ServerFrame::decode(&t).expect("server frames decode"));
-            }
-            Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return None,
-            Some(Ok(_)) => {}
-        }
-    }
-}
-
-/// Messages up to the next `sync`.
-async fn until_sync(ws: &mut Ws) -> (Vec<Message>, SyncPoint) {
-    let mut messages = Vec::new();
-    loop {
-        match frame(ws).await.expect("the connection lives") {
-            ServerFrame::Message(m) => messages.push(m),
-            ServerFrame::Sync(s) => return (messages, s),
-            other => panic!("{other:?}"),
-        }
-    }
-}
-
-/// Says `text` and waits for its broadcast: confirmed by the cluster.
-async fn say(ws: &mut Ws, text: &str) {
-    let frame = ClientFrame::SendMessage(SendMessage {
-        text: text.into(),
-        author_name: None,
-    });
-    ws.send(WsMessage::text(frame.encode()))
-        .await
-        .expect("send");
-    loop {
-        match frame_of(ws).await {
-            ServerFrame::Message(m) if m.text == text => return,
-            ServerFrame::Message(_) => {}
-            other => panic!("{other:?}"),
-        }
-    }
-}
-
-async fn frame_of(ws: &mut Ws) -> ServerFrame {
-    frame(ws).await.expect("the connection lives")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,10 @@ use tracing::warn;
 /// why (a process supervisor starts it again).
 pub(crate) const FIRST_CONNECT: Duration = Duration::from_secs(10);
 
+/// How long a node that reached NATS waits at start for JetStream to
+/// answer (through a leader election, say) before it stops and says why.
+pub(crate) const STREAM_AT_START: Duration = Duration::from_secs(30);
+
 /// Why the cluster could not be joined.
 #[derive(Debug, Error)]
 pub enum ClusterError {
@@ -343,10 +347,13 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
     // `retry_on_initial_connect` (which waits for ever, silently): each
     // failed try is named with the URL, and after `FIRST_CONNECT` the node
     // stops with what to check.
+    // One URL, or several separated by commas (a NATS cluster's servers:
+    // the first that answers is taken, and the client learns the rest).
+    let servers: Vec<&str> = settings.url.split(',').map(str::trim).collect();
     let deadline = Instant::now() + FIRST_CONNECT;
     let mut tries = 0u32;
     let client = loop {
-        match options().connect(settings.url.as_str()).await {
+        match options().connect(servers.as_slice()).await {
             Ok(client) => break client,
             Err(e) => {
                 tries += 1;
@@ -395,10 +402,23 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         },
         ..Default::default()
     };
-    let mut stream = js
-        .get_or_create_stream(wanted.clone())
-        .await
-        .map_err(|e| stream_err(&e))?;
+    // JetStream may be electing a leader (a NATS server just restarted):
+    // its requests then time out for seconds, and the node asks again.
+    let deadline = Instant::now() + STREAM_AT_START;
+    let mut stream = loop {
+        match js.get_or_create_stream(wanted.clone()).await {
+            Ok(stream) => break stream,
+            Err(e)
+                if Instant::now() < deadline
+                    && (e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut
+                        || e.to_string().contains("temporarily unavailable")) =>
+            {
+                warn!(url = %settings.url, "JetStream did not answer ({e}); asking again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(stream_err(&e)),
+        }
+    };
     // An existing stream (made by an earlier start with other flags, or by
     // hand) is taken only if cluster mode can rely on it, and brought to
     // the flags where JetStream can change it.
