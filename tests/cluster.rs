@@ -1767,3 +1767,36 @@ async fn readyz_tells_a_node_without_nats_from_one_that_cannot_serve() {
     }
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_one_nats_server_and_two_nodes_on_one_directory_are_named_with_the_fix() {
+    let nats = NatsServer::start();
+    let err = chat_server::Server::bind(Config {
+        cluster_replicas: 3,
+        ..node(&nats, "a")
+    })
+    .await
+    .expect_err("R3 on one server")
+    .to_string();
+    assert!(err.contains("replicas > 1 not supported"), "{err}");
+    assert!(
+        err.contains("needs a NATS cluster of three or more servers")
+            && err.contains("use --cluster-replicas 1"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().expect("dir");
+    let on_dir = |name: &str| Config {
+        in_memory: false,
+        data_dir: dir.path().into(),
+        ..node(&nats, name)
+    };
+    let a = start(on_dir("a")).await;
+    let err = chat_server::Server::bind(on_dir("b"))
+        .await
+        .expect_err("one directory, two nodes")
+        .to_string();
+    assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    assert!(err.contains("its own --data-dir"), "{err}");
+    a.shutdown().await;
+}

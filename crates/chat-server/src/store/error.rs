@@ -15,7 +15,11 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// Another process holds the data directory's lock.
-    #[error("data directory {path} is in use by another running server")]
+    #[error(
+        "data directory {path} is in use by another running server: give each server (each \
+         cluster node) its own --data-dir (CHAT_DATA_DIR), e.g. chat-data/node-1 and \
+         chat-data/node-2; the lock ends with the process that holds it"
+    )]
     Locked {
         /// The directory.
         path: PathBuf,

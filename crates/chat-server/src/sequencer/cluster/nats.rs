@@ -702,6 +702,14 @@ fn with_hint(detail: &str, url: &str) -> String {
             "{detail}: the NATS server at {url} answers, but not with JetStream; start nats-server \
              with -js (or a jetstream {{}} block in its configuration)"
         )
+    } else if lower.contains("replicas > 1 not supported")
+        || lower.contains("insufficient resources")
+    {
+        format!(
+            "{detail}: the NATS server at {url} cannot hold that many replicas. \
+             --cluster-replicas 3 needs a NATS cluster of three or more servers with JetStream \
+             (deploy/nats-server.conf); with one nats-server, use --cluster-replicas 1"
+        )
     } else if lower.contains("timed out") {
         format!(
             "{detail}: the NATS server at {url} took the request but no JetStream answered in \
