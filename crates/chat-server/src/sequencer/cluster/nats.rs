@@ -899,6 +899,18 @@ mod tests {
         let said = with_hint("jetstream unavailable", "nats://127.0.0.1:4222");
         assert!(said.contains("nats://127.0.0.1:4222"), "{said}");
         assert!(said.contains("-js"), "{said}");
-        assert_eq!(with_hint("timed out", "nats://x"), "timed out");
+        // A timeout and a replica count one server cannot hold get their
+        // own hints; anything else is passed on as it is.
+        let said = with_hint("timed out", "nats://x");
+        assert!(said.contains("no JetStream answered in time"), "{said}");
+        let said = with_hint(
+            "replicas > 1 not supported in non-clustered mode",
+            "nats://x",
+        );
+        assert!(said.contains("use --cluster-replicas 1"), "{said}");
+        assert_eq!(
+            with_hint("stream not found", "nats://x"),
+            "stream not found"
+        );
     }
 }
