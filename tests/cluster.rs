@@ -1172,51 +1172,6 @@ async fn the_epoch_is_stored_with_the_stream_and_outlives_an_operators_edit() {
     b.shutdown().await;
 }
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
-/// A power loss on the NATS host: `nats` dies, and what it had not
-/// fsync'd is gone (here, the end of the stream's newest block, and its
-/// index); then it starts again.
-fn lose_the_tail(nats: &mut NatsServer) {
-    nats.kill();
-    let block = files_under(nats.store())
-        .into_iter()
-        .find(|p| {
-            p.extension().is_some_and(|e| e == "blk")
-                && p.to_string_lossy().contains("/streams/chat/")
-        })
-        .expect("the stream's block file");
-    let size = std::fs::metadata(&block).expect("block").len();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&block)
-        .expect("open");
-    file.set_len(size * 2 / 3).expect("truncate");
-    for path in files_under(block.parent().and_then(|p| p.parent()).expect("stream dir")) {
-        let name = path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        if name == "index.db" || name.ends_with(".idx") {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-    nats.restart();
-}
-
 /// The entries of the stream `chat` now, as text.
 async fn entries(js: &async_nats::jetstream::Context) -> Vec<String> {
     let mut stream = js.get_stream("chat").await.expect("stream");
@@ -1249,7 +1204,7 @@ async fn a_lost_tail_starts_a_new_epoch_that_every_node_agrees_on() {
     }
     let (_, old) = history_from(&b, Position(6)).await;
     assert_eq!(history(&a).await.1, old, "both applied everything");
-    lose_the_tail(&mut nats);
+    nats.lose_the_tail();
     // The stream now ends before what a and b applied: both stop serving
     // it, and say why.
     for node in [&a, &b] {
@@ -1476,7 +1431,7 @@ async fn a_node_away_while_the_stream_lost_its_tail_and_grew_again_stops() {
     // Node a loses NATS; meanwhile NATS loses its tail, and a new node
     // posts enough that the stream is longer than what a applied.
     relay.cut();
-    lose_the_tail(&mut nats);
+    nats.lose_the_tail();
     let d = start(node(&nats, "d")).await;
     let mut c = d.client(3).await;
     for i in 0..8 {

@@ -108,6 +108,43 @@ impl NatsServer {
         self.child = spawn(&self.bin, self.port, self.store.path());
     }
 
+    /// A power loss that takes the newest entries of stream `chat` with
+    /// it: SIGKILL, the stream's newest block file cut to two thirds (its
+    /// indexes removed, so the server rebuilds them from what is left),
+    /// and a restart.
+    pub fn lose_the_tail(&mut self) {
+        self.kill();
+        let block = files_under(self.store())
+            .into_iter()
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "blk")
+                    && p.to_string_lossy().contains("/streams/chat/")
+            })
+            .max_by_key(|p| {
+                p.file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| s.parse::<u64>().ok())
+            })
+            .expect("the stream's block file");
+        let size = std::fs::metadata(&block).expect("block").len();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&block)
+            .expect("open");
+        file.set_len(size * 2 / 3).expect("truncate");
+        for path in files_under(block.parent().and_then(|p| p.parent()).expect("stream dir")) {
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if name == "index.db" || name.ends_with(".idx") {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        self.restart();
+    }
+
     /// Its store directory (for tests that damage it, as a power loss
     /// would).
     pub fn store(&self) -> &std::path::Path {
@@ -205,4 +242,18 @@ impl Drop for NatsCluster {
             self.kill(i);
         }
     }
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -379,6 +379,33 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         }
     };
     let js = jetstream::new(client);
+    // JetStream may be electing a leader (a NATS server just restarted, or
+    // a new NATS cluster's first stream): its requests then time out for
+    // seconds. Joining is idempotent, so the node asks again.
+    let deadline = Instant::now() + STREAM_AT_START;
+    loop {
+        match join(&js, settings, reconnected.clone(), Arc::clone(&lost_since)).await {
+            Err(ClusterError::Stream { detail, .. })
+                if Instant::now() < deadline
+                    && (detail.contains("timed out")
+                        || detail.contains("temporarily unavailable")) =>
+            {
+                warn!(url = %settings.url, "JetStream did not answer ({detail}); asking again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            joined => return joined,
+        }
+    }
+}
+
+/// Creates or checks the stream, its snapshot bucket and where to start:
+/// everything of joining after the connection.
+async fn join(
+    js: &jetstream::Context,
+    settings: &Settings,
+    reconnected: watch::Receiver<u64>,
+    lost_since: Arc<Mutex<Option<Instant>>>,
+) -> Result<Connected, ClusterError> {
     let stream_err = |e: &dyn std::fmt::Display| ClusterError::Stream {
         stream: settings.stream.clone(),
         detail: with_hint(&e.to_string(), &settings.url),
@@ -402,23 +429,10 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         },
         ..Default::default()
     };
-    // JetStream may be electing a leader (a NATS server just restarted):
-    // its requests then time out for seconds, and the node asks again.
-    let deadline = Instant::now() + STREAM_AT_START;
-    let mut stream = loop {
-        match js.get_or_create_stream(wanted.clone()).await {
-            Ok(stream) => break stream,
-            Err(e)
-                if Instant::now() < deadline
-                    && (e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut
-                        || e.to_string().contains("temporarily unavailable")) =>
-            {
-                warn!(url = %settings.url, "JetStream did not answer ({e}); asking again");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(stream_err(&e)),
-        }
-    };
+    let mut stream = js
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|e| stream_err(&e))?;
     // An existing stream (made by an earlier start with other flags, or by
     // hand) is taken only if cluster mode can rely on it, and brought to
     // the flags where JetStream can change it.
@@ -484,8 +498,8 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
             .map_err(|e| ClusterError::Stream {
                 stream: settings.stream.clone(),
                 detail: format!(
-                    "cannot change {changes} to what the flags say: {e} \
-                     (more replicas than NATS servers? one nats-server holds R1 only)"
+                    "cannot change {changes} to what the flags say: {}",
+                    with_hint(&e.to_string(), &settings.url)
                 ),
             })?;
         tracing::info!(stream = %settings.stream, %changes, "the stream's settings now follow the flags");
@@ -569,7 +583,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
             applied: 0,
             why: "at start, a snapshot of entries the stream no longer holds".into(),
         };
-        append_new_epoch(&js, &subject, then, rewind, settings.timeout)
+        append_new_epoch(js, &subject, then, rewind, settings.timeout)
             .await
             .map_err(|e| stream_err(&e))?;
         // Caught up once that entry too is applied.
@@ -618,7 +632,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
         });
     }
     Ok(Connected {
-        js,
+        js: js.clone(),
         stream,
         subject,
         node: settings.node.clone(),
