@@ -65,9 +65,9 @@ fn run_secs() -> u64 {
 fn chaos_every_acknowledged_message_survives_and_every_view_agrees() {
     let seed = seed();
     let secs = run_secs();
-    println!(
+    say(&format!(
         "chaos: seed {seed} ({secs} s of faults per NATS shape); replay with CHAOS_SEED={seed}"
-    );
+    ));
     let mut failures = Vec::new();
     for three_nats in [false, true] {
         failures.extend(
@@ -75,6 +75,10 @@ fn chaos_every_acknowledged_message_survives_and_every_view_agrees() {
                 .into_iter()
                 .map(|f| format!("[{} NATS] {f}", if three_nats { 3 } else { 1 })),
         );
+    }
+    say(&format!("chaos: {} problem(s)", failures.len()));
+    for f in &failures {
+        say(&format!("  {f}"));
     }
     assert!(
         failures.is_empty(),
@@ -87,12 +91,12 @@ fn chaos_every_acknowledged_message_survives_and_every_view_agrees() {
 /// One run: returns what failed.
 fn one_shape(seed: u64, secs: u64, three_nats: bool) -> Vec<String> {
     let steps = faults::schedule(seed, Duration::from_secs(secs), three_nats);
-    println!(
+    say(&format!(
         "chaos: {} NATS server(s), {} faults: {:?}",
         if three_nats { 3 } else { 1 },
         steps.len(),
         steps.iter().map(|s| &s.fault).collect::<Vec<_>>()
-    );
+    ));
     let mut cluster = Cluster::start(three_nats);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -137,13 +141,23 @@ fn one_shape(seed: u64, secs: u64, three_nats: bool) -> Vec<String> {
     }
     let agreed = rt.block_on(agreement(&mut cluster, &mut failures));
     let _ = set_target.send(agreed.as_ref().map(|(_, at)| *at));
+    // One deadline for all of them: a client that cannot reach the
+    // target (a node serving something else) must not hold the run.
     let records: Vec<Record> = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut out = Vec::new();
-        for c in clients {
-            match tokio::time::timeout(Duration::from_secs(60), c).await {
+        for (i, c) in clients.into_iter().enumerate() {
+            let abort = c.abort_handle();
+            match tokio::time::timeout_at(deadline, c).await {
                 Ok(Ok(r)) => out.push(r),
-                Ok(Err(e)) => failures.push(format!("a client panicked: {e}")),
-                Err(_) => failures.push("a client never caught up with the nodes".into()),
+                Ok(Err(e)) => failures.push(format!("client {i} panicked: {e}")),
+                Err(_) => {
+                    abort.abort();
+                    failures.push(format!(
+                        "client {i} never caught up with where the nodes agree ({:?})",
+                        agreed.as_ref().map(|(_, at)| at)
+                    ));
+                }
             }
         }
         out
@@ -352,7 +366,7 @@ fn check(records: &[Record], history: &[Message], rewound: bool, failures: &mut 
 
 fn report(records: &[Record], at: &SyncPoint, faulted: Duration, cluster: &Cluster, rewound: bool) {
     let sum = |f: fn(&Record) -> usize| records.iter().map(f).sum::<usize>();
-    println!(
+    say(&format!(
         "chaos: {:.0} s of faults; final position {} (epoch {}); acknowledged {} messages and {} toggles; \
          refused {}; unknown {}; {} connections; {} frames validated; epoch resets {} (log rewound: {rewound}); \
          other resets {}; \
@@ -370,5 +384,16 @@ fn report(records: &[Record], at: &SyncPoint, faulted: Duration, cluster: &Clust
         sum(|r| r.other_resets.len()),
         cluster.restarts.len(),
         cluster.restarts,
-    );
+    ));
+}
+
+/// Prints `line`, and appends it to `target/tmp/chaos-report.txt`, which
+/// `.ci/run` shows (the test's output is hidden when it passes).
+fn say(line: &str) {
+    use std::io::Write;
+    println!("{line}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-report.txt");
+    if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
 }
