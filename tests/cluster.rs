@@ -1755,3 +1755,51 @@ async fn three_replicas_on_one_nats_server_and_two_nodes_on_one_directory_are_na
     assert!(err.contains("its own --data-dir"), "{err}");
     a.shutdown().await;
 }
+
+/// The value of `metric` (a whole line's name and labels) in `/metrics`.
+async fn metric(server: &TestServer, metric: &str) -> Option<f64> {
+    let (_, text) = get(server, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until `metric` is `value`.
+async fn metric_becomes(server: &TestServer, name: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = metric(server, name).await;
+        if now == Some(value) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {now:?}, not {value}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reports_its_position_lag_nats_and_state_in_metrics() {
+    let mut nats = NatsServer::start();
+    let a = start(node(&nats, "a")).await;
+    metric_becomes(&a, "chat_cluster_state{state=\"serving\"}", 1.0).await;
+    metric_becomes(&a, "chat_cluster_state{state=\"catching_up\"}", 0.0).await;
+    metric_becomes(&a, "chat_cluster_nats_connected", 1.0).await;
+    metric_becomes(&a, "chat_frames_refused_total{reason=\"unavailable\"}", 0.0).await;
+    let mut c = a.client(2).await;
+    for text in ["one", "two"] {
+        c.say(text).await;
+        c.message().await;
+    }
+    metric_becomes(&a, "chat_cluster_applied_sequence", 2.0).await;
+    metric_becomes(&a, "chat_cluster_stream_last_sequence", 2.0).await;
+    metric_becomes(&a, "chat_cluster_publish_seconds_count", 2.0).await;
+    metric_becomes(&a, "chat_cluster_nats_reconnects_total", 0.0).await;
+    nats.kill();
+    metric_becomes(&a, "chat_cluster_nats_connected", 0.0).await;
+    nats.restart();
+    metric_becomes(&a, "chat_cluster_nats_connected", 1.0).await;
+    metric_becomes(&a, "chat_cluster_nats_reconnects_total", 1.0).await;
+    a.shutdown().await;
+}

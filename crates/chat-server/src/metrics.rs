@@ -34,6 +34,59 @@ pub(crate) struct Response {
     pub code: u16,
 }
 
+/// A cluster node's state label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct State {
+    /// `catching_up`, `serving`, or `stopped_<why>`
+    /// ([`crate::sequencer::cluster::STATES`]).
+    pub state: &'static str,
+}
+
+/// What a cluster node reports besides (registered only in cluster mode).
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterMetrics {
+    /// The stream sequence of the last entry this node applied.
+    pub applied: Gauge,
+    /// The stream's last sequence, as of the last check (every second):
+    /// minus `applied`, how far behind this node is.
+    pub stream_last: Gauge,
+    /// 1 while the NATS client is connected, else 0.
+    pub nats_connected: Gauge,
+    /// Connections to NATS after the first.
+    pub nats_reconnects: Counter,
+    /// 1 for the node's state now, 0 for every other.
+    pub state: Family<State, Gauge>,
+    /// Time from a command's first publish to JetStream's ack (retries
+    /// included).
+    pub publish: Histogram,
+}
+
+impl Default for ClusterMetrics {
+    fn default() -> Self {
+        ClusterMetrics {
+            applied: Gauge::default(),
+            stream_last: Gauge::default(),
+            nats_connected: Gauge::default(),
+            nats_reconnects: Counter::default(),
+            state: Family::default(),
+            // 1 ms .. ~16 s: a local JetStream up to retries through an
+            // election.
+            publish: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
+    }
+}
+
+impl ClusterMetrics {
+    /// Sets the state gauge: `now` to 1, every other to 0.
+    pub(crate) fn set_state(&self, now: &'static str) {
+        for &state in crate::sequencer::cluster::STATES {
+            self.state
+                .get_or_create(&State { state })
+                .set(i64::from(state == now));
+        }
+    }
+}
+
 /// Every metric the server keeps.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -65,6 +118,8 @@ pub(crate) struct Metrics {
     /// Idle keep-alive connections closed to give their place to a new
     /// connection from the same address.
     pub http_idle_evicted: Counter,
+    /// A cluster node's own (reported only in cluster mode).
+    pub cluster: ClusterMetrics,
 }
 
 impl Default for Metrics {
@@ -92,6 +147,7 @@ impl Metrics {
             store_failing: Gauge::default(),
             http_responses: Family::default(),
             http_idle_evicted: Counter::default(),
+            cluster: ClusterMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -161,6 +217,51 @@ impl Metrics {
             m.http_idle_evicted.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// [`new`](Self::new), with a cluster node's metrics too: each
+    /// labelled one present from the start, at 0.
+    pub(crate) fn with_cluster() -> Self {
+        let mut m = Metrics::new();
+        let c = m.cluster.clone();
+        let r = m.registry.sub_registry_with_prefix("cluster");
+        r.register(
+            "applied_sequence",
+            "The stream sequence of the last entry this node applied",
+            c.applied.clone(),
+        );
+        r.register(
+            "stream_last_sequence",
+            "The stream's last sequence at the last check (every second); minus applied_sequence, how far behind this node is",
+            c.stream_last.clone(),
+        );
+        r.register(
+            "nats_connected",
+            "1 while this node's NATS client is connected, else 0",
+            c.nats_connected.clone(),
+        );
+        r.register(
+            "nats_reconnects",
+            "Connections to NATS after the first",
+            c.nats_reconnects.clone(),
+        );
+        r.register(
+            "state",
+            "1 for this node's state now (catching_up, serving, stopped_<why>), 0 for the others",
+            c.state.clone(),
+        );
+        r.register_with_unit(
+            "publish",
+            "Time from a command's first publish to JetStream's ack, retries included",
+            Unit::Seconds,
+            c.publish.clone(),
+        );
+        c.set_state("catching_up");
+        // Commands refused because the chat was unavailable, at 0 until one is.
+        for reason in ["unavailable", "not_taken"] {
+            m.frames_refused.get_or_create(&Reason { reason }).inc_by(0);
+        }
+        m
     }
 
     /// Counts a WebSocket handshake refused with an HTTP error, by the
@@ -244,5 +345,39 @@ mod tests {
             );
         }
         assert!(text.ends_with("# EOF\n"));
+        assert!(!text.contains("cluster"), "a single node has none: {text}");
+    }
+
+    #[test]
+    fn a_cluster_node_reports_its_own_with_every_label_from_the_start() {
+        let m = Metrics::with_cluster();
+        let text = m.encode();
+        for line in [
+            "chat_cluster_applied_sequence 0",
+            "chat_cluster_stream_last_sequence 0",
+            "chat_cluster_nats_connected 0",
+            "chat_cluster_nats_reconnects_total 0",
+            "chat_cluster_state{state=\"catching_up\"} 1",
+            "chat_cluster_state{state=\"serving\"} 0",
+            "chat_cluster_state{state=\"stopped_rewound\"} 0",
+            "chat_cluster_publish_seconds_count 0",
+            "chat_frames_refused_total{reason=\"unavailable\"} 0",
+            "chat_frames_refused_total{reason=\"not_taken\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        m.cluster.set_state("serving");
+        let text = m.encode();
+        assert!(
+            text.lines()
+                .any(|l| l == "chat_cluster_state{state=\"serving\"} 1")
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "chat_cluster_state{state=\"catching_up\"} 0")
+        );
     }
 }

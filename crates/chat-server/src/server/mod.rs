@@ -121,7 +121,11 @@ impl Server {
                 Identity::from_key(config.identity, key)
             }
         };
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(if config.cluster.is_some() {
+            Metrics::with_cluster()
+        } else {
+            Metrics::new()
+        });
         let fresh_epoch = Epoch(Uuid::new_v4());
         let mut cluster = match &config.cluster {
             None => None,
@@ -141,6 +145,7 @@ impl Server {
                     rule_flags: config.rule_flags(),
                     identity: identity.fingerprint(),
                     local: own_dir.clone(),
+                    metrics: metrics.cluster.clone(),
                 };
                 Some(cluster::nats::connect(&settings).await?)
             }
@@ -188,6 +193,17 @@ impl Server {
                 )
                 .await?;
                 applier = Some(applying);
+                // The node's state in /metrics, as it changes.
+                let mut states = sequencer.watch_health();
+                let reported = metrics.cluster.clone();
+                tokio::spawn(async move {
+                    loop {
+                        reported.set_state(cluster::state_name(*states.borrow_and_update()));
+                        if states.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                });
                 let mut health = sequencer.watch_health();
                 let unserved = unserved.clone();
                 let fanout = Arc::clone(&fanout);

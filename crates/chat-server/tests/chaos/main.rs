@@ -393,7 +393,11 @@ fn say(line: &str) {
     use std::io::Write;
     println!("{line}");
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-report.txt");
-    if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(path) {
+    if let Ok(mut f) = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         let _ = writeln!(f, "{line}");
     }
 }

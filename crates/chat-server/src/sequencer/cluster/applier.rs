@@ -10,6 +10,7 @@ use super::snapshot::{
 };
 use super::submit::{ClusterSequencer, Waiting};
 use super::view::View;
+use crate::metrics::ClusterMetrics;
 use crate::publish::log::Log;
 use crate::publish::pipeline::Commits;
 use crate::sequencer::Health;
@@ -44,6 +45,35 @@ const STOPPED_GAP: &str = "stopped serving: the cluster's stream dropped entries
 
 /// Why a node stopped: the read of the stream ended.
 const STOPPED_ENDED: &str = "stopped applying the cluster's stream: the read of it ended";
+
+/// Every state a node reports in `/metrics` (`chat_cluster_state`).
+pub(crate) const STATES: &[&str] = &[
+    "catching_up",
+    "serving",
+    "stopped_unknown_version",
+    "stopped_read_ended",
+    "stopped_rewound",
+    "stopped_replaced",
+    "stopped_recreated",
+    "stopped_gap",
+];
+
+/// `health`'s name in [`STATES`].
+pub(crate) fn state_name(health: Health) -> &'static str {
+    match health {
+        Health::CatchingUp => "catching_up",
+        Health::Serving => "serving",
+        Health::Stopped(why) | Health::Broken(why) => match why {
+            STOPPED_VERSION => "stopped_unknown_version",
+            STOPPED_REWOUND => "stopped_rewound",
+            STOPPED_REPLACED => "stopped_replaced",
+            STOPPED_RECREATED => "stopped_recreated",
+            STOPPED_GAP => "stopped_gap",
+            STOPPED_ENDED => "stopped_read_ended",
+            _ => "stopped_read_ended",
+        },
+    }
+}
 
 /// How often a node checks that the stream is still the log it applied
 /// (and on every reconnection to NATS).
@@ -90,6 +120,7 @@ pub(crate) async fn start(
         stream_epoch: connected.epoch,
         applied: Arc::clone(&applied),
         last: Arc::default(),
+        metrics: connected.metrics.clone(),
     };
     let (verdict_tx, verdict) = oneshot::channel();
     tokio::spawn(checker.clone().every_second(verdict_tx));
@@ -102,6 +133,7 @@ pub(crate) async fn start(
         chat.rate_limited(RateKind::Reactions),
     ];
     let applier = Applier {
+        metrics: connected.metrics.clone(),
         chat,
         commits,
         stop,
@@ -156,6 +188,7 @@ pub(crate) async fn start(
         lost_since: connected.lost_since,
         applied,
         clock,
+        metrics: connected.metrics,
     };
     Ok((sequencer, task))
 }
@@ -197,6 +230,8 @@ struct Checker {
     /// The last entry applied, and what it held: the stream must still
     /// hold it.
     last: Arc<Mutex<Option<(u64, bytes::Bytes)>>>,
+    /// Where the stream's last sequence is reported.
+    metrics: ClusterMetrics,
 }
 
 impl Checker {
@@ -218,6 +253,9 @@ impl Checker {
             &info.config.metadata,
             info.created.unix_timestamp_nanos(),
         );
+        self.metrics
+            .stream_last
+            .set(i64::try_from(info.state.last_sequence).unwrap_or(i64::MAX));
         let state = (info.state.first_sequence, info.state.last_sequence);
         let mut verdict = judge_stream(self.stream_epoch, next, epoch, state);
         if verdict.is_ok()
@@ -260,6 +298,8 @@ impl Checker {
 
 /// The task that applies the stream, and what it works with.
 struct Applier {
+    /// What it reports in `/metrics`.
+    metrics: ClusterMetrics,
     chat: Chat,
     commits: Commits,
     stop: CancellationToken,
@@ -546,6 +586,9 @@ impl Applier {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = self.last.clone();
         self.applied.store(seq, Ordering::Relaxed);
+        self.metrics
+            .applied
+            .set(i64::try_from(seq).unwrap_or(i64::MAX));
         let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let mut uploader = false;
         let before = self.epoch;
@@ -750,6 +793,22 @@ fn judge_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_state_has_its_name_in_the_metrics() {
+        let all = [
+            Health::CatchingUp,
+            Health::Serving,
+            Health::Stopped(STOPPED_VERSION),
+            Health::Stopped(STOPPED_ENDED),
+            Health::Broken(STOPPED_REWOUND),
+            Health::Broken(STOPPED_REPLACED),
+            Health::Broken(STOPPED_RECREATED),
+            Health::Broken(STOPPED_GAP),
+        ];
+        let names: Vec<&str> = all.into_iter().map(state_name).collect();
+        assert_eq!(names, STATES, "one name each, all listed");
+    }
     use crate::sequencer::cluster::envelope::epoch_of;
 
     #[test]

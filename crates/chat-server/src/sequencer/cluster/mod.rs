@@ -34,3 +34,5 @@ pub(crate) mod nats;
 pub(crate) mod snapshot;
 pub(crate) mod submit;
 pub(crate) mod view;
+
+pub(crate) use applier::{STATES, state_name};

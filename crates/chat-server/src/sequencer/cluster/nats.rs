@@ -3,6 +3,7 @@
 
 use super::envelope::{ENVELOPE_VERSION, NewEpoch, Rewind, epoch_of, rules_of};
 use super::snapshot::{Stored, newest_snapshot, own_snapshot};
+use crate::metrics::ClusterMetrics;
 use crate::store::data_dir::DataDir;
 use async_nats::jetstream::{self, consumer, object_store, stream};
 use chat_core::Chat;
@@ -70,6 +71,8 @@ pub(crate) struct Settings {
     pub identity: String,
     /// Where this node keeps its own snapshot (none with `--in-memory`).
     pub local: Option<Arc<DataDir>>,
+    /// What it reports in `/metrics`.
+    pub metrics: ClusterMetrics,
 }
 
 /// A connection to the cluster's stream, before anything is applied.
@@ -103,6 +106,8 @@ pub(crate) struct Connected {
     pub(super) lost_since: Arc<Mutex<Option<Instant>>>,
     /// The entry the chat it starts from has applied (`super::applier::start`).
     pub(super) start_after: u64,
+    /// What the node reports in `/metrics`.
+    pub(super) metrics: ClusterMetrics,
 }
 
 /// The stream's metadata key that holds the chat's epoch.
@@ -313,18 +318,25 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
     let options = || {
         let reconnected_tx = Arc::clone(&reconnected_tx);
         let lost = Arc::clone(&lost_since);
+        let metrics = settings.metrics.clone();
         async_nats::ConnectOptions::new()
             .event_callback(move |event| {
                 let tx = Arc::clone(&reconnected_tx);
                 let lost = Arc::clone(&lost);
+                let metrics = metrics.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             *lost.lock().unwrap_or_else(PoisonError::into_inner) = None;
                             tx.send_modify(|n| *n += 1);
+                            metrics.nats_connected.set(1);
+                            if *tx.borrow() > 1 {
+                                metrics.nats_reconnects.inc();
+                            }
                             tracing::info!("connected to NATS");
                         }
                         async_nats::Event::Disconnected => {
+                            metrics.nats_connected.set(0);
                             lost.lock()
                                 .unwrap_or_else(PoisonError::into_inner)
                                 .get_or_insert_with(Instant::now);
@@ -649,6 +661,7 @@ async fn join(
         reconnected,
         lost_since,
         start_after: 0,
+        metrics: settings.metrics.clone(),
     })
 }
 

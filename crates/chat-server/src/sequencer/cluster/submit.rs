@@ -46,6 +46,8 @@ pub(crate) struct ClusterSequencer {
     /// The chat's time, in ms, after the last command this node applied
     /// (or found expired): past a command's deadline, it never applies.
     pub(super) clock: watch::Receiver<u64>,
+    /// Where publish times are reported.
+    pub(super) metrics: crate::metrics::ClusterMetrics,
 }
 
 /// Why a node cannot take commands while NATS is away.
@@ -133,7 +135,8 @@ impl ClusterSequencer {
         deadline: u64,
         outcome: &mut oneshot::Receiver<Outcome>,
     ) -> Answer {
-        let give_up = tokio::time::Instant::now() + self.timeout;
+        let first_try = tokio::time::Instant::now();
+        let give_up = first_try + self.timeout;
         let mut delay = Duration::from_millis(50);
         // Until JetStream confirms it. The clock is looked at only when a
         // try fails: a command waiting on it would be woken by every entry.
@@ -155,7 +158,12 @@ impl ClusterSequencer {
                 got = &mut *outcome => return outcome_of(got),
             };
             match tried {
-                Ok(Ok(_ack)) => break,
+                Ok(Ok(_ack)) => {
+                    self.metrics
+                        .publish
+                        .observe(first_try.elapsed().as_secs_f64());
+                    break;
+                }
                 Ok(Err(e)) => warn!(error = %e, "JetStream did not take a command; retrying it"),
                 Err(_) => {}
             }
