@@ -3,7 +3,8 @@
 #
 #   benches/chaos.sh seeds N [SECS]   N runs with fresh seeds, SECS of faults
 #                                     per NATS shape each (default 180)
-#   benches/chaos.sh planted [SEED]   proof that the test bites: each bug in
+#   benches/chaos.sh planted [SEED [NAME]]
+#                                     proof that the test bites: each bug in
 #                                     benches/chaos-planted/ applied to a copy
 #                                     of this tree, and the test run on it with
 #                                     SEED (default 2: its schedule has a lost
@@ -42,7 +43,7 @@ case "${1:-}" in
     target=${CARGO_TARGET_DIR:-$PWD/target}/chaos-planted
     trap 'git worktree remove --force "$tree/src" 2>/dev/null; git worktree prune; rm -rf "$tree"' EXIT
     missed=0
-    for bug in benches/chaos-planted/*.patch; do
+    for bug in benches/chaos-planted/${3:-*}.patch; do
       name=$(basename "$bug" .patch)
       rm -rf "$tree/src"
       git worktree add -q -f "$tree/src" HEAD

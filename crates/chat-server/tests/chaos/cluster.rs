@@ -328,6 +328,15 @@ impl Cluster {
         }
     }
 
+    /// Starts a brand-new node (an empty data directory, not behind
+    /// nginx): it must compute the same chat from the stream and the
+    /// snapshots alone.
+    pub fn add_fresh_node(&mut self) {
+        let mut node = Node::new(self.nodes.len(), self.logs.path());
+        node.start(&self.nats);
+        self.nodes.push(node);
+    }
+
     /// Supervises until every node answers 200, or `within` passes.
     pub fn settle(&mut self, within: Duration) -> bool {
         let end = Instant::now() + within;

@@ -393,14 +393,17 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Connected, ClusterErr
     let js = jetstream::new(client);
     // JetStream may be electing a leader (a NATS server just restarted, or
     // a new NATS cluster's first stream): its requests then time out for
-    // seconds. Joining is idempotent, so the node asks again.
+    // seconds. Nodes started together race to create the stream: the
+    // losers are told its name is in use. Joining is idempotent, so the
+    // node asks again (and then finds the stream).
     let deadline = Instant::now() + STREAM_AT_START;
     loop {
         match join(&js, settings, reconnected.clone(), Arc::clone(&lost_since)).await {
             Err(ClusterError::Stream { detail, .. })
                 if Instant::now() < deadline
                     && (detail.contains("timed out")
-                        || detail.contains("temporarily unavailable")) =>
+                        || detail.contains("temporarily unavailable")
+                        || detail.contains("already in use")) =>
             {
                 warn!(url = %settings.url, "JetStream did not answer ({detail}); asking again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
