@@ -99,6 +99,19 @@ SERVERS = {
         "nats": True,
         "peers": 2,
     },
+    # Three nodes on one nats-server, the clients spread: the senders on the
+    # first node, every other client on the other two, so each message is
+    # measured from a sender on node A to receivers on nodes B and C.
+    # server CPU is node A's; peer_cpu_cores each other node's.
+    "chat-server-cluster3-spread": {
+        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory",
+                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
+        "env": {"RUST_LOG": "warn"},
+        "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (three nodes, senders on one, receivers on the other two, nats-server -js)",
+        "nats": True,
+        "peers": 2,
+        "spread": True,
+    },
     # The baseline build in cluster mode (CHAT_BASELINE_BIN), one node.
     "chat-server-cluster-baseline": {
         "cmd": [os.environ.get("CHAT_BASELINE_BIN", "chat-server-baseline-unset"), "--listen", "127.0.0.1:{port}", "--in-memory",
@@ -249,6 +262,7 @@ def start(name, datadir=None):
             proc.datadir = datadir
             proc.nats = nats
             proc.peers = [p for p, _ in peers]
+            proc.peer_ports = [peer_port for _, peer_port in peers]
             return proc, port
         except OSError:
             time.sleep(0.01)
@@ -270,8 +284,9 @@ def stop(proc):
             p.kill()
 
 
-def loadgen(port, pid, args, note):
-    cmd = [str(TARGET / "chat-loadgen"), "--url", f"ws://127.0.0.1:{port}/ws",
+def loadgen(port, pid, args, note, others=()):
+    urls = ",".join(f"ws://127.0.0.1:{p}/ws" for p in [port, *others])
+    cmd = [str(TARGET / "chat-loadgen"), "--url", urls,
            "--server-pid", str(pid), f"--note={note}", "--json"] + args
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     try:
@@ -370,7 +385,8 @@ def main():
                     nats = getattr(proc, "nats", None)
                     peers = getattr(proc, "peers", [])
                     before = (time.time(), cpu_seconds(nats.pid), [cpu_seconds(p.pid) for p in peers]) if nats else None
-                    r = loadgen(port, proc.pid, scen_args, SERVERS[server]["note"])
+                    spread = proc.peer_ports if SERVERS[server].get("spread") else ()
+                    r = loadgen(port, proc.pid, scen_args, SERVERS[server]["note"], spread)
                     if before and isinstance(r.get("results"), dict):
                         # Over the whole load generator run, warm-up included.
                         took = time.time() - before[0]

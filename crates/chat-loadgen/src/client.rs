@@ -15,7 +15,7 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// Where to connect, and from which addresses.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// The full `ws://` URL.
+    /// The full `ws://` URL (the first, with several).
     pub url: String,
     /// The resolved server address.
     pub addr: SocketAddr,
@@ -23,12 +23,55 @@ pub struct Target {
     /// neither ephemeral ports nor per-address limits run out. Empty when
     /// the server is not on IPv4 loopback.
     pub sources: Vec<Ipv4Addr>,
+    /// The other servers, with several URLs (the nodes of one cluster).
+    pub others: Vec<(String, SocketAddr)>,
+    /// With others: how many clients, from number 0, go to the first
+    /// server (the senders, so that what they send crosses to the other
+    /// nodes); the rest go round the others. With none set (0), every
+    /// client goes round all of them.
+    pub first_only: usize,
 }
 
 impl Target {
-    /// Resolves `url`; with a loopback server, clients use `sources`
-    /// addresses `127.1.x.y`.
-    pub async fn resolve(url: &str, sources: usize) -> Result<Self, String> {
+    /// Resolves `urls`, one or several separated by commas (a cluster's
+    /// nodes); with a loopback server, clients use `sources` addresses
+    /// `127.1.x.y`.
+    pub async fn resolve(urls: &str, sources: usize) -> Result<Self, String> {
+        let mut all = urls.split(',').map(str::trim);
+        let mut target = Target::resolve_one(all.next().unwrap_or_default(), sources).await?;
+        for url in all {
+            let other = Target::resolve_one(url, 0).await?;
+            target.others.push((other.url, other.addr));
+        }
+        Ok(target)
+    }
+
+    /// This target, with clients `0..n` on the first server only.
+    pub fn first_only(&self, n: usize) -> Target {
+        Target {
+            first_only: n,
+            ..self.clone()
+        }
+    }
+
+    /// Client number `i`'s server.
+    fn endpoint(&self, i: usize) -> (&str, SocketAddr) {
+        let first = (self.url.as_str(), self.addr);
+        if self.others.is_empty() || i < self.first_only {
+            return first;
+        }
+        let k = if self.first_only > 0 {
+            (i - self.first_only) % self.others.len()
+        } else {
+            match i % (self.others.len() + 1) {
+                0 => return first,
+                k => k - 1,
+            }
+        };
+        (self.others[k].0.as_str(), self.others[k].1)
+    }
+
+    async fn resolve_one(url: &str, sources: usize) -> Result<Self, String> {
         let uri: Uri = url.parse().map_err(|e| format!("bad url {url}: {e}"))?;
         if uri.scheme_str() != Some("ws") {
             return Err(format!("{url}: only ws:// URLs are supported"));
@@ -50,6 +93,8 @@ impl Target {
             url: url.to_owned(),
             addr,
             sources,
+            others: Vec::new(),
+            first_only: 0,
         })
     }
 
@@ -65,7 +110,7 @@ impl Target {
     pub async fn connect_with(&self, i: usize, recv_buffer: Option<u32>) -> Result<Ws, String> {
         let stream = self.tcp(i, recv_buffer).await?;
         let _ = stream.set_nodelay(true);
-        let (ws, _) = tokio_tungstenite::client_async(self.url.as_str(), stream)
+        let (ws, _) = tokio_tungstenite::client_async(self.endpoint(i).0, stream)
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         Ok(ws)
@@ -74,7 +119,8 @@ impl Target {
     /// A plain TCP connection from client number `i`'s source address, with
     /// no handshake (what a slowloris client opens).
     pub async fn tcp(&self, i: usize, recv_buffer: Option<u32>) -> Result<TcpStream, String> {
-        let socket = match self.addr {
+        let addr = self.endpoint(i).1;
+        let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
         }
@@ -91,7 +137,7 @@ impl Target {
                 .map_err(|e| format!("bind {src}: {e}"))?;
         }
         socket
-            .connect(self.addr)
+            .connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))
     }
@@ -187,5 +233,23 @@ mod tests {
         assert_eq!(Marker::find(&broadcast, 7), Some(m));
         assert_eq!(Marker::find(&broadcast, 8), None, "other runs are ignored");
         assert_eq!(Marker::find(r#"{"text":"hello"}"#, 7), None);
+    }
+
+    #[tokio::test]
+    async fn with_several_servers_the_senders_go_to_the_first_and_the_rest_round_the_others() {
+        let t = Target::resolve(
+            "ws://127.0.0.1:1/ws, ws://127.0.0.1:2/ws,ws://127.0.0.1:3/ws",
+            4,
+        )
+        .await
+        .expect("urls");
+        let ports = |t: &Target| -> Vec<u16> { (0..6).map(|i| t.endpoint(i).1.port()).collect() };
+        assert_eq!(ports(&t), [1, 2, 3, 1, 2, 3]);
+        assert_eq!(ports(&t.first_only(2)), [1, 1, 2, 3, 2, 3]);
+        assert_eq!(t.first_only(2).endpoint(2).0, "ws://127.0.0.1:2/ws");
+        let one = Target::resolve("ws://127.0.0.1:1/ws", 4)
+            .await
+            .expect("url");
+        assert_eq!(ports(&one.first_only(2)), [1; 6]);
     }
 }

@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
     about = "Load generator for chat-protocol WebSocket servers"
 )]
 struct Cli {
-    /// The server's WebSocket URL.
+    /// The server's WebSocket URL, or several separated by commas (a
+    /// cluster's nodes: in `fanout` and `saturate` the senders connect to
+    /// the first and every other client to the others, so each message
+    /// crosses nodes; elsewhere clients go round all of them).
     #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/ws")]
     url: String,
     /// Loopback source addresses to spread clients over (127.1.x.y).

@@ -49,8 +49,11 @@ type LastSync = Option<SyncPoint>;
 /// A target whose URL carries `query`.
 fn with_query(target: &Target, query: &str) -> Target {
     let mut t = target.clone();
-    let base = t.url.split('?').next().unwrap_or_default().to_owned();
-    t.url = format!("{base}{query}");
+    let with = |url: &str| format!("{}{query}", url.split('?').next().unwrap_or_default());
+    t.url = with(&t.url);
+    for (url, _) in &mut t.others {
+        *url = with(url);
+    }
     t
 }
 

@@ -193,6 +193,9 @@ pub enum Pace {
 
 /// Runs one load: connects, sends, drains, and reports.
 pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<Progress>) -> Value {
+    // With several servers (a cluster's nodes), the senders are on the
+    // first and the other clients on the others: every message crosses.
+    let target = &target.first_only(load.senders);
     let run = run_id();
     let (clients, failed) =
         connect_all(target, load.clients, load.connect_parallel, progress).await;

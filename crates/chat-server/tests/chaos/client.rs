@@ -150,6 +150,7 @@ pub async fn run(
     };
     let mut counter = 0u32;
     let mut conn: Option<Conn> = None;
+    let mut give_up: Option<tokio::time::Instant> = None;
     loop {
         let Some(c) = conn.as_mut() else {
             conn = connect(addr, &targets, &mut rng, &mut rec, &validator).await;
@@ -161,10 +162,19 @@ pub async fn run(
         if control.stop.load(Ordering::SeqCst) {
             // Follow until the target is known and reached.
             let target = *control.target.borrow();
-            if let Some(target) = target
-                && rec.at == Some(target)
-            {
-                return rec;
+            if let Some(target) = target {
+                if rec.at == Some(target) {
+                    return rec;
+                }
+                let give_up = *give_up
+                    .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(40));
+                if tokio::time::Instant::now() > give_up {
+                    rec.anomalies.push(format!(
+                        "never reached where the nodes agree ({target:?}); it stands at {:?}",
+                        rec.at
+                    ));
+                    return rec;
+                }
             }
             match next(c, &mut rec, &validator, Duration::from_millis(500)).await {
                 Some(Outcome::Dead) => conn = None,
