@@ -56,8 +56,9 @@ pub(crate) struct ClusterMetrics {
     pub nats_reconnects: Counter,
     /// 1 for the node's state now, 0 for every other.
     pub state: Family<State, Gauge>,
-    /// Time from a command's first publish to JetStream's ack (retries
-    /// included).
+    /// Time from a command's first publish until it is known to be stored:
+    /// JetStream's ack, or this node's apply of it if that comes first
+    /// (retries included).
     pub publish: Histogram,
 }
 
@@ -252,7 +253,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "publish",
-            "Time from a command's first publish to JetStream's ack, retries included",
+            "Time from a command's first publish until it is stored (JetStream's ack, or this node's apply of it if sooner), retries included",
             Unit::Seconds,
             c.publish.clone(),
         );

@@ -152,16 +152,24 @@ impl ClusterSequencer {
             };
             let try_for =
                 PUBLISH_TRY.min(give_up.saturating_duration_since(tokio::time::Instant::now()));
+            // Stored once JetStream acks it, or once this node applied it
+            // (its ack may come later, or be lost): either ends the publish.
+            let stored = || {
+                self.metrics
+                    .publish
+                    .observe(first_try.elapsed().as_secs_f64());
+            };
             let tried = tokio::select! {
                 tried = tokio::time::timeout(try_for, publish) => tried,
                 // Stored after all (a lost ack), and already applied.
-                got = &mut *outcome => return outcome_of(got),
+                got = &mut *outcome => {
+                    stored();
+                    return outcome_of(got);
+                }
             };
             match tried {
                 Ok(Ok(_ack)) => {
-                    self.metrics
-                        .publish
-                        .observe(first_try.elapsed().as_secs_f64());
+                    stored();
                     break;
                 }
                 Ok(Err(e)) => warn!(error = %e, "JetStream did not take a command; retrying it"),
@@ -175,7 +183,10 @@ impl ClusterSequencer {
             }
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                got = &mut *outcome => return outcome_of(got),
+                got = &mut *outcome => {
+                    stored();
+                    return outcome_of(got);
+                }
             }
             delay = (delay * 2).min(Duration::from_millis(500));
         }
