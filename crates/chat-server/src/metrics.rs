@@ -37,10 +37,22 @@ pub(crate) struct Response {
 /// A cluster node's state label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct State {
-    /// `catching_up`, `serving`, or `stopped_<why>`
-    /// ([`crate::sequencer::cluster::STATES`]).
+    /// One of [`CLUSTER_STATES`].
     pub state: &'static str,
 }
+
+/// Every state a cluster node reports (`chat_cluster_state`); the
+/// sequencer names its own with one of these.
+pub(crate) const CLUSTER_STATES: &[&str] = &[
+    "catching_up",
+    "serving",
+    "stopped_unknown_version",
+    "stopped_read_ended",
+    "stopped_rewound",
+    "stopped_replaced",
+    "stopped_recreated",
+    "stopped_gap",
+];
 
 /// What a cluster node reports besides (registered only in cluster mode).
 #[derive(Debug, Clone)]
@@ -80,7 +92,7 @@ impl Default for ClusterMetrics {
 impl ClusterMetrics {
     /// Sets the state gauge: `now` to 1, every other to 0.
     pub(crate) fn set_state(&self, now: &'static str) {
-        for &state in crate::sequencer::cluster::STATES {
+        for &state in CLUSTER_STATES {
             self.state
                 .get_or_create(&State { state })
                 .set(i64::from(state == now));

@@ -46,19 +46,7 @@ const STOPPED_GAP: &str = "stopped serving: the cluster's stream dropped entries
 /// Why a node stopped: the read of the stream ended.
 const STOPPED_ENDED: &str = "stopped applying the cluster's stream: the read of it ended";
 
-/// Every state a node reports in `/metrics` (`chat_cluster_state`).
-pub(crate) const STATES: &[&str] = &[
-    "catching_up",
-    "serving",
-    "stopped_unknown_version",
-    "stopped_read_ended",
-    "stopped_rewound",
-    "stopped_replaced",
-    "stopped_recreated",
-    "stopped_gap",
-];
-
-/// `health`'s name in [`STATES`].
+/// `health`'s name in `/metrics` (one of `metrics::CLUSTER_STATES`).
 pub(crate) fn state_name(health: Health) -> &'static str {
     match health {
         Health::CatchingUp => "catching_up",
@@ -807,7 +795,11 @@ mod tests {
             Health::Broken(STOPPED_GAP),
         ];
         let names: Vec<&str> = all.into_iter().map(state_name).collect();
-        assert_eq!(names, STATES, "one name each, all listed");
+        assert_eq!(
+            names,
+            crate::metrics::CLUSTER_STATES,
+            "one name each, all listed"
+        );
     }
     use crate::sequencer::cluster::envelope::epoch_of;
 

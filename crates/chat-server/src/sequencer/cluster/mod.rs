@@ -35,4 +35,4 @@ pub(crate) mod snapshot;
 pub(crate) mod submit;
 pub(crate) mod view;
 
-pub(crate) use applier::{STATES, state_name};
+pub(crate) use applier::state_name;
