@@ -99,19 +99,6 @@ SERVERS = {
         "nats": True,
         "peers": 2,
     },
-    # Three nodes on one nats-server, the clients spread: the senders on the
-    # first node, every other client on the other two, so each message is
-    # measured from a sender on node A to receivers on nodes B and C.
-    # server CPU is node A's; peer_cpu_cores each other node's.
-    "chat-server-cluster3-spread": {
-        "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory",
-                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
-        "env": {"RUST_LOG": "warn"},
-        "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (three nodes, senders on one, receivers on the other two, nats-server -js)",
-        "nats": True,
-        "peers": 2,
-        "spread": True,
-    },
     # The baseline build in cluster mode (CHAT_BASELINE_BIN), one node.
     "chat-server-cluster-baseline": {
         "cmd": [os.environ.get("CHAT_BASELINE_BIN", "chat-server-baseline-unset"), "--listen", "127.0.0.1:{port}", "--in-memory",
@@ -181,6 +168,15 @@ RECONNECT_QUICK = {
 DURABLE_QUICK = {
     "saturate-senders": ["saturate", "--clients", "50", "--senders", "50", "--in-flight", "4", "--duration", "3s", "--warmup", "1s"],
 }
+
+
+# Three nodes on one nats-server, the clients spread: the senders on the
+# first node, every other client on the other two, so each message is
+# measured from a sender on node A to receivers on nodes B and C. Server CPU
+# is node A's; peer_cpu_cores each other node's.
+SERVERS["chat-server-cluster3-spread"] = dict(
+    SERVERS["chat-server-cluster3"], spread=True,
+    note=OUR_NOTE + " --in-memory --identity raw-ip --cluster (three nodes, senders on one, receivers on the other two, nats-server -js)")
 
 
 def free_port():
