@@ -114,7 +114,21 @@ pub(super) async fn holds(
 ) -> Result<Option<bool>, String> {
     use async_nats::jetstream::stream::RawMessageErrorKind;
     match stream.get_raw_message(seq).await {
-        Ok(message) => Ok(Some(fingerprint(&message.payload) == fingerprint_then)),
+        Ok(message) => {
+            let now = fingerprint(&message.payload);
+            if now != fingerprint_then {
+                // What tells a real rewind from a misread, in the log.
+                warn!(
+                    seq,
+                    then = fingerprint_then,
+                    %now,
+                    subject = %message.subject,
+                    bytes = message.payload.len(),
+                    "the stream holds another entry than the one applied at this sequence"
+                );
+            }
+            Ok(Some(now == fingerprint_then))
+        }
         Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(e.to_string()),
     }
