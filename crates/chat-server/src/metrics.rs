@@ -328,6 +328,16 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// Panics unless every one of `lines` is a whole line of `text`.
+    fn assert_reports(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(
+                text.lines().any(|l| l == *line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
     #[test]
     fn every_metric_is_reported_with_its_labels() {
         let m = Metrics::new();
@@ -339,24 +349,22 @@ mod tests {
         m.store_commit.observe(0.003);
         m.http_response("healthz", 200);
         let text = m.encode();
-        for line in [
-            "chat_connections_open 1",
-            "chat_connections_closed_total{reason=\"stalled\"} 1",
-            "chat_slow_clients_dropped_total 1",
-            "chat_frames_refused_total{reason=\"message_not_found\"} 1",
-            "chat_handshakes_refused_total{reason=\"server_full\"} 1",
-            "chat_store_commit_seconds_count 1",
-            "chat_http_responses_total{route=\"healthz\",code=\"200\"} 1",
-            "chat_messages_accepted_total 0",
-            "chat_history_messages 0",
-            "chat_store_failing 0",
-            "chat_http_idle_evicted_total 0",
-        ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
-        }
+        assert_reports(
+            &text,
+            &[
+                "chat_connections_open 1",
+                "chat_connections_closed_total{reason=\"stalled\"} 1",
+                "chat_slow_clients_dropped_total 1",
+                "chat_frames_refused_total{reason=\"message_not_found\"} 1",
+                "chat_handshakes_refused_total{reason=\"server_full\"} 1",
+                "chat_store_commit_seconds_count 1",
+                "chat_http_responses_total{route=\"healthz\",code=\"200\"} 1",
+                "chat_messages_accepted_total 0",
+                "chat_history_messages 0",
+                "chat_store_failing 0",
+                "chat_http_idle_evicted_total 0",
+            ],
+        );
         assert!(text.ends_with("# EOF\n"));
         assert!(!text.contains("cluster"), "a single node has none: {text}");
     }
@@ -365,23 +373,21 @@ mod tests {
     fn a_cluster_node_reports_its_own_with_every_label_from_the_start() {
         let m = Metrics::with_cluster();
         let text = m.encode();
-        for line in [
-            "chat_cluster_applied_sequence 0",
-            "chat_cluster_stream_last_sequence 0",
-            "chat_cluster_nats_connected 0",
-            "chat_cluster_nats_reconnects_total 0",
-            "chat_cluster_state{state=\"catching_up\"} 1",
-            "chat_cluster_state{state=\"serving\"} 0",
-            "chat_cluster_state{state=\"stopped_rewound\"} 0",
-            "chat_cluster_publish_seconds_count 0",
-            "chat_frames_refused_total{reason=\"unavailable\"} 0",
-            "chat_frames_refused_total{reason=\"not_taken\"} 0",
-        ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
-        }
+        assert_reports(
+            &text,
+            &[
+                "chat_cluster_applied_sequence 0",
+                "chat_cluster_stream_last_sequence 0",
+                "chat_cluster_nats_connected 0",
+                "chat_cluster_nats_reconnects_total 0",
+                "chat_cluster_state{state=\"catching_up\"} 1",
+                "chat_cluster_state{state=\"serving\"} 0",
+                "chat_cluster_state{state=\"stopped_rewound\"} 0",
+                "chat_cluster_publish_seconds_count 0",
+                "chat_frames_refused_total{reason=\"unavailable\"} 0",
+                "chat_frames_refused_total{reason=\"not_taken\"} 0",
+            ],
+        );
         m.cluster.set_state("serving");
         let text = m.encode();
         assert!(
