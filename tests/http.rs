@@ -225,8 +225,11 @@ async fn metrics_count_what_happened() {
     // Closed connections are counted by reason once the server sees them.
     eventually("the close is counted", || async {
         let scraped = text(&get(&server, "/metrics").await).to_owned();
+        // Every reason is listed from the start, at 0: one must be at 1.
         scraped.lines().any(|l| l == "chat_connections_open 1")
-            && scraped.contains("chat_connections_closed_total{reason=")
+            && scraped.lines().any(|l| {
+                l.starts_with("chat_connections_closed_total{reason=") && l.ends_with("} 1")
+            })
     })
     .await;
     server.shutdown().await;

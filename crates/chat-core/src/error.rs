@@ -74,6 +74,24 @@ pub enum ChatError {
 }
 
 impl ChatError {
+    /// Every [`kind`](ChatError::kind), so that a metric can show each at 0
+    /// before the first refusal.
+    pub const KINDS: &'static [&'static str] = &[
+        "empty_text",
+        "text_too_long",
+        "control_char_in_text",
+        "name_too_long",
+        "control_char_in_name",
+        "direction_control_in_text",
+        "invisible_char_in_name",
+        "not_an_emoji",
+        "too_many_emojis",
+        "too_many_reactors",
+        "message_not_found",
+        "rate_limited",
+        "duplicate_message_id",
+    ];
+
     /// A short, stable name for the kind of refusal, for metrics labels and
     /// logs: `invalid_format`, `rate_limited`, `text_too_long`, ...
     pub fn kind(&self) -> &'static str {
@@ -141,6 +159,57 @@ impl fmt::Display for Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One of each refusal. The match has no wildcard, so a new variant
+    /// does not compile until it is listed here.
+    fn every() -> Vec<ChatError> {
+        let all = vec![
+            ChatError::EmptyText,
+            ChatError::TextTooLong { max: 1 },
+            ChatError::ControlCharInText,
+            ChatError::DirectionControlInText,
+            ChatError::NameTooLong { max: 1 },
+            ChatError::ControlCharInName,
+            ChatError::InvisibleCharInName,
+            ChatError::NotAnEmoji,
+            ChatError::TooManyEmojis { max: 1 },
+            ChatError::TooManyReactors { max: 1 },
+            ChatError::MessageNotFound,
+            ChatError::RateLimited {
+                kind: RateKind::Messages,
+                max: 1,
+                window: Window(1),
+            },
+            ChatError::DuplicateMessageId,
+        ];
+        for e in &all {
+            match e {
+                ChatError::EmptyText
+                | ChatError::TextTooLong { .. }
+                | ChatError::ControlCharInText
+                | ChatError::DirectionControlInText
+                | ChatError::NameTooLong { .. }
+                | ChatError::ControlCharInName
+                | ChatError::InvisibleCharInName
+                | ChatError::NotAnEmoji
+                | ChatError::TooManyEmojis { .. }
+                | ChatError::TooManyReactors { .. }
+                | ChatError::MessageNotFound
+                | ChatError::RateLimited { .. }
+                | ChatError::DuplicateMessageId => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn kinds_lists_each_refusals_kind_once() {
+        let mut of_every: Vec<_> = every().iter().map(ChatError::kind).collect();
+        of_every.sort_unstable();
+        let mut listed = ChatError::KINDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(of_every, listed);
+    }
 
     #[test]
     fn window_reads_naturally() {

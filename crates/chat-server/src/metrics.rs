@@ -5,7 +5,9 @@
 //! until a scrape. Label values are all `&'static str` or status codes, so
 //! no client can grow the label sets.
 
+use crate::http::refusal::Refusal;
 use crate::wire::close::CloseReason;
+use chat_core::ChatError;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -99,6 +101,14 @@ impl ClusterMetrics {
         }
     }
 }
+
+/// The `frames_refused` reason of a frame that is not a command.
+pub(crate) const FRAME_MALFORMED: &str = "invalid_format";
+/// The `frames_refused` reason of a command whose fate is not known (a
+/// cluster node lost the stream while it waited).
+pub(crate) const FRAME_UNAVAILABLE: &str = "unavailable";
+/// The `frames_refused` reason of a command the stream surely did not take.
+pub(crate) const FRAME_NOT_TAKEN: &str = "not_taken";
 
 /// Every metric the server keeps.
 #[derive(Debug)]
@@ -229,6 +239,21 @@ impl Metrics {
             "Idle keep-alive connections closed to make room for a new connection from the same address",
             m.http_idle_evicted.clone(),
         );
+        // Every label of the labelled counters, at 0 until it happens, so
+        // that a rate or an alert on one needs no "absent" case.
+        for &reason in CloseReason::KINDS {
+            m.connections_closed
+                .get_or_create(&Reason { reason })
+                .inc_by(0);
+        }
+        for &reason in Refusal::KINDS {
+            m.handshakes_refused
+                .get_or_create(&Reason { reason })
+                .inc_by(0);
+        }
+        for &reason in ChatError::KINDS.iter().chain([&FRAME_MALFORMED]) {
+            m.frames_refused.get_or_create(&Reason { reason }).inc_by(0);
+        }
         Metrics { registry, ..m }
     }
 
@@ -271,7 +296,7 @@ impl Metrics {
         );
         c.set_state("catching_up");
         // Commands refused because the chat was unavailable, at 0 until one is.
-        for reason in ["unavailable", "not_taken"] {
+        for reason in [FRAME_UNAVAILABLE, FRAME_NOT_TAKEN] {
             m.frames_refused.get_or_create(&Reason { reason }).inc_by(0);
         }
         m
@@ -367,6 +392,29 @@ mod tests {
         );
         assert!(text.ends_with("# EOF\n"));
         assert!(!text.contains("cluster"), "a single node has none: {text}");
+    }
+
+    #[test]
+    fn every_labelled_counter_has_each_label_from_the_start() {
+        let text = Metrics::new().encode();
+        let families = [
+            ("connections_closed", CloseReason::KINDS),
+            ("handshakes_refused", Refusal::KINDS),
+            ("frames_refused", ChatError::KINDS),
+            ("frames_refused", &[FRAME_MALFORMED]),
+        ];
+        let mut lines = Vec::new();
+        for (family, kinds) in families {
+            assert!(!kinds.is_empty());
+            for kind in kinds {
+                lines.push(format!("chat_{family}_total{{reason=\"{kind}\"}} 0"));
+            }
+        }
+        assert_reports(&text, &lines.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            !text.contains(FRAME_NOT_TAKEN),
+            "a single node refuses nothing as not taken: {text}"
+        );
     }
 
     #[test]

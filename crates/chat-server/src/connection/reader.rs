@@ -2,6 +2,7 @@
 //! refusal answered to this client alone.
 
 use crate::admission::Admitted;
+use crate::metrics::{FRAME_MALFORMED, FRAME_NOT_TAKEN, FRAME_UNAVAILABLE};
 use crate::sequencer::ApplyError;
 use crate::shared::Shared;
 use crate::wire::close::CloseReason;
@@ -100,10 +101,10 @@ impl Refused {
     /// A short stable name, for metrics labels.
     fn kind(&self) -> &'static str {
         match self {
-            Refused::Malformed(_) => "invalid_format",
+            Refused::Malformed(_) => FRAME_MALFORMED,
             Refused::Rule(e) => e.kind(),
-            Refused::Unavailable => "unavailable",
-            Refused::NotTaken => "not_taken",
+            Refused::Unavailable => FRAME_UNAVAILABLE,
+            Refused::NotTaken => FRAME_NOT_TAKEN,
         }
     }
 }

@@ -69,6 +69,25 @@ impl Refusal {
         }
     }
 
+    /// Every [`kind`](Refusal::kind), so that the metric shows each at 0
+    /// before the first refusal.
+    pub(crate) const KINDS: &'static [&'static str] = &[
+        "not_found",
+        "bad_host",
+        "host_not_allowed",
+        "method_not_allowed",
+        "body_not_allowed",
+        "bad_upgrade",
+        "bad_resume",
+        "unsupported_version",
+        "origin_not_allowed",
+        "bad_forwarded_for",
+        "too_many_from_address",
+        "too_many_pending_from_address",
+        "server_full",
+        "not_serving",
+    ];
+
     /// A short stable name, for metrics labels.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -114,5 +133,54 @@ impl fmt::Display for Refusal {
             Refusal::ServerFull => "server at its connection limit, try again later",
         };
         f.write_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_lists_each_refusals_kind_once() {
+        let every = [
+            Refusal::NotFound,
+            Refusal::BadHost,
+            Refusal::HostNotAllowed("h".into()),
+            Refusal::MethodNotAllowed,
+            Refusal::BodyNotAllowed,
+            Refusal::BadUpgrade("u"),
+            Refusal::UnsupportedVersion,
+            Refusal::BadResume("r"),
+            Refusal::OriginNotAllowed,
+            Refusal::BadForwardedFor,
+            Refusal::TooManyFromAddress,
+            Refusal::TooManyPendingFromAddress,
+            Refusal::ServerFull,
+            Refusal::NotServing("n"),
+        ];
+        // No wildcard: a new refusal does not compile until it is above.
+        for r in &every {
+            match r {
+                Refusal::NotFound
+                | Refusal::BadHost
+                | Refusal::HostNotAllowed(_)
+                | Refusal::MethodNotAllowed
+                | Refusal::BodyNotAllowed
+                | Refusal::BadUpgrade(_)
+                | Refusal::UnsupportedVersion
+                | Refusal::BadResume(_)
+                | Refusal::OriginNotAllowed
+                | Refusal::BadForwardedFor
+                | Refusal::TooManyFromAddress
+                | Refusal::TooManyPendingFromAddress
+                | Refusal::ServerFull
+                | Refusal::NotServing(_) => {}
+            }
+        }
+        let mut of_every: Vec<_> = every.iter().map(Refusal::kind).collect();
+        of_every.sort_unstable();
+        let mut listed = Refusal::KINDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(of_every, listed);
     }
 }

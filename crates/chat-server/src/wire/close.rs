@@ -89,6 +89,23 @@ impl CloseReason {
         }
     }
 
+    /// Every [`kind`](CloseReason::kind), so that the metric shows each at
+    /// 0 before the first close.
+    pub(crate) const KINDS: &'static [&'static str] = &[
+        "client_closed",
+        "peer_gone",
+        "idle_timeout",
+        "too_big",
+        "invalid_utf8",
+        "protocol_error",
+        "too_many_refusals",
+        "lagged",
+        "stalled",
+        "shutdown",
+        "not_serving",
+        "server_error",
+    ];
+
     /// A short stable name, for metrics labels.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
@@ -136,6 +153,46 @@ impl fmt::Display for CloseReason {
 mod tests {
     use super::*;
     use std::io;
+
+    #[test]
+    fn kinds_lists_each_reasons_kind_once() {
+        let every = [
+            CloseReason::ClientClosed,
+            CloseReason::PeerGone,
+            CloseReason::IdleTimeout,
+            CloseReason::TooBig,
+            CloseReason::InvalidUtf8,
+            CloseReason::Protocol,
+            CloseReason::TooManyRefusals,
+            CloseReason::Lagged(1),
+            CloseReason::Stalled,
+            CloseReason::Shutdown,
+            CloseReason::NotServing,
+            CloseReason::ServerError("e".into()),
+        ];
+        // No wildcard: a new reason does not compile until it is above.
+        for r in &every {
+            match r {
+                CloseReason::ClientClosed
+                | CloseReason::PeerGone
+                | CloseReason::IdleTimeout
+                | CloseReason::TooBig
+                | CloseReason::InvalidUtf8
+                | CloseReason::Protocol
+                | CloseReason::TooManyRefusals
+                | CloseReason::Lagged(_)
+                | CloseReason::Stalled
+                | CloseReason::Shutdown
+                | CloseReason::NotServing
+                | CloseReason::ServerError(_) => {}
+            }
+        }
+        let mut of_every: Vec<_> = every.iter().map(CloseReason::kind).collect();
+        of_every.sort_unstable();
+        let mut listed = CloseReason::KINDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(of_every, listed);
+    }
     use tokio_tungstenite::tungstenite::Message;
 
     #[test]
