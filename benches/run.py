@@ -71,10 +71,10 @@ SERVERS = {
     },
     # Cluster mode (issue 13): one node on a nats-server of its own (JetStream,
     # a fresh store per run), in memory. The node's CPU is the server's; the
-    # nats-server's is reported beside it (nats_cpu_cores).
+    # nats-server's is reported beside it (cpu_cores.nats).
     "chat-server-cluster": {
         "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory",
-                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
+                "--cluster", "{nats_urls}", "--identity", "raw-ip"] + OUR_FLAGS,
         "env": {"RUST_LOG": "warn"},
         "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (one node, nats-server -js)",
         "nats": True,
@@ -84,7 +84,7 @@ SERVERS = {
     # power-loss-proof R1 stream.
     "chat-server-cluster-sync": {
         "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory",
-                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
+                "--cluster", "{nats_urls}", "--identity", "raw-ip"] + OUR_FLAGS,
         "env": {"RUST_LOG": "warn"},
         "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (one node, nats-server -js, sync_interval: always)",
         "nats": "sync-always",
@@ -93,7 +93,7 @@ SERVERS = {
     # apply every entry too (their CPU is reported as peer_cpu_cores).
     "chat-server-cluster3": {
         "cmd": [str(TARGET / "chat-server"), "--listen", "127.0.0.1:{port}", "--in-memory",
-                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
+                "--cluster", "{nats_urls}", "--identity", "raw-ip"] + OUR_FLAGS,
         "env": {"RUST_LOG": "warn"},
         "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (three nodes, the load on one, nats-server -js)",
         "nats": True,
@@ -102,7 +102,7 @@ SERVERS = {
     # The baseline build in cluster mode (CHAT_BASELINE_BIN), one node.
     "chat-server-cluster-baseline": {
         "cmd": [os.environ.get("CHAT_BASELINE_BIN", "chat-server-baseline-unset"), "--listen", "127.0.0.1:{port}", "--in-memory",
-                "--cluster", "nats://127.0.0.1:{nats_port}", "--identity", "raw-ip"] + OUR_FLAGS,
+                "--cluster", "{nats_urls}", "--identity", "raw-ip"] + OUR_FLAGS,
         "env": {"RUST_LOG": "warn"},
         "note": OUR_NOTE + " --in-memory --identity raw-ip --cluster (one node; the build at CHAT_BASELINE_BIN)",
         "nats": True,
@@ -141,6 +141,10 @@ def scenarios(quick):
         "fanout": ["fanout", "--clients", "1000", "--senders", "50", "--rate", "100", "--duration", "10s"],
         "fanout500": ["fanout", "--clients", "1000", "--senders", "50", "--rate", "500", "--duration", "10s"],
         "saturate": ["saturate", "--clients", "1000", "--senders", "50", "--in-flight", "4", "--duration", "10s"],
+        # The most commands through one stream: few receivers, every client
+        # sends, spread over a cluster's nodes.
+        "stream": ["saturate", "--clients", "60", "--senders", "60", "--in-flight", "8", "--duration", "10s",
+                   "--spread-senders"],
         "connect": ["connect", "--clients", "1000", "--history", "10000", "--prefill-senders", "200"],
         "idle": ["idle", "--clients", "10000"],
     }
@@ -172,11 +176,28 @@ DURABLE_QUICK = {
 
 # Three nodes on one nats-server, the clients spread: the senders on the
 # first node, every other client on the other two, so each message is
-# measured from a sender on node A to receivers on nodes B and C. Server CPU
-# is node A's; peer_cpu_cores each other node's.
+# measured from a sender on node A to receivers on nodes B and C. CPU per
+# frame is summed over the three nodes (cpu_cores.server + cpu_cores.peers);
+# nats-server's is beside it.
 SERVERS["chat-server-cluster3-spread"] = dict(
     SERVERS["chat-server-cluster3"], spread=True,
     note=OUR_NOTE + " --in-memory --identity raw-ip --cluster (three nodes, senders on one, receivers on the other two, nats-server -js)")
+# The same on three routed nats-servers and an R3 stream (each node given
+# all three URLs): the stream survives a NATS server.
+SERVERS["chat-server-cluster3-spread-r3"] = dict(
+    SERVERS["chat-server-cluster3-spread"], nats="r3",
+    cmd=SERVERS["chat-server-cluster3"]["cmd"] + ["--cluster-replicas", "3"],
+    note=OUR_NOTE + " --in-memory --identity raw-ip --cluster --cluster-replicas 3 (three nodes spread as above, three routed nats-servers)")
+# The same on one nats-server that fsyncs every entry before its ack.
+SERVERS["chat-server-cluster3-spread-sync"] = dict(
+    SERVERS["chat-server-cluster3-spread"], nats="sync-always",
+    note=OUR_NOTE + " --in-memory --identity raw-ip --cluster (three nodes spread as above, nats-server -js with sync_interval: always)")
+
+# Failover (three-node kinds): 1,000 clients follow node A while a client on
+# node B posts 50 messages a second; A is SIGKILLed after 3 s, and its
+# clients resume on B and C with ?since=. Only with --only failover.
+FAILOVER = ["failover", "--clients", "1000", "--rate", "50", "--before", "3s", "--after", "3s",
+            "--kill-pid", "{pid}"]
 
 
 def free_port():
@@ -191,25 +212,39 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_nats(datadir, sync_always=False):
-    """A nats-server with JetStream, its store in datadir: (process, port).
-    With sync_always, it fsyncs every entry before acknowledging it."""
-    port = free_port()
-    conf = os.path.join(datadir, "nats.conf")
-    with open(conf, "w") as f:
-        f.write("jetstream {\n  store_dir: %s\n%s}\n" % (
-            json.dumps(os.path.join(datadir, "nats")), "  sync_interval: always\n" if sync_always else ""))
-    proc = subprocess.Popen(["nats-server", "-c", conf, "-a", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_nats(datadir, mode=True):
+    """nats-servers with JetStream, their stores in datadir: (processes,
+    client ports). mode "sync-always": one that fsyncs every entry before
+    acknowledging it; "r3": three routed servers (for an R3 stream);
+    otherwise one."""
+    count = 3 if mode == "r3" else 1
+    ports = [free_port() for _ in range(count)]
+    routes = [free_port() for _ in range(count)]
+    procs = []
+    for i in range(count):
+        conf = os.path.join(datadir, f"nats-{i}.conf")
+        with open(conf, "w") as f:
+            f.write("server_name: n%d\njetstream {\n  store_dir: %s\n%s}\n" % (
+                i, json.dumps(os.path.join(datadir, f"nats-{i}")),
+                "  sync_interval: always\n" if mode == "sync-always" else ""))
+            if count > 1:
+                f.write("cluster {\n  name: bench\n  listen: 127.0.0.1:%d\n  routes: [%s]\n}\n" % (
+                    routes[i], ", ".join(f"nats-route://127.0.0.1:{r}" for r in routes)))
+        procs.append(subprocess.Popen(["nats-server", "-c", conf, "-a", "127.0.0.1", "-p", str(ports[i])],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.01)
-    proc.kill()
-    raise RuntimeError("nats-server did not start")
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    for p in procs:
+                        p.kill()
+                    raise RuntimeError("nats-server did not start")
+                time.sleep(0.01)
+    return procs, ports
 
 
 def wait_healthy(port, deadline):
@@ -228,13 +263,14 @@ def start(name, datadir=None):
     port = free_port()
     datadir = datadir or tempfile.mkdtemp(prefix="chat-bench-")
     fill = dict(port=port, datadir=datadir)
-    nats = None
+    nats = []
     if spec.get("nats"):
-        nats, fill["nats_port"] = start_nats(datadir, sync_always=spec["nats"] == "sync-always")
+        nats, nats_ports = start_nats(datadir, spec["nats"])
+        fill["nats_urls"] = ",".join(f"nats://127.0.0.1:{p}" for p in nats_ports)
     cmd = [c.format(**fill) for c in spec["cmd"]]
     env = dict(os.environ, **{k: v.format(**fill) for k, v in spec["env"].items()})
     peers = []
-    taken = {port, fill.get("nats_port")}
+    taken = {port, *(int(u.rsplit(":", 1)[1]) for u in fill.get("nats_urls", "").split(",") if u)}
     for _ in range(spec.get("peers", 0)):
         peer_port = free_port()
         while peer_port in taken:
@@ -266,13 +302,13 @@ def start(name, datadir=None):
     for p, peer_port in peers:
         p.kill()
         print(f"peer on {peer_port}: " + open(os.path.join(datadir, f"peer-{peer_port}.log")).read()[-2000:], file=sys.stderr)
-    if nats:
-        nats.kill()
+    for p in nats:
+        p.kill()
     raise RuntimeError(f"{name} did not start")
 
 
 def stop(proc):
-    for p in [proc] + getattr(proc, "peers", []) + ([proc.nats] if getattr(proc, "nats", None) else []):
+    for p in [proc] + getattr(proc, "peers", []) + getattr(proc, "nats", []):
         p.send_signal(signal.SIGTERM)
         try:
             p.wait(timeout=15)
@@ -280,10 +316,15 @@ def stop(proc):
             p.kill()
 
 
-def loadgen(port, pid, args, note, others=()):
+def loadgen(port, pid, args, note, others=(), peer_pids=(), nats_pids=()):
     urls = ",".join(f"ws://127.0.0.1:{p}/ws" for p in [port, *others])
     cmd = [str(TARGET / "chat-loadgen"), "--url", urls,
-           "--server-pid", str(pid), f"--note={note}", "--json"] + args
+           "--server-pid", str(pid), f"--note={note}", "--json"]
+    if peer_pids:
+        cmd.append("--peer-pids=" + ",".join(map(str, peer_pids)))
+    if nats_pids:
+        cmd.append("--nats-pids=" + ",".join(map(str, nats_pids)))
+    cmd += [a.format(pid=pid) for a in args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     try:
         return json.loads(out.stdout)
@@ -292,9 +333,14 @@ def loadgen(port, pid, args, note, others=()):
 
 
 def pick(result, path):
-    if path == "cpu_per_frame_us":
-        # Derived: the server's CPU (cores) over the frames it delivered.
+    if path in ("cpu_per_frame_us", "cpu_per_frame_with_nats_us"):
+        # Derived: the server's CPU (cores; a cluster's nodes summed, and
+        # nats-server's too in the second) over the frames delivered.
         cores, frames = pick(result, "cpu_cores.server"), pick(result, "delivered_frames_per_s")
+        cores = cores and cores + (pick(result, "cpu_cores.peers") or 0)
+        if path == "cpu_per_frame_with_nats_us":
+            nats = pick(result, "cpu_cores.nats")
+            cores = cores and nats is not None and cores + nats
         return cores / frames * 1e6 if cores and frames else None
     v = result.get("results", {})
     for key in path.split("."):
@@ -309,16 +355,19 @@ METRICS = {
                ("p99.9 ms", "latency_ms.p99_9", "{:.2f}"), ("max ms", "latency_ms.max", "{:.2f}"),
                ("frames lost", "frames_lost", "{:.0f}"),
                ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}"),
-               ("nats-server CPU (cores, cluster only)", "nats_cpu_cores", "{:.2f}"),
-               ("each other node's CPU (cores, three nodes only)", "peer_cpu_cores", "{:.2f}")],
+               ("nats-server CPU (cores, cluster only)", "cpu_cores.nats", "{:.2f}"),
+               ("the other nodes' CPU (cores, summed; three nodes only)", "cpu_cores.peers", "{:.2f}"),
+               ("CPU per delivered frame, nodes and nats-server (µs)", "cpu_per_frame_with_nats_us", "{:.2f}")],
     "saturate": [("delivered frames/s", "delivered_frames_per_s", "{:,.0f}"),
                  ("**server CPU per delivered frame (µs)**", "cpu_per_frame_us", "{:.2f}"),
                  ("messages sent/s", "send_rate_per_s", "{:,.0f}"),
                  ("p50 ms", "latency_ms.p50", "{:.1f}"), ("p99 ms", "latency_ms.p99", "{:.1f}"),
                  ("frames lost", "frames_lost", "{:.0f}"),
                  ("server CPU (cores)", "cpu_cores.server", "{:.2f}"), ("loadgen CPU (cores)", "cpu_cores.loadgen", "{:.2f}"),
-                 ("nats-server CPU (cores, cluster only)", "nats_cpu_cores", "{:.2f}"),
-                 ("each other node's CPU (cores, three nodes only)", "peer_cpu_cores", "{:.2f}")],
+                 ("nats-server CPU (cores, cluster only)", "cpu_cores.nats", "{:.2f}"),
+                 ("the other nodes' CPU (cores, summed; three nodes only)", "cpu_cores.peers", "{:.2f}"),
+                 ("CPU per delivered frame, nodes and nats-server (µs)", "cpu_per_frame_with_nats_us", "{:.2f}")],
+    "stream": None,  # as saturate
     "connect": [("all clients have history (s)", "all_have_history_s", "{:.2f}"),
                 ("per client p50 (s)", "per_client_s.p50", "{:.2f}"), ("per client max (s)", "per_client_s.max", "{:.2f}"),
                 ("history frames/s", "history_frames_per_s", "{:,.0f}"), ("failures", "failures", "{:.0f}")],
@@ -333,6 +382,14 @@ METRICS = {
                   ("full / since: server CPU", "full_over_since.server_cpu", "{:.1f}×"),
                   ("resets (since)", "since.resets", "{:.0f}"),
                   ("failures", "since.failures", "{:.0f}")],
+    "failover": [("**all clients resumed elsewhere (s after the kill)**", "all_resumed_s", "{:.3f}"),
+                 ("per client: resumed p50 ms", "resumed_ms.p50", "{:.1f}"),
+                 ("per client: resumed p99 ms", "resumed_ms.p99", "{:.1f}"),
+                 ("per client: socket closed, max ms", "noticed_ms.max", "{:.1f}"),
+                 ("messages acknowledged to the sender", "messages_acknowledged", "{:.0f}"),
+                 ("messages missing (all clients)", "messages_missing", "{:.0f}"),
+                 ("duplicates", "duplicates", "{:.0f}"), ("resets", "resets", "{:.0f}"),
+                 ("clients never resumed", "clients_never_resumed", "{:.0f}")],
     "idle": [("**server bytes per idle connection**", "server_bytes_per_connection", "{:,.0f}"),
              ("failures", "failures", "{:.0f}")],
 }
@@ -363,6 +420,9 @@ def main():
         reconnect = RECONNECT_QUICK if args.quick else RECONNECT
         plan += [(scen, scen_args, ["chat-server", "chat-server-durable"]) for scen, scen_args in reconnect.items()]
         chosen.update(reconnect)
+    if "failover" in args.only.split(","):
+        plan.append(("failover", FAILOVER, [s for s in servers if SERVERS[s].get("peers")]))
+        chosen["failover"] = FAILOVER
     if not args.only or "durable" in args.only:
         durable = DURABLE_QUICK if args.quick else DURABLE
         plan += [(scen, scen_args, ["chat-server-durable", "chat-server"]) for scen, scen_args in durable.items()]
@@ -378,18 +438,9 @@ def main():
                     print(f"{scen:16} {server:20} run {run + 1}: ERROR {e}", file=sys.stderr)
                     continue
                 try:
-                    nats = getattr(proc, "nats", None)
-                    peers = getattr(proc, "peers", [])
-                    before = (time.time(), cpu_seconds(nats.pid), [cpu_seconds(p.pid) for p in peers]) if nats else None
                     spread = proc.peer_ports if SERVERS[server].get("spread") else ()
-                    r = loadgen(port, proc.pid, scen_args, SERVERS[server]["note"], spread)
-                    if before and isinstance(r.get("results"), dict):
-                        # Over the whole load generator run, warm-up included.
-                        took = time.time() - before[0]
-                        r["results"]["nats_cpu_cores"] = (cpu_seconds(nats.pid) - before[1]) / took
-                        if peers:
-                            r["results"]["peer_cpu_cores"] = statistics.mean(
-                                (cpu_seconds(p.pid) - b) / took for p, b in zip(peers, before[2]))
+                    r = loadgen(port, proc.pid, scen_args, SERVERS[server]["note"], spread,
+                                [p.pid for p in proc.peers], [p.pid for p in proc.nats])
                 finally:
                     stop(proc)
                     shutil.rmtree(proc.datadir, ignore_errors=True)
@@ -438,7 +489,7 @@ def main():
         print("| metric (median of %d) | %s |%s" % (args.runs, " | ".join(names), extra))
         print("|---|%s%s" % ("---|" * len(names), "---|" * (len(ours) or (1 if len(names) == 2 else 0))))
         # "fanout500" is the fan-out at another rate.
-        metric_set = METRICS[scen.split("-")[0].rstrip("0123456789")]
+        metric_set = METRICS[scen.split("-")[0].rstrip("0123456789")] or METRICS["saturate"]
         for label, path, fmt in metric_set:
             meds = [median([pick(r, path) for r in by_server[s]]) for s in names]
             cells = [fmt.format(m) if m is not None else "-" for m in meds]

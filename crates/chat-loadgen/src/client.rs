@@ -54,6 +54,23 @@ impl Target {
         }
     }
 
+    /// Server `k` alone: 0 is the first URL, 1 and on the others (round
+    /// them when `k` is past the last).
+    pub fn server(&self, k: usize) -> Target {
+        let (url, addr) = match k {
+            0 => (self.url.clone(), self.addr),
+            k if !self.others.is_empty() => self.others[(k - 1) % self.others.len()].clone(),
+            _ => (self.url.clone(), self.addr),
+        };
+        Target {
+            url,
+            addr,
+            sources: self.sources.clone(),
+            others: Vec::new(),
+            first_only: 0,
+        }
+    }
+
     /// Client number `i`'s server.
     fn endpoint(&self, i: usize) -> (&str, SocketAddr) {
         let first = (self.url.as_str(), self.addr);
@@ -251,5 +268,8 @@ mod tests {
             .await
             .expect("url");
         assert_eq!(ports(&one.first_only(2)), [1; 6]);
+        let port = |t: Target| t.addr.port();
+        assert_eq!([0, 1, 2, 3].map(|k| port(t.server(k))), [1, 2, 3, 2]);
+        assert_eq!(port(one.server(1)), 1, "with one server, every k is it");
     }
 }

@@ -1,11 +1,12 @@
 //! The pieces of `chat-loadgen`, usable from other programs and tests:
 //! connecting many clients ([`client`]), reading plain HTTP responses
 //! ([`http`]), the scenarios ([`scenario`]), the
-//! soak and abuse run ([`soak`]), reconnecting after a blip ([`reconnect`])
-//! and measuring ([`stats`]).
+//! soak and abuse run ([`soak`]), reconnecting after a blip ([`reconnect`]),
+//! a cluster node's failover ([`failover`]) and measuring ([`stats`]).
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod failover;
 pub mod http;
 pub mod reconnect;
 pub mod scenario;

@@ -7,6 +7,7 @@
 //! cargo run --release -p chat-loadgen -- connect --clients 1000 --history 10000
 //! cargo run --release -p chat-loadgen -- storm --clients 1000 --reactors 200 --toggles 100
 //! cargo run --release -p chat-loadgen -- idle --clients 10000 --server-pid $(pgrep chat-server)
+//! cargo run --release -p chat-loadgen -- --url ws://a/ws,ws://b/ws failover --kill-pid $(pidof-node-a)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -36,9 +37,18 @@ struct Cli {
     /// Handshakes in flight at once while connecting.
     #[arg(long, global = true, default_value_t = 200)]
     connect_parallel: usize,
-    /// The server's PID, to report its CPU and memory.
+    /// The server's PID, to report its CPU and memory (with a cluster,
+    /// the first node's).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
+    /// A cluster's other nodes' PIDs, comma-separated: their CPU over the
+    /// same window is reported summed (`cpu_cores.peers`).
+    #[arg(long, global = true, value_delimiter = ',')]
+    peer_pids: Vec<u32>,
+    /// The cluster's `nats-server` PIDs, comma-separated: reported summed
+    /// (`cpu_cores.nats`).
+    #[arg(long, global = true, value_delimiter = ',')]
+    nats_pids: Vec<u32>,
     /// Free text recorded with the results, e.g. the server's flags.
     #[arg(long, global = true, default_value = "")]
     note: String,
@@ -157,6 +167,26 @@ enum Scenario {
         #[arg(long, default_value_t = 10.0)]
         rate: f64,
     },
+    /// K clients follow the first URL's node while one client on the second
+    /// sends; the node is SIGKILLed, and its clients resume on the others
+    /// with `?since=`: time until all have resumed, and what they missed.
+    Failover {
+        /// Clients on the node that is killed.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Messages per second from the sender, on the second node.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// Sending before the kill.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        before: Duration,
+        /// Sending after the kill.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        after: Duration,
+        /// The PID of the node at the first URL: it is sent SIGKILL.
+        #[arg(long)]
+        kill_pid: u32,
+    },
     /// K idle connections; reports the server's memory per connection.
     Idle {
         /// Connections to hold.
@@ -179,6 +209,10 @@ struct LoadArgs {
     /// Time sending before measuring starts.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// With several URLs: senders go round all the nodes too (for the
+    /// most commands through one cluster), not all to the first.
+    #[arg(long)]
+    spread_senders: bool,
 }
 
 impl LoadArgs {
@@ -189,7 +223,12 @@ impl LoadArgs {
             duration: self.duration,
             warmup: self.warmup,
             connect_parallel: cli.connect_parallel,
-            server_pid: cli.server_pid,
+            pids: stats::Pids {
+                server: cli.server_pid,
+                peers: cli.peer_pids.clone(),
+                nats: cli.nats_pids.clone(),
+            },
+            spread_senders: self.spread_senders,
         }
     }
 }
@@ -241,7 +280,7 @@ async fn main() -> std::process::ExitCode {
             sweep_p99_ms,
         } => {
             let l = load.load(&cli);
-            let params = json!({"clients": l.clients, "senders": l.senders, "rate": rate, "duration_s": l.duration.as_secs_f64(), "warmup_s": l.warmup.as_secs_f64(), "sweep_p99_ms": sweep_p99_ms});
+            let params = json!({"clients": l.clients, "senders": l.senders, "spread_senders": l.spread_senders, "rate": rate, "duration_s": l.duration.as_secs_f64(), "warmup_s": l.warmup.as_secs_f64(), "sweep_p99_ms": sweep_p99_ms});
             let results = match sweep_p99_ms {
                 None => scenario::run_load(&target, &l, Pace::Rate(*rate), &progress).await,
                 Some(limit) => sweep(&target, &l, *rate, *limit, &progress).await,
@@ -250,7 +289,7 @@ async fn main() -> std::process::ExitCode {
         }
         Scenario::Saturate { load, in_flight } => {
             let l = load.load(&cli);
-            let params = json!({"clients": l.clients, "senders": l.senders, "in_flight": in_flight, "duration_s": l.duration.as_secs_f64(), "warmup_s": l.warmup.as_secs_f64()});
+            let params = json!({"clients": l.clients, "senders": l.senders, "spread_senders": l.spread_senders, "in_flight": in_flight, "duration_s": l.duration.as_secs_f64(), "warmup_s": l.warmup.as_secs_f64()});
             let results =
                 scenario::run_load(&target, &l, Pace::InFlight(*in_flight), &progress).await;
             ("saturate", params, results)
@@ -345,6 +384,25 @@ async fn main() -> std::process::ExitCode {
             let results =
                 chat_loadgen::storm::run(&target, &storm, cli.connect_parallel, &progress).await;
             ("storm", params, results)
+        }
+        Scenario::Failover {
+            clients,
+            rate,
+            before,
+            after,
+            kill_pid,
+        } => {
+            let f = chat_loadgen::failover::Failover {
+                clients: *clients,
+                rate: *rate,
+                before: *before,
+                after: *after,
+                kill_pid: *kill_pid,
+                parallel: cli.connect_parallel,
+            };
+            let params = json!({"clients": clients, "rate": rate, "before_s": before.as_secs_f64(), "after_s": after.as_secs_f64()});
+            let results = chat_loadgen::failover::run(&target, &f, &progress).await;
+            ("failover", params, results)
         }
         Scenario::Idle { clients } => {
             let params = json!({"clients": clients});

@@ -8,7 +8,7 @@
 
 use crate::client::{Marker, Target, Ws, now_us, run_id};
 use crate::scenario::Progress;
-use crate::stats::CpuWindow;
+use crate::stats::{CpuWindow, Pids};
 use chat_proto::{ServerFrame, SyncPoint};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -46,8 +46,8 @@ enum Mode {
 /// Where a client is, for its next resume: its last `sync` frame.
 type LastSync = Option<SyncPoint>;
 
-/// A target whose URL carries `query`.
-fn with_query(target: &Target, query: &str) -> Target {
+/// A target whose URLs carry `query`.
+pub(crate) fn with_query(target: &Target, query: &str) -> Target {
     let mut t = target.clone();
     let with = |url: &str| format!("{}{query}", url.split('?').next().unwrap_or_default());
     t.url = with(&t.url);
@@ -57,7 +57,8 @@ fn with_query(target: &Target, query: &str) -> Target {
     t
 }
 
-fn query(at: &LastSync) -> String {
+/// The query that resumes from `at` (or follows from the start).
+pub(crate) fn query(at: &LastSync) -> String {
     match at {
         Some(s) => format!("?since={}&epoch={}", s.position, s.epoch),
         None => "?sync".into(),
@@ -89,7 +90,7 @@ pub async fn run(target: &Target, r: &Reconnect, progress: &Arc<Progress>) -> Va
             Ok(run) => run,
             Err(e) => return json!({ "error": format!("sending while away: {e}") }),
         };
-        let cpu = CpuWindow::start(r.server_pid);
+        let cpu = CpuWindow::start(&Pids::server(r.server_pid));
         let started = Instant::now();
         let positions = first.positions.clone();
         let back = match rejoin(target, r, positions, mode, Some(run), progress).await {

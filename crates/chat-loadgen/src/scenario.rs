@@ -2,7 +2,7 @@
 //! loop), a connect storm against a long history, and idle memory.
 
 use crate::client::{Marker, Target, Ws, now_us, run_id};
-use crate::stats::{CpuWindow, latency_histogram, rss_bytes};
+use crate::stats::{CpuWindow, Pids, latency_histogram, rss_bytes};
 use chat_proto::ServerFrame;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -178,8 +178,12 @@ pub struct Load {
     pub warmup: Duration,
     /// Handshakes in flight while connecting.
     pub connect_parallel: usize,
-    /// Server PID, for its CPU and memory.
-    pub server_pid: Option<u32>,
+    /// The processes whose CPU is reported (the server's, and a
+    /// cluster's other nodes and NATS servers).
+    pub pids: Pids,
+    /// With several servers: the senders go round all of them, rather
+    /// than all to the first.
+    pub spread_senders: bool,
 }
 
 /// How senders pace themselves.
@@ -195,7 +199,8 @@ pub enum Pace {
 pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<Progress>) -> Value {
     // With several servers (a cluster's nodes), the senders are on the
     // first and the other clients on the others: every message crosses.
-    let target = &target.first_only(load.senders);
+    // Spread, every client goes round all of them.
+    let target = &target.first_only(if load.spread_senders { 0 } else { load.senders });
     let run = run_id();
     let (clients, failed) =
         connect_all(target, load.clients, load.connect_parallel, progress).await;
@@ -241,11 +246,11 @@ pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<P
     window.set(now_us() + load.warmup.as_micros() as u64, load.duration);
     let cpu_start_at = tokio::time::Instant::now() + load.warmup;
     let cpu_probe = tokio::spawn({
-        let pid = load.server_pid;
+        let pids = load.pids.clone();
         let duration = load.duration;
         async move {
             tokio::time::sleep_until(cpu_start_at).await;
-            let w = CpuWindow::start(pid);
+            let w = CpuWindow::start(&pids);
             tokio::time::sleep(duration).await;
             w.finish()
         }
@@ -366,7 +371,7 @@ pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<P
         "frames_lost": expected.saturating_sub(received),
         "frames_reordered": reordered,
         "clients_closed_early": closed_early,
-        "cpu_cores": { "loadgen": cpu.loadgen, "server": cpu.server },
+        "cpu_cores": { "loadgen": cpu.loadgen, "server": cpu.server, "peers": cpu.peers, "nats": cpu.nats },
     })
 }
 

@@ -29,13 +29,37 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// CPU use of the load generator and, if known, the server, over a window.
-#[derive(Debug, Clone, Copy)]
+/// The processes whose CPU is reported beside the load generator's.
+#[derive(Debug, Clone, Default)]
+pub struct Pids {
+    /// The server under test (with a cluster, the first node).
+    pub server: Option<u32>,
+    /// A cluster's other nodes: their CPU is reported summed.
+    pub peers: Vec<u32>,
+    /// The `nats-server` processes under a cluster, summed.
+    pub nats: Vec<u32>,
+}
+
+impl Pids {
+    /// The server alone.
+    pub fn server(pid: Option<u32>) -> Self {
+        Pids {
+            server: pid,
+            ..Pids::default()
+        }
+    }
+}
+
+/// CPU use of the load generator and of the processes in [`Pids`], over a
+/// window.
+#[derive(Debug, Clone)]
 pub struct CpuWindow {
     start: Instant,
+    pids: Pids,
     own: Option<f64>,
     server: Option<f64>,
-    server_pid: Option<u32>,
+    peers: Option<f64>,
+    nats: Option<f64>,
 }
 
 /// CPU use over a window, as a share of one core (1.0 = one core busy).
@@ -45,16 +69,31 @@ pub struct CpuUse {
     pub loadgen: Option<f64>,
     /// The server's CPU, when its PID was given.
     pub server: Option<f64>,
+    /// The other nodes' CPU together, when their PIDs were given.
+    pub peers: Option<f64>,
+    /// The `nats-server` processes' CPU together, when given.
+    pub nats: Option<f64>,
+}
+
+/// The CPU seconds of `pids` together: `None` with none, or when one
+/// cannot be read.
+fn summed(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| cpu_seconds(pid)).sum()
 }
 
 impl CpuWindow {
     /// Starts measuring now.
-    pub fn start(server_pid: Option<u32>) -> Self {
+    pub fn start(pids: &Pids) -> Self {
         CpuWindow {
             start: Instant::now(),
             own: cpu_seconds(std::process::id()),
-            server: server_pid.and_then(cpu_seconds),
-            server_pid,
+            server: pids.server.and_then(cpu_seconds),
+            peers: summed(&pids.peers),
+            nats: summed(&pids.nats),
+            pids: pids.clone(),
         }
     }
 
@@ -64,7 +103,9 @@ impl CpuWindow {
         let share = |before: Option<f64>, after: Option<f64>| Some((after? - before?) / secs);
         CpuUse {
             loadgen: share(self.own, cpu_seconds(std::process::id())),
-            server: share(self.server, self.server_pid.and_then(cpu_seconds)),
+            server: share(self.server, self.pids.server.and_then(cpu_seconds)),
+            peers: share(self.peers, summed(&self.pids.peers)),
+            nats: share(self.nats, summed(&self.pids.nats)),
         }
     }
 }

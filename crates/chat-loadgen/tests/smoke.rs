@@ -28,7 +28,8 @@ fn load(clients: usize, senders: usize) -> Load {
         duration: Duration::from_secs(1),
         warmup: Duration::from_millis(300),
         connect_parallel: 16,
-        server_pid: Some(std::process::id()),
+        pids: chat_loadgen::stats::Pids::server(Some(std::process::id())),
+        spread_senders: false,
     }
 }
 
