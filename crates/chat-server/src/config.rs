@@ -108,6 +108,14 @@ pub struct Config {
     #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
 
+    /// Connections the kernel queues until the server accepts them (the
+    /// listen backlog, capped by the kernel at `net.core.somaxconn`). When
+    /// it is full the kernel drops a new connection's first packet, and
+    /// that client waits a second to try again: a cluster node's clients,
+    /// all reconnecting to the others at once when it dies, need room.
+    #[arg(long, env = "CHAT_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: usize,
+
     /// Most connections from one client address (an IPv6 /64 counts as one);
     /// beyond it a handshake is refused with 429.
     #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
@@ -500,6 +508,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("--max-connections", self.max_connections),
+            ("--listen-backlog", self.listen_backlog),
             ("--max-connections-per-ip", self.max_connections_per_ip),
             ("--max-pending-per-ip", self.max_pending_per_ip),
             ("--max-message-size", self.max_message_size),
@@ -634,6 +643,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("chat-data"));
         assert!(!c.in_memory && !c.echo);
         assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.listen_backlog, 4096);
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.max_request_head, 8 * 1024);
         assert_eq!(c.identity, IdentityMode::Pseudonym);

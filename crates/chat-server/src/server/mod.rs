@@ -25,7 +25,7 @@ use chat_proto::{Epoch, Uuid};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use thiserror::Error;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -252,11 +252,12 @@ impl Server {
         // Bound last: once a client can connect, the history is restored
         // and its replay log serialized, so start-up time measured at the
         // first accepted connection includes both.
-        let listener = TcpListener::bind(shared.config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: shared.config.listen,
-                source,
+        let listener =
+            listen(shared.config.listen, shared.config.listen_backlog).map_err(|source| {
+                StartError::Bind {
+                    addr: shared.config.listen,
+                    source,
+                }
             })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: shared.config.listen,
@@ -361,4 +362,17 @@ impl Server {
         info!("stopped");
         Stopped::Gracefully
     }
+}
+
+/// Listens on `addr` as `TcpListener::bind` does (with `SO_REUSEADDR`, so
+/// a restart finds its port free past the old connections' TIME_WAIT), with
+/// a listen backlog of `backlog` rather than the runtime's default (128).
+fn listen(addr: SocketAddr, backlog: usize) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(backlog).unwrap_or(u32::MAX))
 }

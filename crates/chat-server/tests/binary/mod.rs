@@ -4,7 +4,6 @@
 
 pub mod ws;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -30,13 +29,13 @@ pub fn logging(args: &[&str]) -> Child {
         .expect("start chat-server")
 }
 
-/// A loopback port nobody listens on now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+// Also loaded by the other support module when a test uses both.
+#[allow(clippy::duplicate_mod)]
+#[path = "../../../../tests/support/ports.rs"]
+mod ports;
+/// A loopback port nobody listens on now (below the ephemeral range, so
+/// that a server restarted on it finds it free).
+pub use ports::free_port;
 
 /// The server process; killed when dropped, so a failing test leaves no
 /// server behind.
