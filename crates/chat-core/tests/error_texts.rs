@@ -65,6 +65,22 @@ fn every_variant_is_here() {
     }
 }
 
+#[test]
+fn kinds_lists_each_refusals_kind_once() {
+    let mut of_every: Vec<_> = every_refusal(&Config::default())
+        .iter()
+        .chain([&ChatError::DuplicateMessageId])
+        .map(ChatError::kind)
+        .collect();
+    of_every.sort_unstable();
+    of_every.dedup();
+    let mut listed = ChatError::KINDS.to_vec();
+    listed.sort_unstable();
+    assert_eq!(of_every, listed, "ChatError::KINDS against kind()");
+    listed.dedup();
+    assert_eq!(listed.len(), ChatError::KINDS.len(), "a kind listed twice");
+}
+
 /// The `error` frame's documented texts, one per `- "..."` line.
 fn documented() -> Vec<String> {
     let doc = chat_testkit::asyncapi();

@@ -192,6 +192,16 @@ pub struct Marker {
 }
 
 impl Marker {
+    /// Sender `sender`'s message `seq` of run `run`, sent now.
+    pub fn now(run: u32, sender: u32, seq: u64) -> Marker {
+        Marker {
+            run,
+            sender,
+            seq,
+            sent_us: now_us(),
+        }
+    }
+
     /// The `send_message` frame carrying this marker.
     pub fn frame(&self) -> String {
         ClientFrame::SendMessage(SendMessage {

@@ -7,7 +7,7 @@
 //! delivered), and whether any client missed, or was sent twice, a message
 //! the sender was acknowledged.
 
-use crate::client::{Marker, Target, Ws, now_us, run_id};
+use crate::client::{Marker, Target, Ws, run_id};
 use crate::reconnect::{query, with_query};
 use crate::scenario::Progress;
 use crate::stats::latency_histogram;
@@ -303,12 +303,7 @@ async fn send(
     let until = tokio::time::Instant::now() + duration;
     let mut seq = 0;
     while tick.tick().await < until {
-        let m = Marker {
-            run,
-            sender: 0,
-            seq,
-            sent_us: now_us(),
-        };
+        let m = Marker::now(run, 0, seq);
         sink.send(Message::text(m.frame()))
             .await
             .map_err(|e| format!("sending: {e}"))?;

@@ -6,7 +6,7 @@
 //! For each: the bytes the clients received, the time until every client
 //! had every missed message, and the server's CPU meanwhile.
 
-use crate::client::{Marker, Target, Ws, now_us, run_id};
+use crate::client::{Marker, Target, Ws, run_id};
 use crate::scenario::Progress;
 use crate::stats::{CpuWindow, Pids};
 use chat_proto::{ServerFrame, SyncPoint};
@@ -244,12 +244,7 @@ async fn send(target: &Target, n: usize) -> Result<u32, String> {
     let run = run_id();
     let mut ws = target.connect(usize::MAX / 2).await?;
     for seq in 0..n as u64 {
-        let m = Marker {
-            run,
-            sender: 0,
-            seq,
-            sent_us: now_us(),
-        };
+        let m = Marker::now(run, 0, seq);
         ws.send(Message::text(m.frame()))
             .await
             .map_err(|e| e.to_string())?;

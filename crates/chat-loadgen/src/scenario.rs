@@ -309,12 +309,7 @@ pub async fn run_load(target: &Target, load: &Load, pace: Pace, progress: &Arc<P
                         if let Ok(p) = p {
                             p.forget();
                         }
-                        let m = Marker {
-                            run,
-                            sender: s as u32,
-                            seq,
-                            sent_us: now_us(),
-                        };
+                        let m = Marker::now(run, s as u32, seq);
                         if sink.send(Message::text(m.frame())).await.is_err() {
                             break;
                         }
@@ -405,12 +400,7 @@ pub async fn prefill(
             let (mut sent, mut echoed) = (0u64, 0u64);
             while echoed < count {
                 while sent < count && sent < echoed + PREFILL_IN_FLIGHT {
-                    let m = Marker {
-                        run,
-                        sender: s as u32,
-                        seq: sent,
-                        sent_us: now_us(),
-                    };
+                    let m = Marker::now(run, s as u32, sent);
                     sink.feed(Message::text(m.frame()))
                         .await
                         .map_err(|e| e.to_string())?;

@@ -9,7 +9,7 @@
 //! warm-up, every abuser was refused or disconnected, and the server still
 //! answers at the end.
 
-use crate::client::{Marker, Target, now_us, run_id};
+use crate::client::{Marker, Target, run_id};
 use crate::http;
 use crate::stats::rss_bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -178,7 +178,7 @@ pub async fn run(target: &Target, soak: &Soak) -> Value {
             loop {
                 tokio::select! {
                     _ = tick.tick(), if tokio::time::Instant::now() < deadline => {
-                        let m = Marker { run, sender: i as u32, seq, sent_us: now_us() };
+                        let m = Marker::now(run, i as u32, seq);
                         if sink.send(Message::text(m.frame())).await.is_err() { break; }
                         seq += 1;
                         c.chat_sent.fetch_add(1, Ordering::Relaxed);
@@ -542,12 +542,7 @@ async fn answers_normally(target: &Target, source: usize, run: u32) -> bool {
     let Ok(mut ws) = target.connect(source).await else {
         return false;
     };
-    let m = Marker {
-        run,
-        sender: 999_999,
-        seq: 0,
-        sent_us: now_us(),
-    };
+    let m = Marker::now(run, 999_999, 0);
     if ws.send(Message::text(m.frame())).await.is_err() {
         return false;
     }
