@@ -1803,3 +1803,80 @@ async fn a_node_reports_its_position_lag_nats_and_state_in_metrics() {
     metric_becomes(&a, "chat_cluster_nats_reconnects_total", 1.0).await;
     a.shutdown().await;
 }
+
+/// A reader made again from the stream's start is not a rewind. async-nats
+/// remakes an ordered consumer that lost its server-side half from the
+/// entry after the last it delivered, but from the stream's first entry
+/// when it has delivered none yet: the node then meets entries it applied.
+/// It asks the stream, which holds what it applied, and reads on, in the
+/// same epoch. (Found by the chaos test: every node started a new epoch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_remade_from_the_streams_start_is_not_taken_for_a_rewind() {
+    let mut nats = NatsServer::start();
+    let a = start(node(&nats, "a")).await;
+    let mut c = a.try_client(2, "/ws?sync", &[]).await.expect("ws");
+    c.until_sync().await;
+    for text in ["one", "two", "three"] {
+        c.say(text).await;
+    }
+    c.frames_but_syncs(3).await;
+
+    // NATS restarts: the node reads on with a fresh consumer from entry 4,
+    // which has delivered nothing when the operator deletes it.
+    nats.restart();
+    let js = operator(&nats).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let names = loop {
+        let names: Vec<String> = match js.get_stream("chat").await {
+            Ok(stream) => futures_util::TryStreamExt::try_collect(stream.consumer_names())
+                .await
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        if !names.is_empty() {
+            break names;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never read on"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let stream = js.get_stream("chat").await.expect("stream");
+    for name in &names {
+        let _ = stream.delete_consumer(name).await;
+    }
+
+    // The reader is made again, from entry 1. The node stays serving, in
+    // the same epoch, and what is said next takes position 4.
+    let (_, before) = history(&a).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    'said: loop {
+        c.say("four").await;
+        loop {
+            match c.frame().await {
+                ServerFrame::Message(m) if m.text == "four" => break 'said,
+                ServerFrame::Sync(_) => {}
+                ServerFrame::Error(e) => {
+                    assert!(e.error.starts_with("the chat is unavailable"), "{e:?}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "never accepted again"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Long enough for the remade reader to have sent entry 1 again.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let (status, body) = healthz(&a).await;
+    assert_eq!(status, 200, "{body}");
+    let (history, after) = history(&a).await;
+    assert_eq!(after.epoch, before.epoch, "no new epoch");
+    assert_eq!(after.position, Position(4));
+    assert_eq!(history.len(), 4);
+    a.shutdown().await;
+}

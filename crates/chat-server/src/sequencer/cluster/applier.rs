@@ -510,7 +510,11 @@ impl Applier {
             self.epoch,
             self.timeout,
         );
-        let (local, stream_name) = (self.local.clone(), self.stream_name.clone());
+        // Weak: this task may outlive the server (the append waits up to
+        // the cluster timeout), and must not keep the data directory
+        // locked after it stopped.
+        let local = self.local.as_ref().map(Arc::downgrade);
+        let stream_name = self.stream_name.clone();
         let (snapshots, stream, stream_epoch, rules) = (
             self.snapshots.clone(),
             self.stream.clone(),
@@ -524,8 +528,8 @@ impl Applier {
                     error!(error = %e, "a new epoch is due, and the entry that starts it could not be appended; the next node to start appends it")
                 }
             }
-            if let Some(dir) = &local {
-                drop_own_snapshot(dir, &stream_name).await;
+            if let Some(dir) = local.and_then(|dir| dir.upgrade()) {
+                drop_own_snapshot(&dir, &stream_name).await;
             }
             let mut stream = stream;
             if let Ok(info) = stream.info().await {
@@ -546,9 +550,25 @@ impl Applier {
         match continuity(self.next, seq) {
             Continuity::Next => {}
             Continuity::Rewound => {
-                error!(seq, applied = self.next - 1, "{STOPPED_REWOUND}");
-                self.stop_serving(STOPPED_REWOUND);
-                return ControlFlow::Break(());
+                // An entry this node applied. Either the stream went back,
+                // or the consumer did: async-nats makes an ordered consumer
+                // again (after missed heartbeats, or a consumer lost with
+                // its server) from the entry after the last it delivered,
+                // but from the stream's first entry when it delivered none
+                // yet. Only the stream can tell which: checked (it stops
+                // this node if the stream went back), then read on from
+                // the next entry. (The chaos test's seed
+                // 1796382458618142420 found this: a false new epoch.)
+                if self.check_stream().await.is_break() {
+                    return ControlFlow::Break(());
+                }
+                warn!(
+                    seq,
+                    next = self.next,
+                    "the stream sent again an entry this node applied (its reader was made again from the start); the stream holds what was applied: reading on from the next"
+                );
+                self.read_again().await;
+                return ControlFlow::Continue(());
             }
             Continuity::Skipped => match self.holes_deleted().await {
                 None => return ControlFlow::Break(()),
