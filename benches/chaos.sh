@@ -41,7 +41,7 @@ case "${1:-}" in
     export CHAOS_SECS=${CHAOS_SECS:-20}
     tree=$(mktemp -d "${TMPDIR:-/tmp}/chaos-planted.XXXXXX")
     target=${CARGO_TARGET_DIR:-$PWD/target}/chaos-planted
-    trap 'rc=$?; git worktree remove --force "$tree/src" 2>/dev/null; git worktree prune; rm -rf "$tree"; exit $rc' EXIT
+    trap 'rc=$?; git worktree remove --force "$tree/src" 2>/dev/null || true; git worktree prune; rm -rf "$tree"; exit $rc' EXIT
     missed=0
     for bug in benches/chaos-planted/${3:-*}.patch; do
       name=$(basename "$bug" .patch)
