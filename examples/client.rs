@@ -103,6 +103,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     // Only sent to clients that opt in with `?sync`/`?since=`.
                     Ok(ServerFrame::Sync(s)) => println!("- at position {} of epoch {}", s.position, s.epoch),
                     Ok(ServerFrame::Reset(r)) => println!("- reset ({:?}): the full history follows", r.reason),
+                    // Moderation, also only for clients that opt in.
+                    Ok(ServerFrame::MessageRemoved(r)) => {
+                        seen.retain(|id| *id != r.message_id);
+                        println!("x [{}] removed by a moderator", short(&r.message_id));
+                    }
+                    Ok(ServerFrame::UserRestricted(r)) => println!("- {} restricted until {:?}", r.user_id, r.until),
+                    Ok(ServerFrame::RestrictionLifted(r)) => println!("- {} may post again", r.user_id),
+                    Ok(ServerFrame::RoomUpdated(room)) => println!("- slow mode: {} s", room.slow_mode_seconds),
                     Err(e) => println!("! unreadable frame: {e}"),
                 },
                 Some(Ok(WsMessage::Close(frame))) => {

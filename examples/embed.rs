@@ -70,6 +70,16 @@ impl Store {
                     *held = update.message.clone();
                 }
             }
+            // A moderator removed it: erase it, do not just hide it.
+            EventKind::MessageRemoved { message, .. } => {
+                self.messages.retain(|m| m.id != message.id);
+            }
+            // Restrictions and the room's modes: a store that keeps them
+            // saves `Chat::moderation()` and gives it back with
+            // `Chat::restore_moderation` (this example does not moderate).
+            EventKind::UserRestricted { .. }
+            | EventKind::RestrictionLifted { .. }
+            | EventKind::RoomUpdated { .. } => {}
         }
         self.head = event.position;
     }

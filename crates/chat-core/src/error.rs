@@ -71,6 +71,75 @@ pub enum ChatError {
     /// The embedder supplied a message id that is already in history.
     #[error("message id already in use")]
     DuplicateMessageId,
+    /// A moderator timed the user out: they may read, but not post or
+    /// react, until then.
+    #[error("You are timed out until {until}.")]
+    TimedOut {
+        /// When the time-out ends.
+        until: Until,
+    },
+    /// A moderator banned the user: they may read, but not post or react.
+    #[error("You are banned from this chat.")]
+    Banned,
+    /// Slow mode is on and the user posted within its window.
+    #[error("Slow mode is on: one message every {seconds} seconds. You may post again at {until}.")]
+    SlowMode {
+        /// Slow mode's window, in seconds.
+        seconds: u32,
+        /// When the user may post again.
+        until: Until,
+    },
+    /// A moderation reason longer than allowed.
+    #[error("reason too long (max {max} characters)")]
+    ReasonTooLong {
+        /// The maximum, in characters.
+        max: usize,
+    },
+    /// A moderation reason holding a control character other than newline
+    /// or tab.
+    #[error("reason contains control characters")]
+    ControlCharInReason,
+    /// A time-out of no time, or of longer than allowed.
+    #[error("a time-out lasts from 1 second to {max_days} days (ban for longer)")]
+    BadTerm {
+        /// The longest time-out, in days.
+        max_days: u64,
+    },
+    /// A purge of the last 0 minutes.
+    #[error("a purge covers at least the last 1 minute")]
+    EmptyPurge,
+    /// Slow mode longer than allowed.
+    #[error("slow mode too long (max {max} seconds)")]
+    SlowModeTooLong {
+        /// The maximum, in seconds.
+        max: u32,
+    },
+    /// Restricting one more user would exceed the restrictions allowed.
+    #[error("too many restrictions in force (max {max})")]
+    TooManyRestrictions {
+        /// The maximum in force at once.
+        max: usize,
+    },
+    /// Lifting the restriction of a user who has none in force.
+    #[error("user is not restricted")]
+    NotRestricted,
+}
+
+/// A point in time as a refusal writes it: RFC 3339 in UTC, to the second,
+/// rounded up (so that at the time shown, the refusal no longer holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Until(pub crate::Timestamp);
+
+impl fmt::Display for Until {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // RFC 3339 ends with the year 9999: 9999-12-31T23:59:59Z.
+        const LAST: u64 = 253_402_300_799;
+        let seconds = u64::try_from(self.0.unix_seconds_ceil())
+            .unwrap_or(0)
+            .min(LAST);
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+        write!(f, "{}", humantime::format_rfc3339_seconds(t))
+    }
 }
 
 impl ChatError {
@@ -90,6 +159,16 @@ impl ChatError {
         "message_not_found",
         "rate_limited",
         "duplicate_message_id",
+        "timed_out",
+        "banned",
+        "slow_mode",
+        "reason_too_long",
+        "control_char_in_reason",
+        "bad_term",
+        "empty_purge",
+        "slow_mode_too_long",
+        "too_many_restrictions",
+        "not_restricted",
     ];
 
     /// A short, stable name for the kind of refusal, for metrics labels and
@@ -109,6 +188,16 @@ impl ChatError {
             ChatError::MessageNotFound => "message_not_found",
             ChatError::RateLimited { .. } => "rate_limited",
             ChatError::DuplicateMessageId => "duplicate_message_id",
+            ChatError::TimedOut { .. } => "timed_out",
+            ChatError::Banned => "banned",
+            ChatError::SlowMode { .. } => "slow_mode",
+            ChatError::ReasonTooLong { .. } => "reason_too_long",
+            ChatError::ControlCharInReason => "control_char_in_reason",
+            ChatError::BadTerm { .. } => "bad_term",
+            ChatError::EmptyPurge => "empty_purge",
+            ChatError::SlowModeTooLong { .. } => "slow_mode_too_long",
+            ChatError::TooManyRestrictions { .. } => "too_many_restrictions",
+            ChatError::NotRestricted => "not_restricted",
         }
     }
 }

@@ -37,19 +37,24 @@
 mod error;
 mod frame_bound;
 mod history;
+mod moderation;
 mod rate_limit;
 mod validate;
 
 use chat_proto::{
-    AddReaction, ClientFrame, Message, Position, ReactionAction, ReactionUpdated, Reactions,
-    SendMessage, ServerFrame, UserId, Uuid,
+    AddReaction, AuditEntry, ClientFrame, LiftRestriction, Message, MessageRemoved, Moderation,
+    Position, Purge, ReactionAction, ReactionUpdated, Reactions, RemoveMessage, RestrictUser,
+    RestrictionLifted, Room, SendMessage, ServerFrame, Term, UserId, Uuid,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use error::{ChatError, RateKind, Window};
+pub use error::{ChatError, RateKind, Until, Window};
 pub use history::History;
+pub use moderation::{
+    AUDIT_KEPT, Held, MAX_RESTRICTIONS, MAX_SLOW_MODE_SECONDS, MAX_TIMEOUT_DAYS, ModerationSnapshot,
+};
 use rate_limit::RateLimiter;
 pub use rate_limit::{LimiterSnapshot, RateLimit};
 
@@ -81,13 +86,14 @@ impl Config {
     ///
     /// A node of a replicated chat uses it to refuse such commands itself,
     /// without putting them in the shared log.
-    pub fn check(&self, command: &ClientFrame) -> Result<(), ChatError> {
+    pub fn check(&self, command: &Command) -> Result<(), ChatError> {
         match command {
-            ClientFrame::SendMessage(m) => {
+            Command::Client(ClientFrame::SendMessage(m)) => {
                 validate::text(self, &m.text)?;
                 validate::author_name(self, m.author_name.as_deref()).map(drop)
             }
-            ClientFrame::AddReaction(r) => validate::emoji(&r.emoji).map(drop),
+            Command::Client(ClientFrame::AddReaction(r)) => validate::emoji(&r.emoji).map(drop),
+            Command::Moderation(m) => validate::moderation(m),
         }
     }
 }
@@ -130,6 +136,18 @@ impl Timestamp {
         // u64::MAX / 1000 fits in an i64.
         (self.0 / 1000) as i64
     }
+
+    /// Seconds since the Unix epoch, rounded up: the first whole second
+    /// at or after this time (how an end is written, so that at the
+    /// second shown it has passed).
+    pub const fn unix_seconds_ceil(self) -> i64 {
+        self.0.div_ceil(1000) as i64
+    }
+
+    /// This time plus `ms` milliseconds, saturating.
+    pub const fn plus_millis(self, ms: u64) -> Timestamp {
+        Timestamp(self.0.saturating_add(ms))
+    }
 }
 
 impl From<SystemTime> for Timestamp {
@@ -159,9 +177,40 @@ pub struct Context {
     pub message_id: Uuid,
 }
 
+/// A command the chat applies: a client's frame, or an operator's order.
+///
+/// A moderation command is taken as given: the embedder authenticates
+/// whoever orders it (the server takes them only from its operator API,
+/// with a key) and passes their name as the [`Context`]'s user.
+///
+/// It serializes as the frame it holds, so a log written before
+/// moderation existed reads as client commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Command {
+    /// What a client sent.
+    Client(ClientFrame),
+    /// What an operator ordered.
+    Moderation(Moderation),
+}
+
+impl From<ClientFrame> for Command {
+    fn from(frame: ClientFrame) -> Self {
+        Command::Client(frame)
+    }
+}
+
+impl From<Moderation> for Command {
+    fn from(order: Moderation) -> Self {
+        Command::Moderation(order)
+    }
+}
+
 /// Something that happened, with its place in the chat's log.
 ///
-/// Every accepted command makes exactly one event, and events are numbered
+/// Every accepted command makes at least one event (a client's exactly
+/// one; a restriction that removes messages one per message, then its
+/// own), and events are numbered
 /// in the order they happen: the first is at position 1, each next one is
 /// one further. A log of events is therefore gap-free, and "everything after
 /// position `n`" is exactly what a client that has seen `n` is missing.
@@ -186,15 +235,68 @@ pub enum EventKind {
     },
     /// A reaction was toggled. Broadcast it; it carries the whole message.
     ReactionUpdated(ReactionUpdated),
+    /// A moderator removed a message from the history (by
+    /// `remove_message`, or with a restriction that purges). A store
+    /// erases it. Only clients that opted in are told.
+    MessageRemoved {
+        /// The message as it was, so that a store can erase what it kept
+        /// of it.
+        message: Message,
+        /// The order's entry in the audit trail, on its last event (none
+        /// on the removals a restriction makes before its own event).
+        audit: Option<Box<AuditEntry>>,
+    },
+    /// A moderator timed a user out or banned them. Only clients that
+    /// opted in are told.
+    UserRestricted {
+        /// The user.
+        user: UserId,
+        /// The restriction.
+        held: Held,
+        /// The order's entry in the audit trail.
+        audit: Option<Box<AuditEntry>>,
+    },
+    /// A moderator lifted a user's restriction. Only clients that opted
+    /// in are told.
+    RestrictionLifted {
+        /// The user.
+        user: UserId,
+        /// The order's entry in the audit trail.
+        audit: Option<Box<AuditEntry>>,
+    },
+    /// A moderator changed the room's modes. Only clients that opted in
+    /// are told.
+    RoomUpdated {
+        /// The modes now.
+        room: Room,
+        /// The order's entry in the audit trail.
+        audit: Option<Box<AuditEntry>>,
+    },
 }
 
 impl Event {
     /// The id of the message the event carries: the one posted, or the
     /// one whose reactions changed.
-    pub fn message_id(&self) -> Uuid {
+    pub fn message_id(&self) -> Option<Uuid> {
         match &self.kind {
-            EventKind::MessagePosted { message, .. } => message.id,
-            EventKind::ReactionUpdated(r) => r.message_id,
+            EventKind::MessagePosted { message, .. }
+            | EventKind::MessageRemoved { message, .. } => Some(message.id),
+            EventKind::ReactionUpdated(r) => Some(r.message_id),
+            EventKind::UserRestricted { .. }
+            | EventKind::RestrictionLifted { .. }
+            | EventKind::RoomUpdated { .. } => None,
+        }
+    }
+
+    /// The audit trail's entry of the moderation order this event ends
+    /// (as [`Chat::audit`] lists it): what a store keeps of who did what.
+    pub fn audit(&self) -> Option<&AuditEntry> {
+        match &self.kind {
+            EventKind::MessageRemoved { audit, .. }
+            | EventKind::UserRestricted { audit, .. }
+            | EventKind::RestrictionLifted { audit, .. }
+            | EventKind::RoomUpdated { audit, .. } => audit.as_deref(),
+            EventKind::MessagePosted { .. } | EventKind::ReactionUpdated(_) => None,
         }
     }
 
@@ -203,7 +305,31 @@ impl Event {
         match &self.kind {
             EventKind::MessagePosted { message, .. } => ServerFrame::Message(message.clone()),
             EventKind::ReactionUpdated(r) => ServerFrame::ReactionUpdated(r.clone()),
+            EventKind::MessageRemoved { message, .. } => {
+                ServerFrame::MessageRemoved(MessageRemoved {
+                    message_id: message.id,
+                })
+            }
+            EventKind::UserRestricted { user, held, .. } => {
+                ServerFrame::UserRestricted(held.restriction(user))
+            }
+            EventKind::RestrictionLifted { user, .. } => {
+                ServerFrame::RestrictionLifted(RestrictionLifted {
+                    user_id: user.clone(),
+                })
+            }
+            EventKind::RoomUpdated { room, .. } => ServerFrame::RoomUpdated(*room),
         }
+    }
+
+    /// Whether every client is sent this event's frame: `false` for
+    /// moderation's events, which only clients that opted in understand
+    /// (the seed protocol has no frame for them).
+    pub fn for_every_client(&self) -> bool {
+        matches!(
+            self.kind,
+            EventKind::MessagePosted { .. } | EventKind::ReactionUpdated(_)
+        )
     }
 }
 
@@ -230,6 +356,10 @@ pub struct ChatSnapshot {
     pub skew: u64,
     /// The position of the latest event.
     pub head: Position,
+    /// Restrictions, the room's modes and the audit trail (empty in a
+    /// snapshot taken before moderation existed).
+    #[serde(default)]
+    pub moderation: ModerationSnapshot,
 }
 
 /// The chat room's state: history, reactions and rate limits.
@@ -239,6 +369,8 @@ pub struct Chat {
     history: History,
     message_limiter: RateLimiter,
     reaction_limiter: RateLimiter,
+    /// Restrictions, the room's modes, the audit trail.
+    moderation: moderation::Moderation,
     /// The chat's own time: the latest `now` plus `skew`. It never runs
     /// backwards and never stands still while `now` advances.
     clock: Timestamp,
@@ -265,6 +397,7 @@ impl Chat {
             history: History::new(config.history_limit),
             message_limiter: RateLimiter::new(config.message_rate),
             reaction_limiter: RateLimiter::new(config.reaction_rate),
+            moderation: moderation::Moderation::default(),
             clock: Timestamp::default(),
             skew: 0,
             head: Position::ZERO,
@@ -317,6 +450,7 @@ impl Chat {
             clock: self.clock,
             skew: self.skew,
             head: self.head,
+            moderation: self.moderation.snapshot(),
         }
     }
 
@@ -336,7 +470,55 @@ impl Chat {
         chat.clock = snapshot.clock;
         chat.skew = snapshot.skew;
         chat.head = snapshot.head;
+        chat.moderation = moderation::Moderation::from_snapshot(snapshot.moderation);
         chat
+    }
+
+    /// Puts back what moderation held (as a store kept it, after
+    /// [`restore`](Self::restore)): restrictions, the room's modes and the
+    /// audit trail. Slow mode's memory of who posted when starts empty
+    /// unless `snapshot` has it.
+    pub fn restore_moderation(&mut self, snapshot: ModerationSnapshot) {
+        self.moderation = moderation::Moderation::from_snapshot(snapshot);
+    }
+
+    /// What moderation holds, as data.
+    pub fn moderation(&self) -> ModerationSnapshot {
+        self.moderation.snapshot()
+    }
+
+    /// The restrictions in force at the chat's time, by user id.
+    pub fn restrictions(&self) -> impl Iterator<Item = (&UserId, &Held)> {
+        let now = self.clock;
+        self.moderation
+            .restrictions
+            .iter()
+            .filter(move |(_, held)| held.in_force(now))
+    }
+
+    /// The room's modes.
+    pub fn room(&self) -> Room {
+        self.moderation.room
+    }
+
+    /// The latest moderation commands applied, oldest first (at most
+    /// [`AUDIT_KEPT`]).
+    pub fn audit(&self) -> impl DoubleEndedIterator<Item = &AuditEntry> + ExactSizeIterator {
+        self.moderation.audit.iter()
+    }
+
+    /// The refusal a post or reaction of `user` gets at the embedder's
+    /// `now` from a moderator's restriction, or for a post from slow mode
+    /// (`posting`), in this state.
+    ///
+    /// A node of a replicated chat uses it to refuse such commands itself,
+    /// without putting them in the shared log. Unlike
+    /// [`refused_until`](Self::refused_until) this can change in either
+    /// direction as the log goes on (a restriction can be lifted, slow
+    /// mode turned off), so a node that is behind the log may refuse for a
+    /// little while what the log would take.
+    pub fn moderated(&self, user: &UserId, now: Timestamp, posting: bool) -> Result<(), ChatError> {
+        self.check_moderation(user, self.time_at(now), posting)
     }
 
     /// The chat's configuration.
@@ -358,10 +540,11 @@ impl Chat {
     /// Applies one command. On success its events are queued for
     /// [`poll_event`](Self::poll_event); a refusal changes nothing and is
     /// meant for the acting client only.
-    pub fn handle(&mut self, ctx: Context, command: ClientFrame) -> Result<(), ChatError> {
-        match command {
-            ClientFrame::SendMessage(m) => self.send_message(ctx, m),
-            ClientFrame::AddReaction(r) => self.add_reaction(ctx, r),
+    pub fn handle(&mut self, ctx: Context, command: impl Into<Command>) -> Result<(), ChatError> {
+        match command.into() {
+            Command::Client(ClientFrame::SendMessage(m)) => self.send_message(ctx, m),
+            Command::Client(ClientFrame::AddReaction(r)) => self.add_reaction(ctx, r),
+            Command::Moderation(order) => self.moderate(ctx, order),
         }
     }
 
@@ -375,6 +558,7 @@ impl Chat {
         let now = self.advance_clock(ctx.now);
         validate::text(&self.config, &m.text)?;
         let author_name = validate::author_name(&self.config, m.author_name.as_deref())?;
+        self.check_moderation(&ctx.user, now, true)?;
         if !self.message_limiter.check(&ctx.user, now) {
             return Err(rate_limited(RateKind::Messages, self.config.message_rate));
         }
@@ -382,6 +566,9 @@ impl Chat {
             return Err(ChatError::DuplicateMessageId);
         }
         self.message_limiter.record(&ctx.user, now);
+        if let Some(slow) = &mut self.moderation.slow_mode {
+            slow.record(&ctx.user, now);
+        }
         let message = Message {
             id: ctx.message_id,
             text: m.text,
@@ -400,6 +587,10 @@ impl Chat {
         let now = self.advance_clock(ctx.now);
         let emoji = validate::emoji(&r.emoji)?;
         let config = &self.config;
+        if !self.history.contains(&r.message_id) {
+            return Err(ChatError::MessageNotFound);
+        }
+        self.check_moderation(&ctx.user, now, false)?;
         let Some(message) = self.history.get_mut(&r.message_id) else {
             return Err(ChatError::MessageNotFound);
         };
@@ -416,6 +607,157 @@ impl Chat {
             message: message.clone(),
         };
         self.emit(EventKind::ReactionUpdated(update));
+        Ok(())
+    }
+
+    /// Whether a moderator's restriction, or slow mode for a post,
+    /// refuses `user` at chat time `now`.
+    fn check_moderation(
+        &self,
+        user: &UserId,
+        now: Timestamp,
+        posting: bool,
+    ) -> Result<(), ChatError> {
+        if let Some(held) = self.moderation.restricted(user, now) {
+            return Err(match held.until {
+                Some(until) => ChatError::TimedOut {
+                    until: Until(until),
+                },
+                None => ChatError::Banned,
+            });
+        }
+        if posting
+            && let Some(slow) = &self.moderation.slow_mode
+            && !slow.check(user, now)
+        {
+            let until = slow.refused_until(user).unwrap_or(now);
+            return Err(ChatError::SlowMode {
+                seconds: self.moderation.room.slow_mode_seconds,
+                until: Until(until),
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies an operator's order: checked whole first, so a refusal
+    /// changes nothing.
+    fn moderate(&mut self, ctx: Context, order: Moderation) -> Result<(), ChatError> {
+        let now = self.advance_clock(ctx.now);
+        validate::moderation(&order)?;
+        let first = self.head.next();
+        let mut removed = Vec::new();
+        match &order {
+            Moderation::RemoveMessage(RemoveMessage { message_id, .. }) => {
+                let message = self
+                    .history
+                    .remove(message_id)
+                    .ok_or(ChatError::MessageNotFound)?;
+                removed.push(message.id);
+                self.emit(EventKind::MessageRemoved {
+                    message,
+                    audit: None,
+                });
+            }
+            Moderation::RestrictUser(RestrictUser {
+                user_id,
+                term,
+                purge,
+                reason,
+            }) => {
+                self.moderation.prune(now);
+                if !self.moderation.restrictions.contains_key(user_id)
+                    && self.moderation.restrictions.len() >= MAX_RESTRICTIONS
+                {
+                    return Err(ChatError::TooManyRestrictions {
+                        max: MAX_RESTRICTIONS,
+                    });
+                }
+                let since_ms = match purge {
+                    Purge::None => None,
+                    Purge::All => Some(0),
+                    Purge::LastMinutes(m) => {
+                        Some(now.as_millis().saturating_sub(u64::from(*m) * 60_000))
+                    }
+                };
+                if let Some(since_ms) = since_ms {
+                    let doomed: Vec<Uuid> = self
+                        .history
+                        .iter()
+                        .filter(|m| {
+                            // `created_at` is in whole seconds, rounded down.
+                            m.author_id == *user_id && m.created_at >= (since_ms / 1000) as i64
+                        })
+                        .map(|m| m.id)
+                        .collect();
+                    for id in doomed {
+                        if let Some(message) = self.history.remove(&id) {
+                            removed.push(id);
+                            self.emit(EventKind::MessageRemoved {
+                                message,
+                                audit: None,
+                            });
+                        }
+                    }
+                }
+                let held = Held {
+                    until: match term {
+                        Term::Seconds(s) => Some(now.plus_millis(s.saturating_mul(1000))),
+                        Term::Forever => None,
+                    },
+                    reason: reason.clone(),
+                    by: ctx.user.clone(),
+                    since: now,
+                    position: self.head.next(),
+                };
+                self.moderation
+                    .restrictions
+                    .insert(user_id.clone(), held.clone());
+                self.emit(EventKind::UserRestricted {
+                    user: user_id.clone(),
+                    held,
+                    audit: None,
+                });
+            }
+            Moderation::LiftRestriction(LiftRestriction { user_id, .. }) => {
+                self.moderation.prune(now);
+                if self.moderation.restrictions.remove(user_id).is_none() {
+                    return Err(ChatError::NotRestricted);
+                }
+                self.emit(EventKind::RestrictionLifted {
+                    user: user_id.clone(),
+                    audit: None,
+                });
+            }
+            Moderation::SetRoom(room) => {
+                self.moderation.prune(now);
+                self.moderation.set_room(*room);
+                self.emit(EventKind::RoomUpdated {
+                    room: *room,
+                    audit: None,
+                });
+            }
+        }
+        debug_assert!(self.head >= first, "an order makes at least one event");
+        let entry = AuditEntry {
+            position: self.head,
+            at: now.unix_seconds(),
+            by: ctx.user,
+            command: order,
+            removed,
+        };
+        // Its last event carries it, for a store to keep.
+        if let Some(Event {
+            kind:
+                EventKind::MessageRemoved { audit, .. }
+                | EventKind::UserRestricted { audit, .. }
+                | EventKind::RestrictionLifted { audit, .. }
+                | EventKind::RoomUpdated { audit, .. },
+            ..
+        }) = self.events.back_mut()
+        {
+            *audit = Some(Box::new(entry.clone()));
+        }
+        self.moderation.record(entry);
         Ok(())
     }
 

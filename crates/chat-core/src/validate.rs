@@ -16,8 +16,8 @@
 //! hold invisible characters (they hide nothing in a message), but not the
 //! direction embeddings, overrides and isolates that reorder what follows.
 
-use crate::{ChatError, Config};
-use chat_proto::DEFAULT_AUTHOR_NAME;
+use crate::{ChatError, Config, MAX_SLOW_MODE_SECONDS, MAX_TIMEOUT_DAYS};
+use chat_proto::{DEFAULT_AUTHOR_NAME, MAX_REASON_CHARS, Moderation, Purge, Term};
 use unicode_properties::{GeneralCategoryGroup, UnicodeEmoji, UnicodeGeneralCategory};
 
 /// Newline and tab are the only control characters a message may hold.
@@ -123,6 +123,49 @@ pub(crate) fn emoji(emoji: &str) -> Result<&'static str, ChatError> {
     emojis::get(emoji)
         .map(emojis::Emoji::as_str)
         .ok_or(ChatError::NotAnEmoji)
+}
+
+/// Checks an operator's order as far as the chat's state does not matter:
+/// its reason, and that a time-out, a purge and slow mode have a length
+/// within bounds.
+pub(crate) fn moderation(order: &Moderation) -> Result<(), ChatError> {
+    let reason = match order {
+        Moderation::RemoveMessage(r) => r.reason.as_deref(),
+        Moderation::RestrictUser(r) => {
+            if let Term::Seconds(s) = r.term
+                && !(1..=MAX_TIMEOUT_DAYS * 86_400).contains(&s)
+            {
+                return Err(ChatError::BadTerm {
+                    max_days: MAX_TIMEOUT_DAYS,
+                });
+            }
+            if r.purge == Purge::LastMinutes(0) {
+                return Err(ChatError::EmptyPurge);
+            }
+            r.reason.as_deref()
+        }
+        Moderation::LiftRestriction(r) => r.reason.as_deref(),
+        Moderation::SetRoom(room) => {
+            if room.slow_mode_seconds > MAX_SLOW_MODE_SECONDS {
+                return Err(ChatError::SlowModeTooLong {
+                    max: MAX_SLOW_MODE_SECONDS,
+                });
+            }
+            None
+        }
+    };
+    let Some(reason) = reason else {
+        return Ok(());
+    };
+    if reason.len() > MAX_REASON_CHARS && reason.chars().count() > MAX_REASON_CHARS {
+        return Err(ChatError::ReasonTooLong {
+            max: MAX_REASON_CHARS,
+        });
+    }
+    if reason.chars().any(is_forbidden_control) {
+        return Err(ChatError::ControlCharInReason);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,14 +5,18 @@
 //!
 //! The limits are tiny so that random runs reach every edge: full history,
 //! rate limits, the emoji and reactor caps, evicted ids, a clock that jumps
-//! forwards and sometimes backwards, and reused message ids.
+//! forwards and sometimes backwards, and reused message ids. A moderator
+//! removes messages, times users out and bans them (with purges), lifts
+//! restrictions and turns slow mode on and off among them.
 
 use chat_core::{
-    Chat, ChatError, Config, Context, Event, EventKind, RateKind, RateLimit, Timestamp, Window,
+    Chat, ChatError, Config, Context, Event, EventKind, Held, RateKind, RateLimit, Timestamp,
+    Until, Window,
 };
 use chat_proto::{
-    AddReaction, ClientFrame, Message, Position, ReactionAction, ReactionUpdated, Reactions,
-    SendMessage, UserId, Uuid,
+    AddReaction, AuditEntry, ClientFrame, LiftRestriction, Message, Moderation, Position, Purge,
+    ReactionAction, ReactionUpdated, Reactions, RemoveMessage, RestrictUser, Room, SendMessage,
+    Term, UserId, Uuid,
 };
 use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
@@ -91,13 +95,30 @@ struct Model {
     head: u64,
     /// What the last command should have produced.
     outcome: Option<Result<Vec<Event>, ChatError>>,
+    /// Every restriction ever set and not lifted, expired or not:
+    /// (user, until in ms or a ban, reason, since in ms, position).
+    restrictions: Vec<Restricted>,
+    /// Slow mode's seconds (0: off).
+    slow: u32,
+    /// Every accepted post since slow mode's length last changed.
+    slow_sends: Vec<(String, u64)>,
+    /// Every moderation command applied.
+    audit: Vec<AuditEntry>,
 }
 
 #[derive(Debug, Clone)]
 enum Command {
     Send { text: String, name: Option<String> },
     React { target: u128, emoji: String },
+    Moderate(Moderation),
 }
+
+/// A restriction in the model: user, until in ms (or a ban), reason,
+/// since in ms, position.
+type Restricted = (String, Option<u64>, Option<String>, u64, u64);
+
+/// Who gives the moderator's orders.
+const MODERATOR: &str = "mod";
 
 #[derive(Debug, Clone)]
 struct Step {
@@ -149,6 +170,22 @@ impl Model {
         }
         // The default is not subject to the configured name limit.
         let name = if name.is_empty() { "Anonymous" } else { name };
+        self.restricted(&s.user)?;
+        if self.slow > 0
+            && let Some(t) = self
+                .slow_sends
+                .iter()
+                .filter(|(u, t)| {
+                    *u == s.user && self.clock.saturating_sub(*t) < u64::from(self.slow) * 1000
+                })
+                .map(|(_, t)| *t)
+                .max()
+        {
+            return Err(ChatError::SlowMode {
+                seconds: self.slow,
+                until: Until(Timestamp::from_unix_millis(t + u64::from(self.slow) * 1000)),
+            });
+        }
         if in_window(&self.sends, &s.user, self.clock) >= MSG_MAX as usize {
             return Err(ChatError::RateLimited {
                 kind: RateKind::Messages,
@@ -160,6 +197,7 @@ impl Model {
             return Err(ChatError::DuplicateMessageId);
         }
         self.sends.push((s.user.clone(), self.clock));
+        self.slow_sends.push((s.user.clone(), self.clock));
         let m = ModelMessage {
             id: s.message_id,
             text: text.to_owned(),
@@ -181,6 +219,7 @@ impl Model {
         let Some(i) = self.history.iter().position(|m| m.id == target) else {
             return Err(ChatError::MessageNotFound);
         };
+        self.restricted(&s.user)?;
         if in_window(&self.reacts, &s.user, self.clock) >= REACT_MAX as usize {
             return Err(ChatError::RateLimited {
                 kind: RateKind::Reactions,
@@ -222,6 +261,162 @@ impl Model {
             message: m.to_message(),
         };
         Ok(vec![self.event(EventKind::ReactionUpdated(update))])
+    }
+
+    /// The restriction in force on `user`, as its refusal.
+    fn restricted(&self, user: &str) -> Result<(), ChatError> {
+        match self.in_force().into_iter().find(|r| r.0 == user) {
+            Some((_, Some(until), ..)) => Err(ChatError::TimedOut {
+                until: Until(Timestamp::from_unix_millis(until)),
+            }),
+            Some((_, None, ..)) => Err(ChatError::Banned),
+            None => Ok(()),
+        }
+    }
+
+    /// The restrictions in force at the chat's time.
+    fn in_force(&self) -> Vec<Restricted> {
+        self.restrictions
+            .iter()
+            .filter(|r| r.1.is_none_or(|until| self.clock < until))
+            .cloned()
+            .collect()
+    }
+
+    fn moderate(&mut self, order: &Moderation) -> Result<Vec<Event>, ChatError> {
+        let reason = match order {
+            Moderation::RemoveMessage(r) => r.reason.clone(),
+            Moderation::RestrictUser(r) => r.reason.clone(),
+            Moderation::LiftRestriction(r) => r.reason.clone(),
+            Moderation::SetRoom(_) => None,
+        };
+        if let Moderation::RestrictUser(r) = order {
+            if matches!(r.term, Term::Seconds(s) if s == 0 || s > 366 * 86_400) {
+                return Err(ChatError::BadTerm { max_days: 366 });
+            }
+            if r.purge == Purge::LastMinutes(0) {
+                return Err(ChatError::EmptyPurge);
+            }
+        }
+        if let Moderation::SetRoom(room) = order
+            && room.slow_mode_seconds > 86_400
+        {
+            return Err(ChatError::SlowModeTooLong { max: 86_400 });
+        }
+        if let Some(reason) = &reason {
+            if reason.chars().count() > 200 {
+                return Err(ChatError::ReasonTooLong { max: 200 });
+            }
+            if reason
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t')
+            {
+                return Err(ChatError::ControlCharInReason);
+            }
+        }
+        let mut events = Vec::new();
+        let mut removed = Vec::new();
+        match order {
+            Moderation::RemoveMessage(r) => {
+                let id = r.message_id.as_u128();
+                let i = self
+                    .history
+                    .iter()
+                    .position(|m| m.id == id)
+                    .ok_or(ChatError::MessageNotFound)?;
+                let message = self.history.remove(i).to_message();
+                removed.push(message.id);
+                events.push(self.event(EventKind::MessageRemoved {
+                    message,
+                    audit: None,
+                }));
+            }
+            Moderation::RestrictUser(r) => {
+                let since_ms = match r.purge {
+                    Purge::None => None,
+                    Purge::All => Some(0),
+                    Purge::LastMinutes(m) => Some(self.clock.saturating_sub(u64::from(m) * 60_000)),
+                };
+                if let Some(since_ms) = since_ms {
+                    let user = r.user_id.as_str();
+                    while let Some(i) = self.history.iter().position(|m| {
+                        m.author == user && m.created_at * 1000 >= (since_ms / 1000 * 1000) as i64
+                    }) {
+                        let message = self.history.remove(i).to_message();
+                        removed.push(message.id);
+                        events.push(self.event(EventKind::MessageRemoved {
+                            message,
+                            audit: None,
+                        }));
+                    }
+                }
+                let until = match r.term {
+                    Term::Seconds(s) => Some(self.clock + s * 1000),
+                    Term::Forever => None,
+                };
+                let user = r.user_id.as_str().to_owned();
+                self.restrictions.retain(|x| x.0 != user);
+                let position = self.head + 1;
+                self.restrictions.push((
+                    user.clone(),
+                    until,
+                    r.reason.clone(),
+                    self.clock,
+                    position,
+                ));
+                let held = Held {
+                    until: until.map(Timestamp::from_unix_millis),
+                    reason: r.reason.clone(),
+                    by: UserId::from(MODERATOR),
+                    since: Timestamp::from_unix_millis(self.clock),
+                    position: Position(position),
+                };
+                events.push(self.event(EventKind::UserRestricted {
+                    user: r.user_id.clone(),
+                    held,
+                    audit: None,
+                }));
+            }
+            Moderation::LiftRestriction(r) => {
+                if !self.in_force().iter().any(|x| x.0 == r.user_id.as_str()) {
+                    return Err(ChatError::NotRestricted);
+                }
+                self.restrictions.retain(|x| x.0 != r.user_id.as_str());
+                events.push(self.event(EventKind::RestrictionLifted {
+                    user: r.user_id.clone(),
+                    audit: None,
+                }));
+            }
+            Moderation::SetRoom(room) => {
+                if room.slow_mode_seconds != self.slow {
+                    self.slow_sends.clear();
+                }
+                self.slow = room.slow_mode_seconds;
+                events.push(self.event(EventKind::RoomUpdated {
+                    room: *room,
+                    audit: None,
+                }));
+            }
+        }
+        let entry = AuditEntry {
+            position: Position(self.head),
+            at: (self.clock / 1000) as i64,
+            by: UserId::from(MODERATOR),
+            command: order.clone(),
+            removed,
+        };
+        // The order's last event carries its audit entry.
+        match events.last_mut().map(|e| &mut e.kind) {
+            Some(
+                EventKind::MessageRemoved { audit, .. }
+                | EventKind::UserRestricted { audit, .. }
+                | EventKind::RestrictionLifted { audit, .. }
+                | EventKind::RoomUpdated { audit, .. },
+            ) => *audit = Some(Box::new(entry.clone())),
+            other => panic!("an order's last event is moderation's: {other:?}"),
+        }
+        self.audit.push(entry);
+        Ok(events)
     }
 
     /// The next event in the log.
@@ -304,14 +499,67 @@ impl ReferenceStateMachine for ChatModel {
         };
         let emojis =
             prop::sample::select(vec!["👍", "🎉", "😀", "❤", "❤\u{fe0f}", "x", "", "👍👍"]);
-        let react = (target, emojis).prop_map(|(target, e)| Command::React {
+        let react = (target.clone(), emojis).prop_map(|(target, e)| Command::React {
             target,
             emoji: e.to_owned(),
         });
+        let reasons = prop::sample::select(vec![
+            None,
+            Some("spam".to_owned()),
+            Some("a\u{7}b".to_owned()),
+            Some("x".repeat(200)),
+            Some("x".repeat(201)),
+        ]);
+        let targets_user = prop::sample::select(vec!["u1", "u2", "u3", "u4"]);
+        let remove = (target, reasons.clone()).prop_map(|(target, reason)| {
+            Moderation::RemoveMessage(RemoveMessage {
+                message_id: Uuid::from_u128(target),
+                reason,
+            })
+        });
+        let term = prop_oneof![
+            4 => (1u64..30).prop_map(Term::Seconds),
+            1 => Just(Term::Seconds(0)),
+            1 => Just(Term::Seconds(366 * 86_400 + 1)),
+            2 => Just(Term::Forever),
+        ];
+        let purge = prop_oneof![
+            3 => Just(Purge::None),
+            1 => Just(Purge::All),
+            2 => (0u32..3).prop_map(Purge::LastMinutes),
+        ];
+        let restrict = (targets_user.clone(), term, purge, reasons.clone()).prop_map(
+            |(user, term, purge, reason)| {
+                Moderation::RestrictUser(RestrictUser {
+                    user_id: UserId::from(user),
+                    term,
+                    purge,
+                    reason,
+                })
+            },
+        );
+        let lift = (targets_user, reasons).prop_map(|(user, reason)| {
+            Moderation::LiftRestriction(LiftRestriction {
+                user_id: UserId::from(user),
+                reason,
+            })
+        });
+        let room = prop_oneof![Just(0u32), 1u32..5, Just(86_401)]
+            .prop_map(|slow_mode_seconds| Moderation::SetRoom(Room { slow_mode_seconds }));
+        let moderate = prop_oneof![3 => remove, 3 => restrict, 2 => lift, 2 => room]
+            .prop_map(Command::Moderate);
         let last = state.last_input_time;
-        (users, dt, id, prop_oneof![send, react])
+        (
+            users,
+            dt,
+            id,
+            prop_oneof![5 => send, 4 => react, 2 => moderate],
+        )
             .prop_map(move |(user, dt, message_id, command)| Step {
-                user: user.to_owned(),
+                user: match command {
+                    Command::Moderate(_) => MODERATOR.to_owned(),
+                    _ => user.to_owned(),
+                },
                 now: last.saturating_add_signed(dt),
                 message_id,
                 command,
@@ -334,6 +582,7 @@ impl ReferenceStateMachine for ChatModel {
         let outcome = match &s.command {
             Command::Send { text, name } => state.send(s, text, name.as_deref()),
             Command::React { target, emoji } => state.react(s, *target, emoji),
+            Command::Moderate(order) => state.moderate(order),
         };
         state.outcome = Some(outcome);
         state
@@ -356,15 +605,18 @@ impl StateMachineTest for ChatUnderTest {
             now: Timestamp::from_unix_millis(s.now),
             message_id: Uuid::from_u128(s.message_id),
         };
-        let command = match s.command {
+        let command: chat_core::Command = match s.command {
             Command::Send { text, name } => ClientFrame::SendMessage(SendMessage {
                 text,
                 author_name: name,
-            }),
+            })
+            .into(),
             Command::React { target, emoji } => ClientFrame::AddReaction(AddReaction {
                 message_id: Uuid::from_u128(target),
                 emoji,
-            }),
+            })
+            .into(),
+            Command::Moderate(order) => order.into(),
         };
         let outcome = chat
             .handle(ctx, command)
@@ -404,6 +656,29 @@ impl StateMachineTest for ChatUnderTest {
         }
         let (senders, reactors) = chat.rate_limited_users();
         assert!(senders <= 4 && reactors <= 4);
+        let restrictions: Vec<Restricted> = chat
+            .restrictions()
+            .map(|(user, held)| {
+                (
+                    user.to_string(),
+                    held.until.map(Timestamp::as_millis),
+                    held.reason.clone(),
+                    held.since.as_millis(),
+                    held.position.0,
+                )
+            })
+            .collect();
+        let mut expected = model.in_force();
+        expected.sort();
+        assert_eq!(restrictions, expected, "restrictions differ");
+        assert_eq!(
+            chat.room().slow_mode_seconds,
+            model.slow,
+            "slow mode differs"
+        );
+        let audit: Vec<&AuditEntry> = chat.audit().collect();
+        let want: Vec<&AuditEntry> = model.audit.iter().collect();
+        assert_eq!(audit, want, "audit trail differs");
     }
 }
 

@@ -6,7 +6,7 @@
 
 mod common;
 
-use chat_core::{Chat, ChatError, RateKind};
+use chat_core::{Chat, ChatError, Command, RateKind};
 use chat_proto::{ClientFrame, UserId};
 use common::{command, config, step_by};
 use proptest::prelude::*;
@@ -48,8 +48,9 @@ proptest! {
             let (ctx, cmd, next) = command(&chat, s, cut + i, now, (cut + i) as u128 + 1);
             now = next;
             let kind = match cmd {
-                ClientFrame::SendMessage(_) => RateKind::Messages,
-                ClientFrame::AddReaction(_) => RateKind::Reactions,
+                Command::Client(ClientFrame::SendMessage(_)) => RateKind::Messages,
+                Command::Client(ClientFrame::AddReaction(_)) => RateKind::Reactions,
+                Command::Moderation(_) => unreachable!("no moderation among these steps"),
             };
             let at = chat.time_at(ctx.now);
             let node_refuses = sure

@@ -624,7 +624,11 @@ fn check_refuses_exactly_what_handle_refuses_whatever_the_state() {
         }),
     ];
     for command in commands {
-        let checked = h.chat.config().check(&command).expect_err("refused alone");
+        let checked = h
+            .chat
+            .config()
+            .check(&command.clone().into())
+            .expect_err("refused alone");
         // `u` is over its limit and the message exists: the command's own
         // fault still comes first.
         let ctx = h.ctx("u");
@@ -635,12 +639,15 @@ fn check_refuses_exactly_what_handle_refuses_whatever_the_state() {
         text: "second".into(),
         author_name: None,
     });
-    assert_eq!(h.chat.config().check(&over_the_limit), Ok(()));
+    assert_eq!(
+        h.chat.config().check(&over_the_limit.clone().into()),
+        Ok(())
+    );
     let ctx = h.ctx("u");
     assert!(h.chat.handle(ctx, over_the_limit).is_err());
     let missing = ClientFrame::AddReaction(AddReaction {
         message_id: Uuid::from_u128(999_999),
         emoji: "👍".into(),
     });
-    assert_eq!(h.chat.config().check(&missing), Ok(()));
+    assert_eq!(h.chat.config().check(&missing.clone().into()), Ok(()));
 }

@@ -1,6 +1,7 @@
 //! A chat rebuilt from a snapshot goes on exactly as the chat it was taken
 //! from: that is what lets a node of a replicated chat start from another
-//! node's snapshot instead of the whole log.
+//! node's snapshot instead of the whole log. Moderation is part of it:
+//! restrictions, slow mode's memory, the room's modes and the audit trail.
 
 use chat_core::{Chat, ChatSnapshot, Context, Timestamp};
 use chat_proto::{ClientFrame, SendMessage, Uuid};
@@ -8,7 +9,7 @@ use proptest::prelude::*;
 
 mod common;
 
-use common::{command, config, step};
+use common::{command, config, step_moderated};
 
 /// Applies `steps` from `start`, numbering ids from `first_id`; returns
 /// what each did, as text.
@@ -34,7 +35,7 @@ fn run(
 proptest! {
     #[test]
     fn a_chat_from_its_snapshot_goes_on_the_same(
-        steps in proptest::collection::vec(step(), 1..120),
+        steps in proptest::collection::vec(step_moderated(), 1..120),
         cut in any::<prop::sample::Index>(),
     ) {
         let cut = cut.index(steps.len());

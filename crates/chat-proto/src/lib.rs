@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod decode;
+mod moderation;
 
 use indexmap::{IndexMap, IndexSet};
 use schemars::JsonSchema;
@@ -23,6 +24,10 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use decode::DecodeError;
+pub use moderation::{
+    Applied, AuditEntry, LiftRestriction, MAX_REASON_CHARS, MessageRemoved, Moderation, Purge,
+    RemoveMessage, RestrictUser, Restriction, RestrictionEntry, RestrictionLifted, Room, Term,
+};
 pub use uuid::Uuid;
 
 /// The longest message text the protocol allows, counted in Unicode scalar
@@ -105,6 +110,17 @@ pub enum ServerFrame {
     /// it shows, because the full history follows. Sent only to clients
     /// that asked to resume, as their first frame.
     Reset(Reset),
+    /// A moderator removed a message: drop it. Sent only to clients that
+    /// opted in (as for `sync`); others never get the message again.
+    MessageRemoved(MessageRemoved),
+    /// A moderator timed a user out or banned them. Sent only to clients
+    /// that opted in.
+    UserRestricted(Restriction),
+    /// A user's time-out or ban was lifted. Sent only to clients that
+    /// opted in.
+    RestrictionLifted(RestrictionLifted),
+    /// The room's modes changed. Sent only to clients that opted in.
+    RoomUpdated(Room),
 }
 
 /// A place in the chat's one ordered log: the number of events applied

@@ -128,6 +128,8 @@ pub(crate) struct Metrics {
     pub messages_accepted: Counter,
     /// Reaction toggles accepted and broadcast.
     pub reactions_accepted: Counter,
+    /// Messages a moderator removed (one by one, or with a restriction).
+    pub messages_removed: Counter,
     /// Messages in the published history.
     pub history_messages: Gauge,
     /// Time to write one batch to the store, fsync included.
@@ -163,6 +165,7 @@ impl Metrics {
             frames_refused: Family::default(),
             messages_accepted: Counter::default(),
             reactions_accepted: Counter::default(),
+            messages_removed: Counter::default(),
             history_messages: Gauge::default(),
             // 0.25 ms .. ~4 s: an fsync on a fast SSD up to a struggling disk.
             store_commit: Histogram::new(exponential_buckets(0.000_25, 2.0, 15)),
@@ -207,6 +210,11 @@ impl Metrics {
             "reactions_accepted",
             "Reaction toggles accepted and broadcast",
             m.reactions_accepted.clone(),
+        );
+        registry.register(
+            "messages_removed",
+            "Messages a moderator removed from the history",
+            m.messages_removed.clone(),
         );
         registry.register(
             "history_messages",

@@ -121,6 +121,10 @@ impl View {
                 self.upsert(&r.message);
             }
             ServerFrame::Sync(s) => self.at = Some(*s),
+            ServerFrame::MessageRemoved(_)
+            | ServerFrame::UserRestricted(_)
+            | ServerFrame::RestrictionLifted(_)
+            | ServerFrame::RoomUpdated(_) => panic!("no moderator in this test: {frame:?}"),
             ServerFrame::Reset(r) => {
                 assert!(
                     self.expect_reset,
@@ -198,6 +202,10 @@ async fn chat_until_killed(mut ws: Ws, seed: u64, n: u8, mut view: View) -> (See
                         entry.1 = message;
                     }
                     ServerFrame::Error(e) => panic!("unexpected refusal: {}", e.error),
+                    ServerFrame::MessageRemoved(_)
+                    | ServerFrame::UserRestricted(_)
+                    | ServerFrame::RestrictionLifted(_)
+                    | ServerFrame::RoomUpdated(_) => unreachable!("applied above, which refuses it"),
                     ServerFrame::Sync(_) | ServerFrame::Reset(_) => {}
                 }
             }

@@ -51,13 +51,15 @@ pub(crate) async fn read_loop(
             let refusal = match decoded {
                 Ok(None) => continue,
                 Err(e) => Refused::Malformed(e),
-                Ok(Some(command)) => match shared.sequencer.submit(&admitted.user, command).await {
-                    Ok(()) => continue,
-                    Err(ApplyError::Refused(refusal)) => Refused::Rule(refusal),
-                    Err(ApplyError::Stopping) => return CloseReason::Shutdown,
-                    Err(ApplyError::Unavailable) => Refused::Unavailable,
-                    Err(ApplyError::NotTaken) => Refused::NotTaken,
-                },
+                Ok(Some(frame)) => {
+                    match shared.sequencer.submit(&admitted.user, frame.into()).await {
+                        Ok(_) => continue,
+                        Err(ApplyError::Refused(refusal)) => Refused::Rule(refusal),
+                        Err(ApplyError::Stopping) => return CloseReason::Shutdown,
+                        Err(ApplyError::Unavailable) => Refused::Unavailable,
+                        Err(ApplyError::NotTaken) => Refused::NotTaken,
+                    }
+                }
             };
             debug!(user = %admitted.user, %refusal, "refused");
             shared.metrics.frame_refused(refusal.kind());

@@ -189,7 +189,7 @@ impl Writer {
             .read(delivery.cursor(), |frame| {
                 let fits = delivery.fits(frame.len());
                 if fits {
-                    delivery.push(Lane::Event, frame.wire().clone());
+                    delivery.push_event(frame);
                 }
                 fits
             })

@@ -27,7 +27,6 @@
 
 use super::entry::Entry;
 use super::log::Log;
-use crate::wire::delivery::Lane;
 use crate::wire::frame::Frame;
 use crate::wire::link::Link;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -126,7 +125,7 @@ fn deliver(link: &Link, entries: &[Entry], now: Instant, sync: &mut impl FnMut()
         while let Some(entry) = rest.first()
             && delivery.fits(entry.frame.len())
         {
-            delivery.push(Lane::Event, entry.frame.wire().clone());
+            delivery.push_event(&entry.frame);
             rest = &rest[1..];
         }
         if rest.is_empty()
@@ -337,7 +336,7 @@ mod tests {
         let rest = {
             let mut delivery = link.delivery();
             log.read(cursor, |frame| {
-                delivery.push(Lane::Event, frame.wire().clone());
+                delivery.push_event(frame);
                 true
             })
             .expect("held");

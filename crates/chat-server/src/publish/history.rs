@@ -1,5 +1,10 @@
 //! The history as published: every message held, as its `message` frame,
 //! by sequence number, read live by joining clients.
+//!
+//! Sequence numbers only grow along the history. A message a moderator
+//! removes leaves a gap in them (nothing is renumbered, so a replay under
+//! way at a sequence number goes on from the right message); finding a
+//! number is then a binary search.
 
 use crate::wire::frame::Frame;
 use chat_proto::{FixedState, Position, Uuid};
@@ -10,14 +15,19 @@ use std::collections::{HashMap, VecDeque};
 #[derive(Debug, Default)]
 pub(super) struct History {
     held: VecDeque<Held>,
-    /// Message id → sequence number; `first_seq` is the oldest held's.
+    /// Message id → sequence number.
     index: HashMap<Uuid, u64, FixedState>,
-    first_seq: u64,
+    /// The next sequence number.
+    next_seq: u64,
+    /// Whether a message was ever removed after the oldest: until then a
+    /// message's slot is its number less the oldest's.
+    gaps: bool,
 }
 
 /// One message of the history.
 #[derive(Debug)]
 struct Held {
+    seq: u64,
     id: Uuid,
     /// Its `message` frame, as replayed.
     frame: Frame,
@@ -31,25 +41,51 @@ impl History {
         self.held.len()
     }
 
-    /// The sequence numbers held now.
+    /// The sequence numbers held now (and maybe some removed).
     pub(super) fn seqs(&self) -> std::ops::Range<u64> {
-        self.first_seq..self.first_seq + self.held.len() as u64
+        self.held.front().map_or(self.next_seq, |h| h.seq)..self.next_seq
     }
 
     /// Adds a message, posted at `position`.
     pub(super) fn push(&mut self, id: Uuid, frame: Frame, position: Position) {
-        self.index
-            .insert(id, self.first_seq + self.held.len() as u64);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.index.insert(id, seq);
         self.held.push_back(Held {
+            seq,
             id,
             frame,
             touched: position,
         });
     }
 
+    /// The slot of the first message whose number is `seq` or later.
+    fn slot(&self, seq: u64) -> usize {
+        match self.held.front() {
+            None => 0,
+            Some(first) if !self.gaps => {
+                usize::try_from(seq.saturating_sub(first.seq)).unwrap_or(usize::MAX)
+            }
+            Some(_) => self.held.partition_point(|h| h.seq < seq),
+        }
+    }
+
     fn get_mut(&mut self, id: &Uuid) -> Option<&mut Held> {
-        let seq = self.index.get(id)?;
-        self.held.get_mut((seq - self.first_seq) as usize)
+        let seq = *self.index.get(id)?;
+        let slot = self.slot(seq);
+        self.held.get_mut(slot)
+    }
+
+    /// Takes a removed message out: no replay sends it again.
+    pub(super) fn remove(&mut self, id: &Uuid) -> bool {
+        let Some(seq) = self.index.remove(id) else {
+            return false;
+        };
+        let slot = self.slot(seq);
+        if slot > 0 {
+            self.gaps = true;
+        }
+        self.held.remove(slot).is_some()
     }
 
     /// Notes that the event at `position` carried message `id`: whether
@@ -73,7 +109,6 @@ impl History {
     pub(super) fn pop_front(&mut self) -> Option<Position> {
         let held = self.held.pop_front()?;
         self.index.remove(&held.id);
-        self.first_seq += 1;
         Some(held.touched)
     }
 
@@ -84,15 +119,15 @@ impl History {
         end: u64,
         mut take: impl FnMut(&Frame) -> bool,
     ) -> bool {
-        *next = (*next).max(self.first_seq);
-        while *next < end {
-            let Some(held) = self.held.get((*next - self.first_seq) as usize) else {
-                break;
-            };
+        let mut slot = self.slot(*next);
+        while let Some(held) = self.held.get(slot)
+            && held.seq < end
+        {
             if !take(&held.frame) {
+                *next = held.seq;
                 return false;
             }
-            *next += 1;
+            slot += 1;
         }
         *next = end;
         true
@@ -198,5 +233,43 @@ mod tests {
             ["m5", "m6", "m7 with a reaction", "m8", "m9"]
         );
         assert_eq!(next, joined.end);
+    }
+
+    #[test]
+    fn a_replay_under_way_skips_a_removed_message_and_misses_no_other() {
+        let mut log = History::default();
+        for i in 0..10u64 {
+            log.push(
+                Uuid::from_u128(i.into()),
+                Frame::text(format!("m{i}")),
+                Position(i + 1),
+            );
+        }
+        let joined = log.seqs();
+        let mut next = joined.start;
+        assert_eq!(
+            replay_texts(&log, &mut next, joined.start + 4, 4),
+            ["m0", "m1", "m2", "m3"]
+        );
+        // One removed behind the replay, two ahead of it (one the very
+        // next), and one evicted.
+        for gone in [1u128, 4, 7] {
+            assert!(log.remove(&Uuid::from_u128(gone)));
+        }
+        assert!(!log.remove(&Uuid::from_u128(7)), "only once");
+        log.pop_front();
+        log.push(Uuid::from_u128(10), Frame::text("m10"), Position(11));
+        log.set(&Uuid::from_u128(8), Frame::text("m8*"), Position(12));
+        assert_eq!(
+            replay_texts(&log, &mut next, joined.end, 2),
+            ["m5", "m6", "m8*", "m9"]
+        );
+        let all = log.seqs();
+        let mut next = all.start;
+        assert_eq!(
+            replay_texts(&log, &mut next, all.end, 3),
+            ["m2", "m3", "m5", "m6", "m8*", "m9", "m10"]
+        );
+        assert_eq!(log.len(), 7);
     }
 }

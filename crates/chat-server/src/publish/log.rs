@@ -36,7 +36,8 @@ use super::recent::{Behind, Recent, Retention};
 use crate::metrics::Metrics;
 use crate::wire::frame::Frame;
 use chat_core::{Chat, EventKind};
-use chat_proto::{Epoch, Position, ResetReason, ServerFrame, Uuid};
+use chat_proto::{Epoch, FixedState, Position, ResetReason, ServerFrame, Uuid};
+use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
 
@@ -112,7 +113,7 @@ impl Log {
     pub(crate) fn new(
         chat: &Chat,
         epoch: Epoch,
-        recent: impl IntoIterator<Item = (Position, Uuid, Frame)>,
+        recent: impl IntoIterator<Item = (Position, Option<Uuid>, Frame)>,
         retention: Retention,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -128,10 +129,12 @@ impl Log {
         let mut kept = Recent::new(retention, head);
         let mut unheld = None;
         for (position, message, frame) in recent {
-            if !history.touch(&message, position) {
+            if let Some(id) = &message
+                && !history.touch(id, position)
+            {
                 unheld = Some(position);
             }
-            kept.restore(position, frame);
+            kept.restore(position, frame, message);
         }
         kept.end_restore(head);
         if let Some(through) = unheld {
@@ -276,8 +279,14 @@ impl Log {
         };
         {
             let mut state = write(&self.state);
+            let mut removed = HashSet::default();
             for entry in entries {
-                state.publish(entry);
+                state.publish(entry, &mut removed);
+            }
+            if !removed.is_empty() {
+                // What they held is erased from the recent events, so no
+                // resume sends it again: one pass for the whole batch.
+                state.recent.erase(&removed);
             }
             state
                 .metrics
@@ -289,7 +298,8 @@ impl Log {
 }
 
 impl State {
-    fn publish(&mut self, entry: &Entry) {
+    /// Publishes one entry; a message it removes is added to `removed`.
+    fn publish(&mut self, entry: &Entry, removed: &mut HashSet<Uuid, FixedState>) {
         let position = entry.event.position;
         match &entry.event.kind {
             EventKind::MessagePosted { message, evicted } => {
@@ -310,8 +320,17 @@ impl State {
                 }
                 self.metrics.reactions_accepted.inc();
             }
+            EventKind::MessageRemoved { message, .. } => {
+                self.history.remove(&message.id);
+                removed.insert(message.id);
+                self.metrics.messages_removed.inc();
+            }
+            EventKind::UserRestricted { .. }
+            | EventKind::RestrictionLifted { .. }
+            | EventKind::RoomUpdated { .. } => {}
         }
-        self.recent.push(position, entry.frame.clone());
+        self.recent
+            .push(position, entry.frame.clone(), entry.holds_message());
         self.head = position;
     }
 }

@@ -3,8 +3,8 @@
 //! own pace, and a reconnecting client resumes from them (`?since=`).
 
 use crate::wire::frame::Frame;
-use chat_proto::Position;
-use std::collections::VecDeque;
+use chat_proto::{FixedState, Position, Uuid};
+use std::collections::{HashSet, VecDeque};
 
 /// The bounds of the recent events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub(crate) struct Behind {
 /// The last events, by position, within their [`Retention`].
 #[derive(Debug)]
 pub(super) struct Recent {
-    frames: VecDeque<Frame>,
+    frames: VecDeque<Kept>,
     /// The position just before `frames[0]`: a live reader at it or after
     /// it can be served.
     base: Position,
@@ -35,6 +35,14 @@ pub(super) struct Recent {
     floor: Position,
     bytes: usize,
     retention: Retention,
+}
+
+/// One event kept: its frame, and the message whose body the frame holds
+/// (erased if a moderator removes it).
+#[derive(Debug)]
+struct Kept {
+    frame: Frame,
+    message: Option<Uuid>,
 }
 
 impl Recent {
@@ -56,7 +64,7 @@ impl Recent {
 
     /// Takes back one event kept by an earlier run. They come oldest
     /// first and end at the head the log was created with.
-    pub(super) fn restore(&mut self, position: Position, frame: Frame) {
+    pub(super) fn restore(&mut self, position: Position, frame: Frame, message: Option<Uuid>) {
         let head = Position(self.base.0 + self.frames.len() as u64);
         // The base was set to the head; rebuild it as the stored run
         // began. A gap (which a store never writes) empties the window.
@@ -67,7 +75,7 @@ impl Recent {
             self.bytes = 0;
             self.base = Position(position.0.saturating_sub(1));
         }
-        self.push(position, frame);
+        self.push(position, frame, message);
     }
 
     /// Checks the restored events end at `head`; if they do not (a store
@@ -88,16 +96,29 @@ impl Recent {
         self.floor = self.floor.max(position);
     }
 
-    pub(super) fn push(&mut self, position: Position, frame: Frame) {
+    pub(super) fn push(&mut self, position: Position, frame: Frame, message: Option<Uuid>) {
         debug_assert_eq!(position.0, self.base.0 + self.frames.len() as u64 + 1);
         self.bytes += frame.len();
-        self.frames.push_back(frame);
+        self.frames.push_back(Kept { frame, message });
         while self.frames.len() > 1
             && (self.frames.len() > self.retention.events || self.bytes > self.retention.bytes)
         {
             if let Some(old) = self.frames.pop_front() {
-                self.bytes -= old.len();
+                self.bytes -= old.frame.len();
                 self.base = self.base.next();
+            }
+        }
+    }
+
+    /// Erases every kept frame that holds one of `removed` (a post, a
+    /// reaction's whole message): no one is sent it again. One pass,
+    /// however many were removed.
+    pub(super) fn erase(&mut self, removed: &HashSet<Uuid, FixedState>) {
+        for kept in &mut self.frames {
+            if kept.message.is_some_and(|m| removed.contains(&m)) {
+                self.bytes -= kept.frame.len();
+                kept.frame = Frame::erased();
+                kept.message = None;
             }
         }
     }
@@ -116,7 +137,8 @@ impl Recent {
         if skip >= self.frames.len() {
             return Ok(true);
         }
-        Ok(self.frames.range(skip..).all(take))
+        let mut take = take;
+        Ok(self.frames.range(skip..).all(|kept| take(&kept.frame)))
     }
 }
 
@@ -142,7 +164,7 @@ mod tests {
         };
         let mut recent = Recent::new(retention, Position(10));
         for p in 11..=20 {
-            recent.push(Position(p), frame(p));
+            recent.push(Position(p), frame(p), None);
         }
         // Positions 16..=20 are kept: a reader at 15 gets all five.
         assert!(!recent.reaches(Position(14)));
@@ -169,11 +191,15 @@ mod tests {
         let mut recent = Recent::new(retention, Position(0));
         for p in 1..=4 {
             // 6 bytes each on the wire: a 2-byte header, 4 of text.
-            recent.push(Position(p), frame(p));
+            recent.push(Position(p), frame(p), None);
         }
         assert_eq!(recent.frames.len(), 2, "12 bytes fit, 18 do not");
         assert_eq!(recent.base, Position(2));
-        recent.push(Position(5), Frame::text("a frame larger than the bound"));
+        recent.push(
+            Position(5),
+            Frame::text("a frame larger than the bound"),
+            None,
+        );
         assert_eq!(recent.frames.len(), 1, "the newest stays");
         assert_eq!(read_all(&recent, 4).map(|v| v.len()), Ok(1));
     }
@@ -186,14 +212,14 @@ mod tests {
         };
         let mut recent = Recent::new(retention, Position(9));
         for p in 5..=9 {
-            recent.restore(Position(p), frame(p));
+            recent.restore(Position(p), frame(p), None);
         }
         assert_eq!(recent.base, Position(6), "the oldest two did not fit");
         assert_eq!(
             read_all(&recent, 6),
             Ok(vec!["e007".into(), "e008".into(), "e009".into()])
         );
-        recent.push(Position(10), frame(10));
+        recent.push(Position(10), frame(10), None);
         assert_eq!(read_all(&recent, 9), Ok(vec!["e010".into()]));
     }
 }

@@ -4,8 +4,8 @@
 use super::{ApplyError, Sequencer};
 use crate::clock::Clock;
 use crate::publish::pipeline::Commits;
-use chat_core::{Chat, Context};
-use chat_proto::{ClientFrame, UserId, Uuid};
+use chat_core::{Chat, Command, Context};
+use chat_proto::{Position, UserId, Uuid};
 use futures_util::future::BoxFuture;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -39,12 +39,13 @@ impl LocalSequencer {
 
     /// Applies one command for `user`, stamping it with the time and a new
     /// message id. Accepted events are committed, then published; a refusal
-    /// is returned for that client alone.
+    /// is returned for that client alone. `Ok` holds the position of the
+    /// command's last event.
     pub(crate) async fn apply(
         &self,
         user: &UserId,
-        command: ClientFrame,
-    ) -> Result<(), ApplyError> {
+        command: impl Into<Command>,
+    ) -> Result<Position, ApplyError> {
         // Take a place in the commit queue first: while the disk is behind,
         // this waits, and nothing is applied that could not be queued.
         let reserved = self
@@ -62,7 +63,7 @@ impl LocalSequencer {
         // Sent under the lock, so the queue holds events in the order they
         // were applied.
         reserved.send(std::iter::from_fn(|| chat.poll_event()).collect());
-        Ok(())
+        Ok(chat.head())
     }
 }
 
@@ -70,8 +71,8 @@ impl Sequencer for LocalSequencer {
     fn submit<'a>(
         &'a self,
         user: &'a UserId,
-        command: ClientFrame,
-    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        command: Command,
+    ) -> BoxFuture<'a, Result<Position, ApplyError>> {
         Box::pin(self.apply(user, command))
     }
 }

@@ -20,8 +20,8 @@
 pub(crate) mod cluster;
 pub(crate) mod local;
 
-use chat_core::ChatError;
-use chat_proto::{ClientFrame, UserId};
+use chat_core::{ChatError, Command};
+use chat_proto::{Position, UserId};
 use futures_util::future::BoxFuture;
 /// Whether the sequencer can take commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,14 +72,15 @@ pub(crate) trait Sequencer: Send + Sync + std::fmt::Debug {
         self.health().serving()
     }
 
-    /// Applies `command` for `user`. `Ok` means it was accepted and its
-    /// event will be published once committed (the client sees it then,
-    /// like everyone else); a refusal is for that client alone.
+    /// Applies `command` for `user`. `Ok` means it was accepted, and
+    /// gives the position of its (last) event, which will be published
+    /// once committed (the client sees it then, like everyone else); a
+    /// refusal is for that client alone.
     fn submit<'a>(
         &'a self,
         user: &'a UserId,
-        command: ClientFrame,
-    ) -> BoxFuture<'a, Result<(), ApplyError>>;
+        command: Command,
+    ) -> BoxFuture<'a, Result<Position, ApplyError>>;
 }
 
 /// Why a command was not applied.

@@ -8,7 +8,7 @@ use crate::publish::log::Log;
 use crate::publish::recent::Retention;
 use crate::sequencer::cluster::nats::Connected;
 use crate::store::{Store, StoreError};
-use crate::wire::frame::Frame;
+use crate::wire::frame::{Audience, Frame};
 use chat_core::{Chat, Timestamp};
 use chat_proto::{Epoch, Uuid};
 use std::sync::Arc;
@@ -71,10 +71,16 @@ pub(super) fn restore(
                      new messages are stamped on from it, so times never run backwards"
                 );
             }
-            let recent = loaded
-                .recent
-                .into_iter()
-                .map(|e| (e.position, e.message, Frame::text(e.frame)));
+            let mut chat = chat;
+            store.forget_ended_restrictions(clock.now().as_millis())?;
+            chat.restore_moderation(std::mem::take(&mut loaded.moderation));
+            let recent = loaded.recent.into_iter().map(|e| {
+                let frame = match e.audience {
+                    Audience::Nobody => Frame::erased(),
+                    audience => Frame::for_audience(e.frame, audience),
+                };
+                (e.position, e.message, frame)
+            });
             let log = Log::new(&chat, loaded.epoch, recent, retention, Arc::clone(&metrics));
             info!(
                 path = %store.path().display(),

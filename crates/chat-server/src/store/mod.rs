@@ -14,6 +14,13 @@
 //! `head`), its `epoch`, and the frames of the last `--log-events` events,
 //! so that after a restart, even a SIGKILL, clients resume exactly where
 //! they were.
+//!
+//! Moderation is kept alike: the restrictions in force, the room's modes
+//! and the audit trail, in the same transactions. A message a moderator
+//! removes is erased, not hidden: its row is deleted and every kept frame
+//! that held it is blanked, with `secure_delete` on (SQLite overwrites
+//! what it frees with zeros) and the write-ahead log checkpointed and
+//! truncated after, so its text is in neither file.
 
 pub(crate) mod data_dir;
 mod error;
@@ -22,15 +29,16 @@ pub use error::StoreError;
 
 use crate::publish::entry::Entry;
 use crate::publish::pipeline::EventWriter;
-use chat_core::EventKind;
-use chat_proto::{Epoch, Message, Position, Reactions, UserId, Uuid};
+use crate::wire::frame::Audience;
+use chat_core::{AUDIT_KEPT, EventKind, Held, ModerationSnapshot};
+use chat_proto::{AuditEntry, Epoch, Message, Position, Reactions, Room, UserId, Uuid};
 use data_dir::DataDir;
 use data_dir::private;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "chat.sqlite3";
@@ -56,6 +64,8 @@ pub(crate) struct Loaded {
     pub head: Position,
     /// The latest events' frames, oldest first, ending at `head`.
     pub recent: Vec<RecentEvent>,
+    /// Restrictions, the room's modes and the audit trail.
+    pub moderation: ModerationSnapshot,
 }
 
 /// One of the latest events, as stored.
@@ -63,10 +73,22 @@ pub(crate) struct Loaded {
 pub(crate) struct RecentEvent {
     /// Its position in the log.
     pub position: Position,
-    /// The message it carries (posted, or with its reactions updated).
-    pub message: Uuid,
-    /// Its frame, as sent.
+    /// The message whose body its frame holds (posted, or with its
+    /// reactions updated), if any.
+    pub message: Option<Uuid>,
+    /// Its frame, as sent (empty once erased).
     pub frame: String,
+    /// Who is sent it.
+    pub audience: Audience,
+}
+
+/// How an event's audience is stored.
+fn audience_code(audience: Audience) -> i64 {
+    match audience {
+        Audience::Everyone => 0,
+        Audience::OptedIn => 1,
+        Audience::Nobody => 2,
+    }
 }
 
 impl Store {
@@ -97,6 +119,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        // What a removal deletes is overwritten, not left in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")
             .map_err(sql)?;
         let mut store = Store {
             conn,
@@ -187,6 +212,28 @@ impl Store {
                 )
                 .map_err(|e| self.sql(e))?;
         }
+        if version < 4 {
+            // Moderation: who is sent an event (0 everyone, 1 clients that
+            // opted in, 2 no one: erased), the restrictions in force, the
+            // audit trail; the room's modes go in `meta`.
+            self.conn
+                .execute_batch(
+                    "BEGIN;
+                     ALTER TABLE events ADD COLUMN audience INTEGER NOT NULL DEFAULT 0;
+                     CREATE TABLE restrictions (
+                         user_id  TEXT PRIMARY KEY,
+                         until_ms INTEGER,
+                         held     TEXT NOT NULL
+                     );
+                     CREATE TABLE audit (
+                         position INTEGER PRIMARY KEY,
+                         entry    TEXT NOT NULL
+                     );
+                     PRAGMA user_version = 4;
+                     COMMIT;",
+                )
+                .map_err(|e| self.sql(e))?;
+        }
         Ok(())
     }
 
@@ -216,7 +263,68 @@ impl Store {
             epoch,
             head,
             recent,
+            moderation: self.load_moderation()?,
         })
+    }
+
+    /// The restrictions, the room's modes and the audit trail.
+    fn load_moderation(&self) -> Result<ModerationSnapshot, StoreError> {
+        let mut restrictions = Vec::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT user_id, held FROM restrictions ORDER BY user_id")
+                .map_err(|e| self.sql(e))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| self.sql(e))?;
+            for row in rows {
+                let (user, held) = row.map_err(|e| self.sql(e))?;
+                let held: Held = serde_json::from_str(&held)
+                    .map_err(|e| self.corrupt(format!("restriction of {user}: {e}")))?;
+                restrictions.push((UserId::from(user), held));
+            }
+        }
+        let mut audit = Vec::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT entry FROM audit ORDER BY position")
+                .map_err(|e| self.sql(e))?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(|e| self.sql(e))?;
+            for row in rows {
+                let entry = row.map_err(|e| self.sql(e))?;
+                let entry: AuditEntry = serde_json::from_str(&entry)
+                    .map_err(|e| self.corrupt(format!("audit entry: {e}")))?;
+                audit.push(entry);
+            }
+        }
+        let room = match self.meta_blob("room")? {
+            Some(json) => serde_json::from_slice::<Room>(&json)
+                .map_err(|e| self.corrupt(format!("room: {e}")))?,
+            None => Room::default(),
+        };
+        Ok(ModerationSnapshot {
+            restrictions,
+            room,
+            slow_mode: None,
+            audit,
+        })
+    }
+
+    /// Deletes the time-outs that ended before `now_ms` (Unix ms): the
+    /// chat no longer holds them once it applies its next moderation
+    /// order, and nothing else would.
+    pub(crate) fn forget_ended_restrictions(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM restrictions WHERE until_ms IS NOT NULL AND until_ms <= ?1",
+                [i64::try_from(now_ms).unwrap_or(i64::MAX)],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
     }
 
     /// Replaces the epoch (after a backup was restored into the data
@@ -250,8 +358,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT position, message, frame FROM events WHERE position > ?1 AND position <= ?2
-                 ORDER BY position",
+                "SELECT position, message, frame, audience FROM events
+                 WHERE position > ?1 AND position <= ?2 ORDER BY position",
             )
             .map_err(|e| self.sql(e))?;
         let from = head.0.saturating_sub(self.keep_events);
@@ -259,20 +367,30 @@ impl Store {
             .query_map(params![from as i64, head.0 as i64], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(1)?,
                     r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
                 ))
             })
             .map_err(|e| self.sql(e))?;
         let mut recent = Vec::new();
         for row in rows {
-            let (position, message, frame) = row.map_err(|e| self.sql(e))?;
-            let message = Uuid::from_slice(&message)
+            let (position, message, frame, audience) = row.map_err(|e| self.sql(e))?;
+            let message = message
+                .map(|m| Uuid::from_slice(&m))
+                .transpose()
                 .map_err(|e| self.corrupt(format!("event {position}: {e}")))?;
+            let audience = match audience {
+                0 => Audience::Everyone,
+                1 => Audience::OptedIn,
+                2 => Audience::Nobody,
+                other => return Err(self.corrupt(format!("event {position}: audience {other}"))),
+            };
             recent.push(RecentEvent {
                 position: Position(position as u64),
                 message,
                 frame,
+                audience,
             });
         }
         Ok(recent)
@@ -288,7 +406,7 @@ impl Store {
             .conn
             .query_row(
                 "SELECT max(position) FROM events
-                 WHERE message IS NULL OR message NOT IN (SELECT id FROM messages)",
+                 WHERE message IS NOT NULL AND message NOT IN (SELECT id FROM messages)",
                 [],
                 |r| r.get(0),
             )
@@ -387,6 +505,8 @@ impl Store {
             source,
         };
         let tx = self.conn.transaction().map_err(sql)?;
+        let mut erased = false;
+        let mut moderated = false;
         {
             let mut insert = tx
                 .prepare_cached(
@@ -401,7 +521,9 @@ impl Store {
                 .prepare_cached("DELETE FROM messages WHERE id = ?1")
                 .map_err(sql)?;
             let mut log = tx
-                .prepare_cached("INSERT INTO events (position, message, frame) VALUES (?1, ?2, ?3)")
+                .prepare_cached(
+                    "INSERT INTO events (position, message, frame, audience) VALUES (?1, ?2, ?3, ?4)",
+                )
                 .map_err(sql)?;
             // The events of an evicted message, and every event before
             // them, go with it.
@@ -415,10 +537,22 @@ impl Store {
                 let event = &entry.event;
                 log.execute(params![
                     event.position.0 as i64,
-                    event.message_id().as_bytes().as_slice(),
-                    entry.frame.as_str()
+                    entry
+                        .holds_message()
+                        .as_ref()
+                        .map(|m| m.as_bytes().as_slice()),
+                    entry.frame.as_str(),
+                    audience_code(entry.frame.audience()),
                 ])
                 .map_err(sql)?;
+                if let Some(audit) = event.audit() {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO audit (position, entry) VALUES (?1, ?2)",
+                    )
+                    .and_then(|mut s| s.execute(params![audit.position.0 as i64, to_json(audit)]))
+                    .map_err(sql)?;
+                    moderated = true;
+                }
                 match &event.kind {
                     EventKind::MessagePosted {
                         message: m,
@@ -448,7 +582,56 @@ impl Store {
                             ])
                             .map_err(sql)?;
                     }
+                    EventKind::MessageRemoved { message, .. } => {
+                        let id = message.id.as_bytes().as_slice();
+                        delete.execute(params![id]).map_err(sql)?;
+                        // Every kept frame that held it is blanked: the
+                        // events keep their positions, sent to no one.
+                        tx.prepare_cached(
+                            "UPDATE events SET frame = '', message = NULL, audience = 2
+                             WHERE message = ?1",
+                        )
+                        .and_then(|mut s| s.execute(params![id]))
+                        .map_err(sql)?;
+                        erased = true;
+                    }
+                    EventKind::UserRestricted { user, held, .. } => {
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO restrictions (user_id, until_ms, held)
+                             VALUES (?1, ?2, ?3)",
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![
+                                user.as_str(),
+                                held.until
+                                    .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
+                                to_json(held),
+                            ])
+                        })
+                        .map_err(sql)?;
+                    }
+                    EventKind::RestrictionLifted { user, .. } => {
+                        tx.prepare_cached("DELETE FROM restrictions WHERE user_id = ?1")
+                            .and_then(|mut s| s.execute(params![user.as_str()]))
+                            .map_err(sql)?;
+                    }
+                    EventKind::RoomUpdated { room, .. } => {
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO meta (key, value) VALUES ('room', ?1)",
+                        )
+                        .and_then(|mut s| s.execute(params![to_json(room).into_bytes()]))
+                        .map_err(sql)?;
+                    }
                 }
+            }
+            if moderated {
+                // The audit trail keeps the latest AUDIT_KEPT, as the chat.
+                tx.prepare_cached(
+                    "DELETE FROM audit WHERE position <=
+                     (SELECT position FROM audit ORDER BY position DESC LIMIT 1 OFFSET ?1)",
+                )
+                .and_then(|mut s| s.execute([i64::try_from(AUDIT_KEPT).unwrap_or(i64::MAX)]))
+                .map_err(sql)?;
             }
             tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'head'")
                 .and_then(|mut s| s.execute([head]))
@@ -458,7 +641,16 @@ impl Store {
                 .and_then(|mut s| s.execute([head.saturating_sub(keep)]))
                 .map_err(sql)?;
         }
-        tx.commit().map_err(sql)
+        tx.commit().map_err(sql)?;
+        if erased {
+            // The pages that held the removed text are zeroed in the
+            // database, but their old images are still in the write-ahead
+            // log: copy it back and empty it.
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(|e| self.sql(e))?;
+        }
+        Ok(())
     }
 
     /// Deletes messages (the ones a lowered history limit dropped), and
@@ -489,6 +681,11 @@ impl EventWriter for Store {
     fn write(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         self.commit(entries)
     }
+}
+
+/// A stored value as JSON: plain data, which always serializes.
+fn to_json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("stored values serialize")
 }
 
 fn reactions_json(reactions: &Reactions) -> String {

@@ -9,7 +9,13 @@ fn epoch(n: u128) -> Epoch {
     Epoch(Uuid::from_u128(n))
 }
 
-fn drive(chat: &mut Chat, store: &mut Store, n: u128, user: &str, cmd: ClientFrame) {
+fn drive(
+    chat: &mut Chat,
+    store: &mut Store,
+    n: u128,
+    user: &str,
+    cmd: impl Into<chat_core::Command>,
+) {
     let ctx = Context {
         user: user.into(),
         now: Timestamp::from_unix_millis(1_700_000_000_000 + n as u64 * 1000),
@@ -128,7 +134,7 @@ fn an_evicted_message_takes_its_events_with_it() {
     drive(&mut chat, &mut store, 4, "u1", say("four"));
     assert_eq!(positions(&mut store), [6]);
     let loaded = store.load(epoch(1)).expect("load");
-    assert_eq!(loaded.recent[0].message, Uuid::from_u128(4));
+    assert_eq!(loaded.recent[0].message, Some(Uuid::from_u128(4)));
 }
 
 #[test]
@@ -159,12 +165,16 @@ fn a_schema_2_database_names_each_event_s_message_and_forgets_unheld_ones() {
     }
     let mut store = Store::open(dir.path(), KEEP).expect("migrates");
     let loaded = store.load(epoch(1)).expect("load");
-    let recent: Vec<(u64, Uuid)> = loaded
+    let recent: Vec<(u64, Option<Uuid>)> = loaded
         .recent
         .iter()
         .map(|e| (e.position.0, e.message))
         .collect();
-    assert_eq!(recent, [(3, held)], "the evicted message's events are gone");
+    assert_eq!(
+        recent,
+        [(3, Some(held))],
+        "the evicted message's events are gone"
+    );
 }
 
 #[test]
@@ -245,4 +255,97 @@ fn a_corrupt_file_is_an_error_naming_it_and_is_not_wiped() {
     let err = Store::open(dir.path(), KEEP).expect_err("corrupt");
     assert!(err.to_string().contains(DB_FILE), "{err}");
     assert_eq!(std::fs::read(&db).expect("read"), junk, "left as it was");
+}
+
+/// Every byte of the data directory's files, as one buffer.
+fn files_bytes(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("dir") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            all.extend(std::fs::read(&path).expect("read"));
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn a_removed_message_is_erased_from_the_database_files_not_hidden() {
+    use chat_proto::{Moderation, Purge, RemoveMessage, RestrictUser, Term};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = "the-secret-text-4f2a";
+    let purged = "purged-by-a-ban-9c1e";
+    let mut chat = Chat::new(Config::default());
+    {
+        let mut store = Store::open(dir.path(), KEEP).expect("open");
+        drive(&mut chat, &mut store, 1, "u1", say(secret));
+        drive(&mut chat, &mut store, 2, "u2", react(1, "🎉"));
+        drive(&mut chat, &mut store, 3, "u2", say("kept"));
+        drive(&mut chat, &mut store, 4, "u3", say(purged));
+        // Written, and in the files, before the removal.
+        let before = files_bytes(dir.path());
+        assert!(
+            contains(&before, secret) && contains(&before, purged),
+            "the test's texts are in the files to begin with"
+        );
+        let remove = Moderation::RemoveMessage(RemoveMessage {
+            message_id: Uuid::from_u128(1),
+            reason: Some("leaked a password".into()),
+        });
+        drive(&mut chat, &mut store, 5, "moderator:alice", remove);
+        let ban = Moderation::RestrictUser(RestrictUser {
+            user_id: "u3".into(),
+            term: Term::Forever,
+            purge: Purge::All,
+            reason: None,
+        });
+        drive(&mut chat, &mut store, 6, "moderator:alice", ban);
+        let after = files_bytes(dir.path());
+        assert!(
+            !contains(&after, secret),
+            "the removed text is still in the database files"
+        );
+        assert!(
+            !contains(&after, purged),
+            "the purged text is still in the database files"
+        );
+        assert!(contains(&after, "kept"));
+    }
+    // And after a restart: not in the history, not in a resume, and the
+    // ban holds.
+    let mut store = Store::open(dir.path(), KEEP).expect("reopen");
+    let loaded = store.load(epoch(1)).expect("load");
+    let texts: Vec<&str> = loaded.messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["kept"]);
+    for event in &loaded.recent {
+        assert!(
+            !event.frame.contains(secret) && !event.frame.contains(purged),
+            "{event:?}"
+        );
+    }
+    let erased: Vec<u64> = loaded
+        .recent
+        .iter()
+        .filter(|e| e.audience == Audience::Nobody)
+        .map(|e| e.position.0)
+        .collect();
+    assert_eq!(
+        erased,
+        [1, 2, 4],
+        "the post, its reaction, and the purged post"
+    );
+    assert_eq!(loaded.recent.len(), 7, "every position is still there");
+    assert_eq!(loaded.moderation.restrictions.len(), 1);
+    assert_eq!(loaded.moderation.audit.len(), 2);
+    assert_eq!(loaded.moderation.audit[1].removed, [Uuid::from_u128(4)]);
+    assert_eq!(
+        loaded.moderation.restrictions,
+        chat.moderation().restrictions
+    );
 }

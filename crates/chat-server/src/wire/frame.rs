@@ -17,11 +17,31 @@ pub(crate) struct Frame {
     wire: Bytes,
     /// Where the text starts (after the header).
     text_at: u8,
+    /// Who is sent it.
+    audience: Audience,
+}
+
+/// Which clients a frame of the log is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Audience {
+    /// Every client.
+    Everyone,
+    /// Only clients that opted in to the protocol's extensions (`?sync`,
+    /// `?since=`): moderation's frames, which the seed protocol lacks.
+    OptedIn,
+    /// No one: the frame of an event whose message a moderator removed
+    /// since, erased. Its position still counts.
+    Nobody,
 }
 
 impl Frame {
-    /// The text frame carrying `text`.
+    /// The text frame carrying `text`, for every client.
     pub(crate) fn text(text: impl Into<String>) -> Frame {
+        Frame::for_audience(text, Audience::Everyone)
+    }
+
+    /// The text frame carrying `text`, for `audience`.
+    pub(crate) fn for_audience(text: impl Into<String>, audience: Audience) -> Frame {
         let text: String = text.into();
         let len = text.len();
         let frame = WsFrame::message(text, OpCode::Data(Data::Text), true);
@@ -34,6 +54,32 @@ impl Frame {
         Frame {
             wire: Bytes::from(wire),
             text_at,
+            audience,
+        }
+    }
+
+    /// The erased frame at a position whose event carried a message
+    /// since removed: sent to no one, holding nothing.
+    pub(crate) fn erased() -> Frame {
+        Frame {
+            wire: Bytes::new(),
+            text_at: 0,
+            audience: Audience::Nobody,
+        }
+    }
+
+    /// Who is sent it.
+    pub(crate) fn audience(&self) -> Audience {
+        self.audience
+    }
+
+    /// Whether a client is sent it: every client, or (`opted_in`) one that
+    /// opted in to the protocol's extensions.
+    pub(crate) fn is_for(&self, opted_in: bool) -> bool {
+        match self.audience {
+            Audience::Everyone => true,
+            Audience::OptedIn => opted_in,
+            Audience::Nobody => false,
         }
     }
 

@@ -87,7 +87,14 @@ impl Record {
                     other => self.other_resets.push(other),
                 }
             }
-            ServerFrame::Error(_) => {}
+            ServerFrame::MessageRemoved(r) => {
+                self.view.remove(&r.message_id);
+                self.order.retain(|id| *id != r.message_id);
+            }
+            ServerFrame::Error(_)
+            | ServerFrame::UserRestricted(_)
+            | ServerFrame::RestrictionLifted(_)
+            | ServerFrame::RoomUpdated(_) => {}
         }
     }
 

@@ -634,7 +634,12 @@ impl Applier {
                 }
                 let clock = {
                     let mut view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
-                    view.applied(&self.chat, Timestamp::from_unix_millis(ms), user.as_ref());
+                    view.applied(
+                        &self.chat,
+                        Timestamp::from_unix_millis(ms),
+                        user.as_ref(),
+                        &events,
+                    );
                     view.clock_ms()
                 };
                 if !events.is_empty() && self.commits.send(events, 1).await.is_err() {

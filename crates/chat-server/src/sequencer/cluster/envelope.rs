@@ -4,15 +4,30 @@
 //! sequence, its timestamp, the envelope), so every node computes the same
 //! chat from the same stream.
 
-use chat_core::{Chat, Context, Event, Timestamp};
-use chat_proto::{ClientFrame, Epoch, UserId, Uuid};
+use chat_core::{Chat, Command, Context, Event, Timestamp};
+use chat_proto::{Epoch, Position, UserId, Uuid};
 use serde::{Deserialize, Serialize};
 
-/// The envelope format this build writes. A node that meets one it does
-/// not know stops applying rather than diverge from the nodes that know it.
-/// Version 2 added [`Envelope::deadline`]; version 3 added
-/// [`Envelope::seen`] and the [`NewEpoch`] entry. This build applies 1 to 3.
-pub(crate) const ENVELOPE_VERSION: u32 = 3;
+/// The newest envelope format this build applies. A node that meets one
+/// it does not know stops applying rather than diverge from the nodes that
+/// know it. Version 2 added [`Envelope::deadline`]; version 3 added
+/// [`Envelope::seen`] and the [`NewEpoch`] entry; version 4 added
+/// moderation orders. This build applies 1 to 4.
+pub(crate) const ENVELOPE_VERSION: u32 = 4;
+
+/// The version written for what a build before moderation applies too (a
+/// client's command, a new epoch): a cluster being upgraded node by node
+/// goes on, and an older node stops at the first moderation order rather
+/// than skip it.
+pub(crate) const COMPATIBLE_VERSION: u32 = 3;
+
+/// The version an envelope of `command` is written with.
+pub(crate) fn version_for(command: &Command) -> u32 {
+    match command {
+        Command::Client(_) => COMPATIBLE_VERSION,
+        Command::Moderation(_) => ENVELOPE_VERSION,
+    }
+}
 
 /// The oldest envelope format this build applies.
 const OLDEST_ENVELOPE_VERSION: u32 = 1;
@@ -20,7 +35,7 @@ const OLDEST_ENVELOPE_VERSION: u32 = 1;
 /// One command in the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Envelope {
-    /// [`ENVELOPE_VERSION`] when written.
+    /// [`version_for`] its command, when written.
     pub v: u32,
     /// The node the client is connected to.
     pub node: String,
@@ -39,8 +54,9 @@ pub(crate) struct Envelope {
     /// rules (from a build that does not check) is skipped by every node
     /// alike, and its sender told it was not taken.
     pub rules: String,
-    /// The command.
-    pub command: ClientFrame,
+    /// The command: a client's frame, or (version 4 on) an operator's
+    /// order.
+    pub command: Command,
     /// The latest chat time, in ms, at which the command may be applied
     /// (version 2 on): one the stream stamps later is not applied by any
     /// node, and its sender is told the chat was unavailable. Bounding when
@@ -68,7 +84,7 @@ pub(crate) struct Envelope {
 /// only cost is a second reset for a client that resumed in between.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct NewEpoch {
-    /// [`ENVELOPE_VERSION`] when written.
+    /// [`COMPATIBLE_VERSION`] when written.
     pub v: u32,
     /// Why, and who saw it.
     pub new_epoch: Rewind,
@@ -90,8 +106,9 @@ pub(crate) struct Rewind {
 /// What became of a command in the stream.
 #[derive(Debug)]
 pub(super) enum Outcome {
-    /// Applied: accepted, or refused by the chat's rules.
-    Applied(Result<(), chat_core::ChatError>),
+    /// Applied: accepted (at the position of its last event), or refused
+    /// by the chat's rules.
+    Applied(Result<Position, chat_core::ChatError>),
     /// Stamped after its deadline: no node applied it.
     Expired,
     /// Sent under other chat rules than the stream's: no node applied it.
@@ -221,7 +238,10 @@ pub(super) fn apply(
         now,
         message_id: message_id(seq, ms),
     };
-    let outcome = chat.handle(ctx, envelope.command);
+    if matches!(envelope.command, Command::Moderation(_)) && envelope.v < ENVELOPE_VERSION {
+        return Applied::Skipped("a moderation order in an envelope older than version 4".into());
+    }
+    let outcome = chat.handle(ctx, envelope.command).map(|()| chat.head());
     let events = std::iter::from_fn(|| chat.poll_event()).collect();
     Applied::Done {
         origin,
@@ -244,7 +264,7 @@ pub(super) fn message_id(seq: u64, ms: u64) -> Uuid {
 pub(super) mod tests {
     use super::*;
     use chat_core::Config;
-    use chat_proto::SendMessage;
+    use chat_proto::{ClientFrame, SendMessage};
 
     pub(in crate::sequencer::cluster) fn envelope(text: &str) -> Vec<u8> {
         envelope_by(text, Some(u64::MAX))
@@ -252,7 +272,7 @@ pub(super) mod tests {
 
     pub(in crate::sequencer::cluster) fn envelope_by(text: &str, deadline: Option<u64>) -> Vec<u8> {
         serde_json::to_vec(&Envelope {
-            v: ENVELOPE_VERSION,
+            v: COMPATIBLE_VERSION,
             node: "a".into(),
             boot: Uuid::from_u128(1),
             request: 0,
@@ -261,7 +281,8 @@ pub(super) mod tests {
             command: ClientFrame::SendMessage(SendMessage {
                 text: text.into(),
                 author_name: None,
-            }),
+            })
+            .into(),
             deadline,
             seen: Some(0),
         })
@@ -309,10 +330,10 @@ pub(super) mod tests {
     #[test]
     fn an_unknown_envelope_version_stops_the_node() {
         let mut chat = Chat::new(Config::default());
-        let newer = br#"{"v":4,"anything":"else"}"#;
+        let newer = br#"{"v":5,"anything":"else"}"#;
         assert!(matches!(
             apply(&mut chat, &mut Epoch(Uuid::nil()), "r", 1, 0, newer),
-            Applied::Unknown(4)
+            Applied::Unknown(5)
         ));
     }
 
@@ -352,7 +373,7 @@ pub(super) mod tests {
         assert!(matches!(
             on_time,
             Applied::Done {
-                outcome: Outcome::Applied(Ok(())),
+                outcome: Outcome::Applied(Ok(_)),
                 ..
             }
         ));
@@ -381,7 +402,7 @@ pub(super) mod tests {
         assert!(matches!(
             apply(&mut chat, &mut Epoch(Uuid::nil()), "r", 3, t + 2, &v1),
             Applied::Done {
-                outcome: Outcome::Applied(Ok(())),
+                outcome: Outcome::Applied(Ok(_)),
                 ..
             }
         ));
@@ -407,7 +428,7 @@ pub(super) mod tests {
 
     fn new_epoch_entry() -> Vec<u8> {
         serde_json::to_vec(&NewEpoch {
-            v: ENVELOPE_VERSION,
+            v: COMPATIBLE_VERSION,
             new_epoch: Rewind {
                 node: "a".into(),
                 boot: Uuid::from_u128(2),
@@ -443,7 +464,7 @@ pub(super) mod tests {
                     matches!(
                         applied,
                         Applied::Done {
-                            outcome: Outcome::Applied(Ok(())),
+                            outcome: Outcome::Applied(Ok(_)),
                             ..
                         } | Applied::NewEpoch(_)
                     ),

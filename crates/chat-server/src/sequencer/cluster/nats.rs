@@ -1,7 +1,7 @@
 //! The connection to NATS: the stream, its object store, and where this
 //! node starts reading.
 
-use super::envelope::{ENVELOPE_VERSION, NewEpoch, Rewind, epoch_of, rules_of};
+use super::envelope::{COMPATIBLE_VERSION, NewEpoch, Rewind, epoch_of, rules_of};
 use super::snapshot::{Stored, newest_snapshot, own_snapshot};
 use crate::metrics::ClusterMetrics;
 use crate::store::data_dir::DataDir;
@@ -776,7 +776,7 @@ pub(super) async fn append_new_epoch(
     within: Duration,
 ) -> Result<(), String> {
     let entry = NewEpoch {
-        v: ENVELOPE_VERSION,
+        v: COMPATIBLE_VERSION,
         new_epoch: rewind,
     };
     // A tree of strings and numbers: it always encodes.

@@ -1,12 +1,12 @@
 //! Submitting a command: refused here what the stream is sure to refuse,
 //! else published to the stream, and answered from this node's own apply.
 
-use super::envelope::{ENVELOPE_VERSION, Envelope, Outcome};
+use super::envelope::{Envelope, Outcome, version_for};
 use super::view::View;
 use crate::sequencer::{ApplyError, Health, Sequencer};
 use async_nats::jetstream;
-use chat_core::RateKind;
-use chat_proto::{ClientFrame, UserId, Uuid};
+use chat_core::{Command, RateKind};
+use chat_proto::{ClientFrame, Position, UserId, Uuid};
 use futures_util::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +61,7 @@ impl ClusterSequencer {
         self.health.clone()
     }
 
-    async fn submit_inner(&self, user: &UserId, command: ClientFrame) -> Result<(), ApplyError> {
+    async fn submit_inner(&self, user: &UserId, command: Command) -> Result<Position, ApplyError> {
         if *self.health.borrow() != Health::Serving {
             return Err(ApplyError::NotTaken);
         }
@@ -73,25 +73,33 @@ impl ClusterSequencer {
         // command's deadline, is refused here too: the stream can only
         // have used up more of it, and no node applies the command after
         // its deadline. Anything less sure is published and decided there.
-        let kind = match command {
-            ClientFrame::SendMessage(_) => RateKind::Messages,
-            ClientFrame::AddReaction(_) => RateKind::Reactions,
+        // A user a moderator restricted (or slowed) is refused here too,
+        // as far as this node knows.
+        let kind = match &command {
+            Command::Client(ClientFrame::SendMessage(_)) => Some(RateKind::Messages),
+            Command::Client(ClientFrame::AddReaction(_)) => Some(RateKind::Reactions),
+            Command::Moderation(_) => None,
         };
         let deadline = {
             let view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
             let deadline = view.deadline(self.timeout);
-            if view.refuses(user, kind, deadline) {
-                let refusal = match kind {
-                    RateKind::Messages => &self.rate_limited[0],
-                    RateKind::Reactions => &self.rate_limited[1],
-                };
-                return Err(ApplyError::Refused(refusal.clone()));
+            if let Some(kind) = kind {
+                if let Some(refusal) = view.moderated(user, kind == RateKind::Messages, deadline) {
+                    return Err(ApplyError::Refused(refusal));
+                }
+                if view.refuses(user, kind, deadline) {
+                    let refusal = match kind {
+                        RateKind::Messages => &self.rate_limited[0],
+                        RateKind::Reactions => &self.rate_limited[1],
+                    };
+                    return Err(ApplyError::Refused(refusal.clone()));
+                }
             }
             deadline
         };
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let envelope = Envelope {
-            v: ENVELOPE_VERSION,
+            v: version_for(&command),
             node: self.node.clone(),
             boot: self.boot,
             request,
@@ -245,9 +253,9 @@ enum Answer {
 }
 
 impl Answer {
-    fn into_result(self) -> Result<(), ApplyError> {
+    fn into_result(self) -> Result<Position, ApplyError> {
         match self {
-            Answer::Outcome(Outcome::Applied(Ok(()))) => Ok(()),
+            Answer::Outcome(Outcome::Applied(Ok(position))) => Ok(position),
             Answer::Outcome(Outcome::Applied(Err(refusal))) => Err(ApplyError::Refused(refusal)),
             Answer::Outcome(Outcome::Expired | Outcome::OtherRules) | Answer::PastDeadline => {
                 Err(ApplyError::NotTaken)
@@ -304,8 +312,8 @@ impl Sequencer for ClusterSequencer {
     fn submit<'a>(
         &'a self,
         user: &'a UserId,
-        command: ClientFrame,
-    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        command: Command,
+    ) -> BoxFuture<'a, Result<Position, ApplyError>> {
         Box::pin(self.submit_inner(user, command))
     }
 }
@@ -315,7 +323,7 @@ mod tests {
     use super::*;
     use chat_core::ChatError;
 
-    fn answered(answer: Answer) -> Result<(), String> {
+    fn answered(answer: Answer) -> Result<Position, String> {
         answer.into_result().map_err(|e| match e {
             ApplyError::Refused(r) => format!("refused: {r}"),
             other => other.to_string(),
@@ -336,10 +344,10 @@ mod tests {
         );
         // Applied, then the chat moves on past the deadline: the outcome
         // wins.
-        tx.send(Outcome::Applied(Ok(()))).expect("send");
+        tx.send(Outcome::Applied(Ok(Position(7)))).expect("send");
         clock_tx.send_replace(1_001);
         let answer = decided_now(&mut outcome, &clock, deadline).expect("known");
-        assert_eq!(answered(answer), Ok(()));
+        assert_eq!(answered(answer), Ok(Position(7)));
         // Refused by the rules: the refusal.
         let (tx, outcome) = oneshot::channel();
         tx.send(Outcome::Applied(Err(ChatError::EmptyText)))

@@ -1,7 +1,7 @@
 //! What a node knows of its chat to refuse, without the stream, what the
 //! stream is sure to refuse.
 
-use chat_core::{Chat, RateKind, Timestamp};
+use chat_core::{Chat, ChatError, Event, EventKind, RateKind, Timestamp, Until};
 use chat_proto::UserId;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -25,6 +25,15 @@ pub(super) struct View {
     /// within the last window are here, and those whose times have all
     /// passed are swept out once per window.
     refused: HashMap<UserId, [Option<Timestamp>; 2]>,
+    /// Users a moderator restricted: until when (`None`: banned). Kept
+    /// from the events that set and lift them, so a node refuses their
+    /// commands alone; a lift the stream applied and this node not yet
+    /// lets them through a moment later than the stream would.
+    restricted: HashMap<UserId, Option<Timestamp>>,
+    /// Slow mode's seconds (0: off), and users who posted within it:
+    /// until when their next post is refused.
+    slow_seconds: u32,
+    slowed: HashMap<UserId, Timestamp>,
     /// When the next sweep is due (chat time).
     next_sweep: Timestamp,
     /// How long an entry in `refused` can matter.
@@ -39,6 +48,12 @@ impl View {
             skew_ms: 0,
             applied_at: Instant::now(),
             refused: HashMap::new(),
+            restricted: chat
+                .restrictions()
+                .map(|(user, held)| (user.clone(), held.until))
+                .collect(),
+            slow_seconds: chat.room().slow_mode_seconds,
+            slowed: HashMap::new(),
             next_sweep: Timestamp::default(),
             window_ms: u64::try_from(
                 config
@@ -51,11 +66,42 @@ impl View {
         }
     }
 
-    /// Takes in what applying an entry of `user`'s did to `chat`.
+    /// Takes in what applying an entry of `user`'s did to `chat`, and
+    /// its `events`.
     ///
     /// `stamp` is the entry's time in the stream; `user` is whose command
     /// was applied (none for an expired one).
-    pub(super) fn applied(&mut self, chat: &Chat, stamp: Timestamp, user: Option<&UserId>) {
+    pub(super) fn applied(
+        &mut self,
+        chat: &Chat,
+        stamp: Timestamp,
+        user: Option<&UserId>,
+        events: &[Event],
+    ) {
+        for event in events {
+            match &event.kind {
+                EventKind::UserRestricted { user, held, .. } => {
+                    self.restricted.insert(user.clone(), held.until);
+                }
+                EventKind::RestrictionLifted { user, .. } => {
+                    self.restricted.remove(user);
+                }
+                EventKind::RoomUpdated { room, .. } => {
+                    if room.slow_mode_seconds != self.slow_seconds {
+                        self.slowed.clear();
+                    }
+                    self.slow_seconds = room.slow_mode_seconds;
+                }
+                EventKind::MessagePosted { message, .. } if self.slow_seconds > 0 => {
+                    if let Err(ChatError::SlowMode { until, .. }) =
+                        chat.moderated(&message.author_id, stamp, true)
+                    {
+                        self.slowed.insert(message.author_id.clone(), until.0);
+                    }
+                }
+                _ => {}
+            }
+        }
         self.clock = chat.time_at(stamp);
         self.skew_ms = self.clock.as_millis().saturating_sub(stamp.as_millis());
         self.applied_at = Instant::now();
@@ -72,6 +118,9 @@ impl View {
             let now = self.clock;
             self.refused
                 .retain(|_, until| until.iter().flatten().any(|t| *t > now));
+            self.restricted
+                .retain(|_, until| until.is_none_or(|t| t > now));
+            self.slowed.retain(|_, until| *until > now);
             self.next_sweep =
                 Timestamp::from_unix_millis(now.as_millis().saturating_add(self.window_ms));
         }
@@ -107,6 +156,33 @@ impl View {
             .saturating_add(since_ms)
             .max(wall_ms.saturating_add(self.skew_ms))
             .saturating_add(grace_ms)
+    }
+
+    /// The refusal of a moderator's restriction, or of slow mode for a
+    /// post (`posting`), that `user`'s command, applied at `deadline` at
+    /// the latest, gets as far as this node knows. Unlike the rate limit
+    /// this is not sure: the stream may lift a restriction or end slow
+    /// mode before the command, for a moment before this node applies it.
+    pub(super) fn moderated(
+        &self,
+        user: &UserId,
+        posting: bool,
+        deadline: u64,
+    ) -> Option<ChatError> {
+        match self.restricted.get(user) {
+            Some(None) => return Some(ChatError::Banned),
+            Some(Some(until)) if deadline < until.as_millis() => {
+                return Some(ChatError::TimedOut {
+                    until: Until(*until),
+                });
+            }
+            _ => {}
+        }
+        let until = self.slowed.get(user)?;
+        (posting && deadline < until.as_millis()).then_some(ChatError::SlowMode {
+            seconds: self.slow_seconds,
+            until: Until(*until),
+        })
     }
 
     /// Whether `user`'s `kind` command, applied at `deadline` at the
@@ -156,7 +232,7 @@ mod tests {
             ) else {
                 panic!("applied")
             };
-            view.applied(&chat, Timestamp::from_unix_millis(ms), user.as_ref());
+            view.applied(&chat, Timestamp::from_unix_millis(ms), user.as_ref(), &[]);
         }
         // The first message leaves the window at t + 60 s.
         assert!(view.refuses(&u, RateKind::Messages, t + 59_999));
@@ -209,9 +285,14 @@ mod tests {
                 else {
                     panic!("a command")
                 };
-                view.applied(&chat, Timestamp::from_unix_millis(stamp), user.as_ref());
+                view.applied(
+                    &chat,
+                    Timestamp::from_unix_millis(stamp),
+                    user.as_ref(),
+                    &events,
+                );
                 match outcome {
-                    Outcome::Applied(Ok(())) => {}
+                    Outcome::Applied(Ok(_)) => {}
                     Outcome::Expired => {
                         expired.push((phase, seq));
                         continue;

@@ -38,6 +38,7 @@
 //!   within `write_timeout`, or the client is stalled.
 
 use super::close::CloseReason;
+use super::frame::Frame;
 use bytes::Bytes;
 use chat_proto::Position;
 use std::collections::VecDeque;
@@ -243,6 +244,17 @@ impl Delivery {
         self.frame_bytes += wire.len();
         self.queued += wire.len();
         self.queue.push_back(wire);
+    }
+
+    /// Queues the log's frame at the position after the cursor, if it is
+    /// for this client; one that is not (moderation's, for a client that
+    /// did not opt in; an erased one) only moves the cursor on.
+    pub(crate) fn push_event(&mut self, frame: &Frame) {
+        if frame.is_for(self.sync) {
+            self.push(Lane::Event, frame.wire().clone());
+        } else if !self.closing() {
+            self.cursor = self.cursor.next();
+        }
     }
 
     /// The position a `sync` frame should announce now, if the client
