@@ -233,6 +233,15 @@ pub struct Config {
     #[arg(long, env = "CHAT_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    // --- Moderation ---------------------------------------------------------
+    /// Turns on the operator API under `/admin/` (remove messages, time
+    /// users out or ban them, slow mode, the audit trail): a file of one
+    /// operator per line, a name and a key of at least 24 characters
+    /// (`alice $(openssl rand -base64 32)`). The name is who the audit
+    /// trail says acted. Without it there is no operator API.
+    #[arg(long, env = "CHAT_ADMIN_KEYS_FILE")]
+    pub admin_keys_file: Option<PathBuf>,
+
     // --- Identity and origin ----------------------------------------------
     /// How a user id is derived from the client address: `pseudonym` (a
     /// keyed hash, so addresses are never broadcast) or `raw-ip` (for

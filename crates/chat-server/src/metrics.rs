@@ -130,6 +130,8 @@ pub(crate) struct Metrics {
     pub reactions_accepted: Counter,
     /// Messages a moderator removed (one by one, or with a restriction).
     pub messages_removed: Counter,
+    /// Operator API requests refused for their key, by reason.
+    pub admin_denied: Family<Reason, Counter>,
     /// Messages in the published history.
     pub history_messages: Gauge,
     /// Time to write one batch to the store, fsync included.
@@ -166,6 +168,7 @@ impl Metrics {
             messages_accepted: Counter::default(),
             reactions_accepted: Counter::default(),
             messages_removed: Counter::default(),
+            admin_denied: Family::default(),
             history_messages: Gauge::default(),
             // 0.25 ms .. ~4 s: an fsync on a fast SSD up to a struggling disk.
             store_commit: Histogram::new(exponential_buckets(0.000_25, 2.0, 15)),
@@ -210,6 +213,11 @@ impl Metrics {
             "reactions_accepted",
             "Reaction toggles accepted and broadcast",
             m.reactions_accepted.clone(),
+        );
+        registry.register(
+            "admin_denied",
+            "Operator API requests refused for their key (none, wrong, or too many failures from the address)",
+            m.admin_denied.clone(),
         );
         registry.register(
             "messages_removed",
@@ -322,6 +330,20 @@ impl Metrics {
     /// refusal's short name.
     pub(crate) fn frame_refused(&self, reason: &'static str) {
         self.frames_refused.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts an operator API request refused for its key.
+    pub(crate) fn admin_denied(&self, reason: &'static str) {
+        self.admin_denied.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Shows each of the operator API's refusals at 0 (when it is on).
+    pub(crate) fn expect_admin_denials(&self, reasons: &[&'static str]) {
+        for &reason in reasons {
+            self.admin_denied
+                .get_or_create(&Reason { reason })
+                .inc_by(0);
+        }
     }
 
     /// Counts a WebSocket connection past its handshake.

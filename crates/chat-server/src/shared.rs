@@ -7,6 +7,8 @@
 use crate::admission::Admission;
 use crate::admission::host::HostPolicy;
 use crate::admission::limits::AddressLimits;
+use crate::admission::operators::Operators;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::publish::fanout::Fanout;
@@ -20,6 +22,12 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
+    /// The operator API's keys (`--admin-keys-file`); without them the API
+    /// is off.
+    pub(crate) operators: Option<Operators>,
+    /// The time commands get (the operator API reads restrictions in
+    /// force by it).
+    pub(crate) clock: Clock,
     /// Where commands are put in the chat's one order.
     pub(crate) sequencer: Arc<dyn Sequencer>,
     /// What has been published, for connections to read.

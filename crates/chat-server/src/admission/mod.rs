@@ -5,7 +5,8 @@
 //! (`crate::http`); here come the chat's own rules: the path, the
 //! browser's origin and the client's address through trusted proxies
 //! ([`policy`]), the `Host` ([`host`]), the `/ws` query ([`query`]), the
-//! per-address limit ([`limits`]), and the user id ([`identity`]). Every refusal
+//! per-address limit ([`limits`]), and the user id ([`identity`]); and who
+//! may use the operator API ([`operators`]). Every refusal
 //! is an HTTP error response; the connection never reaches the chat. The
 //! checks are plain functions of the request, so they can be tested (and
 //! fuzzed) without sockets.
@@ -13,6 +14,7 @@
 pub(crate) mod host;
 pub(crate) mod identity;
 pub(crate) mod limits;
+pub(crate) mod operators;
 pub(crate) mod policy;
 pub(crate) mod query;
 

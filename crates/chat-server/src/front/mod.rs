@@ -6,8 +6,10 @@
 //! - [`request`]: plain HTTP requests on a kept-alive connection, until a
 //!   WebSocket upgrade (or the end);
 //! - [`routes`] and [`web`]: what each plain path answers, and the page;
+//! - [`admin`]: the operator API under `/admin/`;
 //! - [`upgrade`]: the chat's checks, the 101, and the socket split.
 
+pub(crate) mod admin;
 pub(crate) mod listener;
 pub(crate) mod request;
 pub(crate) mod routes;

@@ -15,6 +15,7 @@
 //! keep-alive connection serves at most `MAX_REQUESTS` requests and waits
 //! at most `--handshake-timeout` for each.
 
+use super::admin;
 use super::routes::route;
 use crate::admission::limits::AddressSlot;
 use crate::http::codec::{
@@ -142,7 +143,14 @@ pub(crate) async fn serve(
         if consume(stream, &head).await.is_err() {
             return Next::Done;
         }
-        let (route, reply) = route(&head.request, peer, shared);
+        let (route, reply) = if head.request.uri().path().starts_with(admin::PREFIX) {
+            (
+                "admin",
+                admin::serve(stream, &head.request, peer, shared).await,
+            )
+        } else {
+            route(&head.request, peer, shared)
+        };
         let keep_alive = reply.status().is_success() || reply.status() == StatusCode::NOT_MODIFIED;
         let keep_alive = keep_alive
             && served < MAX_REQUESTS

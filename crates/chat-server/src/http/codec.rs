@@ -134,6 +134,52 @@ pub(crate) async fn consume(stream: &mut TcpStream, head: &Head) -> io::Result<(
     stream.read_exact(&mut bytes).await.map(drop)
 }
 
+/// Why a request's body could not be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyError {
+    /// Longer than the bound: 413.
+    TooLarge,
+    /// Sent in chunks, with no length given: 411.
+    NoLength,
+    /// A `Content-Length` that is not one number: 400.
+    BadLength,
+    /// The client went away, or was too slow.
+    Closed,
+}
+
+/// Reads the body of `request` (its head already consumed) from `stream`,
+/// at most `max` bytes, within `within`. Only bodies with a
+/// `Content-Length` are taken.
+pub(crate) async fn read_body(
+    stream: &mut TcpStream,
+    request: &Request,
+    max: usize,
+    within: Duration,
+) -> Result<Vec<u8>, BodyError> {
+    let headers = request.headers();
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(BodyError::NoLength);
+    }
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let len = match (lengths.next(), lengths.next()) {
+        (None, _) => 0,
+        (Some(v), None) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or(BodyError::BadLength)?,
+        (Some(_), Some(_)) => return Err(BodyError::BadLength),
+    };
+    if len > max {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = vec![0; len];
+    match timeout(within, stream.read_exact(&mut body)).await {
+        Ok(Ok(_)) => Ok(body),
+        _ => Err(BodyError::Closed),
+    }
+}
+
 pub(crate) fn body(
     status: StatusCode,
     content_type: &'static str,

@@ -4,7 +4,7 @@
 use super::{ApplyError, Sequencer};
 use crate::clock::Clock;
 use crate::publish::pipeline::Commits;
-use chat_core::{Chat, Command, Context};
+use chat_core::{Chat, Command, Context, ModerationSnapshot};
 use chat_proto::{Position, UserId, Uuid};
 use futures_util::future::BoxFuture;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -68,6 +68,10 @@ impl LocalSequencer {
 }
 
 impl Sequencer for LocalSequencer {
+    fn moderation(&self) -> ModerationSnapshot {
+        lock(&self.chat).moderation()
+    }
+
     fn submit<'a>(
         &'a self,
         user: &'a UserId,

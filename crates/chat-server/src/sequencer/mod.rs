@@ -20,7 +20,7 @@
 pub(crate) mod cluster;
 pub(crate) mod local;
 
-use chat_core::{ChatError, Command};
+use chat_core::{ChatError, Command, ModerationSnapshot};
 use chat_proto::{Position, UserId};
 use futures_util::future::BoxFuture;
 /// Whether the sequencer can take commands.
@@ -71,6 +71,11 @@ pub(crate) trait Sequencer: Send + Sync + std::fmt::Debug {
     fn ready(&self) -> Result<(), &'static str> {
         self.health().serving()
     }
+
+    /// Moderation as applied (restrictions, the room's modes, the audit
+    /// trail), for the operator API: what is published may be a commit
+    /// behind.
+    fn moderation(&self) -> ModerationSnapshot;
 
     /// Applies `command` for `user`. `Ok` means it was accepted, and
     /// gives the position of its (last) event, which will be published

@@ -7,6 +7,7 @@ use crate::admission::Admission;
 use crate::admission::host::HostPolicy;
 use crate::admission::identity::Identity;
 use crate::admission::limits::AddressLimits;
+use crate::admission::operators::{Denied, Operators};
 use crate::admission::policy::Policy;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -91,6 +92,18 @@ impl Server {
     /// the host's clock (tests start servers at chosen times with it).
     pub async fn bind_with_clock(config: Config, clock: Clock) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
+        // Read first: a keys file that is wrong stops the start at once.
+        let operators = match &config.admin_keys_file {
+            Some(path) => {
+                let operators = Operators::load(path).map_err(StartError::Config)?;
+                info!(
+                    keys = operators.len(),
+                    "the operator API is on, under /admin/"
+                );
+                Some(operators)
+            }
+            None => None,
+        };
         // A cluster node keeps only its own snapshot of the chat in its
         // data directory; the history lives in the stream.
         let own_dir = if config.cluster.is_some() && !config.in_memory {
@@ -126,6 +139,9 @@ impl Server {
         } else {
             Metrics::new()
         });
+        if operators.is_some() {
+            metrics.expect_admin_denials(Denied::KINDS);
+        }
         let fresh_epoch = Epoch(Uuid::new_v4());
         let mut cluster = match &config.cluster {
             None => None,
@@ -229,6 +245,8 @@ impl Server {
             }
         };
         let shared = Shared {
+            operators,
+            clock,
             sequencer,
             log,
             fanout,

@@ -293,6 +293,14 @@ fn decided_now(
 }
 
 impl Sequencer for ClusterSequencer {
+    fn moderation(&self) -> chat_core::ModerationSnapshot {
+        self.view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .moderation
+            .clone()
+    }
+
     fn health(&self) -> Health {
         *self.health.borrow()
     }

@@ -1,7 +1,9 @@
 //! What a node knows of its chat to refuse, without the stream, what the
 //! stream is sure to refuse.
 
-use chat_core::{Chat, ChatError, Event, EventKind, RateKind, Timestamp, Until};
+use chat_core::{
+    Chat, ChatError, Event, EventKind, ModerationSnapshot, RateKind, Timestamp, Until,
+};
 use chat_proto::UserId;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,6 +36,9 @@ pub(super) struct View {
     /// until when their next post is refused.
     slow_seconds: u32,
     slowed: HashMap<UserId, Timestamp>,
+    /// Moderation as applied, for the operator API to read: taken again
+    /// after each entry that moderates.
+    pub(super) moderation: ModerationSnapshot,
     /// When the next sweep is due (chat time).
     next_sweep: Timestamp,
     /// How long an entry in `refused` can matter.
@@ -54,6 +59,7 @@ impl View {
                 .collect(),
             slow_seconds: chat.room().slow_mode_seconds,
             slowed: HashMap::new(),
+            moderation: chat.moderation(),
             next_sweep: Timestamp::default(),
             window_ms: u64::try_from(
                 config
@@ -101,6 +107,9 @@ impl View {
                 }
                 _ => {}
             }
+        }
+        if events.iter().any(|e| e.audit().is_some()) {
+            self.moderation = chat.moderation();
         }
         self.clock = chat.time_at(stamp);
         self.skew_ms = self.clock.as_millis().saturating_sub(stamp.as_millis());
