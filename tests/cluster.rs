@@ -654,7 +654,7 @@ async fn a_node_that_meets_an_unknown_envelope_stops_and_says_so() {
     let js = async_nats::jetstream::new(client);
     js.publish(
         "chat.commands",
-        br#"{"v":4,"what":"the future"}"#.to_vec().into(),
+        br#"{"v":5,"what":"the future"}"#.to_vec().into(),
     )
     .await
     .expect("publish")

@@ -15,7 +15,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createServer, request as httpRequest } from "node:http";
 import { createServer as createTcpServer, connect as tcpConnect } from "node:net";
-import { mkdtempSync, mkdirSync, rmSync, createWriteStream } from "node:fs";
+import { mkdtempSync, mkdirSync, rmSync, createWriteStream, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { chromium } from "playwright-core";
@@ -36,6 +36,12 @@ let a = null; // page of user A
 let b = null; // page of user B
 const ADDR_A = "198.51.100.1";
 const ADDR_B = "198.51.100.2";
+const ADDR_MOD = "198.51.100.3";
+// The operator key of the moderator's page (the server reads it from a
+// keys file in the data directory).
+const MOD_KEY = "a-moderator-key-for-the-browser-test";
+const keysFile = join(dataDir, "admin-keys");
+writeFileSync(keysFile, `carol ${MOD_KEY}\n`, { mode: 0o600 });
 
 /** Starts the server (on `port` when set, else any free port). */
 async function startServer(extra = []) {
@@ -47,6 +53,7 @@ async function startServer(extra = []) {
     "--message-rate", String(MESSAGE_RATE),
     "--trusted-proxy", "127.0.0.0/8",
     "--shutdown-grace", "2s",
+    "--admin-keys-file", keysFile,
   ]));
 }
 
@@ -151,13 +158,14 @@ async function forwarder(addr, target = () => port) {
 
 /** A page in a fresh browser context for the user at `addr`. */
 async function open(addr, options = {}) {
+  const { path: _path, ...contextOptions } = options;
   const context = await browser.newContext({
     viewport: { width: 1100, height: 700 },
-    ...options,
+    ...contextOptions,
   });
   const page = await context.newPage();
   page.on("pageerror", (e) => assert.fail(`page error for ${addr}: ${e.message}`));
-  await page.goto(`http://127.0.0.1:${await forwarder(addr)}/`);
+  await page.goto(`http://127.0.0.1:${await forwarder(addr)}${options.path ?? "/"}`);
   await connected(page);
   return page;
 }
@@ -690,4 +698,53 @@ test("after a 1013 pages reconnect at spread-out times, not all at once", async 
   const early = await delayAfter1013(0, "198.51.100.22");
   const late = await delayAfter1013(0.999, "198.51.100.23");
   assert.ok(late - early > 150, `reconnect delays ${early} ms and ${late} ms: no jitter`);
+});
+
+test("a moderator removes a message and times its author out; the author's page shows both", async () => {
+  const mod = await open(ADDR_MOD, { path: "/?moderate", viewport: { width: 1280, height: 800 } });
+  await mod.locator("#moderator").waitFor();
+  await mod.fill("#moderator-key", MOD_KEY);
+  await mod.click("#moderator-use");
+  await mod.locator("body.moderating").waitFor();
+  // The key is kept for this tab only: not in a cookie, not in the URL.
+  assert.equal(await mod.evaluate(() => sessionStorage.getItem("chat.moderatorKey")), MOD_KEY);
+  assert.equal(await mod.evaluate(() => document.cookie), "");
+  assert.ok(!mod.url().includes(MOD_KEY));
+  // A user's page has no moderator's tools.
+  assert.equal(await b.locator(".mod-tools").count(), 0);
+
+  await b.fill("#name", "Bob");
+  await send(b, "buy cheap pills at example.com");
+  await message(mod, "buy cheap pills at example.com").waitFor();
+  await message(a, "buy cheap pills at example.com").waitFor();
+  await mod.screenshot({ path: join(SHOTS, "moderator.png") });
+  await message(mod, "buy cheap pills at example.com").locator(".mod-remove").click();
+  // Gone live, from every page (each connects with ?sync).
+  for (const page of [mod, a, b]) {
+    await eventually(async () => assert.equal(await message(page, "buy cheap pills at example.com").count(), 0));
+  }
+
+  await send(b, "and again");
+  await message(mod, "and again").waitFor();
+  await message(mod, "and again").locator(".mod-timeout").click();
+  // The author's page says so, with when it ends.
+  await b.locator("#restricted").waitFor();
+  assert.match(await b.textContent("#restricted"), /^A moderator timed you out until .+\.$/);
+  await send(b, "am I muted?");
+  await b.locator(".notice p", { hasText: /^You are timed out until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\.$/ }).waitFor();
+  await eventually(async () => assert.equal(await b.inputValue("#text"), "am I muted?", "the refused text is given back"));
+  await b.screenshot({ path: join(SHOTS, "timed-out.png") });
+
+  // Lifted: the notice goes, and the user posts again.
+  const lifted = await fetch(`http://127.0.0.1:${port}/admin/lift_restriction`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${MOD_KEY}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ user_id: await b.evaluate(async () => (await (await fetch("/whoami")).json()).user_id) }),
+  });
+  assert.equal(lifted.status, 200, await lifted.text());
+  await eventually(async () => assert.equal(await b.isHidden("#restricted"), true));
+  await b.fill("#text", "");
+  await send(b, "thanks");
+  await message(a, "thanks").waitFor();
+  await mod.context().close();
 });

@@ -18,6 +18,12 @@ const STICK_PX = 48;
 // weeks does not grow without bound.
 const MAX_KEPT = 10000;
 const TITLE = document.title;
+// The operator key of a moderator (`/?moderate`): kept in this tab's
+// sessionStorage only, never in a cookie or a URL, and sent only in the
+// Authorization header of the operator API's requests.
+const MODERATOR_KEY = "chat.moderatorKey";
+const MODERATING = new URLSearchParams(location.search).has("moderate");
+const TIME_OUT_SECONDS = 600;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -36,6 +42,13 @@ const ui = {
   send: $("send"),
   picker: $("picker"),
   announcer: $("announcer"),
+  moderator: $("moderator"),
+  moderatorState: $("moderator-state"),
+  moderatorKey: $("moderator-key"),
+  moderatorForget: $("moderator-forget"),
+  slowMode: $("slow-mode"),
+  restricted: $("restricted"),
+  roomMode: $("room-mode"),
 };
 
 /** @type {Map<string, {message: object, el: HTMLLIElement, seen: number}>} */
@@ -203,6 +216,18 @@ function flush() {
         fullReplay = true;
         lastInStream = null;
         break;
+      case "message_removed":
+        if (body && typeof body.message_id === "string") removeMessage(body.message_id);
+        break;
+      case "user_restricted":
+        if (body && body.user_id === me) showRestriction(body.until, body.reason);
+        break;
+      case "restriction_lifted":
+        if (body && body.user_id === me) showRestriction(undefined);
+        break;
+      case "room_updated":
+        if (body) showRoom(body.slow_mode_seconds);
+        break;
       case "sync":
         if (body && typeof body.epoch === "string" && Number.isSafeInteger(body.position)) {
           synced = { epoch: body.epoch, position: body.position };
@@ -226,6 +251,14 @@ function flush() {
 
 function onError(text) {
   notify(typeof text === "string" ? text : "The server refused that.");
+  // A restriction this page was not told of live (it began before the
+  // page connected): show it, with its end, until it ends.
+  const timedOut = /^You are timed out until (\S+)\.$/.exec(String(text));
+  if (timedOut && !Number.isNaN(Date.parse(timedOut[1]))) {
+    showRestriction(Date.parse(timedOut[1]) / 1000);
+  } else if (/^You are banned/.test(String(text))) {
+    showRestriction(null);
+  }
   if (!refusesAMessage(text)) {
     if (sentReactions > 0) sentReactions -= 1;
     return;
@@ -328,6 +361,153 @@ function endReplay() {
   ui.empty.hidden = messages.size > 0;
 }
 
+/** Takes a message a moderator removed out of the list. */
+function removeMessage(id) {
+  const entry = messages.get(id);
+  if (!entry) return;
+  if (pickerFor && pickerFor.dataset.message === id) closePicker(false);
+  if (lastInStream === id) {
+    const prev = entry.el.previousElementSibling;
+    lastInStream = prev ? prev.dataset.id : null;
+  }
+  entry.el.remove();
+  messages.delete(id);
+  ui.empty.hidden = messages.size > 0;
+}
+
+/**
+ * Shows (or, with `until` undefined, hides) this user's restriction:
+ * `until` in Unix seconds, or null for a ban.
+ */
+function showRestriction(until, reason) {
+  if (until === undefined) {
+    ui.restricted.hidden = true;
+    ui.restricted.textContent = "";
+    return;
+  }
+  const why = reason ? ` Reason: ${reason}` : "";
+  ui.restricted.textContent =
+    until === null
+      ? `A moderator banned you from posting.${why}`
+      : `A moderator timed you out until ${new Date(until * 1000).toLocaleString()}.${why}`;
+  ui.restricted.hidden = false;
+  if (until !== null) {
+    const left = until * 1000 - Date.now();
+    // Past its end, the time-out no longer holds: hide it then.
+    if (left < 2 ** 31) setTimeout(() => showRestriction(undefined), Math.max(0, left));
+  }
+}
+
+function showRoom(slowSeconds) {
+  const n = Number(slowSeconds) || 0;
+  ui.roomMode.hidden = n === 0;
+  ui.roomMode.textContent = n ? `Slow mode: one message every ${n} seconds.` : "";
+  if ([...ui.slowMode.options].some((o) => o.value === String(n))) ui.slowMode.value = String(n);
+}
+
+// ---- moderating ----------------------------------------------------------
+
+function moderatorKey() {
+  return sessionStorage.getItem(MODERATOR_KEY);
+}
+
+/** Calls the operator API; the JSON answer, or throws with its error. */
+async function operator(method, path, body) {
+  const key = moderatorKey();
+  if (!key) throw new Error("Enter your operator key first.");
+  const response = await fetch("/admin/" + path, {
+    method,
+    cache: "no-store",
+    headers: {
+      Authorization: `Bearer ${key}`,
+      ...(body ? { "Content-Type": "application/json" } : {}),
+    },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  let answer = null;
+  try {
+    answer = await response.json();
+  } catch {
+    // Not JSON: the status says enough.
+  }
+  if (!response.ok) {
+    if (response.status === 401) forgetKey("That key was refused.");
+    throw new Error((answer && answer.error) || `The server answered ${response.status}.`);
+  }
+  return answer;
+}
+
+async function useKey(key) {
+  sessionStorage.setItem(MODERATOR_KEY, key);
+  try {
+    const room = await operator("GET", "room");
+    ui.moderatorState.textContent = "Moderating: each message has remove and time-out buttons.";
+    ui.moderatorKey.hidden = true;
+    $("moderator-use").hidden = true;
+    ui.moderatorForget.hidden = false;
+    ui.slowMode.disabled = false;
+    document.body.classList.add("moderating");
+    showRoom(room && room.slow_mode_seconds);
+    for (const entry of messages.values()) render(entry);
+  } catch (error) {
+    notify(String(error.message || error));
+  }
+}
+
+function forgetKey(why) {
+  sessionStorage.removeItem(MODERATOR_KEY);
+  document.body.classList.remove("moderating");
+  ui.moderatorKey.hidden = false;
+  ui.moderatorKey.value = "";
+  $("moderator-use").hidden = false;
+  ui.moderatorForget.hidden = true;
+  ui.slowMode.disabled = true;
+  ui.moderatorState.textContent = why || "Enter your operator key once; it is kept for this tab only.";
+  for (const entry of messages.values()) render(entry);
+}
+
+function isModerating() {
+  return MODERATING && document.body.classList.contains("moderating");
+}
+
+async function removeByModerator(message) {
+  try {
+    await operator("POST", "remove_message", { message_id: message.id });
+  } catch (error) {
+    notify(`Not removed: ${error.message || error}`);
+  }
+}
+
+async function timeOutAuthor(message) {
+  try {
+    await operator("POST", "restrict_user", {
+      user_id: message.author_id,
+      term: { seconds: TIME_OUT_SECONDS },
+    });
+    notify(`${message.author_name} is timed out for ${TIME_OUT_SECONDS / 60} minutes.`);
+  } catch (error) {
+    notify(`Not timed out: ${error.message || error}`);
+  }
+}
+
+if (MODERATING) {
+  ui.moderator.hidden = false;
+  ui.moderator.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = ui.moderatorKey.value.trim();
+    if (key) useKey(key);
+  });
+  ui.moderatorForget.addEventListener("click", () => forgetKey());
+  ui.slowMode.addEventListener("change", async () => {
+    try {
+      await operator("POST", "set_room", { slow_mode_seconds: Number(ui.slowMode.value) });
+    } catch (error) {
+      notify(`Slow mode not changed: ${error.message || error}`);
+    }
+  });
+  if (moderatorKey()) useKey(moderatorKey());
+}
+
 // ---- rendering -----------------------------------------------------------
 
 function render(entry) {
@@ -396,6 +576,25 @@ function render(entry) {
   add.textContent = "☺ +";
   add.addEventListener("click", () => togglePicker(add, m.id));
   reactions.append(add);
+
+  if (isModerating()) {
+    const tools = document.createElement("div");
+    tools.className = "mod-tools";
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "mod-remove";
+    remove.textContent = "Remove";
+    remove.setAttribute("aria-label", `Remove this message by ${m.author_name}`);
+    remove.addEventListener("click", () => removeByModerator(m));
+    const timeOut = document.createElement("button");
+    timeOut.type = "button";
+    timeOut.className = "mod-timeout";
+    timeOut.textContent = "Time out author";
+    timeOut.setAttribute("aria-label", `Time ${m.author_name} out for ${TIME_OUT_SECONDS / 60} minutes`);
+    timeOut.addEventListener("click", () => timeOutAuthor(m));
+    tools.append(remove, timeOut);
+    meta.append(tools);
+  }
 
   // Re-rendering must not lose an open picker or the keyboard focus.
   const focused = el.contains(document.activeElement) ? focusKey(document.activeElement) : null;

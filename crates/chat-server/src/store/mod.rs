@@ -318,12 +318,25 @@ impl Store {
     /// chat no longer holds them once it applies its next moderation
     /// order, and nothing else would.
     pub(crate) fn forget_ended_restrictions(&mut self, now_ms: u64) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "DELETE FROM restrictions WHERE until_ms IS NOT NULL AND until_ms <= ?1",
-                [i64::try_from(now_ms).unwrap_or(i64::MAX)],
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        // Looked up first, so that a store with nothing to forget is only
+        // read at start.
+        let ended: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM restrictions WHERE until_ms IS NOT NULL AND until_ms <= ?1",
+                [now],
+                |r| r.get(0),
             )
             .map_err(|e| self.sql(e))?;
+        if ended > 0 {
+            self.conn
+                .execute(
+                    "DELETE FROM restrictions WHERE until_ms IS NOT NULL AND until_ms <= ?1",
+                    [now],
+                )
+                .map_err(|e| self.sql(e))?;
+        }
         Ok(())
     }
 
