@@ -1880,3 +1880,185 @@ async fn a_reader_remade_from_the_streams_start_is_not_taken_for_a_rewind() {
     assert_eq!(history.len(), 4);
     a.shutdown().await;
 }
+
+// ---- moderation across nodes ---------------------------------------------
+
+/// A node of `nats` named `name`, with the operator keys of
+/// `support::admin` (the file is kept with the config).
+fn moderated_node(nats: &NatsServer, name: &str) -> (tempfile::NamedTempFile, Config) {
+    support::admin::with_keys(node(nats, name))
+}
+
+/// The restrictions in force and the audit trail, as `server` lists them.
+async fn moderation_of(
+    server: &TestServer,
+) -> (
+    Vec<chat_proto::RestrictionEntry>,
+    Vec<chat_proto::AuditEntry>,
+) {
+    use support::admin::{as_alice, decode};
+    (
+        decode(&as_alice(server, "GET", "/admin/restrictions", None).await),
+        decode(&as_alice(server, "GET", "/admin/audit", None).await),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_and_a_time_out_given_on_one_node_hold_on_every_node() {
+    use support::admin::order;
+    let nats = NatsServer::start();
+    let (_ka, a_config) = moderated_node(&nats, "a");
+    let (_kb, b_config) = moderated_node(&nats, "b");
+    let (_kc, c_config) = moderated_node(&nats, "c");
+    let a = start(a_config).await;
+    let b = start(b_config).await;
+    let c = start(c_config).await;
+    let mut on_b = b.try_client(9, "/ws?sync", &[]).await.expect("ws");
+    on_b.until_sync().await;
+    let mut troll = c.client(2).await;
+    troll.say("spam from c").await;
+    let spam = troll.message().await;
+    on_b.frames_but_syncs(1).await;
+
+    // Removed through a: gone on b, live, and from c's history.
+    let removed_at = order(
+        &a,
+        "/admin/remove_message",
+        &format!(r#"{{"message_id":"{}"}}"#, spam.id),
+    )
+    .await;
+    match &on_b.frames_but_syncs(1).await[..] {
+        [ServerFrame::MessageRemoved(r)] => assert_eq!(r.message_id, spam.id),
+        other => panic!("{other:?}"),
+    }
+    let (held, sync) = history_from(&c, removed_at).await;
+    assert!(held.is_empty(), "{held:?}");
+    assert_eq!(sync.position, removed_at, "the same position on every node");
+
+    // Timed out through a: b refuses it alone, without the stream.
+    order(
+        &a,
+        "/admin/restrict_user",
+        r#"{"user_id":"127.0.0.2","term":{"seconds":600},"reason":"spam"}"#,
+    )
+    .await;
+    history_from(&b, removed_at.next()).await;
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let last = || async {
+        let mut stream = js.get_stream("chat").await.expect("stream");
+        stream.info().await.expect("info").state.last_sequence
+    };
+    let before = last().await;
+    let mut troll_on_b = b.client(2).await;
+    troll_on_b.say("spam from b").await;
+    let error = troll_on_b.error().await;
+    assert!(error.starts_with("You are timed out until "), "{error}");
+    assert_eq!(last().await, before, "b refused it without the stream");
+    // And c, and a, say the same.
+    for node in [&a, &c] {
+        let mut t = node.client(2).await;
+        t.say("spam again").await;
+        assert!(t.error().await.starts_with("You are timed out until "));
+    }
+    let on_a = moderation_of(&a).await;
+    assert_eq!(on_a.0.len(), 1);
+    assert_eq!(on_a.1.len(), 2);
+    assert_eq!(moderation_of(&b).await, on_a);
+    assert_eq!(moderation_of(&c).await, on_a);
+    for server in [a, b, c] {
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_computes_the_same_moderation_from_the_stream_or_a_snapshot() {
+    use support::admin::order;
+    let nats = NatsServer::start();
+    let (_ka, mut a_config) = moderated_node(&nats, "a");
+    // A snapshot every 4 entries: the third node starts from one.
+    a_config.cluster_snapshot_every = 4;
+    let a = start(a_config).await;
+    let mut c = a.client(2).await;
+    c.say("kept").await;
+    c.message().await;
+    c.say("removed").await;
+    let gone = c.message().await;
+    order(
+        &a,
+        "/admin/remove_message",
+        &format!(r#"{{"message_id":"{}","reason":"off topic"}}"#, gone.id),
+    )
+    .await;
+    order(
+        &a,
+        "/admin/restrict_user",
+        r#"{"user_id":"127.0.0.3","term":"forever"}"#,
+    )
+    .await;
+    let last = order(&a, "/admin/set_room", r#"{"slow_mode_seconds":20}"#).await;
+    let want = moderation_of(&a).await;
+    let (want_history, _) = history_from(&a, last).await;
+
+    // From the whole stream.
+    let (_kb, mut b_config) = moderated_node(&nats, "b");
+    b_config.cluster_snapshot_every = 1_000_000;
+    let b = start(b_config).await;
+    let (b_history, _) = history_from(&b, last).await;
+    assert_eq!(b_history, want_history);
+    assert_eq!(moderation_of(&b).await, want);
+    // From the newest snapshot (after entry 4), and the entry after it:
+    // the stream forgets entries 1 to 4, so nothing else will do.
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !snapshots(&js, "chat")
+        .await
+        .contains(&format!("after-{:020}", 4))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no snapshot after entry 4"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stream = js.get_stream("chat").await.expect("stream");
+    stream.purge().sequence(5).await.expect("purge");
+    let (_kd, mut d_config) = moderated_node(&nats, "d");
+    d_config.cluster_snapshot_every = 4;
+    let d = start(d_config).await;
+    let (d_history, _) = history_from(&d, last).await;
+    assert_eq!(d_history, want_history);
+    assert_eq!(moderation_of(&d).await, want);
+    // Enforced there too.
+    for (node, slowed_from) in [(&b, 4), (&d, 5)] {
+        let mut banned = node.client(3).await;
+        banned.say("hi").await;
+        assert_eq!(
+            first_error(&mut banned).await,
+            "You are banned from this chat."
+        );
+        let mut slowed = node.client(slowed_from).await;
+        slowed.say("one").await;
+        slowed.say("two").await;
+        assert!(
+            first_error(&mut slowed)
+                .await
+                .starts_with("Slow mode is on")
+        );
+    }
+    for server in [a, b, d] {
+        server.shutdown().await;
+    }
+}
+
+/// The first error frame `client` gets, past any messages.
+async fn first_error(client: &mut support::Client) -> String {
+    loop {
+        match client.frame().await {
+            ServerFrame::Error(e) => return e.error,
+            ServerFrame::Message(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -4,34 +4,17 @@
 
 mod support;
 
-use chat_loadgen::http::{Response, read_response_to};
-use chat_proto::{
-    Applied, AuditEntry, ErrorBody, Moderation, Position, RestrictionEntry, Room, ServerFrame, Uuid,
-};
-use serde::de::DeserializeOwned;
+use chat_loadgen::http::Response;
+use chat_proto::{AuditEntry, Moderation, Position, RestrictionEntry, Room, ServerFrame, Uuid};
 use std::time::Duration;
-use support::{PATIENCE, TestServer, test_config};
-use tokio::io::AsyncWriteExt;
-use tokio::time::timeout;
+use support::admin::{ALICE, BOB, as_alice, decode, order, refusal, request, with_keys};
+use support::{TestServer, test_config};
 
-const ALICE: &str = "alice-key-0123456789abcdefghij";
-const BOB: &str = "bob-key-0123456789abcdefghijkl";
-
-/// A keys file with two operators, and a config that reads it.
+/// A config with alice's and bob's keys.
 fn moderated_config() -> (tempfile::NamedTempFile, chat_server::Config) {
-    let mut keys = tempfile::NamedTempFile::new().expect("keys file");
-    std::io::Write::write_all(
-        &mut keys,
-        format!("# operators\nalice {ALICE}\nbob {BOB}\n").as_bytes(),
-    )
-    .expect("write keys");
-    let mut config = test_config();
-    config.admin_keys_file = Some(keys.path().to_owned());
-    (keys, config)
+    with_keys(test_config())
 }
 
-/// A request to the operator API from 127.0.0.`from`, with `key` (if
-/// any) and a JSON `body` (if any).
 async fn admin_from(
     server: &TestServer,
     from: u8,
@@ -40,55 +23,11 @@ async fn admin_from(
     key: Option<&str>,
     body: Option<&str>,
 ) -> Response {
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if let Some(key) = key {
-        request.push_str(&format!("Authorization: Bearer {key}\r\n"));
-    }
-    if let Some(body) = body {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ));
-    } else {
-        request.push_str("\r\n");
-    }
-    let mut stream = server.tcp_from(from).await;
-    stream.write_all(request.as_bytes()).await.expect("write");
-    timeout(PATIENCE, read_response_to(&mut stream, false))
-        .await
-        .expect("response in time")
-        .expect("a well-formed response")
+    request(server, from, method, path, key, body).await
 }
 
 async fn admin(server: &TestServer, method: &str, path: &str, body: Option<&str>) -> Response {
-    admin_from(server, 9, method, path, Some(ALICE), body).await
-}
-
-fn decode<T: DeserializeOwned>(reply: &Response) -> T {
-    serde_json::from_slice(&reply.body).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {} {}",
-            reply.status,
-            String::from_utf8_lossy(&reply.body)
-        )
-    })
-}
-
-/// An order that must be applied: its position.
-async fn order(server: &TestServer, path: &str, body: &str) -> Position {
-    let reply = admin(server, "POST", path, Some(body)).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{path} {body}: {}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    decode::<Applied>(&reply).position
-}
-
-fn refusal(reply: &Response) -> String {
-    decode::<ErrorBody>(reply).error
+    as_alice(server, method, path, body).await
 }
 
 #[tokio::test]

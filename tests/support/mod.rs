@@ -3,6 +3,7 @@
 //! schemas in `asyncapi.yaml`.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod admin;
 pub mod nats;
 pub mod nginx;
 pub mod raw;
