@@ -187,6 +187,20 @@ enum Scenario {
         #[arg(long)]
         kill_pid: u32,
     },
+    /// K clients follow the chat with `?sync` over every URL; a message is
+    /// posted and removed through the first URL's operator API: time until
+    /// the API answers, and until every client was told.
+    Removal {
+        /// Clients following the chat.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Removals measured.
+        #[arg(long, default_value_t = 20)]
+        removals: usize,
+        /// An operator key of the server (`--admin-keys-file`).
+        #[arg(long, env = "CHAT_ADMIN_KEY", hide_env_values = true)]
+        admin_key: String,
+    },
     /// K idle connections; reports the server's memory per connection.
     Idle {
         /// Connections to hold.
@@ -403,6 +417,21 @@ async fn main() -> std::process::ExitCode {
             let params = json!({"clients": clients, "rate": rate, "before_s": before.as_secs_f64(), "after_s": after.as_secs_f64()});
             let results = chat_loadgen::failover::run(&target, &f, &progress).await;
             ("failover", params, results)
+        }
+        Scenario::Removal {
+            clients,
+            removals,
+            admin_key,
+        } => {
+            let r = chat_loadgen::removal::Removal {
+                clients: *clients,
+                removals: *removals,
+                admin_key: admin_key.clone(),
+                parallel: cli.connect_parallel,
+            };
+            let params = json!({"clients": clients, "removals": removals});
+            let results = chat_loadgen::removal::run(&target, &r, &progress).await;
+            ("removal", params, results)
         }
         Scenario::Idle { clients } => {
             let params = json!({"clients": clients});
