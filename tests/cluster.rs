@@ -2062,3 +2062,72 @@ async fn first_error(client: &mut support::Client) -> String {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_message_is_erased_from_the_stream_and_a_new_node_applies_its_tombstone() {
+    use support::admin::order;
+    let nats = NatsServer::start();
+    let (_ka, a_config) = moderated_node(&nats, "a");
+    let a = start(a_config).await;
+    let secret = "the-secret-7f3k2q";
+    let mut c = a.client(2).await;
+    // Entry 1; the post to erase is entry 2, a hole in the middle.
+    c.say("before").await;
+    c.message().await;
+    c.say(secret).await;
+    let posted = c.message().await;
+    // What comes after it depends on it being there: a reaction, a
+    // second post, the rate limit of its author.
+    c.say("kept").await;
+    c.message().await;
+    c.react(posted.id, "👍").await;
+    c.reaction().await;
+    let removed_at = order(
+        &a,
+        "/admin/remove_message",
+        &format!(r#"{{"message_id":"{}"}}"#, posted.id),
+    )
+    .await;
+    c.say("after").await;
+    let last = loop {
+        let m = c.message().await;
+        if m.text == "after" {
+            break removed_at.next();
+        }
+    };
+    // Gone from the stream, and from nats-server's files.
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("chat").await.expect("stream");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stream.get_raw_message(2).await.is_ok() || support::nats::files_hold(nats.store(), secret)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "entry 2 still in the stream, or its text in nats-server's store"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        entries(&js).await.iter().all(|e| !e.contains(secret)),
+        "the text is in no entry"
+    );
+    // A node that starts now meets the hole at entry 2 and applies its
+    // tombstone: the same chat, at the same positions.
+    let (want, want_sync) = history_from(&a, last).await;
+    let (_kb, b_config) = moderated_node(&nats, "b");
+    let b = start(b_config).await;
+    let (got, got_sync) = history_from(&b, last).await;
+    assert_eq!(got_sync, want_sync, "the same position, the same epoch");
+    assert_eq!(got, want);
+    assert!(got.iter().all(|m| m.id != posted.id && m.text != secret));
+    assert_eq!(moderation_of(&b).await, moderation_of(&a).await);
+    // And the chat goes on alike on both.
+    let mut on_b = b.client(3).await;
+    on_b.say("from b").await;
+    let (a_after, _) = history_from(&a, last.next()).await;
+    let (b_after, _) = history_from(&b, last.next()).await;
+    assert_eq!(a_after, b_after);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -242,6 +242,14 @@ impl Drop for NatsCluster {
     }
 }
 
+/// Whether any file under `dir` holds `needle`.
+pub fn files_hold(dir: &std::path::Path, needle: &str) -> bool {
+    files_under(dir).iter().any(|path| {
+        std::fs::read(path)
+            .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+    })
+}
+
 /// Every file under `dir`, recursively.
 fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -378,3 +378,19 @@ pub fn server_frame_schema() -> schemars::Schema {
 pub fn whoami_schema() -> schemars::Schema {
     schemars::schema_for!(WhoAmI)
 }
+
+/// The generated JSON schemas of the operator API's bodies (requests and
+/// answers), each with the name `asyncapi.yaml` gives it under
+/// `components.schemas`.
+pub fn operator_api_schemas() -> Vec<(&'static str, schemars::Schema)> {
+    vec![
+        ("RemoveMessage", schemars::schema_for!(RemoveMessage)),
+        ("RestrictUser", schemars::schema_for!(RestrictUser)),
+        ("LiftRestriction", schemars::schema_for!(LiftRestriction)),
+        ("Room", schemars::schema_for!(Room)),
+        ("Applied", schemars::schema_for!(Applied)),
+        ("RestrictionEntry", schemars::schema_for!(RestrictionEntry)),
+        ("AuditEntry", schemars::schema_for!(AuditEntry)),
+        ("ErrorBody", schemars::schema_for!(ErrorBody)),
+    ]
+}

@@ -3,6 +3,7 @@
 //! connection on this node that sent the command.
 
 use super::envelope::{Applied, Outcome, Rewind, apply};
+use super::erase::{erase_post, erased_between, post_of, tombstone};
 use super::nats::{ClusterError, Connected, append_new_epoch, read_from, stream_epoch};
 use super::snapshot::{
     Stored, drop_own_snapshot, fingerprint, holds, newest_snapshot, store_snapshot,
@@ -16,7 +17,7 @@ use crate::publish::pipeline::Commits;
 use crate::sequencer::Health;
 use crate::store::data_dir::DataDir;
 use async_nats::jetstream::{self, consumer, object_store, stream};
-use chat_core::{Chat, RateKind, Timestamp};
+use chat_core::{Chat, EventKind, RateKind, Timestamp};
 use chat_proto::{Epoch, Position, Uuid};
 use futures_util::StreamExt;
 use std::ops::ControlFlow;
@@ -86,7 +87,10 @@ pub(crate) async fn start(
     log: Arc<Log>,
 ) -> Result<(ClusterSequencer, JoinHandle<()>), ClusterError> {
     let stream_name = connected.stream.cached_info().config.name.clone();
-    let first = (connected.start_after + 1).max(connected.first_sequence);
+    // The next entry this node needs; the stream's first may be later,
+    // past entries erased after removals, whose tombstones stand in.
+    let next = connected.start_after + 1;
+    let first = next.max(connected.first_sequence);
     let (entries, pending) =
         read_from(&connected.stream, first)
             .await
@@ -101,7 +105,7 @@ pub(crate) async fn start(
     let (health_tx, health) = watch::channel(Health::CatchingUp);
     let health_tx = Arc::new(health_tx);
     let caught_up = serving_once_published(Arc::clone(&log), Arc::clone(&health_tx));
-    let applied = Arc::new(AtomicU64::new(first - 1));
+    let applied = Arc::new(AtomicU64::new(next - 1));
     let checker = Checker {
         stream: connected.stream.clone(),
         stream_name: stream_name.clone(),
@@ -109,6 +113,7 @@ pub(crate) async fn start(
         applied: Arc::clone(&applied),
         last: Arc::default(),
         metrics: connected.metrics.clone(),
+        snapshots: connected.snapshots.clone(),
     };
     let (verdict_tx, verdict) = oneshot::channel();
     tokio::spawn(checker.clone().every_second(verdict_tx));
@@ -129,7 +134,7 @@ pub(crate) async fn start(
         stream_name,
         entries,
         reconnected,
-        next: first,
+        next,
         caught_up: Some(caught_up),
         caught_up_to: connected.last_sequence,
         node: connected.node.clone(),
@@ -220,6 +225,8 @@ struct Checker {
     last: Arc<Mutex<Option<(u64, bytes::Bytes)>>>,
     /// Where the stream's last sequence is reported.
     metrics: ClusterMetrics,
+    /// Where the tombstones of erased entries are.
+    snapshots: object_store::ObjectStore,
 }
 
 impl Checker {
@@ -246,6 +253,13 @@ impl Checker {
             .set(i64::try_from(info.state.last_sequence).unwrap_or(i64::MAX));
         let state = (info.state.first_sequence, info.state.last_sequence);
         let mut verdict = judge_stream(self.stream_epoch, next, epoch, state);
+        // Erased after a removal, not dropped: the applier applies their
+        // tombstones.
+        if verdict == Err(STOPPED_GAP)
+            && erased_between(&self.snapshots, next, info.state.first_sequence).await
+        {
+            verdict = Ok(());
+        }
         if verdict.is_ok()
             && let Some((seq, payload)) = &last
             && holds(&self.stream, *seq, &fingerprint(payload)).await? == Some(false)
@@ -570,24 +584,61 @@ impl Applier {
                 self.read_again().await;
                 return ControlFlow::Continue(());
             }
-            Continuity::Skipped => match self.holes_deleted().await {
-                None => return ControlFlow::Break(()),
-                Some(true) => {
-                    warn!(
-                        from = self.next,
-                        to = seq - 1,
-                        "stream entries deleted (known holes, the same for every node); skipped"
-                    );
+            Continuity::Skipped => {
+                // Entries erased after a moderator removed what they
+                // posted: their tombstones are applied in their place,
+                // as on every node (`super::erase`).
+                while self.next < seq {
+                    let Some(erased) = tombstone(&self.snapshots, self.next).await else {
+                        break;
+                    };
+                    // An envelope is plain data: it always serializes.
+                    let payload =
+                        serde_json::to_vec(&erased.envelope).expect("envelopes serialize");
+                    if self
+                        .apply_at(self.next, erased.ms, payload.into(), info.pending + 1)
+                        .await
+                        .is_break()
+                    {
+                        return ControlFlow::Break(());
+                    }
                 }
-                Some(false) => {
-                    error!(seq, next = self.next, "{STOPPED_GAP}");
-                    self.stop_serving(STOPPED_GAP);
-                    return ControlFlow::Break(());
+                if self.next < seq {
+                    match self.holes_deleted().await {
+                        None => return ControlFlow::Break(()),
+                        Some(true) => {
+                            warn!(
+                                from = self.next,
+                                to = seq - 1,
+                                "stream entries deleted (known holes, the same for every node); skipped"
+                            );
+                        }
+                        Some(false) => {
+                            error!(seq, next = self.next, "{STOPPED_GAP}");
+                            self.stop_serving(STOPPED_GAP);
+                            return ControlFlow::Break(());
+                        }
+                    }
                 }
-            },
+            }
         }
+        let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        self.apply_at(seq, ms, entry.payload.clone(), info.pending)
+            .await
+    }
+
+    /// Applies the entry at stream sequence `seq`, stored at `ms`, holding
+    /// `payload`, with `pending` entries after it in the stream: `Break`
+    /// when this node cannot go on.
+    async fn apply_at(
+        &mut self,
+        seq: u64,
+        ms: u64,
+        payload: bytes::Bytes,
+        pending: u64,
+    ) -> ControlFlow<()> {
         self.next = seq + 1;
-        self.last = Some((seq, entry.payload.clone()));
+        self.last = Some((seq, payload.clone()));
         *self
             .checker
             .last
@@ -597,7 +648,6 @@ impl Applier {
         self.metrics
             .applied
             .set(i64::try_from(seq).unwrap_or(i64::MAX));
-        let ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let mut uploader = false;
         let before = self.epoch;
         let applied = apply(
@@ -606,7 +656,7 @@ impl Applier {
             &self.rules,
             seq,
             ms,
-            &entry.payload,
+            &payload,
         );
         if self.epoch != before {
             // Before any event of the new epoch goes to the pipeline.
@@ -642,6 +692,13 @@ impl Applier {
                     );
                     view.clock_ms()
                 };
+                for event in &events {
+                    if let EventKind::MessageRemoved { message, .. } = &event.kind
+                        && let Some(post) = post_of(message.id)
+                    {
+                        self.erase(post, message.id, seq).await;
+                    }
+                }
                 if !events.is_empty() && self.commits.send(events, 1).await.is_err() {
                     return ControlFlow::Break(()); // the server is stopping
                 }
@@ -683,16 +740,39 @@ impl Applier {
                 return ControlFlow::Break(());
             }
         }
-        if seq % self.every == 0 {
+        if seq.is_multiple_of(self.every) {
             self.snapshot(seq, uploader);
         }
         // Caught up once past what the stream held when this node joined,
         // or once nothing more is pending (the stream may end in deleted
         // entries).
-        if seq >= self.caught_up_to || info.pending == 0 {
+        if seq >= self.caught_up_to || pending == 0 {
             self.report_caught_up();
         }
         ControlFlow::Continue(())
+    }
+
+    /// A removal at entry `removal` took message `id`, posted by entry
+    /// `post`, out of the chat: this node's own snapshot goes if it was
+    /// taken between the two (it holds the text), and the entry is erased
+    /// from the stream, with the cluster's snapshots between the two
+    /// (`super::erase`; every node tries, the first does it).
+    async fn erase(&mut self, post: u64, id: Uuid, removal: u64) {
+        if let Some(dir) = &self.local
+            && removal - removal % self.every >= post
+        {
+            if let Some(w) = self.writing.take() {
+                let _ = w.await;
+            }
+            drop_own_snapshot(dir, &self.stream_name).await;
+        }
+        tokio::spawn(erase_post(
+            self.stream.clone(),
+            self.snapshots.clone(),
+            post,
+            id,
+            removal,
+        ));
     }
 
     /// Says, once, that the stream as it was when this node joined is

@@ -24,12 +24,15 @@
 //! - [`envelope`]: one command in the stream, and its pure apply;
 //! - [`view`]: what a node knows of its chat to refuse early;
 //! - [`snapshot`]: the cluster's snapshots and each node's own;
+//! - [`erase`]: a removed message's entry erased from the stream, and the
+//!   tombstone applied in its place;
 //! - [`nats`]: the connection, the stream, and where to start reading;
 //! - [`applier`]: the task that applies the stream;
 //! - [`submit`]: the sequencer that connections hand commands to.
 
 pub(crate) mod applier;
 pub(crate) mod envelope;
+pub(crate) mod erase;
 pub(crate) mod nats;
 pub(crate) mod snapshot;
 pub(crate) mod submit;

@@ -635,7 +635,12 @@ async fn join(
     // (A stream that dropped every entry it had is empty, with its first
     // sequence past its last.)
     let from = snapshot.as_ref().map_or(0, |s| s.seq);
-    if first_sequence > from + 1 && last_sequence > from {
+    // Entries erased after a removal are no drop: their tombstones stand
+    // in for them (`super::erase`).
+    if first_sequence > from + 1
+        && last_sequence > from
+        && !super::erase::erased_between(&snapshots, from + 1, first_sequence).await
+    {
         return Err(ClusterError::Stream {
             stream: settings.stream.clone(),
             detail: format!(

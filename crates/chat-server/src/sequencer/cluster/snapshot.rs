@@ -158,6 +158,11 @@ fn snapshot_name(seq: u64) -> String {
     format!("after-{seq:020}")
 }
 
+/// The entry a snapshot's object name says it was taken after.
+pub(super) fn snapshot_seq(name: &str) -> Option<u64> {
+    name.strip_prefix("after-")?.parse().ok()
+}
+
 /// The newest snapshot in `store` that a node of `rules` may start from
 /// (of `stream`, whose epoch is `epoch`). One of entries the stream no
 /// longer holds is deleted, so that no node starts from it, and reported.
