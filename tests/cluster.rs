@@ -238,6 +238,21 @@ async fn junk_in_the_stream_is_skipped_by_every_node_alike() {
     b.shutdown().await;
 }
 
+/// Waits until the cluster stored its snapshot after entry `seq`.
+async fn snapshot_stored(js: &async_nats::jetstream::Context, seq: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !snapshots(js, "chat")
+        .await
+        .contains(&format!("after-{seq:020}"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no snapshot after entry {seq}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Names of the snapshots in the stream's object store.
 async fn snapshots(js: &async_nats::jetstream::Context, stream: &str) -> Vec<String> {
     let Ok(store) = js.get_object_store(format!("{stream}-snapshots")).await else {
@@ -300,17 +315,7 @@ async fn a_node_joining_after_the_stream_dropped_entries_starts_from_a_snapshot(
     // tenth is kept.
     let client = async_nats::connect(nats.url()).await.expect("nats");
     let js = async_nats::jetstream::new(client);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !snapshots(&js, "chat")
-        .await
-        .contains(&format!("after-{:020}", 10))
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no snapshot after entry 10"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    snapshot_stored(&js, 10).await;
     let stream = js.get_stream("chat").await.expect("stream");
     stream.purge().sequence(11).await.expect("purge");
 
@@ -1905,7 +1910,7 @@ async fn moderation_of(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removal_and_a_time_out_given_on_one_node_hold_on_every_node() {
-    use support::admin::order;
+    use support::admin::{order, remove};
     let nats = NatsServer::start();
     let (_ka, a_config) = moderated_node(&nats, "a");
     let (_kb, b_config) = moderated_node(&nats, "b");
@@ -1921,12 +1926,7 @@ async fn a_removal_and_a_time_out_given_on_one_node_hold_on_every_node() {
     on_b.frames_but_syncs(1).await;
 
     // Removed through a: gone on b, live, and from c's history.
-    let removed_at = order(
-        &a,
-        "/admin/remove_message",
-        &format!(r#"{{"message_id":"{}"}}"#, spam.id),
-    )
-    .await;
+    let removed_at = remove(&a, spam.id, None).await;
     match &on_b.frames_but_syncs(1).await[..] {
         [ServerFrame::MessageRemoved(r)] => assert_eq!(r.message_id, spam.id),
         other => panic!("{other:?}"),
@@ -1973,7 +1973,7 @@ async fn a_removal_and_a_time_out_given_on_one_node_hold_on_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_node_computes_the_same_moderation_from_the_stream_or_a_snapshot() {
-    use support::admin::order;
+    use support::admin::{order, remove};
     let nats = NatsServer::start();
     let (_ka, mut a_config) = moderated_node(&nats, "a");
     // A snapshot every 4 entries: the third node starts from one.
@@ -1984,12 +1984,7 @@ async fn a_new_node_computes_the_same_moderation_from_the_stream_or_a_snapshot()
     c.message().await;
     c.say("removed").await;
     let gone = c.message().await;
-    order(
-        &a,
-        "/admin/remove_message",
-        &format!(r#"{{"message_id":"{}","reason":"off topic"}}"#, gone.id),
-    )
-    .await;
+    remove(&a, gone.id, Some("off topic")).await;
     order(
         &a,
         "/admin/restrict_user",
@@ -2011,17 +2006,7 @@ async fn a_new_node_computes_the_same_moderation_from_the_stream_or_a_snapshot()
     // the stream forgets entries 1 to 4, so nothing else will do.
     let client = async_nats::connect(nats.url()).await.expect("nats");
     let js = async_nats::jetstream::new(client);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !snapshots(&js, "chat")
-        .await
-        .contains(&format!("after-{:020}", 4))
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no snapshot after entry 4"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    snapshot_stored(&js, 4).await;
     let stream = js.get_stream("chat").await.expect("stream");
     stream.purge().sequence(5).await.expect("purge");
     let (_kd, mut d_config) = moderated_node(&nats, "d");
@@ -2065,7 +2050,7 @@ async fn first_error(client: &mut support::Client) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_message_is_erased_from_the_stream_and_a_new_node_applies_its_tombstone() {
-    use support::admin::order;
+    use support::admin::remove;
     let nats = NatsServer::start();
     let (_ka, a_config) = moderated_node(&nats, "a");
     let a = start(a_config).await;
@@ -2082,12 +2067,7 @@ async fn a_removed_message_is_erased_from_the_stream_and_a_new_node_applies_its_
     c.message().await;
     c.react(posted.id, "👍").await;
     c.reaction().await;
-    let removed_at = order(
-        &a,
-        "/admin/remove_message",
-        &format!(r#"{{"message_id":"{}"}}"#, posted.id),
-    )
-    .await;
+    let removed_at = remove(&a, posted.id, None).await;
     c.say("after").await;
     let last = loop {
         let m = c.message().await;

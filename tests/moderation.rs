@@ -4,30 +4,14 @@
 
 mod support;
 
-use chat_loadgen::http::Response;
 use chat_proto::{AuditEntry, Moderation, Position, RestrictionEntry, Room, ServerFrame, Uuid};
 use std::time::Duration;
-use support::admin::{ALICE, BOB, as_alice, decode, order, refusal, request, with_keys};
+use support::admin::{ALICE, BOB, as_alice, decode, order, refusal, remove, request, with_keys};
 use support::{TestServer, test_config};
 
 /// A config with alice's and bob's keys.
 fn moderated_config() -> (tempfile::NamedTempFile, chat_server::Config) {
     with_keys(test_config())
-}
-
-async fn admin_from(
-    server: &TestServer,
-    from: u8,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: Option<&str>,
-) -> Response {
-    request(server, from, method, path, key, body).await
-}
-
-async fn admin(server: &TestServer, method: &str, path: &str, body: Option<&str>) -> Response {
-    as_alice(server, method, path, body).await
 }
 
 #[tokio::test]
@@ -50,12 +34,7 @@ async fn a_removed_message_leaves_every_view_live_and_for_whoever_comes_later() 
     seed.message().await;
     synced.frames_but_syncs(1).await;
 
-    let at = order(
-        &server,
-        "/admin/remove_message",
-        &format!(r#"{{"message_id":"{}","reason":"spam"}}"#, spam.id),
-    )
-    .await;
+    let at = remove(&server, spam.id, Some("spam")).await;
     assert_eq!(at, Position(3), "the removal has its own position");
     // Live: the client that opted in is told; the seed client is not
     // sent anything it cannot understand.
@@ -109,7 +88,7 @@ async fn a_removed_message_leaves_every_view_live_and_for_whoever_comes_later() 
             .any(|f| matches!(f, ServerFrame::MessageRemoved(r) if r.message_id == spam.id))
     );
     // Unknown, or removed already: 404, with the chat's text.
-    let again = admin(
+    let again = as_alice(
         &server,
         "POST",
         "/admin/remove_message",
@@ -158,7 +137,7 @@ async fn a_timed_out_user_still_reads_but_neither_posts_nor_reacts_until_it_ends
     other.message().await;
     // Listed while in force, by whom and why.
     let list: Vec<RestrictionEntry> =
-        decode(&admin(&server, "GET", "/admin/restrictions", None).await);
+        decode(&as_alice(&server, "GET", "/admin/restrictions", None).await);
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].restriction.user_id.as_str(), "127.0.0.1");
     assert_eq!(list[0].restriction.reason.as_deref(), Some("cool off"));
@@ -168,7 +147,7 @@ async fn a_timed_out_user_still_reads_but_neither_posts_nor_reacts_until_it_ends
     troll.say("sorry").await;
     assert_eq!(troll.message().await.text, "sorry");
     let list: Vec<RestrictionEntry> =
-        decode(&admin(&server, "GET", "/admin/restrictions", None).await);
+        decode(&as_alice(&server, "GET", "/admin/restrictions", None).await);
     assert!(list.is_empty(), "an ended time-out is not listed: {list:?}");
 }
 
@@ -224,7 +203,7 @@ async fn a_ban_with_a_purge_removes_the_users_messages_and_a_lift_ends_it() {
     .await;
     spammer.say("thank you").await;
     assert_eq!(spammer.message().await.text, "thank you");
-    let lifted = admin(
+    let lifted = as_alice(
         &server,
         "POST",
         "/admin/lift_restriction",
@@ -234,7 +213,7 @@ async fn a_ban_with_a_purge_removes_the_users_messages_and_a_lift_ends_it() {
     assert_eq!(lifted.status, 404);
     assert_eq!(refusal(&lifted), "user is not restricted");
     // The audit trail: who, when, why, and where.
-    let audit: Vec<AuditEntry> = decode(&admin(&server, "GET", "/admin/audit", None).await);
+    let audit: Vec<AuditEntry> = decode(&as_alice(&server, "GET", "/admin/audit", None).await);
     assert_eq!(audit.len(), 2);
     assert!(matches!(audit[0].command, Moderation::RestrictUser(_)));
     assert_eq!(audit[0].removed.len(), 2);
@@ -244,7 +223,7 @@ async fn a_ban_with_a_purge_removes_the_users_messages_and_a_lift_ends_it() {
     assert!(audit.iter().all(|e| e.by.as_str() == "moderator:alice"));
     assert!(audit[0].position < audit[1].position);
     let page: Vec<AuditEntry> = decode(
-        &admin(
+        &as_alice(
             &server,
             "GET",
             &format!("/admin/audit?since={}", audit[0].position),
@@ -260,7 +239,7 @@ async fn slow_mode_lets_one_message_through_per_window() {
     let (_keys, config) = moderated_config();
     let server = TestServer::start(config).await;
     order(&server, "/admin/set_room", r#"{"slow_mode_seconds":30}"#).await;
-    let room: Room = decode(&admin(&server, "GET", "/admin/room", None).await);
+    let room: Room = decode(&as_alice(&server, "GET", "/admin/room", None).await);
     assert_eq!(room.slow_mode_seconds, 30);
     let mut c = server.client(1).await;
     c.say("first").await;
@@ -288,10 +267,10 @@ async fn slow_mode_lets_one_message_through_per_window() {
 async fn the_operator_api_refuses_without_a_key_a_wrong_key_and_a_guesser() {
     let (_keys, config) = moderated_config();
     let server = TestServer::start(config).await;
-    let none = admin_from(&server, 7, "GET", "/admin/room", None, None).await;
+    let none = request(&server, 7, "GET", "/admin/room", None, None).await;
     assert_eq!(none.status, 401);
     assert_eq!(none.header("www-authenticate"), Some("Bearer"));
-    let wrong = admin_from(
+    let wrong = request(
         &server,
         7,
         "GET",
@@ -304,7 +283,7 @@ async fn the_operator_api_refuses_without_a_key_a_wrong_key_and_a_guesser() {
     // Guessing: after ten failures, even the right key is refused from
     // that address for a minute; another address is not affected.
     for _ in 0..8 {
-        let r = admin_from(
+        let r = request(
             &server,
             7,
             "GET",
@@ -315,13 +294,13 @@ async fn the_operator_api_refuses_without_a_key_a_wrong_key_and_a_guesser() {
         .await;
         assert_eq!(r.status, 401);
     }
-    let shut = admin_from(&server, 7, "GET", "/admin/room", Some(ALICE), None).await;
+    let shut = request(&server, 7, "GET", "/admin/room", Some(ALICE), None).await;
     assert_eq!(shut.status, 429);
     assert_eq!(shut.header("retry-after"), Some("60"));
-    let elsewhere = admin_from(&server, 8, "GET", "/admin/room", Some(BOB), None).await;
+    let elsewhere = request(&server, 8, "GET", "/admin/room", Some(BOB), None).await;
     assert_eq!(elsewhere.status, 200);
     // Counted, by reason.
-    let metrics = admin_from(&server, 8, "GET", "/metrics", None, None).await;
+    let metrics = request(&server, 8, "GET", "/metrics", None, None).await;
     let text = String::from_utf8_lossy(&metrics.body);
     for line in [
         "chat_admin_denied_total{reason=\"no_key\"} 1",
@@ -331,14 +310,14 @@ async fn the_operator_api_refuses_without_a_key_a_wrong_key_and_a_guesser() {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
     // The API's own refusals.
-    let get_order = admin(&server, "GET", "/admin/remove_message", None).await;
+    let get_order = as_alice(&server, "GET", "/admin/remove_message", None).await;
     assert_eq!(
         (get_order.status, get_order.header("allow")),
         (405, Some("POST"))
     );
-    let unknown = admin(&server, "GET", "/admin/nothing", None).await;
+    let unknown = as_alice(&server, "GET", "/admin/nothing", None).await;
     assert_eq!(unknown.status, 404);
-    let bad = admin(
+    let bad = as_alice(
         &server,
         "POST",
         "/admin/set_room",
@@ -348,9 +327,9 @@ async fn the_operator_api_refuses_without_a_key_a_wrong_key_and_a_guesser() {
     assert_eq!(bad.status, 400, "an unknown field is refused, not ignored");
     assert!(refusal(&bad).starts_with("Invalid body: unknown field `slow_mode_secs`"));
     let big = "x".repeat(20_000);
-    let too_big = admin(&server, "POST", "/admin/remove_message", Some(&big)).await;
+    let too_big = as_alice(&server, "POST", "/admin/remove_message", Some(&big)).await;
     assert_eq!(too_big.status, 413);
-    let against_rules = admin(
+    let against_rules = as_alice(
         &server,
         "POST",
         "/admin/restrict_user",
@@ -362,7 +341,7 @@ async fn the_operator_api_refuses_without_a_key_a_wrong_key_and_a_guesser() {
         refusal(&against_rules),
         "a time-out lasts from 1 second to 366 days (ban for longer)"
     );
-    let unknown_message = admin(
+    let unknown_message = as_alice(
         &server,
         "POST",
         "/admin/remove_message",
@@ -375,10 +354,10 @@ async fn the_operator_api_refuses_without_a_key_a_wrong_key_and_a_guesser() {
 #[tokio::test]
 async fn without_a_keys_file_there_is_no_operator_api() {
     let server = TestServer::start(test_config()).await;
-    let reply = admin(&server, "GET", "/admin/room", None).await;
+    let reply = as_alice(&server, "GET", "/admin/room", None).await;
     assert_eq!(reply.status, 404);
     assert!(refusal(&reply).contains("--admin-keys-file"));
-    let metrics = admin_from(&server, 8, "GET", "/metrics", None, None).await;
+    let metrics = request(&server, 8, "GET", "/metrics", None, None).await;
     assert!(!String::from_utf8_lossy(&metrics.body).contains("admin_denied_total{"));
 }
 
@@ -410,12 +389,7 @@ async fn restrictions_removals_and_the_audit_trail_survive_a_restart() {
         let spam = c.message().await;
         c.say("kept").await;
         c.message().await;
-        order(
-            &server,
-            "/admin/remove_message",
-            &format!(r#"{{"message_id":"{}"}}"#, spam.id),
-        )
-        .await;
+        remove(&server, spam.id, None).await;
         order(
             &server,
             "/admin/restrict_user",
@@ -437,9 +411,9 @@ async fn restrictions_removals_and_the_audit_trail_survive_a_restart() {
     );
     c.say("again").await;
     assert_eq!(c.error().await, "You are banned from this chat.");
-    let audit: Vec<AuditEntry> = decode(&admin(&server, "GET", "/admin/audit", None).await);
+    let audit: Vec<AuditEntry> = decode(&as_alice(&server, "GET", "/admin/audit", None).await);
     assert_eq!(audit.len(), 3);
     assert_eq!(audit[0].removed, [spam_id]);
-    let room: Room = decode(&admin(&server, "GET", "/admin/room", None).await);
+    let room: Room = decode(&as_alice(&server, "GET", "/admin/room", None).await);
     assert_eq!(room.slow_mode_seconds, 10);
 }

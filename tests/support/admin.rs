@@ -3,7 +3,7 @@
 
 use super::{PATIENCE, TestServer};
 use chat_loadgen::http::{Response, read_response_to};
-use chat_proto::{Applied, ErrorBody, Position};
+use chat_proto::{Applied, ErrorBody, Position, RemoveMessage, Uuid};
 use serde::de::DeserializeOwned;
 use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
@@ -94,4 +94,14 @@ pub async fn order(server: &TestServer, path: &str, body: &str) -> Position {
         String::from_utf8_lossy(&reply.body)
     );
     decode::<Applied>(&reply).position
+}
+
+/// Alice removes message `id` (with `reason`): its position.
+pub async fn remove(server: &TestServer, id: Uuid, reason: Option<&str>) -> Position {
+    let body = serde_json::to_string(&RemoveMessage {
+        message_id: id,
+        reason: reason.map(str::to_owned),
+    })
+    .expect("json");
+    order(server, "/admin/remove_message", &body).await
 }

@@ -199,8 +199,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_replay_reads_the_history_as_it_is_and_skips_what_was_evicted_meanwhile() {
+    /// Messages `m0` to `m9`, posted at positions 1 to 10.
+    fn ten() -> History {
         let mut log = History::default();
         for i in 0..10u64 {
             log.push(
@@ -209,6 +209,12 @@ mod tests {
                 Position(i + 1),
             );
         }
+        log
+    }
+
+    #[test]
+    fn a_replay_reads_the_history_as_it_is_and_skips_what_was_evicted_meanwhile() {
+        let mut log = ten();
         let joined = log.seqs();
         let mut next = joined.start;
         // Three taken, then the replay waits for room.
@@ -237,14 +243,7 @@ mod tests {
 
     #[test]
     fn a_replay_under_way_skips_a_removed_message_and_misses_no_other() {
-        let mut log = History::default();
-        for i in 0..10u64 {
-            log.push(
-                Uuid::from_u128(i.into()),
-                Frame::text(format!("m{i}")),
-                Position(i + 1),
-            );
-        }
+        let mut log = ten();
         let joined = log.seqs();
         let mut next = joined.start;
         assert_eq!(
