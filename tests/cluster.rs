@@ -1961,6 +1961,34 @@ async fn a_removal_and_a_time_out_given_on_one_node_hold_on_every_node() {
         t.say("spam again").await;
         assert!(t.error().await.starts_with("You are timed out until "));
     }
+    // And the stream: a post of the timed-out user that reaches it anyway
+    // (from a node that did not know yet; here written straight to the
+    // stream, in the form of the last entry) is refused by every node's
+    // apply, and takes no position.
+    let head = history(&a).await.1.position;
+    let mut forged: serde_json::Value =
+        serde_json::from_str(entries(&js).await.last().expect("an entry")).expect("json");
+    forged["v"] = 3.into();
+    forged["user"] = "127.0.0.2".into();
+    forged["boot"] = chat_proto::Uuid::new_v4().to_string().into();
+    forged["request"] = 1.into();
+    forged["deadline"] = u64::MAX.into();
+    forged["seen"] = before.into();
+    forged["command"] = serde_json::to_value(support::say("slipped past a node")).expect("json");
+    js.publish(
+        "chat.commands",
+        serde_json::to_vec(&forged).expect("json").into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    for node in [&a, &b, &c] {
+        metric_becomes(node, "chat_cluster_applied_sequence", (before + 1) as f64).await;
+        let (held, sync) = history(node).await;
+        assert_eq!(sync.position, head, "the refused post took no position");
+        assert!(held.iter().all(|m| m.text != "slipped past a node"));
+    }
     let on_a = moderation_of(&a).await;
     assert_eq!(on_a.0.len(), 1);
     assert_eq!(on_a.1.len(), 2);

@@ -66,19 +66,45 @@ pub(super) fn redacted(payload: &[u8]) -> Option<Envelope> {
 
 /// The tombstone of entry `seq`, if it was erased after a removal.
 pub(super) async fn tombstone(store: &object_store::ObjectStore, seq: u64) -> Option<Tombstone> {
-    let mut object = store.get(tombstone_name(seq)).await.ok()?;
-    let mut bytes = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
-        .await
-        .ok()?;
-    serde_json::from_slice(&bytes).ok()
+    patiently(|| async {
+        let mut object = store.get(tombstone_name(seq)).await.ok()?;
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+            .await
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    })
+    .await
+}
+
+/// What `lookup` finds, asked up to five times 200 ms apart while it finds
+/// nothing: the bucket is read from any of its replicas, and one may not
+/// hold yet a tombstone just written (before the entry was erased). A
+/// hole with no tombstone costs a second; such holes are rare (an
+/// operator's deletion).
+async fn patiently<T, F, Fut>(mut lookup: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..4 {
+        if let Some(found) = lookup().await {
+            return Some(found);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    lookup().await
 }
 
 /// Whether every entry from `from` up to (not including) `to` was erased
 /// after a removal (each has a tombstone): then their absence is no gap.
 pub(super) async fn erased_between(store: &object_store::ObjectStore, from: u64, to: u64) -> bool {
     for seq in from..to {
-        if store.info(tombstone_name(seq)).await.is_err() {
+        let name = tombstone_name(seq);
+        if patiently(|| async { store.info(&name).await.ok() })
+            .await
+            .is_none()
+        {
             return false;
         }
     }
