@@ -25,6 +25,15 @@ pub enum Nats {
 
 impl Nats {
     /// What the nodes are given with `--cluster`: every server.
+    /// Every NATS server's address, for a client of the test itself
+    /// (`async_nats::connect` takes no comma-separated list).
+    pub fn addrs(&self) -> Vec<async_nats::ServerAddr> {
+        self.urls()
+            .split(',')
+            .map(|u| u.parse().expect("a NATS URL"))
+            .collect()
+    }
+
     pub fn urls(&self) -> String {
         match self {
             Nats::One(n) => n.url(),
@@ -55,18 +64,19 @@ impl Nats {
 
     /// The index of the server that leads stream `chat` (R3), if known.
     pub fn leader(&self) -> Option<usize> {
-        let Nats::Three(c) = self else { return Some(0) };
-        let urls: Vec<String> = (0..3).map(|i| c.url(i)).collect();
+        let Nats::Three(_) = self else {
+            return Some(0);
+        };
+        let addrs = self.addrs();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .ok()?;
         rt.block_on(async {
-            let client =
-                tokio::time::timeout(Duration::from_secs(3), async_nats::connect(urls.join(",")))
-                    .await
-                    .ok()?
-                    .ok()?;
+            let client = tokio::time::timeout(Duration::from_secs(3), async_nats::connect(addrs))
+                .await
+                .ok()?
+                .ok()?;
             let js = async_nats::jetstream::new(client);
             let mut stream = tokio::time::timeout(Duration::from_secs(3), js.get_stream("chat"))
                 .await
