@@ -2076,6 +2076,83 @@ async fn first_error(client: &mut support::Client) -> String {
     }
 }
 
+/// A purge of more than a thousand messages (a spam wave) is erased whole,
+/// and a node that starts afterwards catches up through every hole. Each
+/// erased entry is a tombstone to read, and nats-server (2.15 on) allows a
+/// stream a thousand consumers, each kept 30 s after use: tombstones read
+/// as objects, and one listing of the snapshot bucket per removed message,
+/// each made one, ran out of them (the chaos test found it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_of_a_thousand_messages_is_erased_whole_and_a_new_node_catches_up_through_it() {
+    use chat_proto::{Purge, RestrictUser, Term};
+    const SPAM: usize = 1_200;
+    const MARK: &str = "spam-q7x3";
+    let nats = NatsServer::start();
+    let spam_node = |name| {
+        let (keys, mut config) = moderated_node(&nats, name);
+        config.message_rate = 10_000;
+        // Snapshots between the first post and the purge hold the text too.
+        config.cluster_snapshot_every = 500;
+        (keys, config)
+    };
+    let (_ka, a_config) = spam_node("a");
+    let a = start(a_config).await;
+    let mut spammer = a.client(2).await;
+    let mut spammer_id = None;
+    for chunk in 0..SPAM / 50 {
+        for i in 0..50 {
+            spammer.say(&format!("{MARK} {}", chunk * 50 + i)).await;
+        }
+        for _ in 0..50 {
+            spammer_id = Some(spammer.message().await.author_id);
+        }
+    }
+    let order = serde_json::to_string(&RestrictUser {
+        user_id: spammer_id.expect("a post"),
+        term: Term::Seconds(600),
+        purge: Purge::All,
+        reason: Some("spam".into()),
+    })
+    .expect("json");
+    let purged_at = support::admin::order(&a, "/admin/restrict_user", &order).await;
+    let mut other = a.client(3).await;
+    other.say("after the purge").await;
+    let last = purged_at.next();
+    let (want, want_sync) = history_from(&a, last).await;
+    assert_eq!(want.len(), 1, "only the message after the purge is left");
+    // Every entry erased, and every snapshot between: the text is in none
+    // of nats-server's files.
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let held = entries(&js)
+            .await
+            .iter()
+            .filter(|e| e.contains(MARK))
+            .count();
+        let files = support::nats::files_holding(nats.store(), MARK);
+        if held == 0 && files.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{held} of {SPAM} entries still in the stream; the text still in nats-server's files {files:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    // A node that starts now applies 1,200 tombstones, and ends in the
+    // same chat.
+    let (_kb, b_config) = spam_node("b");
+    let b = start(b_config).await;
+    let (got, got_sync) = history_from(&b, last).await;
+    assert_eq!(got_sync, want_sync, "the same position, the same epoch");
+    assert_eq!(got, want);
+    assert_eq!(moderation_of(&b).await, moderation_of(&a).await);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_message_is_erased_from_the_stream_and_a_new_node_applies_its_tombstone() {
     use support::admin::remove;

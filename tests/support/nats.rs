@@ -244,10 +244,19 @@ impl Drop for NatsCluster {
 
 /// Whether any file under `dir` holds `needle`.
 pub fn files_hold(dir: &std::path::Path, needle: &str) -> bool {
-    files_under(dir).iter().any(|path| {
-        std::fs::read(path)
-            .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
-    })
+    !files_holding(dir, needle).is_empty()
+}
+
+/// The files under `dir` that hold `needle`, relative to `dir`.
+pub fn files_holding(dir: &std::path::Path, needle: &str) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|path| {
+            std::fs::read(path)
+                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        })
+        .map(|path| path.strip_prefix(dir).map(PathBuf::from).unwrap_or(path))
+        .collect()
 }
 
 /// Every file under `dir`, recursively.

@@ -3,10 +3,10 @@
 //! connection on this node that sent the command.
 
 use super::envelope::{Applied, Outcome, Rewind, apply};
-use super::erase::{erase_post, erased_between, post_of, tombstone};
+use super::erase::{Eraser, Tombstones, post_of};
 use super::nats::{ClusterError, Connected, append_new_epoch, read_from, stream_epoch};
 use super::snapshot::{
-    Stored, drop_own_snapshot, fingerprint, holds, newest_snapshot, store_snapshot,
+    Bucket, Stored, drop_own_snapshot, fingerprint, holds, newest_snapshot, store_snapshot,
     write_own_snapshot,
 };
 use super::submit::{ClusterSequencer, Waiting};
@@ -16,7 +16,7 @@ use crate::publish::log::Log;
 use crate::publish::pipeline::Commits;
 use crate::sequencer::Health;
 use crate::store::data_dir::DataDir;
-use async_nats::jetstream::{self, consumer, object_store, stream};
+use async_nats::jetstream::{self, consumer, stream};
 use chat_core::{Chat, EventKind, RateKind, Timestamp};
 use chat_proto::{Epoch, Position, Uuid};
 use futures_util::StreamExt;
@@ -113,7 +113,7 @@ pub(crate) async fn start(
         applied: Arc::clone(&applied),
         last: Arc::default(),
         metrics: connected.metrics.clone(),
-        snapshots: connected.snapshots.clone(),
+        tombstones: connected.tombstones.clone(),
     };
     let (verdict_tx, verdict) = oneshot::channel();
     tokio::spawn(checker.clone().every_second(verdict_tx));
@@ -156,6 +156,12 @@ pub(crate) async fn start(
         subject: connected.subject.clone(),
         timeout: connected.timeout,
         snapshots: connected.snapshots.clone(),
+        tombstones: connected.tombstones.clone(),
+        eraser: Eraser::start(
+            connected.stream.clone(),
+            connected.snapshots.clone(),
+            connected.tombstones.clone(),
+        ),
         every: connected.snapshot_every.max(1),
         local: connected.local.clone(),
         writing: None,
@@ -226,7 +232,7 @@ struct Checker {
     /// Where the stream's last sequence is reported.
     metrics: ClusterMetrics,
     /// Where the tombstones of erased entries are.
-    snapshots: object_store::ObjectStore,
+    tombstones: Tombstones,
 }
 
 impl Checker {
@@ -256,7 +262,7 @@ impl Checker {
         // Erased after a removal, not dropped: the applier applies their
         // tombstones.
         if verdict == Err(STOPPED_GAP)
-            && erased_between(&self.snapshots, next, info.state.first_sequence).await
+            && self.tombstones.cover(next, info.state.first_sequence).await
         {
             verdict = Ok(());
         }
@@ -349,7 +355,11 @@ struct Applier {
     js: jetstream::Context,
     subject: String,
     timeout: Duration,
-    snapshots: object_store::ObjectStore,
+    snapshots: Bucket,
+    /// The tombstones of erased entries, applied in their place.
+    tombstones: Tombstones,
+    /// Erases the entries of removed messages.
+    eraser: Eraser,
     /// Every how many entries a snapshot is taken.
     every: u64,
     /// Where this node keeps its own snapshot.
@@ -589,7 +599,7 @@ impl Applier {
                 // posted: their tombstones are applied in their place,
                 // as on every node (`super::erase`).
                 while self.next < seq {
-                    let Some(erased) = tombstone(&self.snapshots, self.next).await else {
+                    let Some(erased) = self.tombstones.get(self.next).await else {
                         break;
                     };
                     // An envelope is plain data: it always serializes.
@@ -766,13 +776,7 @@ impl Applier {
             }
             drop_own_snapshot(dir, &self.stream_name).await;
         }
-        tokio::spawn(erase_post(
-            self.stream.clone(),
-            self.snapshots.clone(),
-            post,
-            id,
-            removal,
-        ));
+        self.eraser.erase(post, id, removal);
     }
 
     /// Says, once, that the stream as it was when this node joined is

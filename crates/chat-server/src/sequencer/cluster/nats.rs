@@ -2,10 +2,11 @@
 //! node starts reading.
 
 use super::envelope::{COMPATIBLE_VERSION, NewEpoch, Rewind, epoch_of, rules_of};
-use super::snapshot::{Stored, newest_snapshot, own_snapshot};
+use super::erase::Tombstones;
+use super::snapshot::{Bucket, Stored, newest_snapshot, own_snapshot};
 use crate::metrics::ClusterMetrics;
 use crate::store::data_dir::DataDir;
-use async_nats::jetstream::{self, consumer, object_store, stream};
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use chat_core::Chat;
 use chat_proto::Epoch;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -75,6 +76,37 @@ pub(crate) struct Settings {
     pub metrics: ClusterMetrics,
 }
 
+/// Makes the bucket stored as stream `underlying` (the snapshots', the
+/// tombstones') follow the flags: its bound and its replicas.
+async fn follow_flags(
+    js: &jetstream::Context,
+    underlying: &str,
+    settings: &Settings,
+) -> Result<(), ClusterError> {
+    let failed = |e: &dyn std::fmt::Display| ClusterError::Stream {
+        stream: settings.stream.clone(),
+        detail: format!("cannot change the bucket {underlying} to what the flags say: {e}"),
+    };
+    let mut stream = js.get_stream(underlying).await.map_err(|e| failed(&e))?;
+    let config = stream.info().await.map_err(|e| failed(&e))?.config.clone();
+    if config.max_bytes != settings.snapshot_bytes || config.num_replicas != settings.replicas {
+        js.update_stream(stream::Config {
+            max_bytes: settings.snapshot_bytes,
+            num_replicas: settings.replicas,
+            ..config
+        })
+        .await
+        .map_err(|e| failed(&e))?;
+        tracing::info!(
+            bucket = underlying,
+            max_bytes = settings.snapshot_bytes,
+            replicas = settings.replicas,
+            "the bucket's settings now follow the flags"
+        );
+    }
+    Ok(())
+}
+
 /// A connection to the cluster's stream, before anything is applied.
 pub(crate) struct Connected {
     pub(super) js: jetstream::Context,
@@ -91,7 +123,9 @@ pub(crate) struct Connected {
     /// The first entry the stream still holds.
     pub(super) first_sequence: u64,
     /// Where snapshots are kept.
-    pub(super) snapshots: object_store::ObjectStore,
+    pub(super) snapshots: Bucket,
+    /// Where the tombstones of erased entries are.
+    pub(super) tombstones: Tombstones,
     /// Where this node keeps its own.
     pub(super) local: Option<Arc<DataDir>>,
     /// The newest snapshot, this node's or the cluster's, it can start
@@ -529,42 +563,10 @@ async fn join(
     let first_sequence = info.state.first_sequence;
     let bucket = format!("{}-snapshots", settings.stream);
     let snapshots = match js.get_object_store(&bucket).await {
+        // An existing bucket follows the flags too (the object store is a
+        // stream, OBJ_<bucket>).
         Ok(store) => {
-            // An existing bucket follows the flags too: its bound and its
-            // replicas (the object store is a stream, OBJ_<bucket>).
-            let mut underlying = js
-                .get_stream(format!("OBJ_{bucket}"))
-                .await
-                .map_err(|e| stream_err(&e))?;
-            let config = underlying
-                .info()
-                .await
-                .map_err(|e| stream_err(&e))?
-                .config
-                .clone();
-            if config.max_bytes != settings.snapshot_bytes
-                || config.num_replicas != settings.replicas
-            {
-                let updated = stream::Config {
-                    max_bytes: settings.snapshot_bytes,
-                    num_replicas: settings.replicas,
-                    ..config.clone()
-                };
-                js.update_stream(updated)
-                    .await
-                    .map_err(|e| ClusterError::Stream {
-                        stream: settings.stream.clone(),
-                        detail: format!(
-                            "cannot change the snapshot bucket {bucket} to what the flags say: {e}"
-                        ),
-                    })?;
-                tracing::info!(
-                    %bucket,
-                    max_bytes = settings.snapshot_bytes,
-                    replicas = settings.replicas,
-                    "the snapshot bucket's settings now follow the flags"
-                );
-            }
+            follow_flags(js, &format!("OBJ_{bucket}"), settings).await?;
             store
         }
         Err(_) => js
@@ -578,7 +580,33 @@ async fn join(
             .await
             .map_err(|e| stream_err(&e))?,
     };
+    let tombstone_bucket = Tombstones::bucket(&settings.stream);
+    let tombstones = Tombstones::new(match js.get_key_value(&tombstone_bucket).await {
+        // A key-value bucket is a stream, KV_<bucket>.
+        Ok(store) => {
+            follow_flags(js, &format!("KV_{tombstone_bucket}"), settings).await?;
+            store
+        }
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: tombstone_bucket,
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                max_bytes: settings.snapshot_bytes,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| stream_err(&e))?,
+    });
     let rules = rules_of(&settings.rules);
+    let snapshots = Bucket {
+        store: snapshots,
+        underlying: js
+            .get_stream(format!("OBJ_{bucket}"))
+            .await
+            .map_err(|e| stream_err(&e))?,
+    };
     let shared = newest_snapshot(&snapshots, &stream, epoch, &rules, last_sequence)
         .await
         .map_err(|e| stream_err(&e))?;
@@ -639,7 +667,7 @@ async fn join(
     // in for them (`super::erase`).
     if first_sequence > from + 1
         && last_sequence > from
-        && !super::erase::erased_between(&snapshots, from + 1, first_sequence).await
+        && !tombstones.cover(from + 1, first_sequence).await
     {
         return Err(ClusterError::Stream {
             stream: settings.stream.clone(),
@@ -661,6 +689,7 @@ async fn join(
         last_sequence,
         first_sequence,
         snapshots,
+        tombstones,
         local: settings.local.clone(),
         snapshot,
         snapshot_every: settings.snapshot_every,

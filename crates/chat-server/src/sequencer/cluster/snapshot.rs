@@ -2,6 +2,9 @@
 //! store, and each node's own, in its data directory.
 
 use crate::store::data_dir::DataDir;
+use async_nats::jetstream::stream::{
+    DeleteMessageError, DeleteMessageErrorKind, RawMessageErrorKind,
+};
 use async_nats::jetstream::{object_store, stream};
 use chat_core::ChatSnapshot;
 use chat_proto::Epoch;
@@ -112,7 +115,6 @@ pub(super) async fn holds(
     seq: u64,
     fingerprint_then: &str,
 ) -> Result<Option<bool>, String> {
-    use async_nats::jetstream::stream::RawMessageErrorKind;
     match stream.get_raw_message(seq).await {
         Ok(message) => {
             let now = fingerprint(&message.payload);
@@ -150,6 +152,59 @@ fn local_snapshot_file(stream: &str) -> String {
     format!("cluster-{stream}.snapshot.json")
 }
 
+/// The cluster's snapshot bucket: the object store, and the stream that
+/// stores it (`OBJ_<bucket>`), whose entries are erased when a snapshot
+/// goes.
+#[derive(Clone)]
+pub(crate) struct Bucket {
+    pub(super) store: object_store::ObjectStore,
+    pub(super) underlying: stream::Stream,
+}
+
+impl Bucket {
+    /// Deletes snapshot `object`, and overwrites its chunks in the
+    /// NATS servers' files: an object store's delete only purges them,
+    /// and a purged entry's bytes stay in its block file until the whole
+    /// block goes, while a snapshot holds texts that a removal erases.
+    pub(super) async fn erase(&self, object: &object_store::ObjectInfo) -> Result<(), String> {
+        let chunks = format!("$O.{}.C.{}", object.bucket, object.nuid);
+        let mut from = 1;
+        loop {
+            let chunk = match self
+                .underlying
+                .raw_message_builder()
+                .sequence(from)
+                .next_by_subject(chunks.clone())
+                .send()
+                .await
+            {
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(e.to_string()),
+            };
+            match self.underlying.delete_message(chunk.sequence).await {
+                Ok(_) => {}
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            from = chunk.sequence + 1;
+        }
+        self.store
+            .delete(&object.name)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Whether a delete failed because the entry is gone already (another
+/// node deleted it first).
+pub(super) fn gone(e: &DeleteMessageError) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    matches!(e.kind(), DeleteMessageErrorKind::JetStream(j)
+        if j.error_code() == ErrorCode::SEQUENCE_NOT_FOUND
+            || j.error_code() == ErrorCode::NO_MESSAGE_FOUND)
+}
+
 /// How many snapshots the object store keeps.
 const SNAPSHOTS_KEPT: usize = 3;
 
@@ -167,23 +222,25 @@ pub(super) fn snapshot_seq(name: &str) -> Option<u64> {
 /// (of `stream`, whose epoch is `epoch`). One of entries the stream no
 /// longer holds is deleted, so that no node starts from it, and reported.
 pub(super) async fn newest_snapshot(
-    store: &object_store::ObjectStore,
+    bucket: &Bucket,
     stream: &stream::Stream,
     epoch: Epoch,
     rules: &str,
     last_sequence: u64,
 ) -> Result<Found, String> {
+    let store = &bucket.store;
     let mut found = Found::default();
-    let mut names = Vec::new();
+    let mut objects = Vec::new();
     let mut list = store.list().await.map_err(|e| e.to_string())?;
     while let Some(info) = list.next().await {
         let info = info.map_err(|e| e.to_string())?;
         if !info.deleted && info.name.starts_with("after-") {
-            names.push(info.name);
+            objects.push(info);
         }
     }
-    names.sort();
-    for name in names.iter().rev() {
+    objects.sort_by(|a, b| a.name.cmp(&b.name));
+    for info in objects.iter().rev() {
+        let name = &info.name;
         // One being replaced, or broken: an older one will do.
         let mut object = match store.get(name).await {
             Ok(object) => object,
@@ -206,7 +263,7 @@ pub(super) async fn newest_snapshot(
                 Fit::Unfit(why) => warn!(%name, "{why}; not used"),
                 Fit::Rewound => {
                     warn!(%name, "{REWOUND}; deleted");
-                    let _ = store.delete(name).await;
+                    let _ = bucket.erase(info).await;
                     found.rewound = Some(stored.chat_epoch());
                 }
             },
@@ -296,23 +353,27 @@ pub(super) fn write_own_snapshot(dir: &DataDir, stream: &str, stored: &Stored) {
 /// it takes the next. Only one node stores each snapshot (the applier
 /// picks it by the entry), so no two uploads of one name race (a second
 /// `put` of a name would leave the first one's chunks behind).
-pub(super) async fn store_snapshot(store: object_store::ObjectStore, stored: Stored) {
+pub(super) async fn store_snapshot(bucket: Bucket, stored: Stored) {
+    let store = &bucket.store;
     let name = snapshot_name(stored.seq);
     if store.info(&name).await.is_ok() {
         return;
     }
-    let mut names = Vec::new();
+    let mut older = Vec::new();
     if let Ok(mut list) = store.list().await {
         while let Some(Ok(info)) = list.next().await {
             if !info.deleted && info.name.starts_with("after-") && info.name < name {
-                names.push(info.name);
+                older.push(info);
             }
         }
     }
-    names.sort();
-    let old = names.len().saturating_sub(SNAPSHOTS_KEPT - 1);
-    for name in &names[..old] {
-        let _ = store.delete(name).await;
+    older.sort_by(|a, b| a.name.cmp(&b.name));
+    let old = older.len().saturating_sub(SNAPSHOTS_KEPT - 1);
+    for object in &older[..old] {
+        // An old snapshot may hold the text of a message removed later.
+        if let Err(e) = bucket.erase(object).await {
+            warn!(name = %object.name, error = %e, "erasing an old snapshot failed");
+        }
     }
     // A chat snapshot is strings, numbers and maps with string keys.
     let bytes = serde_json::to_vec(&stored).expect("snapshots serialize");
