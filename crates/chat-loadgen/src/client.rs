@@ -167,6 +167,24 @@ pub fn now_us() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
+/// Counts the readiness signals on `ready` until `want` came, the senders
+/// are gone, or `within` passed: how many came.
+pub async fn count_ready(
+    ready: &mut tokio::sync::mpsc::Receiver<()>,
+    want: usize,
+    within: std::time::Duration,
+) -> usize {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut came = 0;
+    while came < want {
+        match tokio::time::timeout_at(deadline, ready.recv()).await {
+            Ok(Some(())) => came += 1,
+            _ => break,
+        }
+    }
+    came
+}
+
 /// A number that tells this run's messages from those of earlier runs still
 /// in the server's history.
 pub fn run_id() -> u32 {

@@ -7,7 +7,7 @@
 //! delivered), and whether any client missed, or was sent twice, a message
 //! the sender was acknowledged.
 
-use crate::client::{Marker, Target, Ws, run_id};
+use crate::client::{Marker, Target, Ws, count_ready, run_id};
 use crate::reconnect::{query, with_query};
 use crate::scenario::Progress;
 use crate::stats::latency_histogram;
@@ -87,14 +87,7 @@ pub async fn run(target: &Target, f: &Failover, progress: &Arc<Progress>) -> Val
     }
     drop(ready_tx);
     // Every client has read the history to its first sync.
-    let connect_deadline = Instant::now() + Duration::from_secs(120);
-    let mut ready = 0;
-    while ready < f.clients {
-        match tokio::time::timeout_at(connect_deadline.into(), ready_rx.recv()).await {
-            Ok(Some(())) => ready += 1,
-            _ => break,
-        }
-    }
+    let ready = count_ready(&mut ready_rx, f.clients, Duration::from_secs(120)).await;
     if ready < f.clients {
         return json!({ "error": format!("only {ready} of {} clients followed the node to kill", f.clients) });
     }

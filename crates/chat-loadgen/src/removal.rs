@@ -8,7 +8,7 @@
 //! removal is published on that node) and how long until each client had
 //! its `message_removed`; medians over the removals.
 
-use crate::client::{Target, Ws, run_id};
+use crate::client::{Target, Ws, count_ready, run_id};
 use crate::http::read_response_to;
 use crate::reconnect::with_query;
 use crate::scenario::Progress;
@@ -62,14 +62,7 @@ pub async fn run(target: &Target, r: &Removal, progress: &Arc<Progress>) -> Valu
         clients.spawn(async move { follow(i + 1, target, gate, progress, tx, ready).await });
     }
     drop((tx, ready_tx));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut ready = 0;
-    while ready < r.clients {
-        match tokio::time::timeout_at(deadline.into(), ready_rx.recv()).await {
-            Ok(Some(())) => ready += 1,
-            _ => break,
-        }
-    }
+    let ready = count_ready(&mut ready_rx, r.clients, Duration::from_secs(120)).await;
     if ready < r.clients {
         return json!({ "error": format!("only {ready} of {} clients followed the chat", r.clients) });
     }
