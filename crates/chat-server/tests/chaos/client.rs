@@ -15,8 +15,8 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
@@ -126,6 +126,9 @@ pub struct Control {
     pub stop: Arc<AtomicBool>,
     /// Where every node agrees the chat ended: catch up to it and return.
     pub target: watch::Receiver<Option<SyncPoint>>,
+    /// Every message id a client was told was taken (the moderator picks
+    /// from them).
+    pub taken: Arc<Mutex<Vec<Uuid>>>,
 }
 
 // One at a time, moved once: the size of a frame is no cost here.
@@ -141,6 +144,11 @@ struct Conn {
     ws: Ws,
 }
 
+/// Client `i`'s own address, and so its user id (`--identity raw-ip`).
+pub fn address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 10 + u8::try_from(i).expect("few clients"))
+}
+
 /// Runs client `i` until it has caught up with the target.
 pub async fn run(
     i: usize,
@@ -149,7 +157,7 @@ pub async fn run(
     validator: Arc<FrameValidator>,
     control: Control,
 ) -> Record {
-    let addr = Ipv4Addr::new(127, 0, 0, 10 + u8::try_from(i).expect("few clients"));
+    let addr = address(i);
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(i as u64));
     let mut rec = Record {
         user: addr.to_string(),
@@ -207,7 +215,13 @@ pub async fn run(
             None => {
                 counter += 1;
                 let text = format!("{} #{counter}", rec.user);
-                say(c, &mut rec, &validator, text).await
+                let before = rec.acked.len();
+                let dead = say(c, &mut rec, &validator, text).await;
+                if rec.acked.len() > before {
+                    let id = rec.acked[before].id;
+                    control.taken.lock().expect("taken").push(id);
+                }
+                dead
             }
             Some((id, emoji)) => react(c, &mut rec, &validator, id, emoji).await,
         };

@@ -150,6 +150,10 @@ impl Node {
             .args(["--cluster-snapshot-every", "40"])
             .args(["--history-limit", "100000", "--message-rate", "40"])
             .args(["--shutdown-grace", "2s"])
+            .args([
+                "--admin-keys-file",
+                &keys_file(&self.log).display().to_string(),
+            ])
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             .stdout(Stdio::from(log))
@@ -257,6 +261,11 @@ impl Drop for Node {
     }
 }
 
+/// The operator keys file, beside the nodes' logs.
+fn keys_file(log: &Path) -> PathBuf {
+    log.with_file_name("operators.keys")
+}
+
 /// Everything a run starts.
 pub struct Cluster {
     pub nats: Nats,
@@ -275,6 +284,14 @@ impl Cluster {
             Nats::One(NatsServer::start())
         };
         let logs = tempfile::tempdir().expect("logs");
+        let keys = keys_file(&logs.path().join("node"));
+        std::fs::write(&keys, crate::moderator::keys_file()).expect("keys file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod the keys file");
+        }
         let mut nodes: Vec<Node> = (0..3).map(|i| Node::new(i, logs.path())).collect();
         for node in &mut nodes {
             node.start(&nats);

@@ -5,7 +5,10 @@
 //!
 //! Twenty-four clients, each its own user, connect through nginx and
 //! straight to nodes, post and toggle reactions at random, and resume with
-//! `?since=&epoch=` whenever their socket dies. Meanwhile faults are drawn
+//! `?since=&epoch=` whenever their socket dies. A moderator removes some of
+//! their messages, times users out (some with a purge), lifts restrictions
+//! and turns slow mode on and off, through a random node's operator API
+//! (see [`moderator`]). Meanwhile faults are drawn
 //! from the seed: nodes SIGKILLed and restarted with their data or replaced
 //! by brand-new ones, nodes SIGSTOPped past `--cluster-timeout`, NATS
 //! servers SIGKILLed (with three, the stream's leader), and, with one NATS
@@ -32,14 +35,15 @@ mod binary;
 mod client;
 mod cluster;
 mod faults;
+mod moderator;
 
 use chat_proto::{Message, ServerFrame, SyncPoint};
 use chat_testkit::FrameValidator;
 use client::{Control, Record};
 use cluster::Cluster;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 24;
@@ -119,6 +123,16 @@ fn one_shape(seed: u64, secs: u64, three_nats: bool) -> Vec<String> {
     let (set_target, target) = tokio::sync::watch::channel(None);
     let mut targets = vec![cluster.nginx.port];
     targets.extend(cluster.nodes.iter().map(|n| n.port));
+    let taken = Arc::new(Mutex::new(Vec::new()));
+    let moderator = rt.spawn(moderator::run(
+        seed ^ u64::from(three_nats),
+        targets.clone(),
+        Arc::clone(&taken),
+        (0..CLIENTS)
+            .map(|i| client::address(i).to_string())
+            .collect(),
+        Arc::clone(&stop),
+    ));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             rt.spawn(client::run(
@@ -129,6 +143,7 @@ fn one_shape(seed: u64, secs: u64, three_nats: bool) -> Vec<String> {
                 Control {
                     stop: Arc::clone(&stop),
                     target: target.clone(),
+                    taken: Arc::clone(&taken),
                 },
             ))
         })
@@ -136,17 +151,23 @@ fn one_shape(seed: u64, secs: u64, three_nats: bool) -> Vec<String> {
 
     // The faults.
     let started = Instant::now();
-    let mut rewound = false;
+    let mut lost_tail = None;
     for step in &steps {
         cluster.wait(step.after);
-        rewound |= faults::apply(&mut cluster, &step.fault);
+        if faults::apply(&mut cluster, &step.fault) {
+            lost_tail = Some(Instant::now());
+        }
     }
+    let rewound = lost_tail.is_some();
     let faulted = started.elapsed();
 
     // Calm: every node runs, the clients finish the commands in hand, and
     // the nodes agree.
     stop.store(true, Ordering::SeqCst);
     let mut failures = Vec::new();
+    let orders = rt
+        .block_on(moderator)
+        .unwrap_or_else(|e| panic!("the moderator panicked: {e}"));
     // And a node that joins now must compute the same chat from the log:
     // a node that applied entries the stream lost, or skipped one, holds
     // another chat than the log says, which only a newcomer can show.
@@ -186,7 +207,50 @@ fn one_shape(seed: u64, secs: u64, three_nats: bool) -> Vec<String> {
         rt.block_on(replicas_agree(&cluster, &mut failures));
     }
     if let Some((history, at)) = &agreed {
-        check(&records, history, rewound, &mut failures);
+        match rt.block_on(moderator::audit(cluster.nodes[0].port)) {
+            Ok(audit) => {
+                for node in &cluster.nodes[1..] {
+                    match rt.block_on(moderator::audit(node.port)) {
+                        Ok(theirs) if theirs == audit => {}
+                        Ok(theirs) => failures.push(format!(
+                            "node {} serves another audit trail ({} entries) than node 0 ({})",
+                            node.slot,
+                            theirs.len(),
+                            audit.len()
+                        )),
+                        Err(e) => failures.push(format!(
+                            "node {} did not serve its audit trail: {e}",
+                            node.slot
+                        )),
+                    }
+                }
+                let removed = moderator::removed(&audit);
+                check(&records, history, rewound, &removed, &mut failures);
+                moderator::check(&orders, &audit, history, lost_tail, &mut failures);
+                // And the texts removed are erased from the stream.
+                let texts: Vec<String> = records
+                    .iter()
+                    .flat_map(|r| &r.acked)
+                    .filter(|a| removed.contains(&a.id))
+                    .map(|a| a.text.clone())
+                    .collect();
+                match rt.block_on(moderator::still_in_the_stream(cluster.nats.addrs(), &texts)) {
+                    Ok(held) if held.is_empty() => {}
+                    Ok(held) => failures.push(format!(
+                        "{} of {} removed messages are still in the stream's entries: {:?}",
+                        held.len(),
+                        texts.len(),
+                        &held[..held.len().min(5)]
+                    )),
+                    Err(e) => failures.push(format!("the stream could not be read: {e}")),
+                }
+                say(&format!(
+                    "chaos: moderation: {}",
+                    moderator::summary(&orders, &audit)
+                ));
+            }
+            Err(e) => failures.push(format!("node 0 did not serve its audit trail: {e}")),
+        }
         report(&records, at, faulted, &cluster, rewound);
     }
     for node in &mut cluster.nodes {
@@ -365,8 +429,15 @@ async fn served(port: u16) -> Option<(Vec<Message>, SyncPoint)> {
     }
 }
 
-/// The checks. `history` is what every node serves.
-fn check(records: &[Record], history: &[Message], rewound: bool, failures: &mut Vec<String>) {
+/// The checks. `history` is what every node serves; `removed`, what the
+/// audit trail says the moderator removed.
+fn check(
+    records: &[Record],
+    history: &[Message],
+    rewound: bool,
+    removed: &HashSet<chat_proto::Uuid>,
+    failures: &mut Vec<String>,
+) {
     let mut fail = |f: String| failures.push(f);
     let by_id: HashMap<_, _> = history.iter().map(|m| (m.id, m)).collect();
     if by_id.len() != history.len() {
@@ -420,7 +491,7 @@ fn check(records: &[Record], history: &[Message], rewound: bool, failures: &mut 
                     "{who}: message {} is {:?}, not {:?}",
                     a.id, m.text, a.text
                 )),
-                None if excused => {}
+                None if excused || removed.contains(&a.id) => {}
                 None => fail(format!("{who}: acknowledged {:?} is missing", a.text)),
             }
         }
@@ -441,7 +512,9 @@ fn check(records: &[Record], history: &[Message], rewound: bool, failures: &mut 
                 continue; // acknowledged in an epoch that was rewound
             }
             let Some(m) = by_id.get(id) else {
-                fail(format!("{who}: reacted to {id}, which is missing"));
+                if !removed.contains(id) {
+                    fail(format!("{who}: reacted to {id}, which is missing"));
+                }
                 continue;
             };
             let now = m
