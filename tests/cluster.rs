@@ -659,7 +659,7 @@ async fn a_node_that_meets_an_unknown_envelope_stops_and_says_so() {
     let js = async_nats::jetstream::new(client);
     js.publish(
         "chat.commands",
-        br#"{"v":5,"what":"the future"}"#.to_vec().into(),
+        br#"{"v":99,"what":"the future"}"#.to_vec().into(),
     )
     .await
     .expect("publish")
@@ -2074,6 +2074,77 @@ async fn first_error(client: &mut support::Client) -> String {
             other => panic!("{other:?}"),
         }
     }
+}
+
+/// A lost tail that took a removal but not the post it erased: the text is
+/// gone from the stream for good, so the message must stay removed on
+/// every node, in the new epoch, rather than come back as a redacted "-"
+/// its author never wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_tail_that_took_a_removal_leaves_the_erased_message_removed() {
+    use support::admin::remove;
+    const SECRET: &str = "the-secret-b4m9";
+    let mut nats = NatsServer::start();
+    let (_ka, a_config) = moderated_node(&nats, "a");
+    let (_kb, b_config) = moderated_node(&nats, "b");
+    let a = start(a_config.clone()).await;
+    let b = start(b_config.clone()).await;
+    let mut c = a.client(2).await;
+    c.say(SECRET).await;
+    let posted = c.message().await;
+    for i in 0..40 {
+        c.say(&format!("filler {i}")).await;
+        c.message().await;
+    }
+    let removal = remove(&a, posted.id, None).await;
+    let (_, before) = history_from(&b, removal).await;
+    // Erased: the post's entry (the first) is a hole, and its text is in
+    // none of nats-server's files.
+    let js = operator(&nats).await;
+    let stream = js.get_stream("chat").await.expect("stream");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stream.get_raw_message(1).await.is_ok() || support::nats::files_hold(nats.store(), SECRET)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never erased");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    nats.lose_the_tail();
+    // The removal (entry 42) went with the tail; the hole at entry 1
+    // stayed (the premise of this test).
+    let mut stream = js.get_stream("chat").await.expect("stream");
+    let state = stream.info().await.expect("info").state.clone();
+    assert!(state.last_sequence < 42, "the removal was lost: {state:?}");
+    assert!(
+        stream.get_raw_message(1).await.is_err(),
+        "the post stays erased"
+    );
+    for node in [&a, &b] {
+        stops_with(node, "holds fewer entries than this node applied").await;
+    }
+    // Every node, restarted or new, serves the chat without the message.
+    a.shutdown().await;
+    b.shutdown().await;
+    let a = start(a_config).await;
+    let b = start(b_config).await;
+    let (_kd, d_config) = moderated_node(&nats, "d");
+    let d = start(d_config).await;
+    let (on_d, at) = history(&d).await;
+    assert_ne!(at.epoch, before.epoch, "a new epoch");
+    for (name, node) in [("a", &a), ("b", &b), ("d", &d)] {
+        let (messages, sync) = history_from(node, at.position).await;
+        assert_eq!(sync, at, "{name}: the same epoch and position");
+        assert!(
+            messages
+                .iter()
+                .all(|m| m.id != posted.id && m.text != SECRET && m.text != "-"),
+            "{name}: the removed message stays removed: {:?}",
+            messages.first()
+        );
+        assert_eq!(messages, on_d, "{name}: the same chat");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    d.shutdown().await;
 }
 
 /// A purge of more than a thousand messages (a spam wave) is erased whole,

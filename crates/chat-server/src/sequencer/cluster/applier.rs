@@ -4,7 +4,9 @@
 
 use super::envelope::{Applied, Outcome, Rewind, apply};
 use super::erase::{Eraser, Tombstones, post_of};
-use super::nats::{ClusterError, Connected, append_new_epoch, read_from, stream_epoch};
+use super::nats::{
+    ClusterError, Connected, append_new_epoch, lost_removals, read_from, stream_epoch,
+};
 use super::snapshot::{
     Bucket, Stored, drop_own_snapshot, fingerprint, holds, newest_snapshot, store_snapshot,
     write_own_snapshot,
@@ -17,8 +19,8 @@ use crate::publish::pipeline::Commits;
 use crate::sequencer::Health;
 use crate::store::data_dir::DataDir;
 use async_nats::jetstream::{self, consumer, stream};
-use chat_core::{Chat, EventKind, RateKind, Timestamp};
-use chat_proto::{Epoch, Position, Uuid};
+use chat_core::{Chat, Event, EventKind, RateKind, Timestamp};
+use chat_proto::{Epoch, Position, UserId, Uuid};
 use futures_util::StreamExt;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -539,14 +541,16 @@ impl Applier {
         // locked after it stopped.
         let local = self.local.as_ref().map(Arc::downgrade);
         let stream_name = self.stream_name.clone();
-        let (snapshots, stream, stream_epoch, rules) = (
+        let (snapshots, tombstones, stream, stream_epoch, rules) = (
             self.snapshots.clone(),
+            self.tombstones.clone(),
             self.stream.clone(),
             self.stream_epoch,
             self.rules.clone(),
         );
         tokio::spawn(async move {
-            match append_new_epoch(&js, &subject, then, rewind, within).await {
+            let removed = lost_removals(&tombstones, &stream).await;
+            match append_new_epoch(&js, &subject, then, rewind, removed, within).await {
                 Ok(()) => warn!(ended = %then, "appended the entry that starts a new epoch"),
                 Err(e) => {
                     error!(error = %e, "a new epoch is due, and the entry that starts it could not be appended; the next node to start appends it")
@@ -692,26 +696,12 @@ impl Applier {
                         "a command sent under other chat rules than the stream's (a node of a build that does not check them); not applied, on every node alike"
                     );
                 }
-                let clock = {
-                    let mut view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
-                    view.applied(
-                        &self.chat,
-                        Timestamp::from_unix_millis(ms),
-                        user.as_ref(),
-                        &events,
-                    );
-                    view.clock_ms()
-                };
-                for event in &events {
-                    if let EventKind::MessageRemoved { message, .. } = &event.kind
-                        && let Some(post) = post_of(message.id)
-                    {
-                        self.erase(post, message.id, seq).await;
-                    }
-                }
-                if !events.is_empty() && self.commits.send(events, 1).await.is_err() {
+                let Some(clock) = self
+                    .take_events(seq, ms, &payload, user.as_ref(), events)
+                    .await
+                else {
                     return ControlFlow::Break(()); // the server is stopping
-                }
+                };
                 // The snapshot after this entry, if one is due, is stored
                 // by the node that sent the command: one node, chosen by
                 // the log itself.
@@ -736,8 +726,12 @@ impl Applier {
             Applied::Skipped(why) => {
                 warn!(seq, %why, "a stream entry that is not a command was skipped, on every node alike");
             }
-            Applied::NewEpoch(rewind) => {
-                warn!(seq, by = %rewind.node, why = %rewind.why, "a node found the stream rewound");
+            Applied::NewEpoch { rewind, events } => {
+                warn!(seq, by = %rewind.node, why = %rewind.why, removed = events.len(), "a node found the stream rewound");
+                let Some(clock) = self.take_events(seq, ms, &payload, None, events).await else {
+                    return ControlFlow::Break(()); // the server is stopping
+                };
+                self.clock.send_replace(clock);
             }
             Applied::Unknown(v) => {
                 error!(
@@ -762,12 +756,44 @@ impl Applier {
         ControlFlow::Continue(())
     }
 
+    /// Takes the `events` of the entry at `seq` (stored at `ms`, holding
+    /// `payload`), the command of `user`: into this node's view, the
+    /// erasure of what they removed, and on to the pipeline. The view's
+    /// clock after them, or `None` if the server is stopping.
+    async fn take_events(
+        &mut self,
+        seq: u64,
+        ms: u64,
+        payload: &[u8],
+        user: Option<&UserId>,
+        events: Vec<Event>,
+    ) -> Option<u64> {
+        let clock = {
+            let mut view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
+            view.applied(&self.chat, Timestamp::from_unix_millis(ms), user, &events);
+            view.clock_ms()
+        };
+        let mut entry: Option<Arc<str>> = None;
+        for event in &events {
+            if let EventKind::MessageRemoved { message, .. } = &event.kind
+                && let Some(post) = post_of(message.id)
+            {
+                let entry = entry.get_or_insert_with(|| fingerprint(payload).into());
+                self.erase(post, message.id, seq, Arc::clone(entry)).await;
+            }
+        }
+        if !events.is_empty() && self.commits.send(events, 1).await.is_err() {
+            return None;
+        }
+        Some(clock)
+    }
+
     /// A removal at entry `removal` took message `id`, posted by entry
     /// `post`, out of the chat: this node's own snapshot goes if it was
     /// taken between the two (it holds the text), and the entry is erased
     /// from the stream, with the cluster's snapshots between the two
     /// (`super::erase`; every node tries, the first does it).
-    async fn erase(&mut self, post: u64, id: Uuid, removal: u64) {
+    async fn erase(&mut self, post: u64, id: Uuid, removal: u64, removal_entry: Arc<str>) {
         if let Some(dir) = &self.local
             && removal - removal % self.every >= post
         {
@@ -776,7 +802,7 @@ impl Applier {
             }
             drop_own_snapshot(dir, &self.stream_name).await;
         }
-        self.eraser.erase(post, id, removal);
+        self.eraser.erase(post, id, removal, removal_entry);
     }
 
     /// Says, once, that the stream as it was when this node joined is

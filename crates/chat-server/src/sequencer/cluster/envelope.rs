@@ -5,15 +5,22 @@
 //! chat from the same stream.
 
 use chat_core::{Chat, Command, Context, Event, Timestamp};
-use chat_proto::{Epoch, Position, UserId, Uuid};
+use chat_proto::{Epoch, Moderation, Position, RemoveMessage, UserId, Uuid};
 use serde::{Deserialize, Serialize};
 
 /// The newest envelope format this build applies. A node that meets one
 /// it does not know stops applying rather than diverge from the nodes that
 /// know it. Version 2 added [`Envelope::deadline`]; version 3 added
 /// [`Envelope::seen`] and the [`NewEpoch`] entry; version 4 added
-/// moderation orders. This build applies 1 to 4.
-pub(crate) const ENVELOPE_VERSION: u32 = 4;
+/// moderation orders; version 5, a [`NewEpoch`] that removes messages
+/// ([`NewEpoch::removed`]). This build applies 1 to 5.
+pub(crate) const ENVELOPE_VERSION: u32 = 5;
+
+/// The version a moderation order is written with.
+pub(crate) const MODERATION_VERSION: u32 = 4;
+
+/// The version of a [`NewEpoch`] that removes messages.
+const REMOVING_NEW_EPOCH_VERSION: u32 = 5;
 
 /// The version written for what a build before moderation applies too (a
 /// client's command, a new epoch): a cluster being upgraded node by node
@@ -25,7 +32,7 @@ pub(crate) const COMPATIBLE_VERSION: u32 = 3;
 pub(crate) fn version_for(command: &Command) -> u32 {
     match command {
         Command::Client(_) => COMPATIBLE_VERSION,
-        Command::Moderation(_) => ENVELOPE_VERSION,
+        Command::Moderation(_) => MODERATION_VERSION,
     }
 }
 
@@ -84,10 +91,43 @@ pub(crate) struct Envelope {
 /// only cost is a second reset for a client that resumed in between.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct NewEpoch {
-    /// [`COMPATIBLE_VERSION`] when written.
+    /// [`COMPATIBLE_VERSION`] when written, or version 5 with
+    /// [`NewEpoch::removed`] (a build that does not know it stops rather
+    /// than keep those messages).
     pub v: u32,
     /// Why, and who saw it.
     pub new_epoch: Rewind,
+    /// Messages every node removes when it applies this entry: their
+    /// entries were erased after a removal that the lost tail took with
+    /// it. Their text is gone from the stream, so no node can serve them
+    /// (a node that had applied the post still holds it; one that applies
+    /// the stream now meets a hole, and the tombstone's redacted post),
+    /// and the moderator's order stands. See [`NewEpoch::new`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<Uuid>,
+}
+
+/// Who a [`NewEpoch`]'s removals are by, in the audit trail.
+pub(crate) const LOST_REMOVAL_BY: &str = "cluster";
+
+/// Their reason, in the audit trail.
+pub(crate) const LOST_REMOVAL_REASON: &str =
+    "removed before a lost tail of the stream took the order; its text was erased";
+
+impl NewEpoch {
+    /// The entry for `rewind`, removing `removed`, with the oldest version
+    /// that says it.
+    pub(crate) fn new(rewind: Rewind, removed: Vec<Uuid>) -> NewEpoch {
+        NewEpoch {
+            v: if removed.is_empty() {
+                COMPATIBLE_VERSION
+            } else {
+                REMOVING_NEW_EPOCH_VERSION
+            },
+            new_epoch: rewind,
+            removed,
+        }
+    }
 }
 
 /// What a node saw that made it append a [`NewEpoch`].
@@ -156,8 +196,9 @@ pub(super) enum Applied {
     Skipped(String),
     /// An envelope of a version this build does not know.
     Unknown(u32),
-    /// A [`NewEpoch`] entry: the epoch switched.
-    NewEpoch(Rewind),
+    /// A [`NewEpoch`] entry: the epoch switched, and the events of the
+    /// removals it carries.
+    NewEpoch { rewind: Rewind, events: Vec<Event> },
 }
 
 /// Applies the entry at stream sequence `seq`, stored at `ms`, to `chat`
@@ -190,7 +231,25 @@ pub(super) fn apply(
         return match serde_json::from_slice::<NewEpoch>(payload) {
             Ok(entry) => {
                 *epoch = next_epoch(*epoch, seq);
-                Applied::NewEpoch(entry.new_epoch)
+                let now = Timestamp::from_unix_millis(ms);
+                for id in entry.removed {
+                    let ctx = Context {
+                        user: UserId::from(LOST_REMOVAL_BY),
+                        now,
+                        message_id: message_id(seq, ms),
+                    };
+                    let order = Moderation::RemoveMessage(RemoveMessage {
+                        message_id: id,
+                        reason: Some(LOST_REMOVAL_REASON.to_owned()),
+                    });
+                    // Removed already, or never applied here: nothing to do,
+                    // on every node alike.
+                    let _ = chat.handle(ctx, Command::Moderation(order));
+                }
+                Applied::NewEpoch {
+                    rewind: entry.new_epoch,
+                    events: std::iter::from_fn(|| chat.poll_event()).collect(),
+                }
             }
             Err(e) => Applied::Skipped(e.to_string()),
         };
@@ -238,7 +297,7 @@ pub(super) fn apply(
         now,
         message_id: message_id(seq, ms),
     };
-    if matches!(envelope.command, Command::Moderation(_)) && envelope.v < ENVELOPE_VERSION {
+    if matches!(envelope.command, Command::Moderation(_)) && envelope.v < MODERATION_VERSION {
         return Applied::Skipped("a moderation order in an envelope older than version 4".into());
     }
     let outcome = chat.handle(ctx, envelope.command).map(|()| chat.head());
@@ -315,7 +374,7 @@ pub(super) mod tests {
                     } => log.push("not applied".into()),
                     Applied::Skipped(_) => log.push("skipped".into()),
                     Applied::Unknown(v) => log.push(format!("unknown {v}")),
-                    Applied::NewEpoch(_) => log.push("new epoch".into()),
+                    Applied::NewEpoch { .. } => log.push("new epoch".into()),
                 }
             }
             (log, chat.head())
@@ -330,10 +389,11 @@ pub(super) mod tests {
     #[test]
     fn an_unknown_envelope_version_stops_the_node() {
         let mut chat = Chat::new(Config::default());
-        let newer = br#"{"v":5,"anything":"else"}"#;
+        let newer = serde_json::json!({ "v": ENVELOPE_VERSION + 1, "anything": "else" });
+        let newer = serde_json::to_vec(&newer).expect("json");
         assert!(matches!(
-            apply(&mut chat, &mut Epoch(Uuid::nil()), "r", 1, 0, newer),
-            Applied::Unknown(5)
+            apply(&mut chat, &mut Epoch(Uuid::nil()), "r", 1, 0, &newer),
+            Applied::Unknown(v) if v == ENVELOPE_VERSION + 1
         ));
     }
 
@@ -426,17 +486,52 @@ pub(super) mod tests {
         serde_json::to_vec(&v).expect("json")
     }
 
+    fn rewind() -> Rewind {
+        Rewind {
+            node: "a".into(),
+            boot: Uuid::from_u128(2),
+            applied: 9,
+            why: "rewound".into(),
+        }
+    }
+
     fn new_epoch_entry() -> Vec<u8> {
-        serde_json::to_vec(&NewEpoch {
-            v: COMPATIBLE_VERSION,
-            new_epoch: Rewind {
-                node: "a".into(),
-                boot: Uuid::from_u128(2),
-                applied: 9,
-                why: "rewound".into(),
-            },
-        })
-        .expect("encodes")
+        serde_json::to_vec(&NewEpoch::new(rewind(), Vec::new())).expect("encodes")
+    }
+
+    #[test]
+    fn a_new_epoch_removes_the_messages_whose_removal_the_lost_tail_took() {
+        let mut chat = Chat::new(Config::default());
+        let mut epoch = Epoch(Uuid::nil());
+        let t = 1_700_000_000_000;
+        for (seq, text) in [(1, "erased"), (2, "kept")] {
+            apply(&mut chat, &mut epoch, "r", seq, t + seq, &envelope(text));
+        }
+        let erased = message_id(1, t + 1);
+        let entry = NewEpoch::new(rewind(), vec![erased, Uuid::from_u128(7)]);
+        assert_eq!(entry.v, 5, "a build that cannot remove them stops");
+        assert_eq!(NewEpoch::new(rewind(), Vec::new()).v, COMPATIBLE_VERSION);
+        let payload = serde_json::to_vec(&entry).expect("json");
+        let Applied::NewEpoch { events, .. } =
+            apply(&mut chat, &mut epoch, "r", 3, t + 9, &payload)
+        else {
+            panic!("a new epoch")
+        };
+        assert_eq!(
+            events.len(),
+            1,
+            "one removed; the unknown id changes nothing"
+        );
+        assert!(matches!(
+            &events[0].kind,
+            chat_core::EventKind::MessageRemoved { message, .. } if message.id == erased
+        ));
+        let texts: Vec<&str> = chat.history().iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["kept"]);
+        let audit: Vec<_> = chat.audit().collect();
+        assert_eq!(audit.len(), 1);
+        assert_eq!(audit[0].by.as_str(), LOST_REMOVAL_BY);
+        assert_eq!(audit[0].removed, [erased]);
     }
 
     #[test]
@@ -466,7 +561,7 @@ pub(super) mod tests {
                         Applied::Done {
                             outcome: Outcome::Applied(Ok(_)),
                             ..
-                        } | Applied::NewEpoch(_)
+                        } | Applied::NewEpoch { .. }
                     ),
                     "entry {seq}"
                 );

@@ -28,6 +28,14 @@
 //! is written before the entry is erased, so there is never a hole without
 //! one.
 //!
+//! A lost tail (a NATS server that lost its newest writes) may take a
+//! removal with it, but not the erasure it caused. So the eraser checks,
+//! just before it erases, that the stream still holds the removal's entry;
+//! and the node that appends the new epoch's entry lists the messages whose
+//! entries were erased after a removal the stream no longer holds
+//! ([`Tombstones::lost`]): every node removes them when it applies that
+//! entry, rather than show a redacted post its author never wrote.
+//!
 //! Tombstones are read with direct gets, which make no consumer: from
 //! nats-server 2.15 on a stream has at most 1,000 consumers, and an object
 //! read or a listing makes one that the server keeps 30 s. Read as objects,
@@ -35,7 +43,7 @@
 //! found it).
 
 use super::envelope::{Envelope, message_id};
-use super::snapshot::{Bucket, gone, snapshot_seq};
+use super::snapshot::{Bucket, gone, holds, snapshot_seq};
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{kv, stream};
 use chat_core::Command;
@@ -43,6 +51,7 @@ use chat_proto::{ClientFrame, Uuid};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -73,6 +82,12 @@ pub(super) struct Tombstone {
     pub ms: u64,
     /// Its envelope, redacted.
     pub envelope: Envelope,
+    /// The entry that removed its message, and that entry's
+    /// [`fingerprint`]: a stream that no longer holds it lost the removal
+    /// with a tail ([`Tombstones::lost`]). Absent in tombstones of older
+    /// builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal: Option<(u64, String)>,
 }
 
 /// The envelope of a post (`payload`) with its text and author name taken
@@ -129,6 +144,54 @@ impl Tombstones {
         true
     }
 
+    /// The messages whose entries were erased after a removal that
+    /// `stream` no longer holds (a lost tail took it, not the erasure):
+    /// the [`NewEpoch`](super::envelope::NewEpoch) that a node appends
+    /// removes them on every node. Reads every tombstone (direct gets,
+    /// one by one): a rewind is rare.
+    pub(super) async fn lost(&self, stream: &stream::Stream) -> Result<Vec<Uuid>, String> {
+        let kv = &self.bucket.stream;
+        let subjects = format!("$KV.{}.>", self.bucket.name);
+        let mut lost = Vec::new();
+        let mut from = 1;
+        loop {
+            let entry = match kv
+                .raw_message_builder()
+                .sequence(from)
+                .next_by_subject(subjects.clone())
+                .send()
+                .await
+            {
+                Ok(entry) => entry,
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(lost),
+                Err(e) => return Err(e.to_string()),
+            };
+            from = entry.sequence + 1;
+            let post = entry
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|key| key.parse::<u64>().ok());
+            let (Some(post), Ok(tombstone)) =
+                (post, serde_json::from_slice::<Tombstone>(&entry.payload))
+            else {
+                continue;
+            };
+            let Some((removal, removal_entry)) = &tombstone.removal else {
+                continue;
+            };
+            // Still posted (not erased): the message came back whole.
+            match stream.get_raw_message(post).await {
+                Ok(_) => continue,
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if holds(stream, *removal, removal_entry).await? != Some(true) {
+                lost.push(message_id(post, tombstone.ms));
+            }
+        }
+    }
+
     async fn put(&self, seq: u64, tombstone: &Tombstone) -> Result<(), String> {
         // Plain data: it always serializes.
         let bytes = serde_json::to_vec(tombstone).expect("tombstones serialize");
@@ -161,11 +224,14 @@ where
 
 /// A removed message's entry to erase: `post` posted message `id`, and the
 /// entry `removal` removed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Erasure {
     post: u64,
     id: Uuid,
     removal: u64,
+    /// The [`fingerprint`](super::snapshot::fingerprint) of the removal's
+    /// entry.
+    removal_entry: Arc<str>,
 }
 
 /// A node's eraser: erasures handed to it are done by a task of its own,
@@ -195,10 +261,17 @@ impl Eraser {
         Eraser { to_do }
     }
 
-    /// Erases, after the removal at entry `removal`, the entry `post` that
-    /// posted message `id`, and the snapshots that hold its text.
-    pub(super) fn erase(&self, post: u64, id: Uuid, removal: u64) {
-        if self.to_do.try_send(Erasure { post, id, removal }).is_err() {
+    /// Erases, after the removal at entry `removal` (whose fingerprint is
+    /// `removal_entry`), the entry `post` that posted message `id`, and the
+    /// snapshots that hold its text.
+    pub(super) fn erase(&self, post: u64, id: Uuid, removal: u64, removal_entry: Arc<str>) {
+        let erasure = Erasure {
+            post,
+            id,
+            removal,
+            removal_entry,
+        };
+        if self.to_do.try_send(erasure).is_err() {
             error!(
                 post,
                 removal,
@@ -282,8 +355,8 @@ impl Work {
                     waiting.push_back(w);
                     continue;
                 }
-                let Erasure { post, removal, .. } = w.erasure;
-                match self.erase_entry(w.erasure).await {
+                let (post, removal) = (w.erasure.post, w.erasure.removal);
+                match self.erase_entry(&w.erasure).await {
                     Ok(()) => spans.push((post, removal)),
                     Err(e) => {
                         w.tries += 1;
@@ -327,7 +400,7 @@ impl Work {
 
     /// Erases one entry (tombstone first): `Ok` once it is gone, or it was
     /// never the entry to erase; `Err` if it should be tried again.
-    async fn erase_entry(&self, e: Erasure) -> Result<(), String> {
+    async fn erase_entry(&self, e: &Erasure) -> Result<(), String> {
         let raw = match self.stream.get_raw_message(e.post).await {
             Ok(raw) => raw,
             // Erased already (by another node), or dropped by retention.
@@ -348,10 +421,25 @@ impl Work {
             );
             return Ok(());
         };
+        let tombstone = Tombstone {
+            ms,
+            envelope,
+            removal: Some((e.removal, e.removal_entry.to_string())),
+        };
         self.tombstones
-            .put(e.post, &Tombstone { ms, envelope })
+            .put(e.post, &tombstone)
             .await
             .map_err(|err| format!("writing its tombstone: {err}"))?;
+        // Not if a lost tail took the removal meanwhile: the message is
+        // back in the chat, with its text, on every node.
+        if holds(&self.stream, e.removal, &e.removal_entry).await? != Some(true) {
+            warn!(
+                post = e.post,
+                removal = e.removal,
+                "the removal of a message is no longer in the stream (a lost tail took it); its entry is not erased"
+            );
+            return Ok(());
+        }
         match self.stream.delete_message(e.post).await {
             Ok(_) => {
                 info!(

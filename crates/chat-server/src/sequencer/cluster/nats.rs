@@ -1,7 +1,7 @@
 //! The connection to NATS: the stream, its object store, and where this
 //! node starts reading.
 
-use super::envelope::{COMPATIBLE_VERSION, NewEpoch, Rewind, epoch_of, rules_of};
+use super::envelope::{NewEpoch, Rewind, epoch_of, rules_of};
 use super::erase::Tombstones;
 use super::snapshot::{Bucket, Stored, newest_snapshot, own_snapshot};
 use crate::metrics::ClusterMetrics;
@@ -76,6 +76,22 @@ pub(crate) struct Settings {
     pub metrics: ClusterMetrics,
 }
 
+/// Whether getting a bucket failed because it does not exist (JetStream's
+/// "stream not found"), rather than because JetStream did not answer: only
+/// then is it made.
+fn no_such_bucket(e: &(dyn std::error::Error + 'static)) -> bool {
+    use jetstream::context::{GetStreamError, GetStreamErrorKind};
+    let mut source = e.source();
+    while let Some(cause) = source {
+        if let Some(get) = cause.downcast_ref::<GetStreamError>() {
+            return matches!(get.kind(), GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND);
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// Makes the bucket stored as stream `underlying` (the snapshots', the
 /// tombstones') follow the flags: its bound and its replicas.
 async fn follow_flags(
@@ -105,6 +121,30 @@ async fn follow_flags(
         );
     }
     Ok(())
+}
+
+/// The messages a [`NewEpoch`] removes ([`Tombstones::lost`]); none if the
+/// tombstones cannot be read now (their text is erased all the same; a
+/// node that applies the stream anew then shows their redacted posts).
+pub(super) async fn lost_removals(
+    tombstones: &Tombstones,
+    stream: &stream::Stream,
+) -> Vec<chat_proto::Uuid> {
+    match tombstones.lost(stream).await {
+        Ok(lost) => {
+            if !lost.is_empty() {
+                warn!(
+                    messages = lost.len(),
+                    "the lost tail took removals whose messages' entries were already erased: the new epoch removes them again"
+                );
+            }
+            lost
+        }
+        Err(e) => {
+            warn!(error = %e, "reading the tombstones failed: removals the lost tail took are not given again");
+            Vec::new()
+        }
+    }
 }
 
 /// A connection to the cluster's stream, before anything is applied.
@@ -569,6 +609,8 @@ async fn join(
             follow_flags(js, &format!("OBJ_{bucket}"), settings).await?;
             store
         }
+        // JetStream did not answer (electing a leader): asked again.
+        Err(e) if !no_such_bucket(&e) => return Err(stream_err(&e)),
         Err(_) => js
             .create_object_store(object_store::Config {
                 bucket: bucket.clone(),
@@ -587,6 +629,7 @@ async fn join(
             follow_flags(js, &format!("KV_{tombstone_bucket}"), settings).await?;
             store
         }
+        Err(e) if !no_such_bucket(&e) => return Err(stream_err(&e)),
         Err(_) => js
             .create_key_value(kv::Config {
                 bucket: tombstone_bucket,
@@ -626,7 +669,8 @@ async fn join(
             applied: 0,
             why: "at start, a snapshot of entries the stream no longer holds".into(),
         };
-        append_new_epoch(js, &subject, then, rewind, settings.timeout)
+        let removed = lost_removals(&tombstones, &stream).await;
+        append_new_epoch(js, &subject, then, rewind, removed, settings.timeout)
             .await
             .map_err(|e| stream_err(&e))?;
         // Caught up once that entry too is applied.
@@ -807,12 +851,10 @@ pub(super) async fn append_new_epoch(
     subject: &str,
     then: Epoch,
     rewind: Rewind,
+    removed: Vec<chat_proto::Uuid>,
     within: Duration,
 ) -> Result<(), String> {
-    let entry = NewEpoch {
-        v: COMPATIBLE_VERSION,
-        new_epoch: rewind,
-    };
+    let entry = NewEpoch::new(rewind, removed);
     // A tree of strings and numbers: it always encodes.
     let payload: bytes::Bytes = serde_json::to_vec(&entry)
         .expect("entries serialize")
