@@ -51,11 +51,13 @@ case "${1:-}" in
       echo "== planted: $name (seed $CHAOS_SEED)"
       out=$(cd "$tree/src" && CARGO_TARGET_DIR=$target run) || true
       echo "$out"
-      if grep -q "test result: ok" <<<"$out"; then
-        echo "chaos: MISSED $name"
-        missed=$((missed + 1))
-      else
+      # Caught only if the test ran and failed: a tree that does not
+      # build proves nothing.
+      if grep -q "test result: FAILED" <<<"$out"; then
         echo "chaos: caught $name"
+      else
+        echo "chaos: MISSED $name (or it did not build)"
+        missed=$((missed + 1))
       fi
       git worktree remove --force "$tree/src"
     done

@@ -170,7 +170,15 @@ fn one_shape(seed: u64, secs: u64, three_nats: bool) -> Vec<String> {
         .unwrap_or_else(|e| panic!("the moderator panicked: {e}"));
     // And a node that joins now must compute the same chat from the log:
     // a node that applied entries the stream lost, or skipped one, holds
-    // another chat than the log says, which only a newcomer can show.
+    // another chat than the log says, which only a newcomer can show. It
+    // applies the whole stream, with no snapshot to start from, so it
+    // meets every entry erased after a removal (and its tombstone).
+    match rt.block_on(forget_snapshots(&cluster)) {
+        Ok(n) => say(&format!(
+            "chaos: the cluster's {n} snapshot(s) deleted: the new node applies the whole stream"
+        )),
+        Err(e) => failures.push(format!("the cluster's snapshots could not be deleted: {e}")),
+    }
     cluster.add_fresh_node();
     if !cluster.settle(Duration::from_secs(90)) {
         failures.push("not every node served again within 90 s of the last fault".to_owned());
@@ -399,6 +407,32 @@ async fn replicas_agree(cluster: &Cluster, failures: &mut Vec<String>) {
         first.len(),
         read.iter().all(|(_, e)| e == first)
     ));
+}
+
+/// Deletes every snapshot in the cluster's bucket (as an operator may):
+/// how many there were.
+async fn forget_snapshots(cluster: &Cluster) -> Result<usize, String> {
+    use futures_util::StreamExt;
+    let client = async_nats::connect(cluster.nats.addrs())
+        .await
+        .map_err(|e| format!("no NATS connection: {e}"))?;
+    let js = async_nats::jetstream::new(client);
+    let bucket = js
+        .get_object_store("chat-snapshots")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    let mut list = bucket.list().await.map_err(|e| e.to_string())?;
+    while let Some(object) = list.next().await {
+        let object = object.map_err(|e| e.to_string())?;
+        if !object.deleted {
+            names.push(object.name);
+        }
+    }
+    for name in &names {
+        bucket.delete(name).await.map_err(|e| e.to_string())?;
+    }
+    Ok(names.len())
 }
 
 /// What a node serves a new client: the history and its sync point.

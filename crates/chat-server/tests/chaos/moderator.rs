@@ -282,9 +282,17 @@ pub fn check(
             )),
         }
     }
-    // Nobody but this moderator gave an order.
+    // Nobody but this moderator gave an order; but after a lost tail, the
+    // cluster removes again what the tail took the removal of, once its
+    // entry was erased (`by: cluster`).
     let given: Vec<&Moderation> = orders.iter().map(|o| &o.order).collect();
     for e in audit {
+        if lost_tail.is_some()
+            && e.by.as_str() == "cluster"
+            && matches!(e.command, Moderation::RemoveMessage(_))
+        {
+            continue;
+        }
         if !given.contains(&&e.command) {
             failures.push(format!(
                 "the audit trail has an order nobody gave: {:?}",
