@@ -173,7 +173,20 @@ fn one_shape(seed: u64, secs: u64, three_nats: bool) -> Vec<String> {
     // another chat than the log says, which only a newcomer can show. It
     // applies the whole stream, with no snapshot to start from, so it
     // meets every entry erased after a removal (and its tombstone).
-    match rt.block_on(forget_snapshots(&cluster)) {
+    // JetStream may be electing a leader after the last fault: asked again
+    // for up to 30 s.
+    let forgot = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match forget_snapshots(&cluster).await {
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                done => return done,
+            }
+        }
+    });
+    match forgot {
         Ok(n) => say(&format!(
             "chaos: the cluster's {n} snapshot(s) deleted: the new node applies the whole stream"
         )),

@@ -43,7 +43,7 @@
 //! found it).
 
 use super::envelope::{Envelope, message_id};
-use super::snapshot::{Bucket, gone, holds, snapshot_seq};
+use super::snapshot::{Bucket, gone, holds, next_matching, snapshot_seq};
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{kv, stream};
 use chat_core::Command;
@@ -154,18 +154,7 @@ impl Tombstones {
         let subjects = format!("$KV.{}.>", self.bucket.name);
         let mut lost = Vec::new();
         let mut from = 1;
-        loop {
-            let entry = match kv
-                .raw_message_builder()
-                .sequence(from)
-                .next_by_subject(subjects.clone())
-                .send()
-                .await
-            {
-                Ok(entry) => entry,
-                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(lost),
-                Err(e) => return Err(e.to_string()),
-            };
+        while let Some(entry) = next_matching(kv, &subjects, from).await? {
             from = entry.sequence + 1;
             let post = entry
                 .subject
@@ -190,6 +179,7 @@ impl Tombstones {
                 lost.push(message_id(post, tombstone.ms));
             }
         }
+        Ok(lost)
     }
 
     async fn put(&self, seq: u64, tombstone: &Tombstone) -> Result<(), String> {

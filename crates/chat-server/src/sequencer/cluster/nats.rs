@@ -92,6 +92,35 @@ fn no_such_bucket(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// A bucket of the chat's, stored as stream `underlying`: one JetStream
+/// gave (`got`) is made to follow the flags; one it says does not exist is
+/// made (`create`); if it did not answer (electing a leader), the error,
+/// and the join is asked again.
+async fn open_bucket<B, E, F>(
+    js: &jetstream::Context,
+    settings: &Settings,
+    underlying: &str,
+    got: Result<B, E>,
+    create: impl std::future::Future<Output = Result<B, F>>,
+) -> Result<B, ClusterError>
+where
+    E: std::error::Error + 'static,
+    F: std::fmt::Display,
+{
+    let failed = |e: &dyn std::fmt::Display| ClusterError::Stream {
+        stream: settings.stream.clone(),
+        detail: with_hint(&e.to_string(), &settings.url),
+    };
+    match got {
+        Ok(bucket) => {
+            follow_flags(js, underlying, settings).await?;
+            Ok(bucket)
+        }
+        Err(e) if !no_such_bucket(&e) => Err(failed(&e)),
+        Err(_) => create.await.map_err(|e| failed(&e)),
+    }
+}
+
 /// Makes the bucket stored as stream `underlying` (the snapshots', the
 /// tombstones') follow the flags: its bound and its replicas.
 async fn follow_flags(
@@ -602,46 +631,40 @@ async fn join(
     let mut last_sequence = info.state.last_sequence;
     let first_sequence = info.state.first_sequence;
     let bucket = format!("{}-snapshots", settings.stream);
-    let snapshots = match js.get_object_store(&bucket).await {
-        // An existing bucket follows the flags too (the object store is a
-        // stream, OBJ_<bucket>).
-        Ok(store) => {
-            follow_flags(js, &format!("OBJ_{bucket}"), settings).await?;
-            store
-        }
-        // JetStream did not answer (electing a leader): asked again.
-        Err(e) if !no_such_bucket(&e) => return Err(stream_err(&e)),
-        Err(_) => js
-            .create_object_store(object_store::Config {
-                bucket: bucket.clone(),
-                storage: stream::StorageType::File,
-                num_replicas: settings.replicas,
-                max_bytes: settings.snapshot_bytes,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| stream_err(&e))?,
-    };
+    // An object store is a stream, OBJ_<bucket>.
+    let snapshots = open_bucket(
+        js,
+        settings,
+        &format!("OBJ_{bucket}"),
+        js.get_object_store(&bucket).await,
+        js.create_object_store(object_store::Config {
+            bucket: bucket.clone(),
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            max_bytes: settings.snapshot_bytes,
+            ..Default::default()
+        }),
+    )
+    .await?;
+    // A key-value bucket is a stream, KV_<bucket>.
     let tombstone_bucket = Tombstones::bucket(&settings.stream);
-    let tombstones = Tombstones::new(match js.get_key_value(&tombstone_bucket).await {
-        // A key-value bucket is a stream, KV_<bucket>.
-        Ok(store) => {
-            follow_flags(js, &format!("KV_{tombstone_bucket}"), settings).await?;
-            store
-        }
-        Err(e) if !no_such_bucket(&e) => return Err(stream_err(&e)),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: tombstone_bucket,
+    let tombstones = Tombstones::new(
+        open_bucket(
+            js,
+            settings,
+            &format!("KV_{tombstone_bucket}"),
+            js.get_key_value(&tombstone_bucket).await,
+            js.create_key_value(kv::Config {
+                bucket: tombstone_bucket.clone(),
                 history: 1,
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
                 max_bytes: settings.snapshot_bytes,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| stream_err(&e))?,
-    });
+            }),
+        )
+        .await?,
+    );
     let rules = rules_of(&settings.rules);
     let snapshots = Bucket {
         store: snapshots,

@@ -2,6 +2,7 @@
 //! store, and each node's own, in its data directory.
 
 use crate::store::data_dir::DataDir;
+use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{
     DeleteMessageError, DeleteMessageErrorKind, RawMessageErrorKind,
 };
@@ -169,19 +170,7 @@ impl Bucket {
     pub(super) async fn erase(&self, object: &object_store::ObjectInfo) -> Result<(), String> {
         let chunks = format!("$O.{}.C.{}", object.bucket, object.nuid);
         let mut from = 1;
-        loop {
-            let chunk = match self
-                .underlying
-                .raw_message_builder()
-                .sequence(from)
-                .next_by_subject(chunks.clone())
-                .send()
-                .await
-            {
-                Ok(chunk) => chunk,
-                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
-                Err(e) => return Err(e.to_string()),
-            };
+        while let Some(chunk) = next_matching(&self.underlying, &chunks, from).await? {
             match self.underlying.delete_message(chunk.sequence).await {
                 Ok(_) => {}
                 Err(e) if gone(&e) => {}
@@ -193,6 +182,27 @@ impl Bucket {
             .delete(&object.name)
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+/// The first entry of `stream` at or after `from` whose subject matches
+/// `subject` (wildcards too), if any: asked of the stream's leader, one by
+/// one, and making no consumer (see `super::erase`).
+pub(super) async fn next_matching(
+    stream: &stream::Stream,
+    subject: &str,
+    from: u64,
+) -> Result<Option<StreamMessage>, String> {
+    match stream
+        .raw_message_builder()
+        .sequence(from)
+        .next_by_subject(subject.to_owned())
+        .send()
+        .await
+    {
+        Ok(entry) => Ok(Some(entry)),
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.to_string()),
     }
 }
 
