@@ -50,10 +50,12 @@ fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
-// Also loaded by the other support module when a test uses both.
+// Also loaded by the other support module when a test uses both: each
+// picks from its own part of the range.
 #[allow(clippy::duplicate_mod)]
 #[path = "ports.rs"]
 mod ports;
+const PORTS_PART: u32 = 0;
 use ports::free_port;
 
 impl NatsServer {

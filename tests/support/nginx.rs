@@ -3,7 +3,7 @@
 //! its port replaced. Runs `nginx` from `PATH` (or `$NGINX_BIN`) in the
 //! foreground with its own prefix directory; `.ci/run` installs Debian's.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,8 +55,10 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// nginx on a free port, balancing over `upstreams`.
-    pub fn start(upstreams: &[SocketAddr]) -> Nginx {
+    /// nginx on loopback `port` (a free one from the tests' `free_port`:
+    /// not one the kernel hands out, which an outgoing connection could
+    /// hold), balancing over `upstreams`.
+    pub fn start(port: u16, upstreams: &[SocketAddr]) -> Nginx {
         // Debian puts it in /usr/sbin, which a user's PATH may lack.
         let bin = std::env::var_os("NGINX_BIN")
             .map(PathBuf::from)
@@ -65,10 +67,6 @@ impl Nginx {
                 sbin.exists().then_some(sbin)
             })
             .unwrap_or_else(|| PathBuf::from("nginx"));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
         let dir = tempfile::tempdir().expect("prefix dir");
         let d = dir.path().display();
         std::fs::write(dir.path().join("chat.conf"), site(upstreams, port)).expect("chat.conf");

@@ -55,10 +55,13 @@ async fn a_node_killed_behind_nginx_its_client_resumes_on_another_and_it_comes_b
     let b = node(&nats, "b", dir_b.path(), port_b);
     serving(port_a).await;
     serving(port_b).await;
-    let nginx = nginx::Nginx::start(&[
-        SocketAddr::from(([127, 0, 0, 1], port_a)),
-        SocketAddr::from(([127, 0, 0, 1], port_b)),
-    ]);
+    let nginx = nginx::Nginx::start(
+        binary::free_port(),
+        &[
+            SocketAddr::from(([127, 0, 0, 1], port_a)),
+            SocketAddr::from(([127, 0, 0, 1], port_b)),
+        ],
+    );
 
     // A follower on node a, a sender on node b.
     let mut follower = connect(port_a, 2, "/ws?sync").await;

@@ -12,17 +12,23 @@ use tokio_tungstenite::tungstenite::Message;
 /// Posts one message and sees it, then takes the store's write lock and
 /// posts another, which cannot be committed.
 async fn one_committed_one_stuck(
-    port: u16,
+    server: &mut ServerProcess,
     dir: &std::path::Path,
     run: u8,
 ) -> rusqlite::Connection {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
-        .await
-        .expect("connect");
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let mut ws = match tokio_tungstenite::connect_async(url).await {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("{}", server.failed("connect", e)),
+    };
     let say = |t: &str| {
-        Message::text(format!(
-            r#"{{"type":"send_message","data":{{"text":"{t}"}}}}"#
-        ))
+        Message::text(
+            chat_proto::ClientFrame::SendMessage(chat_proto::SendMessage {
+                text: t.to_owned(),
+                author_name: None,
+            })
+            .encode(),
+        )
     };
     let committed = format!("committed {run}");
     ws.send(say(&committed)).await.expect("send");
@@ -49,8 +55,7 @@ async fn a_first_signal_is_bounded_and_a_second_ends_at_once() {
 
     // A long grace: the first signal alone would wait it out for the store.
     let mut server = ServerProcess::start(dir.path(), &["--shutdown-grace", "30s"]);
-    let port = server.port;
-    let blocker = one_committed_one_stuck(port, dir.path(), 1).await;
+    let blocker = one_committed_one_stuck(&mut server, dir.path(), 1).await;
     server.terminate();
     assert_eq!(
         server.exited_within(Duration::from_secs(1)),
@@ -69,8 +74,7 @@ async fn a_first_signal_is_bounded_and_a_second_ends_at_once() {
 
     // A short grace: the first signal alone ends it, store or no store.
     let mut server = ServerProcess::start(dir.path(), &["--shutdown-grace", "1s"]);
-    let port = server.port;
-    let blocker = one_committed_one_stuck(port, dir.path(), 2).await;
+    let blocker = one_committed_one_stuck(&mut server, dir.path(), 2).await;
     server.terminate();
     assert_eq!(
         server.exited_within(Duration::from_secs(4)),
@@ -81,11 +85,12 @@ async fn a_first_signal_is_bounded_and_a_second_ends_at_once() {
 
     // What was committed is there; what was stuck was never shown, and
     // is not there either.
-    let server = ServerProcess::start(dir.path(), &["--shutdown-grace", "1s"]);
-    let port = server.port;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
-        .await
-        .expect("connect");
+    let mut server = ServerProcess::start(dir.path(), &["--shutdown-grace", "1s"]);
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let mut ws = match tokio_tungstenite::connect_async(url).await {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("{}", server.failed("connect", e)),
+    };
     let mut texts = Vec::new();
     // The two committed messages, then nothing: a third would be a stuck one.
     let mut wait = Duration::from_secs(10);

@@ -29,10 +29,12 @@ pub fn logging(args: &[&str]) -> Child {
         .expect("start chat-server")
 }
 
-// Also loaded by the other support module when a test uses both.
+// Also loaded by the other support module when a test uses both: each
+// picks from its own part of the range.
 #[allow(clippy::duplicate_mod)]
 #[path = "../../../../tests/support/ports.rs"]
 mod ports;
+const PORTS_PART: u32 = 1;
 /// A loopback port nobody listens on now (below the ephemeral range, so
 /// that a server restarted on it finds it free).
 pub use ports::free_port;
@@ -63,12 +65,47 @@ impl ServerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start chat-server");
+        let mut server = ServerProcess { child, port };
+        server.wait_until_it_answers();
+        server
+    }
+
+    /// Waits until this process answers HTTP on its port (any status: a
+    /// cluster node catching up answers 503). A TCP connect alone is not
+    /// enough: it only shows that some socket listens there.
+    fn wait_until_it_answers(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not start");
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "chat-server on port {} exited while starting ({status}); its log is above",
+                    self.port
+                );
+            }
+            if answers_http(self.port) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chat-server on port {} did not answer within 20 s",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        ServerProcess { child, port }
+    }
+
+    /// A panic message for a client that failed against this server: the
+    /// client's error, and whether the process is still running.
+    pub fn failed(&mut self, what: &str, error: impl std::fmt::Debug) -> String {
+        let state = match self.child.try_wait() {
+            Ok(None) => "still running".to_owned(),
+            Ok(Some(status)) => format!("exited: {status}"),
+            Err(e) => format!("unknown: {e}"),
+        };
+        format!(
+            "{what} on port {}: {error:?} (the server is {state}; its log is above)",
+            self.port
+        )
     }
 
     /// Its process id.
@@ -107,6 +144,24 @@ impl ServerProcess {
         }
         None
     }
+}
+
+/// Whether something on `port` answers `GET /healthz` with an HTTP status
+/// line.
+fn answers_http(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let request =
+        format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if s.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/1.1 ")
 }
 
 impl Drop for ServerProcess {

@@ -296,7 +296,10 @@ impl Cluster {
         for node in &mut nodes {
             node.start(&nats);
         }
-        let nginx = Nginx::start(&nodes.iter().map(Node::addr).collect::<Vec<_>>());
+        let nginx = Nginx::start(
+            binary::free_port(),
+            &nodes.iter().map(Node::addr).collect::<Vec<_>>(),
+        );
         let mut cluster = Cluster {
             nats,
             nodes,
