@@ -12,6 +12,8 @@ use chat_proto::Epoch;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
 use tracing::warn;
 
 /// A snapshot of the chat after applying the stream up to `seq`, as kept
@@ -185,6 +187,50 @@ impl Bucket {
     }
 }
 
+/// Longest a snapshot's read waits for its next chunk before the snapshot
+/// is passed over. Chunks come back to back; only a broken snapshot keeps
+/// a reader waiting (the object reader of async-nats waits for ever for
+/// chunks that are gone).
+const CHUNK_WAIT: Duration = Duration::from_secs(10);
+
+impl Bucket {
+    /// The bytes of snapshot `object`, or why they cannot be had. An
+    /// erasure cut short ([`Bucket::erase`] with NATS gone between the
+    /// chunks and the name) leaves a name whose chunks are partly or
+    /// wholly gone: the first is refused here at once, the second fails
+    /// its digest.
+    async fn read(&self, object: &object_store::ObjectInfo) -> Result<Vec<u8>, String> {
+        let chunks = format!("$O.{}.C.{}", object.bucket, object.nuid);
+        if object.chunks > 0 && next_matching(&self.underlying, &chunks, 1).await?.is_none() {
+            return Err("its chunks are gone (an erasure cut short)".into());
+        }
+        let mut reader = self
+            .store
+            .get(&object.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Not `read_to_end`: the reader can hand out a chunk and fail its
+        // digest in one call, which tokio's `read_to_end` asserts never
+        // happens (a debug build panics).
+        let mut bytes = Vec::new();
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match tokio::time::timeout(CHUNK_WAIT, reader.read(&mut buf)).await {
+                Err(_) => {
+                    return Err(format!(
+                        "no chunk for {} s after {} bytes",
+                        CHUNK_WAIT.as_secs(),
+                        bytes.len()
+                    ));
+                }
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(0)) => return Ok(bytes),
+                Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+}
+
 /// The first entry of `stream` at or after `from` whose subject matches
 /// `subject` (wildcards too), if any: asked of the stream's leader, one by
 /// one, and making no consumer (see `super::erase`).
@@ -252,18 +298,13 @@ pub(super) async fn newest_snapshot(
     for info in objects.iter().rev() {
         let name = &info.name;
         // One being replaced, or broken: an older one will do.
-        let mut object = match store.get(name).await {
-            Ok(object) => object,
+        let bytes = match bucket.read(info).await {
+            Ok(bytes) => bytes,
             Err(e) => {
                 warn!(%name, error = %e, "a snapshot that cannot be read; trying an older one");
                 continue;
             }
         };
-        let mut bytes = Vec::new();
-        if let Err(e) = tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes).await {
-            warn!(%name, error = %e, "a snapshot that cannot be read; trying an older one");
-            continue;
-        }
         match serde_json::from_slice::<Stored>(&bytes) {
             Ok(stored) => match stored.check(stream, epoch, rules, last_sequence).await? {
                 Fit::Fits => {
