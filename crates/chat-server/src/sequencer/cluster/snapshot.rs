@@ -170,7 +170,7 @@ impl Bucket {
     /// and a purged entry's bytes stay in its block file until the whole
     /// block goes, while a snapshot holds texts that a removal erases.
     pub(super) async fn erase(&self, object: &object_store::ObjectInfo) -> Result<(), String> {
-        let chunks = format!("$O.{}.C.{}", object.bucket, object.nuid);
+        let chunks = chunks_subject(object);
         let mut from = 1;
         while let Some(chunk) = next_matching(&self.underlying, &chunks, from).await? {
             match self.underlying.delete_message(chunk.sequence).await {
@@ -187,6 +187,12 @@ impl Bucket {
     }
 }
 
+/// The subject of object `object`'s chunks in its bucket's stream (the
+/// object store's layout: `$O.<bucket>.C.<nuid>`).
+fn chunks_subject(object: &object_store::ObjectInfo) -> String {
+    format!("$O.{}.C.{}", object.bucket, object.nuid)
+}
+
 /// Longest a snapshot's read waits for its next chunk before the snapshot
 /// is passed over. Chunks come back to back; only a broken snapshot keeps
 /// a reader waiting (the object reader of async-nats waits for ever for
@@ -200,7 +206,7 @@ impl Bucket {
     /// wholly gone: the first is refused here at once, the second fails
     /// its digest.
     async fn read(&self, object: &object_store::ObjectInfo) -> Result<Vec<u8>, String> {
-        let chunks = format!("$O.{}.C.{}", object.bucket, object.nuid);
+        let chunks = chunks_subject(object);
         if object.chunks > 0 && next_matching(&self.underlying, &chunks, 1).await?.is_none() {
             return Err("its chunks are gone (an erasure cut short)".into());
         }
